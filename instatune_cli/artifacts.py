@@ -1,0 +1,241 @@
+"""The artifact contract: every stage reads the directory its parent wrote and writes its own.
+
+A stage directory is built in a temporary sibling (`<out>.partial`) and renamed into place only when it
+is complete, with `manifest.json` describing it (schema, stage, options, parent + digest, model info, metrics,
+files with size and sha256). The `.partial` sibling doubles as the stage's own resume area: a killed stage
+leaves its checkpoints there and `--resume` picks them up. An existing result is never replaced without
+`force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from instatune_cli import __version__
+from instatune_cli.errors import InstatuneError
+
+SCHEMA = "instatune.artifact"
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+STAGES = ("tune", "search", "extract", "quantize", "export")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(directory: str | Path) -> str:
+    """Content digest of an artifact: sha256 of its manifest (which itself lists every file's sha256)."""
+    p = Path(directory) / MANIFEST
+    return "sha256:" + sha256_file(p)
+
+
+def _file_list(root: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
+
+
+@dataclass
+class Artifact:
+    """A loaded, validated stage directory."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.manifest.get("options", {})
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest.get("model", {})
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def digest(self) -> str:
+        return digest(self.path)
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+    def parent(self, expect_stage: str | Iterable[str] | None = None) -> Artifact:
+        """Load the parent artifact and check it is still the one this artifact was made from."""
+        par = self.manifest.get("parent")
+        if not par:
+            raise InstatuneError(f"{self.path} records no parent artifact")
+        ppath = (self.path / par["path"]).resolve()
+        if not (ppath / MANIFEST).is_file():
+            raise InstatuneError(
+                f"parent of {self.path} is missing at {ppath}; restore it or rerun the {self.stage} stage"
+            )
+        parent = load(ppath, expect_stage)
+        if par.get("digest") and parent.digest != par["digest"]:
+            raise InstatuneError(
+                f"parent {ppath} changed since {self.path} was made (digest mismatch); rerun the {self.stage} stage"
+            )
+        return parent
+
+
+def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, verify: bool = True) -> Artifact:
+    """Read and validate a stage directory; every failure is a one-line InstatuneError naming the path."""
+    p = Path(path)
+    mpath = p / MANIFEST
+    if not p.is_dir():
+        raise InstatuneError(f"{p} is not a directory; give an instatune stage directory")
+    if not mpath.is_file():
+        raise InstatuneError(f"{p} has no {MANIFEST}; it is not an instatune stage directory")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InstatuneError(f"{mpath} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA:
+        raise InstatuneError(f"{mpath} is not an instatune manifest (schema {m.get('schema') if isinstance(m, dict) else None!r})")
+    if m.get("schema_version") not in SUPPORTED_VERSIONS:
+        raise InstatuneError(
+            f"{mpath} has schema version {m.get('schema_version')!r}, this instatune reads "
+            f"{list(SUPPORTED_VERSIONS)}; upgrade instatune"
+        )
+    if expect_stage is not None:
+        allowed = (expect_stage,) if isinstance(expect_stage, str) else tuple(expect_stage)
+        if m.get("stage") not in allowed:
+            raise InstatuneError(
+                f"{p} is a {m.get('stage')!r} directory but a {' or '.join(allowed)} directory is needed here"
+            )
+    if verify:
+        for f in m.get("files", []):
+            fp = p / f["path"]
+            if not fp.is_file():
+                raise InstatuneError(f"{p} is incomplete: {f['path']} is missing")
+            if fp.stat().st_size != f["bytes"] or sha256_file(fp) != f["sha256"]:
+                raise InstatuneError(f"{fp} does not match its manifest digest; the artifact was modified")
+    return Artifact(p, m)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class StageWriter:
+    """Builds a stage directory in `<out>.partial` and publishes it atomically on `commit()`.
+
+    Use as a context manager: leaving the block without commit keeps the partial directory (so a resumable
+    stage can continue) unless `cleanup_on_error` is set.
+    """
+
+    out: Path
+    stage: str
+    options: dict[str, Any]
+    parent: Artifact | None = None
+    force: bool = False
+    resume: bool = False
+    cleanup_on_error: bool = True
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage}")
+        self.out = Path(self.out)
+        self.tmp = self.out.with_name(self.out.name + ".partial")
+
+    def __enter__(self) -> StageWriter:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.cleanup_on_error and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def open(self) -> Path:
+        if self.out.exists() and not self.force:
+            raise InstatuneError(f"{self.out} already exists; pass --force to replace it or choose another --output")
+        if self.tmp.exists():
+            if self.resume:
+                marker = self.tmp / ".stage"
+                if marker.is_file() and marker.read_text().strip() != self.stage:
+                    raise InstatuneError(
+                        f"{self.tmp} holds a {marker.read_text().strip()!r} run, not {self.stage!r}; cannot resume it"
+                    )
+                return self.tmp
+            if not self.force:
+                raise InstatuneError(
+                    f"an unfinished {self.stage} run is in {self.tmp}; pass --resume to continue it or --force to start over"
+                )
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        (self.tmp / ".stage").write_text(self.stage)
+        return self.tmp
+
+    @property
+    def path(self) -> Path:
+        return self.tmp
+
+    def commit(self, model: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> Artifact:
+        """Write the manifest and move the directory into place (replacing the old one only with force)."""
+        (self.tmp / ".stage").unlink(missing_ok=True)
+        m: dict[str, Any] = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "stage": self.stage,
+            "instatune_version": __version__,
+            "created_utc": _utc_now(),
+            "options": _jsonable(self.options),
+            "parent": None,
+            "model": _jsonable(model or {}),
+            "metrics": _jsonable(metrics or {}),
+        }
+        if self.parent is not None:
+            rel = os.path.relpath(self.parent.path.resolve(), self.out.resolve().parent)
+            # stored relative to the artifact itself, so moving both together keeps the link
+            m["parent"] = {"path": os.path.join("..", rel), "stage": self.parent.stage, "digest": self.parent.digest}
+        m.update(_jsonable(extra or {}))
+        m["files"] = _file_list(self.tmp)
+        (self.tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return Artifact(self.out, m)
+
+
+def _jsonable(x: Any) -> Any:
+    """Options often hold Paths, tuples and dataclasses; the manifest wants plain JSON."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "to_dict"):
+        return _jsonable(x.to_dict())
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

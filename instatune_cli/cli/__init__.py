@@ -1,0 +1,1 @@
+"""Thin Typer front end: one module per subcommand (parse, call the library, render)."""

@@ -1,0 +1,14 @@
+"""`instatune export` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+from instatune_cli.cli.common import not_built
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def export() -> None:
+        """Not built yet: exits non-zero with a one-line message."""
+        not_built("export")

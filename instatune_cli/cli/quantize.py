@@ -1,0 +1,14 @@
+"""`instatune quantize` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+from instatune_cli.cli.common import not_built
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("quantize", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def quantize() -> None:
+        """Not built yet: exits non-zero with a one-line message."""
+        not_built("quantize")

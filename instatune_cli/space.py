@@ -1,0 +1,398 @@
+"""Search space of elastic dimensions and the sub-network configurations drawn from it.
+
+A sub-network keeps the first L layers, the first h heads of each kept layer and the first f FFN neurons
+of each kept layer (hidden size is fixed). Everything here is plain Python so the CLI and the search can
+use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from instatune_cli.errors import InstatuneError
+
+DEFAULT_SEQ_LEN = 128
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shape of the full (super-)network, read from a model config by its adapter."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden: int
+    ffn: int
+    vocab_size: int = 0
+    max_positions: int = 0
+    type_vocab_size: int = 0
+    num_labels: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelDims:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _rle(values: Sequence[int]) -> str:
+    """Run-length form used in names: (12, 12, 10) -> '12x2.10'; a uniform tuple is just its value."""
+    if len(set(values)) == 1:
+        return str(values[0])
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        n = j - i + 1
+        parts.append(f"{values[i]}x{n}" if n > 1 else str(values[i]))
+        i = j + 1
+    return ".".join(parts)
+
+
+@dataclass(frozen=True)
+class SubNet:
+    """A sub-network in canonical form: one head count and one FFN width per *kept* layer.
+
+    Genes of dropped layers are not stored, so two configs that differ only there are the same SubNet
+    (same id, same name, equal and hash-equal).
+    """
+
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        object.__setattr__(self, "ffn", tuple(int(f) for f in self.ffn))
+        if len(self.heads) != len(self.ffn):
+            raise InstatuneError(
+                f"sub-network has {len(self.heads)} head counts but {len(self.ffn)} FFN widths; "
+                "give one of each per kept layer"
+            )
+        if not self.heads:
+            raise InstatuneError("sub-network keeps no layer; keep at least one")
+
+    @classmethod
+    def make(cls, layers: int, heads: Sequence[int] | int, ffn: Sequence[int] | int) -> SubNet:
+        """Build from possibly longer per-layer lists (genes past `layers` are dropped) or scalars."""
+        if isinstance(heads, int):
+            heads = [heads] * layers
+        if isinstance(ffn, int):
+            ffn = [ffn] * layers
+        if layers < 1 or layers > len(heads) or layers > len(ffn):
+            raise InstatuneError(
+                f"sub-network asks for {layers} layers but has {len(heads)} head and {len(ffn)} FFN genes"
+            )
+        return cls(tuple(heads[:layers]), tuple(ffn[:layers]))
+
+    @property
+    def layers(self) -> int:
+        return len(self.heads)
+
+    @property
+    def is_uniform(self) -> bool:
+        """Every layer keeps the same heads and FFN width (a stock config can express it if heads are full)."""
+        return len(set(self.heads)) == 1 and len(set(self.ffn)) == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "heads": list(self.heads), "ffn": list(self.ffn)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SubNet:
+        try:
+            return cls.make(int(d["layers"]), d["heads"], d["ffn"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InstatuneError(
+                f"malformed sub-network config {d!r}: need keys layers, heads, ffn ({e})"
+            ) from None
+
+    @property
+    def id(self) -> str:
+        """Stable short id: first 10 hex digits of sha256 over the canonical JSON."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        """Self-describing name, e.g. `L10-h10-f2048`, or `L3-h12x2.8-f1536.512x2` when per-layer."""
+        return f"L{self.layers}-h{_rle(self.heads)}-f{_rle(self.ffn)}"
+
+    @classmethod
+    def parse_name(cls, name: str) -> SubNet:
+        """Inverse of `name` (accepts what `name` writes)."""
+
+        def expand(s: str) -> list[int]:
+            out: list[int] = []
+            for part in s.split("."):
+                v, _, n = part.partition("x")
+                out += [int(v)] * (int(n) if n else 1)
+            return out
+
+        try:
+            lpart, hpart, fpart = name.strip().split("-")
+            if not (lpart[0] == "L" and hpart[0] == "h" and fpart[0] == "f"):
+                raise ValueError
+            layers = int(lpart[1:])
+            heads, ffn = expand(hpart[1:]), expand(fpart[1:])
+        except (ValueError, IndexError):
+            raise InstatuneError(
+                f"cannot read sub-network name {name!r}; expected e.g. L10-h10-f2048 or L3-h12x2.8-f1536x3"
+            ) from None
+        if len(heads) == 1:
+            heads = heads * layers
+        if len(ffn) == 1:
+            ffn = ffn * layers
+        if len(heads) != layers or len(ffn) != layers:
+            raise InstatuneError(f"sub-network name {name!r} does not give one value per layer ({layers})")
+        return cls(tuple(heads), tuple(ffn))
+
+
+def _choices(values: Any, what: str) -> tuple[int, ...]:
+    if isinstance(values, int):
+        values = [values]
+    try:
+        out = tuple(sorted({int(v) for v in values}))
+    except (TypeError, ValueError):
+        raise InstatuneError(f"search space: {what} must be a list of integers, got {values!r}") from None
+    if not out:
+        raise InstatuneError(f"search space: {what} has no choices; give at least one value")
+    if out[0] < 1:
+        raise InstatuneError(f"search space: {what} has a value below 1 ({out[0]}); use positive sizes")
+    return out
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Elastic dimensions: layer-count choices, per-layer head and FFN-width choices, MAC sequence length.
+
+    `heads[i]` / `ffn[i]` are the choices for layer i (0-based); a flat list in a file applies to every layer.
+    """
+
+    layers: tuple[int, ...]
+    heads: tuple[tuple[int, ...], ...]
+    ffn: tuple[tuple[int, ...], ...]
+    seq_len: int = DEFAULT_SEQ_LEN
+    name: str = field(default="custom", compare=False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], name: str = "custom") -> SearchSpace:
+        if not isinstance(d, dict):
+            raise InstatuneError(f"search space must be a mapping with layers, heads, ffn; got {type(d).__name__}")
+        missing = [k for k in ("layers", "heads", "ffn") if k not in d]
+        if missing:
+            raise InstatuneError(f"search space is missing {', '.join(missing)}; give layers, heads and ffn")
+        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name"}
+        if unknown:
+            raise InstatuneError(f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len")
+        layers = _choices(d["layers"], "layers")
+        n = layers[-1]
+
+        def per_layer(v: Any, what: str) -> tuple[tuple[int, ...], ...]:
+            if isinstance(v, list) and v and all(isinstance(x, list) for x in v):
+                if len(v) != n:
+                    raise InstatuneError(
+                        f"search space: {what} gives choices for {len(v)} layers but up to {n} layers can be kept"
+                    )
+                return tuple(_choices(x, f"{what}[{i}]") for i, x in enumerate(v))
+            c = _choices(v, what)
+            return tuple(c for _ in range(n))
+
+        seq_len = int(d.get("seq_len", DEFAULT_SEQ_LEN))
+        if seq_len < 1:
+            raise InstatuneError(f"search space: seq_len must be positive, got {seq_len}")
+        return cls(layers, per_layer(d["heads"], "heads"), per_layer(d["ffn"], "ffn"), seq_len,
+                   str(d.get("name", name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        def compact(c: tuple[tuple[int, ...], ...]) -> Any:
+            return list(c[0]) if len(set(c)) == 1 else [list(x) for x in c]
+
+        return {"name": self.name, "layers": list(self.layers), "heads": compact(self.heads),
+                "ffn": compact(self.ffn), "seq_len": self.seq_len}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SearchSpace:
+        p = Path(path)
+        if not p.is_file():
+            raise InstatuneError(f"search space file {p} does not exist; give a YAML/JSON file or a preset name")
+        text = p.read_text()
+        try:
+            if p.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # noqa: BLE001 - any parser error is the user's file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InstatuneError(f"cannot parse search space file {p}: {first}") from None
+        return cls.from_dict(data, name=p.stem)
+
+    @classmethod
+    def preset(cls, name: str) -> SearchSpace:
+        if name not in PRESETS:
+            raise InstatuneError(f"unknown search-space preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls.from_dict(PRESETS[name], name=name)
+
+    @classmethod
+    def resolve(cls, spec: str | None, dims: ModelDims | None = None) -> SearchSpace:
+        """A preset name, a YAML/JSON path, or (None) the space derived from the model's own shape."""
+        if spec is None:
+            if dims is None:
+                raise InstatuneError("no search space given and no model to derive one from")
+            return cls.from_model(dims)
+        if spec in PRESETS:
+            return cls.preset(spec)
+        if Path(spec).suffix.lower() in {".yaml", ".yml", ".json"} or Path(spec).exists():
+            return cls.from_file(spec)
+        raise InstatuneError(
+            f"search space {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a YAML/JSON file"
+        )
+
+    @classmethod
+    def from_model(cls, dims: ModelDims, seq_len: int = DEFAULT_SEQ_LEN) -> SearchSpace:
+        """Paper-like space scaled to the model: depth from half to full, heads from half to all in ~sixths,
+        FFN width in thirds (bert-base gives exactly the paper's L 6..12, H {6,8,10,12}, F {1024,2048,3072})."""
+        lo = max(1, math.ceil(dims.num_layers / 2))
+        layers = list(range(lo, dims.num_layers + 1))
+        heads = sorted({max(1, round(dims.num_heads * k / 6)) for k in range(3, 7)})
+        ffn = sorted({max(1, round(dims.ffn * k / 3)) for k in range(1, 4)})
+        return cls.from_dict({"layers": layers, "heads": heads, "ffn": ffn, "seq_len": seq_len},
+                             name=f"derived-{dims.family}")
+
+    # ---- checks -------------------------------------------------------------------------------
+    @property
+    def max_layers(self) -> int:
+        return self.layers[-1]
+
+    def check_model(self, dims: ModelDims) -> None:
+        """Refuse a space the model cannot realise (deeper, more heads or wider FFN than it has)."""
+        if self.max_layers > dims.num_layers:
+            raise InstatuneError(
+                f"search space allows {self.max_layers} layers but the model has {dims.num_layers}; "
+                f"lower the layer choices to at most {dims.num_layers}"
+            )
+        for i in range(self.max_layers):
+            if self.heads[i][-1] > dims.num_heads:
+                raise InstatuneError(
+                    f"search space allows {self.heads[i][-1]} heads in layer {i} but the model has "
+                    f"{dims.num_heads}; lower the head choices"
+                )
+            if self.ffn[i][-1] > dims.ffn:
+                raise InstatuneError(
+                    f"search space allows FFN width {self.ffn[i][-1]} in layer {i} but the model has "
+                    f"{dims.ffn}; lower the FFN choices"
+                )
+
+    def check(self, sub: SubNet) -> SubNet:
+        """Return `sub` if the space contains it, else raise naming the first offending gene."""
+        if sub.layers not in self.layers:
+            raise InstatuneError(f"sub-network {sub.name} keeps {sub.layers} layers; the space allows {list(self.layers)}")
+        for i, (h, f) in enumerate(zip(sub.heads, sub.ffn, strict=True)):
+            if h not in self.heads[i]:
+                raise InstatuneError(
+                    f"sub-network {sub.name}: {h} heads in layer {i} is outside the space {list(self.heads[i])}"
+                )
+            if f not in self.ffn[i]:
+                raise InstatuneError(
+                    f"sub-network {sub.name}: FFN width {f} in layer {i} is outside the space {list(self.ffn[i])}"
+                )
+        return sub
+
+    def contains(self, sub: SubNet) -> bool:
+        try:
+            self.check(sub)
+        except InstatuneError:
+            return False
+        return True
+
+    def cardinality(self) -> int:
+        """Number of distinct canonical sub-networks."""
+        total = 0
+        for n in self.layers:
+            k = 1
+            for i in range(n):
+                k *= len(self.heads[i]) * len(self.ffn[i])
+            total += k
+        return total
+
+    # ---- special members and sampling ----------------------------------------------------------
+    def largest(self) -> SubNet:
+        n = self.max_layers
+        return SubNet.make(n, [self.heads[i][-1] for i in range(n)], [self.ffn[i][-1] for i in range(n)])
+
+    def smallest(self) -> SubNet:
+        n = self.layers[0]
+        return SubNet.make(n, [self.heads[i][0] for i in range(n)], [self.ffn[i][0] for i in range(n)])
+
+    def sample(self, rng: random.Random) -> SubNet:
+        """Uniform sampling as in the paper: L drawn once, then H and D_ffn drawn per layer."""
+        n = rng.choice(self.layers)
+        return SubNet.make(n, [rng.choice(self.heads[i]) for i in range(n)],
+                           [rng.choice(self.ffn[i]) for i in range(n)])
+
+    def sample_many(self, rng: random.Random, m: int, mode: str = "uniform") -> list[SubNet]:
+        """`m` sub-networks for one training step.
+
+        uniform: m random draws. sandwich: the smallest first, then m-1 random (the largest is the
+        super-network itself, which the InstaTune loss always trains).
+        """
+        if mode == "uniform":
+            return [self.sample(rng) for _ in range(m)]
+        if mode == "sandwich":
+            return ([self.smallest()] + [self.sample(rng) for _ in range(m - 1)])[:m]
+        raise InstatuneError(f"unknown sampling {mode!r}; use uniform or sandwich")
+
+    # ---- integer-gene encoding for search -----------------------------------------------------
+    def gene_bounds(self) -> list[int]:
+        """Number of choices per gene: [layers, heads_0..heads_{N-1}, ffn_0..ffn_{N-1}] with N = max_layers."""
+        n = self.max_layers
+        return [len(self.layers)] + [len(self.heads[i]) for i in range(n)] + [len(self.ffn[i]) for i in range(n)]
+
+    def encode(self, sub: SubNet) -> list[int]:
+        """Genes (choice indices); dropped layers get the index of their largest choice (any value decodes the same)."""
+        self.check(sub)
+        n = self.max_layers
+        hs = [self.heads[i].index(sub.heads[i]) if i < sub.layers else len(self.heads[i]) - 1 for i in range(n)]
+        fs = [self.ffn[i].index(sub.ffn[i]) if i < sub.layers else len(self.ffn[i]) - 1 for i in range(n)]
+        return [self.layers.index(sub.layers)] + hs + fs
+
+    def decode(self, genes: Sequence[int]) -> SubNet:
+        n = self.max_layers
+        if len(genes) != 1 + 2 * n:
+            raise InstatuneError(f"expected {1 + 2 * n} genes, got {len(genes)}")
+        layers = self.layers[int(genes[0])]
+        heads = [self.heads[i][int(genes[1 + i])] for i in range(n)]
+        ffn = [self.ffn[i][int(genes[1 + n + i])] for i in range(n)]
+        return SubNet.make(layers, heads, ffn)
+
+    def features(self, sub: SubNet) -> list[float]:
+        """Fixed-width predictor features: depth, then per layer (kept, heads share, FFN share), 0 when dropped.
+
+        Masking dropped layers to zero means dead genes never influence a predictor (a DyNAS-T weakness).
+        """
+        n = self.max_layers
+        out = [sub.layers / n]
+        for i in range(n):
+            if i < sub.layers:
+                out += [1.0, sub.heads[i] / self.heads[i][-1], sub.ffn[i] / self.ffn[i][-1]]
+            else:
+                out += [0.0, 0.0, 0.0]
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-base-paper": {"layers": list(range(6, 13)), "heads": [6, 8, 10, 12], "ffn": [1024, 2048, 3072]},
+    "vit-base-paper": {"layers": [11, 12], "heads": [6, 8, 10, 12], "ffn": [2048, 2560, 3072], "seq_len": 197},
+}
