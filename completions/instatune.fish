@@ -1,0 +1,1 @@
+complete --command instatune --no-files --arguments "(env _INSTATUNE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) instatune)" --condition "env _INSTATUNE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) instatune"
