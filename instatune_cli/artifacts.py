@@ -112,7 +112,8 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InstatuneError(f"{mpath} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     if not isinstance(m, dict) or m.get("schema") != SCHEMA:
-        raise InstatuneError(f"{mpath} is not an instatune manifest (schema {m.get('schema') if isinstance(m, dict) else None!r})")
+        schema = m.get("schema") if isinstance(m, dict) else None
+        raise InstatuneError(f"{mpath} is not an instatune manifest (schema {schema!r})")
     if m.get("schema_version") not in SUPPORTED_VERSIONS:
         raise InstatuneError(
             f"{mpath} has schema version {m.get('schema_version')!r}, this instatune reads "
@@ -181,9 +182,8 @@ class StageWriter:
                     )
                 return self.tmp
             if not self.force:
-                raise InstatuneError(
-                    f"an unfinished {self.stage} run is in {self.tmp}; pass --resume to continue it or --force to start over"
-                )
+                raise InstatuneError(f"an unfinished {self.stage} run is in {self.tmp}; "
+                                     "pass --resume to continue it or --force to start over")
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / ".stage").write_text(self.stage)

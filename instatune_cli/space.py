@@ -194,7 +194,8 @@ class SearchSpace:
             raise InstatuneError(f"search space is missing {', '.join(missing)}; give layers, heads and ffn")
         unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name"}
         if unknown:
-            raise InstatuneError(f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len")
+            raise InstatuneError(
+                f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len")
         layers = _choices(d["layers"], "layers")
         n = layers[-1]
 
@@ -298,7 +299,8 @@ class SearchSpace:
     def check(self, sub: SubNet) -> SubNet:
         """Return `sub` if the space contains it, else raise naming the first offending gene."""
         if sub.layers not in self.layers:
-            raise InstatuneError(f"sub-network {sub.name} keeps {sub.layers} layers; the space allows {list(self.layers)}")
+            raise InstatuneError(
+                f"sub-network {sub.name} keeps {sub.layers} layers; the space allows {list(self.layers)}")
         for i, (h, f) in enumerate(zip(sub.heads, sub.ffn, strict=True)):
             if h not in self.heads[i]:
                 raise InstatuneError(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny import batch, minilm_path, reference_bert_logits, tiny_classifier  # noqa: F401
+from tiny import batch, minilm_path, reference_bert_logits, tiny_classifier  # noqa: F401, F811
 
 from instatune_cli.adapters import adapter_for, adapter_of
 from instatune_cli.errors import InstatuneError
@@ -128,7 +128,7 @@ def test_unsupported_family_is_a_clear_error():
 
 
 @pytest.mark.integration
-def test_real_minilm_full_config_and_subnet(minilm_path):
+def test_real_minilm_full_config_and_subnet(minilm_path):  # noqa: F811
     from instatune_cli.adapters import load_classifier
 
     m = load_classifier(minilm_path, num_labels=2).eval()

@@ -32,7 +32,8 @@ def test_bert_base_params_match_stock_model():
 
 def _bias_adds(dims: ModelDims, sub: SubNet, n: int) -> int:
     """ptflops' aten backend counts addmm's bias additions too; the closed form counts MACs only."""
-    per = sum(n * (3 * h * dims.head_dim + dims.hidden + f + dims.hidden) for h, f in zip(sub.heads, sub.ffn))
+    pairs = zip(sub.heads, sub.ffn, strict=True)
+    per = sum(n * (3 * h * dims.head_dim + dims.hidden + f + dims.hidden) for h, f in pairs)
     return per + dims.hidden + dims.num_labels
 
 

@@ -1,14 +1,53 @@
-"""`instatune export` (not built yet)."""
+"""`instatune export`: ONNX with parity and latency (chains extract when given a search or tune dir)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from instatune_cli.cli.common import not_built
+from instatune_cli.cli.common import console, quiet_libraries, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def export() -> None:
-        """Not built yet: exits non-zero with a one-line message."""
-        not_built("export")
+    @app.command("export")
+    @user_errors
+    def export(
+        source: Optional[Path] = typer.Argument(  # noqa: UP045
+            None, help="An extract directory, or a search dir (+ --subnet) / tune run (+ --config). "
+                       "Default: ./run-search, the search's default output."),
+        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", help="Number of a sub-network on the front."),  # noqa: UP045
+        config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
+        int8: bool = typer.Option(False, "--int8", help="Also write an INT8 model.int8.onnx."),
+        batch: int = typer.Option(1, help="Batch size for the latency measurement."),
+        seq_len: int = typer.Option(128, help="Sequence length for the latency measurement."),
+        threads: Optional[int] = typer.Option(None, help="ORT intra-op threads [all CPUs]."),  # noqa: UP045
+        runs: int = typer.Option(20, help="Timed runs per latency measurement (after warm-up)."),
+        atol: float = typer.Option(1e-4, help="Max |ONNX - PyTorch| logit difference allowed."),
+        no_compare: bool = typer.Option(False, "--no-compare", help="Skip timing the full super-network."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-onnx]."),  # noqa: UP045
+        force: bool = typer.Option(False, help="Replace existing output directories."),
+    ) -> None:
+        """Write model.onnx (dynamic batch/sequence), check it against PyTorch, measure ORT latency."""
+        quiet_libraries()
+        from instatune_cli.deliver import export_stage
+
+        out = console()
+        art = export_stage(source, output, subnet=subnet, config=config, int8=int8, batch=batch,
+                           seq_len=seq_len, threads=threads, runs=runs, atol=atol, force=force,
+                           compare_full=not no_compare, notify=lambda msg: out.print(f"[dim]{msg}[/]"))
+        m = art.metrics
+        lat = m["latency"]
+        out.print(f"wrote {art.path / 'model.onnx'} ({m['onnx_bytes'] / 1e6:.1f} MB); ORT parity max |Δ| "
+                  f"{m['parity']['max_abs_diff']:.2g} (atol {m['parity']['atol']:g})")
+        out.print(f"latency b{lat['batch']} s{lat['seq_len']} ({lat['threads']} threads): median "
+                  f"{lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms")
+        if "latency_supernet" in m:
+            out.print(f"super-network: median {m['latency_supernet']['median_ms']:.2f} ms -> "
+                      f"{m['speedup']:.2f}x faster")
+        if "int8" in m:
+            q = m["int8"]
+            out.print(f"int8: {art.path / 'model.int8.onnx'} ({q['bytes_out'] / 1e6:.1f} MB), median "
+                      f"{q['latency']['median_ms']:.2f} ms, same prediction on "
+                      f"{100 * q['agreement']['same_prediction']:.1f}% of {q['agreement']['n']} eval examples")

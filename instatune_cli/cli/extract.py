@@ -1,14 +1,34 @@
-"""`instatune extract` (not built yet)."""
+"""`instatune extract`: a searched or named sub-network as a physically smaller model directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from instatune_cli.cli.common import not_built
+from instatune_cli.cli.common import console, quiet_libraries, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("extract", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def extract() -> None:
-        """Not built yet: exits non-zero with a one-line message."""
-        not_built("extract")
+    @app.command("extract")
+    @user_errors
+    def extract(
+        source: Path = typer.Argument(..., help="A search directory (with --subnet) or a tune run (with --config)."),
+        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", help="Number of a sub-network on the front."),  # noqa: UP045
+        config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-subnetN]."),  # noqa: UP045
+        force: bool = typer.Option(False, help="Replace an existing output directory."),
+    ) -> None:
+        """Write only the sliced weights (+ tokenizer) as a model that loads back with stock transformers."""
+        quiet_libraries()
+        from instatune_cli.deliver import extract_stage
+
+        art = extract_stage(source, output, subnet=subnet, config=config, force=force)
+        m = art.metrics
+        out = console()
+        out.print(f"extracted {art.model['subnet_name']} ({m['kind']} {m['architecture']}) to {art.path}")
+        out.print(f"params {m['params']:,} (closed form {m['params_closed_form']:,}), weights "
+                  f"{m['weights_bytes'] / 1e6:.1f} MB, MACs {m['macs'] / 1e9:.3f}G "
+                  f"({100 * m['macs_reduction']:.1f}% fewer), max |Δlogit| vs super-network {m['max_abs_diff']:.2g}")
+        out.print(f"load with: {m['load_with']}")

@@ -1,0 +1,198 @@
+"""The `extract` and `export` stages: from a searched (or named) sub-network to a model a user ships.
+
+extract: SEARCH_DIR + subnet number, or TUNE_DIR + config -> a standalone model directory (stage "extract")
+holding only the sliced weights, the tokenizer and the manifest, verified against the super-network.
+export: an extract directory (or, chained, a search/tune directory) -> `model.onnx` with dynamic axes, ORT
+parity on real validation inputs, ORT latency of the sub-network and of the full super-network (stage
+"export"); `--int8` adds `model.int8.onnx` (ONNX Runtime dynamic INT8 until the quantize stage exists).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instatune_cli import artifacts
+from instatune_cli.errors import InstatuneError
+from instatune_cli.space import SubNet
+
+DEFAULT_SEARCH_DIR = "run-search"
+
+
+def parse_config(spec: str) -> SubNet:
+    """A sub-network from a name (`L10-h10-f2048`), a JSON file, or inline JSON."""
+    s = spec.strip()
+    if s.startswith("{"):
+        try:
+            return SubNet.from_dict(json.loads(s))
+        except json.JSONDecodeError as e:
+            raise InstatuneError(f"--config is not valid JSON: {e.msg}") from None
+    p = Path(s)
+    if p.suffix.lower() == ".json":
+        if not p.is_file():
+            raise InstatuneError(f"config file {p} does not exist")
+        try:
+            return SubNet.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise InstatuneError(f"{p} is not valid JSON: {e.msg}") from None
+    return SubNet.parse_name(s)
+
+
+@dataclass
+class Source:
+    """What to extract: the tune run holding the weights, the sub-network, and the artifact to cite as parent."""
+
+    tune: artifacts.Artifact
+    sub: SubNet
+    parent: artifacts.Artifact
+    label: str
+
+
+def resolve_source(src: str | Path, subnet: int | None, config: str | None) -> Source:
+    art = artifacts.load(src, ("search", "tune"))
+    if art.stage == "search":
+        if subnet is None:
+            raise InstatuneError(f"{art.path} is a search result; say which sub-network with --subnet N")
+        if config is not None:
+            raise InstatuneError("give either --subnet (with a search directory) or --config, not both")
+        from instatune_cli.search.stage import front_member
+
+        _, row = front_member(art.path, subnet)
+        tune = art.parent("tune")
+        return Source(tune, SubNet.from_dict(row), art, f"subnet{subnet}")
+    if config is None:
+        raise InstatuneError(f"{art.path} is a tune run; name the sub-network with --config (e.g. L4-h12-f1536)")
+    if subnet is not None:
+        raise InstatuneError("--subnet needs a search directory; with a tune run use --config")
+    sub = parse_config(config)
+    return Source(art, sub, art, sub.name)
+
+
+def _real_batches(tune: artifacts.Artifact, tok: Any, n: int = 16) -> list[dict[str, Any]]:
+    """Two batches of real validation inputs of different sizes (checks cover dynamic shapes)."""
+    from instatune_cli.tune import load_eval_batches
+
+    batches = load_eval_batches(tune, tok, batch_size=max(2, n // 2), limit=n)
+    return [{k: v for k, v in b.items() if k != "labels"} for b in batches[:2]]
+
+
+def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | None = None,
+                  config: str | None = None, force: bool = False) -> artifacts.Artifact:
+    from instatune_cli.adapters import adapter_of
+    from instatune_cli.extract import save_extracted
+    from instatune_cli.measure.macs import total_macs
+    from instatune_cli.tune import load_tuned
+
+    s = resolve_source(src, subnet, config)
+    out = Path(output) if output else s.parent.path.resolve().parent / f"{s.parent.path.resolve().name}-{s.label}"
+    model, tok, space, tune = load_tuned(s.tune.path)
+    space.check(s.sub)
+    with artifacts.StageWriter(out, "extract", {"source": str(src), "subnet": subnet, "config": config},
+                               parent=s.parent, force=force) as w:
+        info = save_extracted(model, s.sub, tok, w.path, batches=_real_batches(tune, tok))
+        dims = adapter_of(model).dims(model.config)
+        full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)
+        info["macs"] = total_macs(dims, s.sub, space.seq_len)
+        info["macs_supernet"] = total_macs(dims, full, space.seq_len)
+        info["macs_reduction"] = 1 - info["macs"] / info["macs_supernet"]
+        info["seq_len"] = space.seq_len
+        model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name}
+        return w.commit(model=model_info, metrics=info)
+
+
+def tune_of(art: artifacts.Artifact) -> artifacts.Artifact:
+    """The tune run behind an extract directory (its parent, or its parent's parent via the search)."""
+    p = art.parent(("search", "tune"))
+    return p if p.stage == "tune" else p.parent("tune")
+
+
+def _latency(onnx: Path, batch: int, seq_len: int, threads: int | None, runs: int) -> dict[str, Any]:
+    from instatune_cli.measure.latency import measure_ort_latency
+
+    return measure_ort_latency(onnx, batch, seq_len, threads, runs=runs)
+
+
+def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: int | None = None,
+                 config: str | None = None, int8: bool = False, batch: int = 1, seq_len: int = 128,
+                 threads: int | None = None, runs: int = 20, atol: float = 1e-4, force: bool = False,
+                 compare_full: bool = True, notify: Any = None) -> artifacts.Artifact:
+    """Export an extracted model to ONNX (chaining extract first when given a search or tune directory)."""
+    from instatune_cli.export import check_parity, export_onnx, quantize_dynamic_int8
+    from instatune_cli.extract import load_extracted
+    from instatune_cli.measure.size import onnx_bytes, weights_bytes
+    from instatune_cli.tune import load_tuned
+
+    say = notify or (lambda _msg: None)
+    if src is None:
+        if not Path(DEFAULT_SEARCH_DIR).is_dir():
+            raise InstatuneError(
+                f"no directory given and no {DEFAULT_SEARCH_DIR}/ here; pass an extract, search or tune directory")
+        src = DEFAULT_SEARCH_DIR
+        say(f"using the search result in {Path(src).resolve()}")
+    art = artifacts.load(src, ("extract", "search", "tune"))
+    if art.stage != "extract":
+        art = extract_stage(art.path, None, subnet=subnet, config=config, force=force)
+        say(f"extracted {art.model['subnet_name']} to {art.path}")
+    elif subnet is not None or config is not None:
+        raise InstatuneError(f"{art.path} is already an extracted model; drop --subnet/--config")
+    out = Path(output) if output else art.path.resolve().parent / f"{art.path.resolve().name}-onnx"
+    tune = tune_of(art)
+    opts = {"source": str(src), "subnet": subnet, "config": config, "int8": int8, "batch": batch,
+            "seq_len": seq_len, "threads": threads, "runs": runs, "atol": atol}
+    with artifacts.StageWriter(out, "export", opts, parent=art, force=force) as w:
+        model = load_extracted(art.path)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(art.path))
+        tok.save_pretrained(w.path)
+        onnx = w.path / "model.onnx"
+        info: dict[str, Any] = {"export": export_onnx(art.path, onnx)}
+        info["parity"] = check_parity(onnx, model, _real_batches(tune, tok), atol=atol)
+        info["latency"] = _latency(onnx, batch, seq_len, threads, runs)
+        info["onnx_bytes"] = onnx_bytes(onnx)
+        info["weights_bytes"] = weights_bytes(art.path)
+        if int8:
+            q = w.path / "model.int8.onnx"
+            info["int8"] = quantize_dynamic_int8(onnx, q)
+            info["int8"]["note"] = ("INT8 via ONNX Runtime dynamic quantization (the calibrated quantize "
+                                    "stage is not built yet)")
+            info["int8"]["agreement"] = _agreement(q, model, tune, tok)
+            info["int8"]["latency"] = _latency(q, batch, seq_len, threads, runs)
+            say(info["int8"]["note"])
+        if compare_full:
+            full_model, _, _, _ = load_tuned(tune.path, verify=False)
+            with tempfile.TemporaryDirectory(prefix="instatune-full-") as td:
+                full_model.save_pretrained(td)
+                fo = Path(td) / "full.onnx"
+                export_onnx(td, fo)
+                info["latency_supernet"] = _latency(fo, batch, seq_len, threads, runs)
+            info["speedup"] = info["latency_supernet"]["median_ms"] / info["latency"]["median_ms"]
+        model_info = {k: v for k, v in art.model.items()}
+        return w.commit(model=model_info, metrics=info)
+
+
+def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, n: int = 64) -> dict[str, Any]:
+    """Share of eval examples where INT8 ONNX and FP32 PyTorch predict the same class (INT8 is not bit-exact)."""
+    import numpy as np
+    import torch
+
+    from instatune_cli.export import ort_session
+
+    sess = ort_session(onnx)
+    names = [i.name for i in sess.get_inputs()]
+    from instatune_cli.tune import load_eval_batches
+
+    same = total = 0
+    worst = 0.0
+    for b in load_eval_batches(tune, tok, batch_size=16, limit=n):
+        feeds = {k: b[k].numpy().astype(np.int64) for k in names}
+        (q,) = sess.run(["logits"], feeds)
+        with torch.no_grad():
+            ref = model(**{k: b[k] for k in names}).logits.numpy()
+        same += int((q.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+        worst = max(worst, float(np.abs(q - ref).max()))
+    return {"same_prediction": same / total if total else None, "n": total, "max_abs_diff": worst}
