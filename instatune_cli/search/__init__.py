@@ -1,0 +1,10 @@
+"""Multi-objective search for Pareto-optimal sub-networks: LINAS (predictor-guided NSGA-II), plain NSGA-II
+and random search under one real-evaluation budget, with an append-only, resumable archive.
+
+Torch-free: deap, moocore and scikit-learn are imported only where they are used.
+"""
+
+from instatune_cli.search.objectives import ObjectiveSpec
+from instatune_cli.search.run import SearchResult, run_search
+
+__all__ = ["ObjectiveSpec", "SearchResult", "run_search"]

@@ -1,0 +1,213 @@
+"""`run_search`: the one entry point of the search, used by the CLI and by users with their own objective.
+
+Resume guarantees (see algorithms.py for the mechanism): no config is ever evaluated twice; with the same
+space, objectives, algorithm, seed, population, batch and a deterministic `evaluate`, a search killed and
+resumed (any number of times) ends with the same archive, in the same order, as an uninterrupted run; a
+resume with a larger `evals` continues the finished run as if it had been started with that budget. With
+other settings the archived rows are reused and the search simply continues from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from instatune_cli.errors import InstatuneError
+from instatune_cli.search.algorithms import ALGORITHMS, SearchContext, run_linas, run_nsga2, run_random
+from instatune_cli.search.archive import Archive, write_rows_csv
+from instatune_cli.search.objectives import Constraint, ObjectiveSpec, parse_constraint, resolve_objectives
+from instatune_cli.search.pareto import hypervolume, pareto_front, ref_to_min, reference_point, to_min_matrix
+from instatune_cli.space import SearchSpace, SubNet
+
+FRONT_CSV = "front.csv"
+HYPERVOLUME_CSV = "hypervolume.csv"
+PREDICTORS_JSONL = "predictors.jsonl"
+
+
+@dataclass
+class SearchResult:
+    """Everything a search produced; `rows` is the whole archive (earlier sessions included)."""
+
+    objectives: list[ObjectiveSpec]
+    constraints: list[Constraint]
+    algorithm: str
+    seed: int
+    rows: list[dict[str, Any]]
+    feasible: list[bool]
+    front: list[dict[str, Any]]
+    hypervolume: list[float]
+    ref_point: dict[str, float] | None
+    predictors: list[dict[str, Any]]
+    new_evaluations: int
+    seconds: float
+    archive_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def evals_per_minute(self) -> float | None:
+        """Real evaluations of this session per wall-clock minute (search overhead included)."""
+        if not self.new_evaluations or self.seconds <= 0:
+            return None
+        return self.new_evaluations / (self.seconds / 60.0)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm, "seed": self.seed, "evaluations": len(self.rows),
+            "new_evaluations": self.new_evaluations, "feasible": sum(self.feasible),
+            "front_size": len(self.front),
+            "hypervolume": self.hypervolume[-1] if self.hypervolume else 0.0, "ref_point": self.ref_point,
+            "evals_per_minute": self.evals_per_minute, "seconds": round(self.seconds, 3),
+            "objectives": [o.to_dict() for o in self.objectives],
+            "constraints": [str(c) for c in self.constraints], "notes": list(self.notes),
+        }
+
+
+def _constraints(spec: Iterable[Any] | Mapping[str, Any]) -> list[Constraint]:
+    if isinstance(spec, Mapping):
+        return [parse_constraint(k, v) for k, v in spec.items()]
+    if isinstance(spec, (str, Constraint)):
+        spec = [spec]
+    out = []
+    for c in spec:
+        if isinstance(c, Constraint):
+            out.append(c)
+        elif isinstance(c, str):
+            out.append(parse_constraint(c))
+        elif isinstance(c, Sequence) and len(c) == 2:
+            out.append(parse_constraint(str(c[0]), c[1]))
+        else:
+            raise InstatuneError(f"cannot read constraint {c!r}; write e.g. 'max-macs=6G'")
+    return out
+
+
+def run_search(
+    space: SearchSpace,
+    objectives: Sequence[ObjectiveSpec | str],
+    evaluate: Callable[[SubNet], Mapping[str, float]],
+    *,
+    exact: Mapping[str, Callable[[SubNet], float]] | None = None,
+    algorithm: str = "linas",
+    evals: int = 50,
+    population: int = 10,
+    seed: int = 0,
+    archive_dir: str | Path,
+    resume: bool = False,
+    constraints: Iterable[Constraint | str] | Mapping[str, Any] = (),
+    batch: int | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    ref_point: Mapping[str, float] | Sequence[float] | None = None,
+) -> SearchResult:
+    """Search `space` for sub-networks Pareto-optimal in `objectives` with `evals` real evaluations.
+
+    evaluate(sub) returns the measured objectives (extra keys are kept in the archive row); `exact`
+    maps each exact objective (and any other closed-form value) to its function. `population` is the
+    random start (and NSGA-II's population); LINAS measures `batch` (default population // 2) proposals
+    per iteration. `ref_point` (natural units, dict by objective or a sequence) fixes the hypervolume
+    reference so runs are comparable; by default it is derived from this archive. `on_eval(row)` is
+    called after each real evaluation. Writes archive.jsonl (as it goes), archive.csv, front.csv,
+    hypervolume.csv and predictors.jsonl into `archive_dir`.
+    """
+    if not isinstance(space, SearchSpace):
+        raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
+    objs = resolve_objectives(objectives)
+    exact = dict(exact or {})
+    missing = [o.name for o in objs if o.exact and o.name not in exact]
+    if missing:
+        raise InstatuneError(
+            f"objective {missing[0]!r} is exact (computed, never predicted); "
+            f"pass exact={{'{missing[0]}': fn}}"
+        )
+    algo = str(algorithm).strip().lower()
+    if algo not in ALGORITHMS:
+        raise InstatuneError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    evals, population = int(evals), int(population)
+    if population < 2:
+        raise InstatuneError(f"population must be at least 2, got {population}")
+    if evals < population:
+        raise InstatuneError(
+            f"budget of {evals} evaluations is smaller than the population of {population}; "
+            "raise the budget or lower the population"
+        )
+    batch = max(1, population // 2) if batch is None else int(batch)
+    if batch < 1:
+        raise InstatuneError(f"batch must be at least 1, got {batch}")
+    cons = _constraints(constraints)
+    notes: list[str] = []
+    card = space.cardinality()
+    if evals > card:
+        notes.append(f"the space holds only {card} sub-networks; the budget of {evals} was capped to {card}")
+
+    archive_dir = Path(archive_dir)
+    names = [o.name for o in objs]
+    archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
+    ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    if algo == "random":
+        run_random(ctx, rng, population)
+    elif algo == "nsga2":
+        run_nsga2(ctx, rng, population)
+    else:
+        run_linas(ctx, rng, population, batch)
+    seconds = time.perf_counter() - t0
+
+    result = _result(ctx, algo, seed, ref_point, seconds, notes)
+    write_outputs(result, archive)
+    return result
+
+
+def _result(ctx: SearchContext, algo: str, seed: int, ref_point: Any, seconds: float,
+            notes: list[str]) -> SearchResult:
+    objs, rows = ctx.objectives, ctx.archive.rows
+    feasible = [ctx.feasible(r) for r in rows]
+    front = pareto_front([r for r, f in zip(rows, feasible, strict=True) if f], objs)
+    points = to_min_matrix(rows, objs)
+    finite = np.isfinite(points).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
+    if ref_point is not None:
+        ref = ref_to_min(ref_point, objs)
+    elif finite.any():
+        ref = reference_point(points[finite])
+    else:
+        ref = None
+    hv: list[float] = []
+    kept: list[np.ndarray] = []
+    for i, ok in enumerate(feasible):
+        if ok and ref is not None:
+            kept.append(points[i])
+            hv.append(hypervolume(np.array(kept), ref))
+        else:
+            hv.append(hv[-1] if hv else 0.0)
+    if rows and not any(feasible):
+        why = (f"the constraints ({', '.join(map(str, ctx.constraints))})" if ctx.constraints
+               else "finite values")
+        notes.append(f"no evaluated sub-network meets {why}; the Pareto front is empty")
+    ref_nat = None if ref is None else {o.name: float(o.sign * v) for o, v in zip(objs, ref, strict=True)}
+    return SearchResult(objs, list(ctx.constraints), algo, seed, rows, feasible, front, hv, ref_nat,
+                        list(ctx.predictor_log), ctx.new_evaluations, seconds, ctx.archive.directory, notes)
+
+
+def write_outputs(result: SearchResult, archive: Archive) -> None:
+    """archive.csv, front.csv, hypervolume.csv, predictors.jsonl (each written atomically)."""
+    d = result.archive_dir
+    archive.write_csv(extra={"feasible": result.feasible})
+    names = [o.name for o in result.objectives]
+    first = ["subnet", "id", "name", "layers", "heads", "ffn", *names]
+    write_rows_csv(d / FRONT_CSV, result.front, first=first)
+    hv_rows = [{"evaluation": i + 1, "id": r["id"], "hypervolume": h}
+               for i, (r, h) in enumerate(zip(result.rows, result.hypervolume, strict=True))]
+    write_rows_csv(d / HYPERVOLUME_CSV, hv_rows, first=["evaluation", "id", "hypervolume"])
+    tmp = d / (PREDICTORS_JSONL + ".tmp")
+    with open(tmp, "w") as fh:
+        for rec in result.predictors:
+            fh.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                 for k, v in rec.items()}) + "\n")
+    os.replace(tmp, d / PREDICTORS_JSONL)
