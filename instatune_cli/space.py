@@ -118,9 +118,13 @@ class SubNet:
 
     @property
     def id(self) -> str:
-        """Stable short id: first 10 hex digits of sha256 over the canonical JSON."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()[:10]
+        """Stable short id: first 10 hex digits of sha256 over the canonical JSON (computed once)."""
+        cached = self.__dict__.get("_id")
+        if cached is None:
+            canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            cached = hashlib.sha256(canon.encode()).hexdigest()[:10]
+            object.__setattr__(self, "_id", cached)
+        return cached
 
     @property
     def name(self) -> str:

@@ -17,7 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -51,7 +51,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    import torch  # noqa: F401 - torch configures its loggers on import; quiet them afterwards
+
+    # torchao (pulled in by transformers at model load) makes torch's pytree warn about Enum registration
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
