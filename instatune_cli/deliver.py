@@ -116,7 +116,7 @@ def _latency(onnx: Path, batch: int, seq_len: int, threads: int | None, runs: in
 
 
 def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: int | None = None,
-                 config: str | None = None, int8: bool = False, batch: int = 1, seq_len: int = 128,
+                 config: str | None = None, int8: bool = False, batch: int = 1, seq_len: int | None = None,
                  threads: int | None = None, runs: int = 20, atol: float = 1e-4, force: bool = False,
                  compare_full: bool = True, notify: Any = None) -> artifacts.Artifact:
     """Export an extracted model to ONNX (chaining extract first when given a search or tune directory)."""
@@ -144,6 +144,10 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
             "seq_len": seq_len, "threads": threads, "runs": runs, "atol": atol}
     with artifacts.StageWriter(out, "export", opts, parent=art, force=force) as w:
         model = load_extracted(art.path)
+        if seq_len is None:  # the paper's 128, or the model's limit when it is shorter
+            from instatune_cli.export import max_sequence_length
+
+            seq_len = min(128, max_sequence_length(model.config))
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(art.path))

@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
         int8: bool = typer.Option(False, "--int8", help="Also write an INT8 model.int8.onnx."),
         batch: int = typer.Option(1, help="Batch size for the latency measurement."),
-        seq_len: int = typer.Option(128, help="Sequence length for the latency measurement."),
+        seq_len: Optional[int] = typer.Option(  # noqa: UP045
+            None, help="Sequence length for the latency measurement [128, or the model's maximum if shorter]."),
         threads: Optional[int] = typer.Option(None, help="ORT intra-op threads [all CPUs]."),  # noqa: UP045
         runs: int = typer.Option(20, help="Timed runs per latency measurement (after warm-up)."),
         atol: float = typer.Option(1e-4, help="Max |ONNX - PyTorch| logit difference allowed."),
