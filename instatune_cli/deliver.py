@@ -63,10 +63,10 @@ def resolve_source(src: str | Path, subnet: int | None, config: str | None) -> S
         _, row = front_member(art.path, subnet)
         tune = art.parent("tune")
         return Source(tune, SubNet.from_dict(row), art, f"subnet{subnet}")
-    if config is None:
-        raise InstatuneError(f"{art.path} is a tune run; name the sub-network with --config (e.g. L4-h12-f1536)")
     if subnet is not None:
         raise InstatuneError("--subnet needs a search directory; with a tune run use --config")
+    if config is None:
+        raise InstatuneError(f"{art.path} is a tune run; name the sub-network with --config (e.g. L4-h12-f1536)")
     sub = parse_config(config)
     return Source(art, sub, art, sub.name)
 
