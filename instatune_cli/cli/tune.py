@@ -1,14 +1,125 @@
-"""`instatune tune` (not built yet)."""
+"""`instatune tune`: elastic fine-tuning with the InstaTune loss (or plain fine-tuning with --plain)."""
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import typer
 
-from instatune_cli.cli.common import not_built
+from instatune_cli.cli.common import quiet_libraries, user_errors
+
+# ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
+
+DATA = "Data"
+METHOD = "Method"
+OPTIM = "Optimisation"
+RUN = "Run"
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("tune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def tune() -> None:
-        """Not built yet: exits non-zero with a one-line message."""
-        not_built("tune")
+    @app.command("tune")
+    @user_errors
+    def tune(
+        model: str = typer.Argument(..., help="Model directory (save_pretrained layout), a tune run directory, "
+                                    "or a hub id when online."),
+        task: Optional[str] = typer.Option(None, "--task", help="GLUE task (sst2, cola, mrpc, qqp, qnli, rte, "
+                                           "wnli, mnli): loads it from the hub, or names the task of --data.",
+                                           rich_help_panel=DATA),
+        data: Optional[str] = typer.Option(None, "--data", help="Directory with train.* and dev.*/validation.* "
+                                           "(tsv, csv, jsonl, json, parquet), or a training file.",
+                                           rich_help_panel=DATA),
+        eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation file (needed when --data "
+                                                "is a file).", rich_help_panel=DATA),
+        text_column: Optional[str] = typer.Option(None, "--text-column", rich_help_panel=DATA,
+                                                  help="Text column (default: guessed, e.g. sentence, text)."),
+        text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column", rich_help_panel=DATA,
+                                                       help="Second text column for sentence-pair tasks."),
+        label_column: Optional[str] = typer.Option(None, "--label-column", rich_help_panel=DATA,
+                                                   help="Label column (default: label)."),
+        limit_train: Optional[int] = typer.Option(None, "--limit-train", help="Use the first N training rows.",
+                                                  rich_help_panel=DATA),
+        limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Use the first N eval rows.",
+                                                 rich_help_panel=DATA),
+        max_length: int = typer.Option(128, "--max-length", help="Truncate to this many tokens (batches are "
+                                       "padded per batch).", rich_help_panel=DATA),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the "
+                                                "model's).", rich_help_panel=DATA),
+        plain: bool = typer.Option(False, "--plain", help="Ordinary fine-tuning (no sub-networks): a baseline, "
+                                   "or a strong teacher for a later run.", rich_help_panel=METHOD),
+        space: Optional[str] = typer.Option(None, "--space", help="Search space: preset name or YAML/JSON file "
+                                            "(default: derived from the model).", rich_help_panel=METHOD),
+        num_subnets: int = typer.Option(1, "--num-subnets", "-M", help="Sub-networks sampled per step.",
+                                        rich_help_panel=METHOD),
+        sampling: str = typer.Option("uniform", "--sampling", help="uniform, or sandwich (smallest + random).",
+                                     rich_help_panel=METHOD),
+        alpha: float = typer.Option(0.3, "--alpha", help="Cross-entropy weight α of the InstaTune loss.",
+                                    rich_help_panel=METHOD),
+        temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature ρ.",
+                                          rich_help_panel=METHOD),
+        teacher: Optional[str] = typer.Option(None, "--teacher", help="Strong teacher: a fine-tuned model or "
+                                              "tune run (same task and family), e.g. a --plain run.",
+                                              rich_help_panel=METHOD),
+        teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Use the teacher for the "
+                                                     "first K epochs only (default: all).", rich_help_panel=METHOD),
+        reorder: Optional[bool] = typer.Option(None, "--reorder/--no-reorder", help="Reorder heads and FFN "
+                                               "neurons by importance before training (default: on for elastic "
+                                               "runs, off with --plain).", rich_help_panel=METHOD),
+        reorder_batches: int = typer.Option(8, "--reorder-batches", help="Training batches used to score "
+                                            "importance.", rich_help_panel=METHOD),
+        lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate (AdamW, linear warm-up and decay).",
+                                 rich_help_panel=OPTIM),
+        weight_decay: float = typer.Option(0.01, "--weight-decay", rich_help_panel=OPTIM),
+        warmup_ratio: float = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps for warm-up.",
+                                           rich_help_panel=OPTIM),
+        batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch and process.",
+                                       rich_help_panel=OPTIM),
+        grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.",
+                                       rich_help_panel=OPTIM),
+        epochs: float = typer.Option(3.0, "--epochs", rich_help_panel=OPTIM),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs).",
+                                                rich_help_panel=OPTIM),
+        max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0 = off).",
+                                            rich_help_panel=OPTIM),
+        seed: int = typer.Option(42, "--seed", help="Same seed and data give the same weights.",
+                                 rich_help_panel=OPTIM),
+        mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16 (accelerate).",
+                                            rich_help_panel=OPTIM),
+        cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is present.",
+                                 rich_help_panel=OPTIM),
+        output: str = typer.Option("run", "--output", "-o", help="Run directory to write.", rich_help_panel=RUN),
+        force: bool = typer.Option(False, "--force", help="Replace an existing run directory.",
+                                   rich_help_panel=RUN),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last "
+                                    "checkpoint (same options).", rich_help_panel=RUN),
+        eval_every: int = typer.Option(0, "--eval-every", help="Evaluate super-network and smallest "
+                                       "sub-network every N steps (0 = at the end only).", rich_help_panel=RUN),
+        eval_batch_size: int = typer.Option(64, "--eval-batch-size", rich_help_panel=RUN),
+        save_every: int = typer.Option(200, "--save-every", help="Checkpoint every N steps (0 = never).",
+                                       rich_help_panel=RUN),
+        log_every: int = typer.Option(10, "--log-every", help="Write a log.jsonl record every N steps.",
+                                      rich_help_panel=RUN),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output.", rich_help_panel=RUN),
+        as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON.",
+                                     rich_help_panel=RUN),
+    ) -> None:
+        """Fine-tune MODEL into an elastic super-network (InstaTune) and write a run directory for `search`."""
+        quiet_libraries()
+        from instatune_cli.tune.config import TuneConfig
+        from instatune_cli.tune.loop import run_tune
+
+        cfg = TuneConfig(
+            model=model, task=task, data=data, eval_data=eval_data, text_column=text_column,
+            text_pair_column=text_pair_column, label_column=label_column, limit_train=limit_train,
+            limit_eval=limit_eval, max_length=max_length, tokenizer=tokenizer, output=output, force=force,
+            resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
+            temperature=temperature, teacher=teacher, teacher_epochs=teacher_epochs, reorder=reorder,
+            reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+            batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+            max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision, cpu=cpu,
+            eval_every=eval_every, eval_batch_size=eval_batch_size, save_every=save_every, log_every=log_every,
+            quiet=quiet or as_json,
+        )
+        result = run_tune(cfg)
+        if as_json and result.artifact is not None:
+            typer.echo(json.dumps({"output": str(result.artifact.path), **result.metrics}, indent=2))

@@ -1,0 +1,97 @@
+"""`instatune tune`: elastic fine-tuning with the InstaTune loss (or plain fine-tuning with `--plain`).
+
+Modules: `config` (options dataclass, validation, fingerprint), `loss` (Eq. 1), `teacher` (strong-teacher
+checks and the cached teacher logits), `loop` (the accelerate training loop, checkpoints, resume, artifact).
+
+A tune run directory (stage "tune", the contract of DESIGN §3) holds:
+
+    manifest.json              schema, options, model info (family, base checkpoint, task, labels, dims,
+                               max_length, model_dir, reorder), metrics (super_accuracy, smallest_accuracy,
+                               eval_loss, steps, wall_time_s, samples_per_s, ...), space, data, training info
+    space.json                 the search space (SearchSpace.to_dict), checked against the model
+    model/                     the super-network in stock `save_pretrained` layout (config.json,
+                               model.safetensors) plus the tokenizer; heads/neurons are stored in importance
+                               order when `reorder` was on, so prefixes are the sub-networks
+    eval.jsonl                 the eval split as used: {"text", ["text_pair"], "label": class id} per line
+    calib.jsonl                up to 512 *training* examples (same format), e.g. for quantization calibration,
+                               kept apart from the eval split
+    log.jsonl                  start / train / eval / resume / final records, one JSON object per line
+    run.json                   the run's fingerprint (options + data + model digests) and reorder info
+    teacher_logits.safetensors only with --teacher: the frozen teacher's logits over the training set
+
+Several GPUs: `accelerate launch -m instatune_cli tune ...` or `torchrun --nproc_per_node N -m instatune_cli
+tune ...` (checked with 2 CPU processes); every process draws the same sub-networks, `--batch-size` is per
+process, and the resume fingerprint includes the process count.
+
+`model/` loads with stock `AutoModelForSequenceClassification.from_pretrained(run / "model")`;
+`load_tuned(run)` returns it made elastic, ready for `adapter_of(model).activate(model, sub)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from instatune_cli.artifacts import Artifact
+    from instatune_cli.space import SearchSpace
+
+__all__ = ["load_tuned", "load_eval_batches", "load_split"]
+
+
+def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
+               verify: bool = True) -> tuple[Any, Any, SearchSpace, Artifact]:
+    """(elastic model in eval mode, tokenizer, search space, artifact) of a finished tune run.
+
+    `eager=True` loads with eager attention (what ptflops needs to count attention MACs).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from instatune_cli import artifacts
+    from instatune_cli.adapters import adapter_for
+    from instatune_cli.errors import InstatuneError
+    from instatune_cli.space import ModelDims, SearchSpace
+
+    art = artifacts.load(run_dir, "tune", verify=verify)
+    mdir = art.path / art.model.get("model_dir", "model")
+    kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(mdir), **kw)
+        tok = AutoTokenizer.from_pretrained(str(mdir))
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InstatuneError(f"cannot load the model of tune run {art.path}: {first}") from None
+    adapter = adapter_for(model.config.model_type)
+    adapter.make_elastic(model)
+    space = SearchSpace.from_file(art.path / "space.json")
+    dims = adapter.dims(model.config)
+    recorded = art.model.get("dims")
+    if recorded and ModelDims.from_dict(recorded) != dims:
+        raise InstatuneError(f"the model in {mdir} does not match the dims recorded in its manifest")
+    space.check_model(dims)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tok, space, art
+
+
+def load_split(run_dir: str | Path | Artifact, which: str = "eval") -> Any:
+    """The run's stored eval split (`which="eval"`) or calibration sample (`"calib"`) as a `data.Split`."""
+    from instatune_cli import data
+
+    path = run_dir.path if hasattr(run_dir, "path") else Path(run_dir)
+    return data.read_jsonl(Path(path) / f"{which}.jsonl")
+
+
+def load_eval_batches(run_dir: str | Path | Artifact, tokenizer: Any, batch_size: int = 64,
+                      limit: int | None = None, which: str = "eval") -> list[dict[str, torch.Tensor]]:
+    """Pre-tokenized, length-grouped batches of the run's eval split, at the run's max_length; feed them
+    to `measure.accuracy.Evaluator`."""
+    from instatune_cli import artifacts, data
+
+    art = run_dir if hasattr(run_dir, "manifest") else artifacts.load(run_dir, "tune", verify=False)
+    split = load_split(art, which).head(limit)
+    enc = data.tokenize(tokenizer, split, int(art.model.get("max_length", 128)))
+    return data.eval_batches(enc, batch_size)

@@ -1,0 +1,122 @@
+"""Options of a tune run as one dataclass (to/from dict), its validation and its fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from instatune_cli.errors import InstatuneError
+
+SAMPLING = ("uniform", "sandwich")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+# Options that do not change the trained weights: they may differ between a run and its --resume.
+NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
+                               "eval_batch_size", "quiet"})
+
+
+@dataclass
+class TuneConfig:
+    model: str
+    # data
+    task: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    max_length: int = 128
+    tokenizer: str | None = None
+    # output
+    output: str = "run"
+    force: bool = False
+    resume: bool = False
+    # method
+    plain: bool = False
+    space: str | None = None
+    num_subnets: int = 1
+    sampling: str = "uniform"
+    alpha: float = 0.3
+    temperature: float = 1.0
+    teacher: str | None = None
+    teacher_epochs: int | None = None
+    reorder: bool | None = None  # None: on for elastic runs, off for --plain
+    reorder_batches: int = 8
+    # optimisation
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    batch_size: int = 32
+    grad_accum: int = 1
+    epochs: float = 3.0
+    max_steps: int | None = None
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: str = "no"
+    cpu: bool = False
+    # bookkeeping
+    eval_every: int = 0
+    eval_batch_size: int = 64
+    save_every: int = 200
+    log_every: int = 10
+    quiet: bool = False
+
+    @property
+    def elastic(self) -> bool:
+        return not self.plain
+
+    @property
+    def use_reorder(self) -> bool:
+        return self.elastic if self.reorder is None else bool(self.reorder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TuneConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        d["reorder"] = self.use_reorder
+        return d
+
+    def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
+        d = {"options": self.fingerprint_dict(), **(extra or {})}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise InstatuneError(msg)
+
+        need(self.task is not None or self.data is not None,
+             "no data: pass --task (e.g. sst2) or --data DIR with train and dev files")
+        need(self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}")
+        need(self.num_subnets >= 1, f"--num-subnets must be at least 1, got {self.num_subnets}")
+        need(self.sampling in SAMPLING, f"unknown --sampling {self.sampling!r}; use {' or '.join(SAMPLING)}")
+        need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}")
+        need(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
+        need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        need(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        need(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
+        need(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        need(self.reorder_batches >= 1, f"--reorder-batches must be at least 1, got {self.reorder_batches}")
+        need(self.mixed_precision in MIXED_PRECISION,
+             f"unknown --mixed-precision {self.mixed_precision!r}; use {', '.join(MIXED_PRECISION)}")
+        need(self.teacher_epochs is None or self.teacher is not None, "--teacher-epochs needs --teacher")
+        need(self.teacher_epochs is None or self.teacher_epochs >= 0,
+             f"--teacher-epochs must be >= 0, got {self.teacher_epochs}")

@@ -1,0 +1,136 @@
+"""The optional strong teacher Φ_T: checks, and its logits cached once over the training set.
+
+The teacher is frozen, so its logits for a training example never change. They are computed in one
+eval-mode pass (no dropout) over the pre-tokenized training set and stored as `teacher_logits.safetensors`
+in the run's partial directory, keyed by a fingerprint of the teacher and the tokens; a resumed run reuses
+them, and they end up in the finished run. Training then costs no teacher forward at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from instatune_cli.errors import InstatuneError
+
+CACHE_FILE = "teacher_logits.safetensors"
+_GENERIC_LABELS = ("LABEL_",)
+
+
+def resolve_model_dir(src: str) -> tuple[str, dict[str, Any] | None]:
+    """A tune-run directory stands for its model: (model dir, run manifest); anything else is returned as is."""
+    p = Path(src).expanduser()
+    man = p / "manifest.json"
+    if p.is_dir() and man.is_file():
+        from instatune_cli import artifacts
+
+        art = artifacts.load(p, "tune", verify=False)
+        sub = art.model.get("model_dir", "model")
+        return str(p / sub), art.manifest
+    return src, None
+
+
+def _is_generic(names: list[str]) -> bool:
+    return all(n.startswith(_GENERIC_LABELS) or n.lstrip("-").isdigit() for n in names)
+
+
+def check_teacher(src: str, family: str, labels: list[str], vocab_size: int) -> str:
+    """Validate the teacher's config against the student before anything heavy; returns its model dir."""
+    from instatune_cli.adapters import adapter_for, check_model_source
+
+    path, _ = resolve_model_dir(src)
+    path = check_model_source(path)
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():  # a hub id (online); let transformers fetch the config
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(path).to_dict()
+        except OSError as e:
+            raise InstatuneError(f"cannot load teacher {src!r}: {str(e).strip().splitlines()[0]}") from None
+    else:
+        cfg = json.loads(cfg_file.read_text())
+    tfam = adapter_for(str(cfg.get("model_type"))).family
+    if tfam != family:
+        raise InstatuneError(
+            f"teacher {src} is a {tfam} model but the student is {family}; use a teacher of the same family"
+        )
+    id2label = cfg.get("id2label") or {}
+    t_names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))] if id2label else []
+    n = len(t_names) or int(cfg.get("num_labels", 2))
+    if n != len(labels):
+        raise InstatuneError(
+            f"teacher {src} has {n} classes but the task has {len(labels)} ({labels}); use a teacher tuned on this task"
+        )
+    if t_names and not _is_generic(t_names) and not _is_generic(labels) and t_names != labels:
+        raise InstatuneError(
+            f"teacher {src} has labels {t_names} but the task has {labels}; use a teacher tuned on this task"
+        )
+    tv = int(cfg.get("vocab_size", 0) or 0)
+    if tv and vocab_size and tv != vocab_size:
+        raise InstatuneError(
+            f"teacher {src} has a vocabulary of {tv} tokens but the student has {vocab_size}; the teacher must "
+            "share the student's tokenizer"
+        )
+    return path
+
+
+def cache_key(teacher_dir: str, data_digest: str, max_length: int) -> str:
+    """Identifies the cached logits: teacher weights (size + mtime of its files) and the tokenized data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps([str(Path(teacher_dir).resolve()), data_digest, max_length]).encode())
+    p = Path(teacher_dir)
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batch_size: int = 64,
+                   device: Any = None, progress: Any = None) -> tuple[Any, bool]:
+    """(logits [N, C] float32 on CPU, built?) — read from the cache in `partial` when its key matches."""
+    import torch
+    from safetensors.torch import load_file, safe_open, save_file
+
+    path = Path(partial) / CACHE_FILE
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("key") == key and int(meta.get("n", -1)) == len(encoded):
+                return load_file(str(path))["logits"], False
+        except Exception:  # noqa: BLE001 - a torn or foreign file is simply rebuilt
+            pass
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InstatuneError(f"cannot load teacher {teacher_dir}: {str(e).strip().splitlines()[0]}") from None
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+    out: torch.Tensor | None = None
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            b = encoded.collate(idx)
+            b.pop("labels")
+            logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu()
+            if out is None:
+                out = torch.empty((len(encoded), logits.shape[-1]), dtype=torch.float32)
+            out[torch.tensor(idx)] = logits
+            if progress is not None:
+                progress(len(idx))
+    assert out is not None
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"logits": out.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(encoded)),
+                                                                 "teacher": str(teacher_dir)})
+    os.replace(tmp, path)
+    del model
+    return out, True
