@@ -84,7 +84,7 @@ def load_classifier(src: str, num_labels: int | None = None, id2label: dict[int,
         model = AutoModelForSequenceClassification.from_pretrained(src, **kw)
     except InstatuneError:
         raise
-    except OSError as e:
-        first = str(e).strip().splitlines()[0]
-        raise InstatuneError(f"cannot load model {src!r}: {first}") from None
+    except (OSError, RuntimeError, ValueError) as e:  # missing files, shape/label-count mismatches
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InstatuneError(f"cannot load model {src!r}: {first[:300]}") from None
     return model

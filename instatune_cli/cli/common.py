@@ -45,16 +45,16 @@ def quiet_libraries() -> None:
     """Keep transformers/torch chatter off the user's terminal; our own output says what happened."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import torch  # noqa: F401 - torch configures its loggers on import; quiet them afterwards
-
-    # torchao (pulled in by transformers at model load) makes torch's pytree warn about Enum registration
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # torchao (pulled in by transformers) makes torch's pytree warn about Enum registration at import time
+    # (a filter, not a level: accelerate/torch re-initialise torch's log levels later)
+    logging.getLogger("torch.utils._pytree").addFilter(lambda r: "register_constant" not in r.getMessage())
     try:
         from transformers.utils import logging as hf_logging
 
