@@ -86,5 +86,7 @@ def load_classifier(src: str, num_labels: int | None = None, id2label: dict[int,
         raise
     except (OSError, RuntimeError, ValueError) as e:  # missing files, shape/label-count mismatches
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InstatuneError(f"cannot load model {src!r}: {first[:300]}") from None
+        n = kw.get("num_labels")
+        what = f" as a {n}-class classifier" if n and not isinstance(e, OSError) else ""
+        raise InstatuneError(f"cannot load model {src!r}{what}: {first[:300]}") from None
     return model

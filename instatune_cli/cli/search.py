@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
         def on_eval(row: dict) -> None:
             if not as_json:
                 vals = "  ".join(f"{n}={_fmt(n, row.get(n))}" for n in names)
-                err.print(f"[dim]#{int(row.get('index', -1)) + 1}[/] {row['name']:<28} {vals}  ({row.get('origin', '')})")
+                n = int(row.get("index", -1)) + 1
+                err.print(f"[dim]#{n}[/] {row['name']:<28} {vals}  ({row.get('origin', '')})")
 
         art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval)
         if as_json:

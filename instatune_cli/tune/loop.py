@@ -382,13 +382,7 @@ def _train(cfg: TuneConfig, accelerator: Any, console: Any, on_step: Any, t_sess
 
     # ---- model ----
     set_seed(cfg.seed)
-    try:
-        model = load_classifier(model_src, id2label=data.id2label)
-    except InstatuneError:
-        raise
-    except (RuntimeError, ValueError) as e:
-        raise InstatuneError(f"cannot load model {cfg.model!r} as a {len(data.labels)}-class classifier: "
-                             f"{_first_line(e)}") from None
+    model = load_classifier(model_src, id2label=data.id2label)
     adapter.make_elastic(model)
     dims = adapter.dims(model.config)
     model.to(accelerator.device)
