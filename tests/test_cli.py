@@ -66,3 +66,19 @@ def test_completion_completes_subcommands():
     env = {**os.environ, "_INSTATUNE_COMPLETE": "complete_bash", "COMP_WORDS": "instatune ex", "COMP_CWORD": "1"}
     r = subprocess.run([sys.executable, "-m", "instatune_cli"], env=env, capture_output=True, text=True)
     assert set(r.stdout.split()) == {"extract", "export"}
+
+
+def test_unsupported_model_family_is_a_one_line_error(tmp_path, tiny_data_dir):
+    from conftest import assert_cli_error, run_cli
+
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    r = run_cli("tune", gpt, "--data", tiny_data_dir, "--output", tmp_path / "out")
+    assert_cli_error(r, "gpt2", "not a supported family")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_stage_not_built_yet_says_so():
+    r = runner.invoke(app, ["quantize", "x"])
+    assert r.exit_code != 0 and "not built yet" in r.output
