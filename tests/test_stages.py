@@ -151,3 +151,16 @@ def test_export_parity_latency_and_int8(tiny_tune_run, tmp_path):
 def test_export_without_directory_needs_a_search_here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_cli_error(run_cli("export", "--subnet", "3"), "run-search")
+
+
+def test_search_latency_and_size_use_the_shipping_code_path(tiny_tune_run, tmp_path):
+    r = run_cli("search", tiny_tune_run, "--objectives", "acc,latency,size", "--evals", "4", "--population", "4",
+                "--latency-seq-len", "16", "--output", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "s" / "archive.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(x["latency"] > 0 and x["latency_p90"] >= x["latency"] for x in rows)
+    # size is what `instatune extract` writes for the same sub-network
+    first = rows[0]
+    cfg = json.dumps({"layers": first["layers"], "heads": first["heads"], "ffn": first["ffn"]})
+    assert run_cli("extract", tiny_tune_run, "--config", cfg, "--output", tmp_path / "e").exit_code == 0
+    assert artifacts.load(tmp_path / "e").metrics["weights_bytes"] / 1e6 == pytest.approx(first["size"])
