@@ -18,4 +18,4 @@ set -x
 instatune tune "$model" --task sst2 --data "$data" --limit-train "${TRAIN:-4000}" --limit-eval "${EVAL:-300}" \
   --max-length 64 --max-steps "${STEPS:-120}" --batch-size 32 --lr 1e-4 --force
 instatune search run/ --objectives acc,macs --evals "${EVALS:-24}" --population 8 --pick max-drop=1 --force
-instatune export --subnet 1 --int8 --force
+instatune export --subnet 3 --int8 --force
