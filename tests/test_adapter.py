@@ -7,7 +7,8 @@ import random
 
 import pytest
 import torch
-from tiny import batch, minilm_path, reference_bert_logits, tiny_classifier  # noqa: F401, F811
+from helpers import tiny_model
+from tiny import batch, reference_bert_logits
 
 from instatune_cli.adapters import adapter_for, adapter_of
 from instatune_cli.errors import InstatuneError
@@ -21,7 +22,7 @@ def logits(model, b):
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
 def test_full_config_reproduces_unmodified_model(family):
-    m = tiny_classifier(family)
+    m = tiny_model(family, elastic=False)
     b = batch()
     ref = logits(m, b)
     a = adapter_of(m)
@@ -38,7 +39,7 @@ def test_full_config_reproduces_unmodified_model(family):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_subnetwork_equals_independent_sliced_reference(seed):
-    m = tiny_classifier("bert", seed=seed)
+    m = tiny_model("bert", seed=seed, elastic=False)
     a = adapter_of(m)
     a.make_elastic(m)
     space = SearchSpace.from_dict({"layers": [1, 2, 3, 4], "heads": [1, 2, 3, 4], "ffn": [5, 20, 37]})
@@ -56,7 +57,7 @@ def test_subnetwork_equals_independent_sliced_reference(seed):
 def test_uniform_full_heads_subnet_equals_stock_smaller_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
-    m = tiny_classifier("bert")
+    m = tiny_model("bert", elastic=False)
     a = adapter_of(m)
     a.make_elastic(m)
     sub = SubNet.make(3, 4, 20)
@@ -78,7 +79,7 @@ def test_uniform_full_heads_subnet_equals_stock_smaller_bert():
 
 
 def test_switching_configs_copies_no_weights():
-    m = tiny_classifier("bert")
+    m = tiny_model("bert", elastic=False)
     a = adapter_of(m)
     a.make_elastic(m)
     ptrs = {k: p.data_ptr() for k, p in m.named_parameters()}
@@ -91,7 +92,7 @@ def test_switching_configs_copies_no_weights():
 
 
 def test_subnetwork_trains_only_its_slice():
-    m = tiny_classifier("bert").train()
+    m = tiny_model("bert", elastic=False).train()
     a = adapter_of(m)
     a.make_elastic(m)
     a.activate(m, SubNet.make(2, [2, 2], [5, 5]))
@@ -106,7 +107,7 @@ def test_subnetwork_trains_only_its_slice():
 
 @pytest.mark.parametrize("with_data", [False, True])
 def test_importance_reordering_keeps_full_function(with_data):
-    m = tiny_classifier("bert")
+    m = tiny_model("bert", elastic=False)
     a = adapter_of(m)
     a.make_elastic(m)
     b = batch()
@@ -128,10 +129,10 @@ def test_unsupported_family_is_a_clear_error():
 
 
 @pytest.mark.integration
-def test_real_minilm_full_config_and_subnet(minilm_path):  # noqa: F811
+def test_real_minilm_full_config_and_subnet(minilm_dir):
     from instatune_cli.adapters import load_classifier
 
-    m = load_classifier(minilm_path, num_labels=2).eval()
+    m = load_classifier(str(minilm_dir), num_labels=2).eval()
     b = batch(vocab=30000, n=16)
     ref = logits(m, b)
     a = adapter_of(m)

