@@ -13,12 +13,14 @@ Target: at least 3x fewer than NSGA-II and 5x fewer than random (at 98 %).
 Accuracy of a sub-network is deterministic (fixed weights, fixed eval batches), so one memo cache keyed by
 sub-network id is shared by all runs: each run still counts every sub-network it asks for as a real
 evaluation (exactly as if it had been measured), but the compute is shared; the JSON reports the number of
-unique evaluations and the wall time.
+unique evaluations and the wall time. The cache persists in bench/results/search_efficiency_cache.jsonl
+(keyed by the tune run's digest and the eval split), so a rerun with a larger budget computes only what is
+new; `--no-cache` measures everything afresh.
 
 Without `--run` the script tunes its own super-network with the CLI (reused when it already exists):
 
     instatune tune <all-MiniLM-L6-v2> --task sst2 --data ../shared/data/sst2 --limit-train 3840 --limit-eval 300 \\
-        --max-length 64 --max-steps 120 --batch-size 32 --lr 1e-4 --output bench/results/minilm-sst2-run
+        --max-length 64 --max-steps 120 --batch-size 32 --lr 1e-4 --output bench/results/minilm-sst2-run-e300
 
     python bench/search_efficiency.py                      # defaults: 60 evals, population 10, seeds 0,1,2
     python bench/search_efficiency.py --run path/to/run    # an existing tune run
@@ -45,7 +47,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DEFAULT_RUN = RESULTS / "minilm-sst2-run"
+
+def default_run(limit_eval: int) -> Path:
+    """One tune run per eval-split size: a run stores only the eval rows it was tuned with."""
+    return RESULTS / f"minilm-sst2-run-e{limit_eval}"
 ALGOS = ("linas", "nsga2", "random")
 LABELS = {"linas": "LINAS", "nsga2": "NSGA-II", "random": "random"}
 FRACTIONS = (0.95, 0.98)
@@ -70,13 +75,14 @@ def tune_command(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def ensure_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    """The tune run to search: --run as given, else bench/results/minilm-sst2-run (made, resumed or reused)."""
+    """The tune run to search: --run as given, else bench/results/minilm-sst2-run-e<limit-eval> (made, resumed
+    or reused)."""
     if args.run is not None:
         run = Path(args.run)
         if not (run / "manifest.json").exists():
             raise SystemExit(f"--run {run}: no manifest.json there; is it a finished `instatune tune` run?")
         return run, {"made": False, "given": True}
-    run = DEFAULT_RUN
+    run = default_run(args.limit_eval)
     cmd = tune_command(args, run)
     info: dict[str, Any] = {"given": False, "command": shlex.join(cmd)}
     if (run / "manifest.json").exists():
@@ -90,6 +96,32 @@ def ensure_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     subprocess.run(cmd, check=True)
     info.update(made=True, seconds=round(time.perf_counter() - t0, 1))
     return run, info
+
+
+# ---- persistent evaluation cache -------------------------------------------------------------------
+def load_cache(path: Path, key: str) -> dict[str, dict[str, float]]:
+    """Measured values by sub-network id from earlier invocations on the same super-network and eval split.
+
+    Accuracy on fixed eval batches is deterministic, so a value measured once is the value every later run
+    would measure; the key (tune-run digest, eval limit, batch size) keeps other setups' values out."""
+    out: dict[str, dict[str, float]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if rec.get("key") == key:
+            out[rec["id"]] = rec["values"]
+    return out
+
+
+def append_cache(path: Path, key: str, sub: Any, values: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"key": key, "id": sub.id, "name": sub.name,
+                             "values": {k: float(v) for k, v in values.items()}}) + "\n")
 
 
 # ---- evaluations-to-reach and ratios ---------------------------------------------------------------
@@ -185,7 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--tune-seed", type=int, default=42)
     s = ap.add_argument_group("search")
-    s.add_argument("--limit-eval", type=int, default=300, help="dev sentences accuracy is measured on")
+    s.add_argument("--limit-eval", type=int, default=872,
+                   help="dev sentences accuracy is measured on (default: all 872 of SST-2 dev)")
     s.add_argument("--evals", type=int, default=60, help="budget of real evaluations per run")
     s.add_argument("--population", type=int, default=10)
     s.add_argument("--batch", type=int, default=None, help="LINAS proposals measured per iteration")
@@ -195,6 +228,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--ref-macs-factor", type=float, default=1.05, help="reference MACs = super-network x this")
     s.add_argument("--eval-batch-size", type=int, default=64)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--cache", type=Path, default=RESULTS / "search_efficiency_cache.jsonl",
+                   help="accuracies measured by earlier invocations (same run and eval split), reused")
+    s.add_argument("--no-cache", dest="cache", action="store_const", const=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
     ap.add_argument("--png", type=Path, default=None, help="default: --out with .png")
     args = ap.parse_args(argv)
@@ -236,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sn = supernet.build(run_dir, ["acc", "macs"], limit_eval=args.limit_eval, batch_size=args.eval_batch_size)
     load_s = time.perf_counter() - t0
     n_eval = len(load_split(art).head(args.limit_eval))
+    if n_eval < args.limit_eval:
+        print(f"WARNING: {run_dir} stores only {n_eval} eval sentences; accuracy is measured on those, not on "
+              f"--limit-eval {args.limit_eval}", flush=True)
     ref_point = {"acc": args.ref_acc, "macs": sn.reference["macs"] * args.ref_macs_factor}
     objs = resolve_objectives(["acc", "macs"])
     ref_min = ref_to_min(ref_point, objs)
@@ -243,7 +282,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{sn.reference['macs'] / 1e9:.3f} GMACs; space {sn.space.cardinality():,} sub-networks; "
           f"reference point acc={ref_point['acc']}, macs={ref_point['macs'] / 1e9:.3f}G", flush=True)
 
-    cache: dict[str, dict[str, float]] = {}
+    cache_key = f"{art.digest}:limit_eval={args.limit_eval}:batch={args.eval_batch_size}"
+    cache = load_cache(args.cache, cache_key) if args.cache else {}
+    preloaded = len(cache)
+    if preloaded:
+        print(f"{preloaded} accuracies of this super-network reused from {args.cache}", flush=True)
     stats = {"calls": 0, "unique": 0, "eval_seconds": 0.0}
 
     def evaluate(sub: Any) -> dict[str, float]:
@@ -255,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stats["eval_seconds"] += time.perf_counter() - t
             stats["unique"] += 1
             cache[sub.id] = hit
+            if args.cache:
+                append_cache(args.cache, cache_key, sub, hit)
         return dict(hit)
 
     arch_root = args.out.with_suffix("")
@@ -369,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "anchor": ANCHOR,
         "targets": targets,
         "final_hypervolume_fraction": final,
-        "evaluations": {"requested": stats["calls"], "unique": stats["unique"],
+        "evaluations": {"requested": stats["calls"], "unique": stats["unique"], "reused_from_cache_file": preloaded,
                         "eval_seconds": round(stats["eval_seconds"], 1),
                         "seconds_per_eval": round(stats["eval_seconds"] / max(1, stats["unique"]), 3)},
         "wall_time_s": {"total": round(wall, 1), "tune": tune_info.get("seconds"), "load": round(load_s, 1),

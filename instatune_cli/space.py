@@ -384,17 +384,29 @@ class SearchSpace:
         return SubNet.make(layers, heads, ffn)
 
     def features(self, sub: SubNet) -> list[float]:
-        """Fixed-width predictor features: depth, then per layer (kept, heads share, FFN share), 0 when dropped.
+        """Fixed-width predictor features: depth, then per layer (kept, heads share, FFN share), 0 when dropped;
+        then one indicator per depth choice, and those indicators times the mean heads and FFN shares.
 
         Masking dropped layers to zero means dead genes never influence a predictor (a DyNAS-T weakness).
+        The per-depth terms let a linear model give each depth its own level and width slope: accuracy is not
+        additive across depth and width (a too-shallow sub-network can collapse whatever its widths), and
+        without them ridge extrapolates the gains of width at one depth to every other.
         """
         n = self.max_layers
         out = [sub.layers / n]
+        h_share, f_share = [], []
         for i in range(n):
             if i < sub.layers:
-                out += [1.0, sub.heads[i] / self.heads[i][-1], sub.ffn[i] / self.ffn[i][-1]]
+                h, f = sub.heads[i] / self.heads[i][-1], sub.ffn[i] / self.ffn[i][-1]
+                out += [1.0, h, f]
+                h_share.append(h)
+                f_share.append(f)
             else:
                 out += [0.0, 0.0, 0.0]
+        if len(self.layers) > 1:
+            mh, mf = sum(h_share) / len(h_share), sum(f_share) / len(f_share)
+            onehot = [1.0 if sub.layers == d else 0.0 for d in self.layers]
+            out += onehot + [o * mh for o in onehot] + [o * mf for o in onehot]
         return out
 
 

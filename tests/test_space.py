@@ -153,5 +153,13 @@ def test_gene_encoding_round_trips_and_covers_the_space():
 def test_features_mask_dropped_layers():
     s = SearchSpace.from_dict({"layers": [1, 2], "heads": [1, 2], "ffn": [3, 4]})
     f = s.features(SubNet.make(1, 2, 4))
-    assert len(f) == 1 + 3 * 2 and f[4:] == [0.0, 0.0, 0.0]
-    assert len(s.features(SubNet.make(2, 1, 3))) == len(f)
+    assert len(f) == 1 + 3 * 2 + 3 * 2 and f[4:7] == [0.0, 0.0, 0.0]
+    # per-depth indicator, then indicator x mean heads share, indicator x mean FFN share
+    assert f[7:] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    g = s.features(SubNet((2, 1), (4, 3)))
+    assert len(g) == len(f) and g[7:] == [0.0, 1.0, 0.0, 0.75, 0.0, 0.875]
+
+
+def test_features_single_depth_space_has_no_depth_terms():
+    s = SearchSpace.from_dict({"layers": [2], "heads": [1, 2], "ffn": [3, 4]})
+    assert len(s.features(SubNet.make(2, 1, 3))) == 1 + 3 * 2

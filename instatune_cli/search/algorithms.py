@@ -50,6 +50,7 @@ class SearchContext:
     evals: int
     constraints: list[Constraint] = field(default_factory=list)
     on_eval: Callable[[dict[str, Any]], None] | None = None
+    ref_point: np.ndarray | None = None  # minimised; fixed by the caller, else derived per iteration
     visible: list[dict[str, Any]] = field(default_factory=list)
     predictor_log: list[dict[str, Any]] = field(default_factory=list)
     new_evaluations: int = 0
@@ -393,16 +394,31 @@ def rank_by_hv_contribution(ctx: SearchContext, proposals: list[tuple[SubNet, di
     base = [ctx.fitness(r) for r in _front_rows(ctx, ctx.visible)]
     pts = {id(s): np.array(ctx.fitness(v)) for s, v in feas}
     every = [ctx.fitness(r) for r in ctx.visible if ctx.feasible(r)] + [tuple(p) for p in pts.values()]
-    ref = reference_point(np.array(every)) if every else None
+    if ctx.ref_point is not None:  # the caller's yardstick: gains are measured where they will be scored
+        ref = np.asarray(ctx.ref_point, dtype=float)
+    else:
+        ref = reference_point(np.array(every)) if every else None
     picked: list[tuple[SubNet, str]] = []
     current = np.array(base, dtype=float).reshape(-1, len(ctx.objectives))
     left = list(feas)
     while left and len(picked) < k and ref is not None:
         hv0 = hypervolume(current, ref)
-        gains = [hypervolume(np.vstack([current, pts[id(s)]]), ref) - hv0 for s, _ in left]
+        cand = np.array([pts[id(s)] for s, _ in left])
+        useful = ~_dominated_by(cand, current) & (cand < ref).all(axis=1)  # the rest add exactly 0
+        gains = np.zeros(len(left))
+        for i in np.flatnonzero(useful):
+            gains[i] = hypervolume(np.vstack([current, cand[i]]), ref) - hv0
         j = int(np.argmax(gains))  # first maximum: ties keep the surrogate's order
         s, _ = left.pop(j)
         picked.append((s, "predicted"))
         current = np.vstack([current, pts[id(s)]])
     picked += [(s, "predicted") for s, _ in infeas][: k - len(picked)]
     return picked
+
+
+def _dominated_by(cand: np.ndarray, front: np.ndarray) -> np.ndarray:
+    """Row i: is cand[i] weakly dominated by some row of `front` (minimisation)?"""
+    if len(front) == 0 or len(cand) == 0:
+        return np.zeros(len(cand), dtype=bool)
+    le = (front[None, :, :] <= cand[:, None, :]).all(axis=2)
+    return le.any(axis=1)

@@ -149,7 +149,8 @@ def run_search(
     archive_dir = Path(archive_dir)
     names = [o.name for o in objs]
     archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
-    ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval)
+    ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
+    ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     if algo == "random":

@@ -173,6 +173,10 @@ def test_input_errors(tmp_path):
                    archive_dir=tmp_path / "x", evals=8, population=4)
     with pytest.raises(InstatuneError, match="nothing to resume"):
         search(tmp_path / "none", resume=True)
+    calls = []
+    with pytest.raises(InstatuneError, match="reference point lacks a value for macs"):
+        search(tmp_path / "ref", evaluate=lambda s: calls.append(s) or {"acc": acc_of(s)}, ref={"acc": 0.0})
+    assert calls == []  # rejected before any evaluation
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
