@@ -69,10 +69,26 @@ def test_search_resume_after_kill_evaluates_nothing_twice(tiny_tune_run, tmp_pat
     (["--evals", "4", "--population", "6"], "smaller than the population"),
     (["--pick", "cheapest"], "unknown pick rule"),
     (["--objectives", "acc"], "two objectives"),
+    (["--ref-point", "acc=0.5"], "lacks a value for macs"),
+    (["--ref-point", "acc=0.5,latency=3"], "one name=value per objective"),
+    (["--ref-point", "acc=0.5,macs=lots"], "cannot read number"),
 ])
 def test_search_bad_input(tiny_tune_run, tmp_path, args, frag):
     assert_cli_error(run_cli("search", tiny_tune_run, "--output", tmp_path / "s", *args), frag)
     assert not (tmp_path / "s").exists()
+
+
+def test_search_fixed_reference_point(tiny_tune_run, tmp_path):
+    from instatune_cli.search.pareto import hypervolume_2d_bruteforce
+
+    r = run_cli("search", tiny_tune_run, "--evals", "8", "--population", "6", "--output", tmp_path / "s",
+                "--ref-point", "acc=0,macs=1G", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["ref_point"] == {"acc": 0.0, "macs": 1e9} and summary["hypervolume"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "s" / "archive.jsonl").read_text().splitlines()]
+    pts = [(-x["acc"], x["macs"]) for x in rows]
+    assert summary["hypervolume"] == pytest.approx(hypervolume_2d_bruteforce(pts, (0.0, 1e9)))
 
 
 def test_search_refuses_non_tune_dirs_and_impossible_constraints(searched, tiny_tune_run, tmp_path):

@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
         latency_seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [space's]."),  # noqa: UP045
         latency_threads: Optional[int] = typer.Option(None, help="ORT intra-op threads [all CPUs]."),  # noqa: UP045
         baseline: Optional[Path] = typer.Option(None, help="A plain tune run to mark on the plot."),  # noqa: UP045
+        ref_point: Optional[str] = typer.Option(  # noqa: UP045
+            None, help="Hypervolume reference, one value per objective, e.g. acc=0.5,macs=1.5G; fix it to "
+            "compare searches [derived from this archive]."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result directory [RUN_DIR-search]."),  # noqa: UP045
         resume: bool = typer.Option(False, help="Continue a killed search; nothing in its archive is re-evaluated."),
         force: bool = typer.Option(False, help="Replace an existing result directory."),
@@ -67,7 +70,8 @@ def register(app: typer.Typer) -> None:
                              algorithm=algorithm, evals=evals, population=population, batch=batch, seed=seed,
                              constraints=cons, pick=pick, limit_eval=limit_eval, eval_batch_size=eval_batch_size,
                              latency_batch=latency_batch, latency_seq_len=latency_seq_len,
-                             latency_threads=latency_threads, baseline=str(baseline) if baseline else None)
+                             latency_threads=latency_threads, baseline=str(baseline) if baseline else None,
+                             ref_point=ref_point)
         err = console(stderr=True)
         names = opts.objectives
 

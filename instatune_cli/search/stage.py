@@ -46,6 +46,7 @@ class SearchOptions:
     latency_seq_len: int | None = None
     latency_threads: int | None = None
     baseline: str | None = None
+    ref_point: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -62,6 +63,26 @@ def parse_pick(rule: str | None) -> float | None:
         return float(val)
     except ValueError:
         raise InstatuneError(f"pick rule {rule!r}: {val!r} is not a number of accuracy points") from None
+
+
+def parse_ref_point(text: str | None, objectives: list[Any]) -> dict[str, float] | None:
+    """`acc=0.5,macs=1.5G` -> {"acc": 0.5, "macs": 1.5e9}: one value per objective, natural units."""
+    if text is None:
+        return None
+    from instatune_cli.search.objectives import parse_si
+
+    names = [o.name for o in objectives]
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, eq, val = part.partition("=")
+        if not eq or key.strip() not in names:
+            raise InstatuneError(f"--ref-point {text!r}: write one name=value per objective, e.g. "
+                                 + ",".join(f"{n}=..." for n in names))
+        out[key.strip()] = parse_si(val.strip())
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise InstatuneError(f"--ref-point {text!r} lacks a value for {', '.join(missing)}; give one per objective")
+    return out
 
 
 def pick_cheapest(front: list[dict[str, Any]], reference: dict[str, Any], max_drop: float,
@@ -88,6 +109,7 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
         raise InstatuneError(f"give 2 or 3 objectives (got {len(objs)}): e.g. --objectives acc,macs")
     cons = [parse_constraint(c) for c in opts.constraints]
     max_drop = parse_pick(opts.pick)
+    ref_point = parse_ref_point(opts.ref_point, objs)
     if opts.evals < opts.population:
         raise InstatuneError(
             f"budget of {opts.evals} evaluations is smaller than the population of {opts.population}; "
@@ -117,7 +139,8 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
 
     result = run_search(obj.space, objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
                         evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=work,
-                        resume=resuming, constraints=cons, batch=opts.batch, on_eval=on_eval)
+                        resume=resuming, constraints=cons, batch=opts.batch, on_eval=on_eval,
+                        ref_point=ref_point)
 
     front = [dict(r) for r in result.front]
     picked = None
