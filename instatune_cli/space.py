@@ -35,6 +35,7 @@ class ModelDims:
     max_positions: int = 0
     type_vocab_size: int = 0
     num_labels: int = 2
+    embedding_size: int = 0  # ELECTRA's factorised embeddings (projected up to `hidden`); 0: same as hidden
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -30,7 +30,8 @@ def tiny_model(family: str = "bert", seed: int = 0, elastic: bool = True, **over
     elif family == "roberta":
         model = tf.RobertaForSequenceClassification(tf.RobertaConfig(**kw, pad_token_id=1, type_vocab_size=1))
     elif family == "electra":
-        model = tf.ElectraForSequenceClassification(tf.ElectraConfig(**kw, embedding_size=kw["hidden_size"]))
+        kw.setdefault("embedding_size", kw["hidden_size"])
+        model = tf.ElectraForSequenceClassification(tf.ElectraConfig(**kw))
     elif family == "distilbert":
         model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
             vocab_size=kw["vocab_size"], dim=kw["hidden_size"], n_layers=kw["num_hidden_layers"],

@@ -29,6 +29,7 @@ class BertFamilyAdapter(FamilyAdapter):
             max_positions=config.max_position_embeddings,
             type_vocab_size=getattr(config, "type_vocab_size", 0) or 0,
             num_labels=config.num_labels,
+            embedding_size=getattr(config, "embedding_size", 0) or 0,
         )
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:

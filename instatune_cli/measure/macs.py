@@ -25,7 +25,7 @@ def head_macs(dims: ModelDims) -> int:
 
 
 def total_macs(dims: ModelDims, sub: SubNet, seq: int = 128) -> int:
-    return encoder_macs(dims, sub, seq) + head_macs(dims)
+    return embedding_macs(dims, seq) + encoder_macs(dims, sub, seq) + head_macs(dims)
 
 
 def layer_params(hidden: int, heads: int, head_dim: int, ffn: int) -> int:
@@ -36,7 +36,17 @@ def layer_params(hidden: int, heads: int, head_dim: int, ffn: int) -> int:
 
 
 def embedding_params(dims: ModelDims) -> int:
-    return (dims.vocab_size + dims.max_positions + dims.type_vocab_size) * dims.hidden + 2 * dims.hidden
+    """Token/position/type tables and their LayerNorm, at the embedding width; plus ELECTRA's projection up
+    to the hidden width when the two differ."""
+    e = dims.embedding_size or dims.hidden
+    project = e * dims.hidden + dims.hidden if e != dims.hidden else 0
+    return (dims.vocab_size + dims.max_positions + dims.type_vocab_size) * e + 2 * e + project
+
+
+def embedding_macs(dims: ModelDims, seq: int = 128) -> int:
+    """The embedding projection's multiply-accumulates (table look-ups are free); 0 without one."""
+    e = dims.embedding_size or dims.hidden
+    return seq * e * dims.hidden if e != dims.hidden else 0
 
 
 def params(dims: ModelDims, sub: SubNet) -> int:

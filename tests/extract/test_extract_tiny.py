@@ -183,6 +183,15 @@ def test_other_families(family, sub, kind, tmp_path):
     assert max_diff(logits(reloaded, bs), subnet_logits(model, sub, bs)) < 1e-5
 
 
+@pytest.mark.parametrize("sub", [SubNet((4, 4, 4, 4), (37,) * 4), PER_LAYER])
+def test_electra_factorised_embeddings_are_counted(sub, tmp_path):
+    model = tiny_model("electra", seed=2, embedding_size=16)  # hidden 32: embeddings_project 16 -> 32
+    report = save_extracted(model, sub, None, tmp_path)
+    assert report["params_match"], (report["params"], report["params_closed_form"])
+    bs = tiny_batches(model.config)
+    assert max_diff(logits(load_extracted(tmp_path), bs), subnet_logits(model, sub, bs)) < 1e-5
+
+
 def test_tokenizer_is_saved_beside_the_weights(supernet, tmp_path):
     from transformers import BertTokenizerFast
 
