@@ -22,7 +22,7 @@ Without `--run` the script tunes its own super-network with the CLI (reused when
     instatune tune <all-MiniLM-L6-v2> --task sst2 --data ../shared/data/sst2 --limit-train 3840 --limit-eval 872 \\
         --max-length 64 --max-steps 120 --batch-size 32 --lr 1e-4 --output bench/results/minilm-sst2-run-e872
 
-    python bench/search_efficiency.py                      # defaults: 300 evals, population 10, seeds 0,1,2
+    python bench/search_efficiency.py                      # defaults: 400 evals, population 10, seeds 0,1,2
     python bench/search_efficiency.py --run path/to/run    # an existing tune run
     python bench/search_efficiency.py --steps 8 --limit-train 256 --limit-eval 64 --evals 20 --seeds 0  # smoke
 
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = ap.add_argument_group("search")
     s.add_argument("--limit-eval", type=int, default=872,
                    help="dev sentences accuracy is measured on (default: all 872 of SST-2 dev)")
-    s.add_argument("--evals", type=int, default=300, help="budget of real evaluations per run")
+    s.add_argument("--evals", type=int, default=400, help="budget of real evaluations per run")
     s.add_argument("--population", type=int, default=10)
     s.add_argument("--batch", type=int, default=None, help="LINAS proposals measured per iteration")
     s.add_argument("--seeds", default="0,1,2")
