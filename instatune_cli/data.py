@@ -84,13 +84,18 @@ class Split:
 
 @dataclass
 class TaskData:
-    """Train and eval splits of a classification task, with the label names (index = class id)."""
+    """Train, validation and eval splits of a classification task, with the label names (index = class id).
+
+    `val` is what the search selects on (carved from the training data or a user file, see
+    `with_validation`); `eval` is scored once, on the front only, so the reported figures are held out.
+    """
 
     task: str
     train: Split
     eval: Split
     labels: list[str]
     source: dict[str, Any] = field(default_factory=dict)
+    val: Split | None = None
 
     @property
     def num_labels(self) -> int:
@@ -510,3 +515,90 @@ def eval_batches(enc: Encoded, batch_size: int = 64) -> list[dict[str, torch.Ten
     """Batches for evaluation, grouped by length (little padding); order does not matter for accuracy."""
     order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
     return [enc.collate(order[s : s + batch_size]) for s in range(0, len(order), batch_size)]
+
+
+# ---- the validation split -----------------------------------------------------------------------------
+
+DEFAULT_VAL_FRACTION = 0.05
+DEFAULT_VAL_CAP = 2000
+
+
+def parse_val_split(spec: str | float | int | None) -> float | int | None:
+    """`--val-split`: None -> the default (5 % capped at 2,000); "0.1" -> a fraction; "500" -> a count;
+    "0" -> no validation split."""
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    try:
+        v = float(text)
+    except ValueError:
+        raise InstatuneError(f"--val-split {text!r} is neither a fraction (e.g. 0.05) nor a count (e.g. 500)") from None
+    if v < 0 or math.isnan(v):
+        raise InstatuneError(f"--val-split must be >= 0, got {text}")
+    if v < 1 and "." in text or 0 < v < 1:
+        return v
+    if not v.is_integer():
+        raise InstatuneError(f"--val-split {text}: a count must be a whole number, a fraction below 1")
+    return int(v)
+
+
+def with_validation(data: TaskData, val_split: str | float | int | None = None, val_data: str | Path | None = None,
+                    seed: int = 42, columns: Columns | None = None) -> TaskData:
+    """`data` with a validation split: rows of `val_data` (same columns and classes as training), or a seeded
+    random sample carved out of the training split (which loses those rows). Deterministic for a seed."""
+    if val_data is not None:
+        if val_split is not None:
+            raise InstatuneError("give either --val-split or --val-data, not both")
+        return _val_from_file(data, Path(val_data).expanduser(), columns)
+    n_train = len(data.train)
+    v = parse_val_split(val_split)
+    if v == 0:
+        return data
+    if v is None:
+        n = min(DEFAULT_VAL_CAP, max(1, round(DEFAULT_VAL_FRACTION * n_train)))
+        how = f"default {DEFAULT_VAL_FRACTION:g} of training, at most {DEFAULT_VAL_CAP}"
+    elif isinstance(v, float):
+        n = max(1, round(v * n_train))
+        how = f"fraction {v:g} of training"
+    else:
+        n = v
+        how = f"{v} training examples"
+    if n >= n_train:
+        raise InstatuneError(
+            f"--val-split {val_split if val_split is not None else 'default'} takes {n} of the {n_train} training "
+            "examples and leaves none to train on; give a smaller fraction or count")
+    import random
+
+    from instatune_cli.seeds import seed_int
+
+    order = list(range(n_train))
+    random.Random(seed_int("val-split", seed)).shuffle(order)
+    val_idx = sorted(order[:n])
+    taken = set(val_idx)
+    train_idx = [i for i in range(n_train) if i not in taken]
+    source = {**data.source, "val": {"kind": "carved", "rule": how, "seed": seed, "examples": n}}
+    return TaskData(data.task, data.train.subset(train_idx), data.eval, data.labels, source,
+                    data.train.subset(val_idx))
+
+
+def _val_from_file(data: TaskData, path: Path, columns: Columns | None) -> TaskData:
+    cols_in, rows = read_records(path)
+    if not rows:
+        raise InstatuneError(f"validation file {path} is empty")
+    cols = columns or choose_columns(cols_in, str(path), task=data.task)
+    choose_columns(cols_in, str(path), cols.text, cols.pair, cols.label)
+    texts, pairs, raw = _extract(rows, cols, str(path))
+    ix = {n: i for i, n in enumerate(data.labels)}
+    labels: list[int] = []
+    for r, x in enumerate(raw):
+        key = str(x)
+        if key in ix:
+            labels.append(ix[key])
+        elif isinstance(x, int) and data.task in GLUE_TASKS and 0 <= x < len(data.labels):
+            labels.append(x)  # a GLUE task's class id
+        else:
+            raise InstatuneError(
+                f"validation file {path} row {r + 1} has label {x!r}, which the training data lacks "
+                f"(classes: {data.labels})")
+    source = {**data.source, "val": {"kind": "file", "path": str(path.resolve()), "examples": len(rows)}}
+    return TaskData(data.task, data.train, data.eval, data.labels, source, Split(texts, labels, pairs))

@@ -1,6 +1,6 @@
 """Physically smaller models: slice a sub-network out of the elastic super-network and save it standalone.
 
-A sub-network keeps the first L layers, the first h heads of each kept layer (Q/K/V output rows and the
+A sub-network keeps L layers (the space's depth rule, renumbered 0..L-1 in the smaller model), the first h heads of each kept layer (Q/K/V output rows and the
 attention-output input columns of those heads) and the first f FFN neurons (FFN-in rows, FFN-out columns);
 embeddings, pooler and classifier are copied. Weights are sliced from the super-network's *full*
 parameters (an elastic model's linears are views over them), so whatever sub-network happens to be active
@@ -183,8 +183,9 @@ def sliced_state_dict(model: nn.Module, sub: SubNet) -> dict[str, torch.Tensor]:
     dims = adapter.dims(model.config)
     names = {id(m): n for n, m in model.named_modules()}
     layers = adapter.layers(model)
+    keep = adapter.kept_layers(model, sub)
     sd = dict(model.state_dict())
-    dropped = tuple(names[id(layer)] + "." for layer in layers[sub.layers:])
+    dropped = tuple(names[id(layer)] + "." for i, layer in enumerate(layers) if i not in keep)
     if dropped:
         sd = {k: v for k, v in sd.items() if not k.startswith(dropped)}
 
@@ -197,15 +198,27 @@ def sliced_state_dict(model: nn.Module, sub: SubNet) -> dict[str, torch.Tensor]:
         if lin.bias is not None and rows is not None:
             sd[f"{name}.bias"] = lin.bias.detach()[:rows]
 
-    for i in range(sub.layers):
-        p = adapter.parts(layers[i])
+    for i, li in enumerate(keep):
+        p = adapter.parts(layers[li])
         width = sub.heads[i] * dims.head_dim
         for lin in p.head_rows():
             put(lin, width, None)
         put(p.attn_out, None, width)
         put(p.ffn_in, sub.ffn[i], None)
         put(p.ffn_out, None, sub.ffn[i])
-    return {k: v.clone() for k, v in sd.items()}
+    # The k-th kept layer becomes layer k of the smaller model (e.g. `spread` keeps 1, 3, 5 -> 0, 1, 2).
+    rename = {names[id(layers[li])] + ".": _renumbered(names[id(layers[li])], k) + "." for k, li in enumerate(keep)}
+    out: dict[str, torch.Tensor] = {}
+    for key, v in sd.items():
+        prefix = next((old for old in rename if key.startswith(old)), None)
+        out[rename[prefix] + key[len(prefix):] if prefix else key] = v.clone()
+    return out
+
+
+def _renumbered(layer_name: str, k: int) -> str:
+    """`bert.encoder.layer.3` -> `bert.encoder.layer.<k>` (a ModuleList child's name ends in its index)."""
+    head, _, _ = layer_name.rpartition(".")
+    return f"{head}.{k}"
 
 
 def extract_model(model: nn.Module, sub: SubNet) -> Any:

@@ -1,7 +1,8 @@
 """Search space of elastic dimensions and the sub-network configurations drawn from it.
 
-A sub-network keeps the first L layers, the first h heads of each kept layer and the first f FFN neurons
-of each kept layer (hidden size is fixed). Everything here is plain Python so the CLI and the search can
+A sub-network keeps L layers (which ones: the space's depth rule, `kept_layers`), the first h heads of
+each kept layer and the first f FFN neurons of each kept layer (hidden size is fixed). Per-layer genes
+and per-layer choice lists are by position among the kept layers. Everything here is plain Python so the CLI and the search can
 use it without importing torch.
 """
 
@@ -19,6 +20,26 @@ from typing import Any
 from instatune_cli.errors import InstatuneError
 
 DEFAULT_SEQ_LEN = 128
+#: Which layers a depth-L sub-network of an N-layer model keeps (docs/architecture.md, "Depth rule"):
+#: `first` keeps layers 0..L-1 (DyNAS-T); `spread` keeps L layers evenly spread with the last one kept
+#: (DynaBERT's rule), so the layers next to the shared pooler/classifier stay in place.
+DEPTH_RULES = ("first", "spread")
+DEFAULT_DEPTH = "spread"
+
+
+def kept_layers(n_keep: int, n_total: int, rule: str = "first") -> list[int]:
+    """0-based indices of the layers kept by a depth-`n_keep` sub-network of an `n_total`-layer model.
+
+    spread: layer floor((k+1)·N/L) − 1 for k = 0..L−1, e.g. N=6: L3 -> [1, 3, 5], L4 -> [0, 2, 3, 5],
+    L5 -> [0, 1, 2, 3, 5]; the last layer is always kept and L=N keeps every layer.
+    """
+    if not 1 <= n_keep <= n_total:
+        raise ValueError(f"cannot keep {n_keep} of {n_total} layers")
+    if rule == "first":
+        return list(range(n_keep))
+    if rule == "spread":
+        return [(k + 1) * n_total // n_keep - 1 for k in range(n_keep)]
+    raise InstatuneError(f"unknown depth rule {rule!r}; use {' or '.join(DEPTH_RULES)}")
 
 
 @dataclass(frozen=True)
@@ -188,19 +209,25 @@ class SearchSpace:
     ffn: tuple[tuple[int, ...], ...]
     seq_len: int = DEFAULT_SEQ_LEN
     name: str = field(default="custom", compare=False)
+    depth: str = "first"
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any], name: str = "custom") -> SearchSpace:
+    def from_dict(cls, d: dict[str, Any], name: str = "custom", default_depth: str = "first") -> SearchSpace:
+        """`default_depth` applies when `d` has no `depth` key: "first" for files written before the rule
+        existed (every earlier run kept the first L layers), DEFAULT_DEPTH for a new tune's own space."""
         if not isinstance(d, dict):
             raise InstatuneError(f"search space must be a mapping with layers, heads, ffn; got {type(d).__name__}")
         missing = [k for k in ("layers", "heads", "ffn") if k not in d]
         if missing:
             raise InstatuneError(f"search space is missing {', '.join(missing)}; give layers, heads and ffn")
-        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name"}
+        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name", "depth"}
         if unknown:
             raise InstatuneError(
-                f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len")
+                f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len, depth")
+        depth = str(d.get("depth", default_depth))
+        if depth not in DEPTH_RULES:
+            raise InstatuneError(f"search space: unknown depth rule {depth!r}; use {' or '.join(DEPTH_RULES)}")
         layers = _choices(d["layers"], "layers")
         n = layers[-1]
 
@@ -218,17 +245,17 @@ class SearchSpace:
         if seq_len < 1:
             raise InstatuneError(f"search space: seq_len must be positive, got {seq_len}")
         return cls(layers, per_layer(d["heads"], "heads"), per_layer(d["ffn"], "ffn"), seq_len,
-                   str(d.get("name", name)))
+                   str(d.get("name", name)), depth)
 
     def to_dict(self) -> dict[str, Any]:
         def compact(c: tuple[tuple[int, ...], ...]) -> Any:
             return list(c[0]) if len(set(c)) == 1 else [list(x) for x in c]
 
         return {"name": self.name, "layers": list(self.layers), "heads": compact(self.heads),
-                "ffn": compact(self.ffn), "seq_len": self.seq_len}
+                "ffn": compact(self.ffn), "seq_len": self.seq_len, "depth": self.depth}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SearchSpace:
+    def from_file(cls, path: str | Path, default_depth: str = "first") -> SearchSpace:
         p = Path(path)
         if not p.is_file():
             raise InstatuneError(f"search space file {p} does not exist; give a YAML/JSON file or a preset name")
@@ -243,13 +270,13 @@ class SearchSpace:
         except Exception as e:  # noqa: BLE001 - any parser error is the user's file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InstatuneError(f"cannot parse search space file {p}: {first}") from None
-        return cls.from_dict(data, name=p.stem)
+        return cls.from_dict(data, name=p.stem, default_depth=default_depth)
 
     @classmethod
     def preset(cls, name: str) -> SearchSpace:
         if name not in PRESETS:
             raise InstatuneError(f"unknown search-space preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-        return cls.from_dict(PRESETS[name], name=name)
+        return cls.from_dict(PRESETS[name], name=name, default_depth=DEFAULT_DEPTH)
 
     @classmethod
     def resolve(cls, spec: str | None, dims: ModelDims | None = None) -> SearchSpace:
@@ -261,7 +288,7 @@ class SearchSpace:
         if spec in PRESETS:
             return cls.preset(spec)
         if Path(spec).suffix.lower() in {".yaml", ".yml", ".json"} or Path(spec).exists():
-            return cls.from_file(spec)
+            return cls.from_file(spec, default_depth=DEFAULT_DEPTH)
         raise InstatuneError(
             f"search space {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a YAML/JSON file"
         )
@@ -274,8 +301,8 @@ class SearchSpace:
         layers = list(range(lo, dims.num_layers + 1))
         heads = sorted({max(1, round(dims.num_heads * k / 6)) for k in range(3, 7)})
         ffn = sorted({max(1, round(dims.ffn * k / 3)) for k in range(1, 4)})
-        return cls.from_dict({"layers": layers, "heads": heads, "ffn": ffn, "seq_len": seq_len},
-                             name=f"derived-{dims.family}")
+        return cls.from_dict({"layers": layers, "heads": heads, "ffn": ffn, "seq_len": seq_len,
+                              "depth": DEFAULT_DEPTH}, name=f"derived-{dims.family}")
 
     # ---- checks -------------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from instatune_cli.errors import InstatuneError
-from instatune_cli.space import PRESETS, ModelDims, SearchSpace, SubNet
+from instatune_cli.space import DEFAULT_DEPTH, PRESETS, ModelDims, SearchSpace, SubNet, kept_layers
 
 MINILM = ModelDims("bert", 6, 12, 32, 384, 1536, 30522, 512, 2, 2)
 BERT_BASE = ModelDims("bert", 12, 12, 64, 768, 3072, 30522, 512, 2, 2)
@@ -37,9 +37,28 @@ def test_yaml_and_json_files_round_trip(tmp_path):
     per_layer = {"layers": [1, 2], "heads": [[1, 2], [2, 4]], "ffn": [8, 16], "seq_len": 64}
     (tmp_path / "s.json").write_text(json.dumps(per_layer))
     (tmp_path / "s.yaml").write_text("layers: [1, 2]\nheads: [[1, 2], [2, 4]]\nffn: [8, 16]\nseq_len: 64\n")
-    a, b = SearchSpace.from_file(tmp_path / "s.json"), SearchSpace.resolve(str(tmp_path / "s.yaml"))
-    assert a == b and a.heads == ((1, 2), (2, 4)) and a.seq_len == 64
+    a = SearchSpace.from_file(tmp_path / "s.json", default_depth=DEFAULT_DEPTH)
+    b = SearchSpace.resolve(str(tmp_path / "s.yaml"))
+    assert a == b and a.heads == ((1, 2), (2, 4)) and a.seq_len == 64 and a.depth == DEFAULT_DEPTH
     assert SearchSpace.from_dict(a.to_dict()) == a
+    # a space.json written before the depth rule existed is read as what those runs did: keep the first L
+    assert SearchSpace.from_file(tmp_path / "s.json").depth == "first"
+
+
+def test_kept_layers_rules():
+    assert kept_layers(3, 6, "first") == [0, 1, 2]
+    assert kept_layers(3, 6, "spread") == [1, 3, 5]
+    assert kept_layers(4, 6, "spread") == [0, 2, 3, 5]
+    assert kept_layers(6, 12, "spread") == [1, 3, 5, 7, 9, 11]
+    for n in range(1, 13):
+        for k in range(1, n + 1):
+            idx = kept_layers(k, n, "spread")
+            assert len(set(idx)) == k and idx == sorted(idx) and idx[-1] == n - 1
+    assert kept_layers(6, 6, "spread") == list(range(6))
+    with pytest.raises(InstatuneError, match="depth rule"):
+        kept_layers(2, 4, "middle")
+    with pytest.raises(InstatuneError, match="depth rule"):
+        SearchSpace.from_dict({"layers": [1], "heads": [1], "ffn": [1], "depth": "last"})
 
 
 @pytest.mark.parametrize("text,msg", [

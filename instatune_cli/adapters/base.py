@@ -61,11 +61,17 @@ class FamilyAdapter(ABC):
         ll = self.layer_list(model)
         return ll.all_layers() if hasattr(ll, "all_layers") else list(ll)
 
-    def make_elastic(self, model: nn.Module) -> nn.Module:
-        """Make `model` elastic in place (idempotent); adds no layer and no parameter."""
-        from instatune_cli.adapters.elastic import ElasticLayerList, ElasticLinear
+    def make_elastic(self, model: nn.Module, depth: str = "first") -> nn.Module:
+        """Make `model` elastic in place (idempotent); adds no layer and no parameter.
 
-        ElasticLayerList.wrap(self.layer_list(model))
+        `depth` is the space's depth rule: which layers a depth-L sub-network keeps (`space.kept_layers`).
+        """
+        from instatune_cli.adapters.elastic import ElasticLayerList, ElasticLinear
+        from instatune_cli.space import DEPTH_RULES
+
+        if depth not in DEPTH_RULES:
+            raise ValueError(f"unknown depth rule {depth!r}; use one of {DEPTH_RULES}")
+        ElasticLayerList.wrap(self.layer_list(model), depth)
         for layer in self.layers(model):
             p = self.parts(layer)
             for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
@@ -73,25 +79,35 @@ class FamilyAdapter(ABC):
         model._instatune_adapter = self  # type: ignore[attr-defined]
         return model
 
+    def kept_layers(self, model: nn.Module, sub: SubNet | None) -> list[int]:
+        """Indices of the layers `sub` keeps under the model's depth rule (None: every layer)."""
+        from instatune_cli.space import kept_layers
+
+        n = len(self.layers(model))
+        if sub is None:
+            return list(range(n))
+        if sub.layers > n:
+            raise ValueError(f"{sub.name} keeps {sub.layers} layers, model has {n}")
+        return kept_layers(sub.layers, n, getattr(self.layer_list(model), "depth", "first"))
+
     def activate(self, model: nn.Module, sub: SubNet | None) -> None:
-        """Run `sub` (None = the full super-network): first L layers, first h heads, first f neurons."""
+        """Run `sub` (None = the full super-network): the layers its depth rule keeps (`kept_layers`), the
+        first h heads and the first f FFN neurons of each; gene k of `sub` belongs to the k-th kept layer."""
         dims = self.dims(model.config)
         ll = self.layer_list(model)
         if not hasattr(ll, "active"):
             raise RuntimeError("model is not elastic; call make_elastic first")
         layers = self.layers(model)
+        keep = self.kept_layers(model, sub)
+        ll.active = tuple(keep)
+        for layer in layers:
+            p = self.parts(layer)
+            for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
+                lin.reset()
         if sub is None:
-            ll.active = len(layers)
-            for layer in layers:
-                p = self.parts(layer)
-                for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
-                    lin.reset()
             return
-        if sub.layers > len(layers):
-            raise ValueError(f"{sub.name} keeps {sub.layers} layers, model has {len(layers)}")
-        ll.active = sub.layers
-        for i in range(sub.layers):
-            p = self.parts(layers[i])
+        for i, li in enumerate(keep):
+            p = self.parts(layers[li])
             width = sub.heads[i] * dims.head_dim
             for lin in p.head_rows():
                 lin.active_out = width

@@ -1,5 +1,6 @@
 """Family-independent elastic building blocks: a Linear that runs on a prefix of its weight, and a layer
-list that runs only its first layers.
+list that runs only a chosen subset of its layers (the first L, or L spread through the stack; see
+`space.kept_layers` and docs/architecture.md).
 
 Both share the original Parameters, so switching sub-networks is setting two integers (no weight copy)
 and `state_dict()` keys are unchanged: the super-network still saves and loads as a stock checkpoint.
@@ -40,24 +41,27 @@ class ElasticLinear(nn.Linear):
 
 
 class ElasticLayerList(nn.ModuleList):
-    """ModuleList whose iteration yields only the first `active` layers.
+    """ModuleList whose iteration yields only the layers listed in `active` (indices, in order).
 
-    Encoder forwards in transformers loop `for layer in self.layer`, so this drops trailing layers without
-    touching the family's code; indexing and `state_dict` still see every layer.
+    Encoder forwards in transformers loop `for layer in self.layer`, so this drops layers without touching
+    the family's code; indexing and `state_dict` still see every layer. `depth` is the space's depth rule
+    (`first` or `spread`), kept here so that activating a sub-network needs nothing but the model.
     """
 
-    active: int
+    active: tuple[int, ...]
+    depth: str
 
     @classmethod
-    def wrap(cls, layers: nn.ModuleList) -> ElasticLayerList:
-        if isinstance(layers, ElasticLayerList):
-            return layers
-        layers.__class__ = cls
-        layers.active = len(layers._modules)
+    def wrap(cls, layers: nn.ModuleList, depth: str = "first") -> ElasticLayerList:
+        if not isinstance(layers, ElasticLayerList):
+            layers.__class__ = cls
+            layers.active = tuple(range(len(layers._modules)))
+        layers.depth = depth
         return layers  # type: ignore[return-value]
 
     def __iter__(self):  # type: ignore[override]
-        return iter(list(self._modules.values())[: self.active])
+        mods = list(self._modules.values())
+        return iter([mods[i] for i in self.active])
 
     def all_layers(self) -> list[nn.Module]:
         return list(self._modules.values())

@@ -64,8 +64,8 @@ def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InstatuneError(f"cannot load the model of tune run {art.path}: {first}") from None
     adapter = adapter_for(model.config.model_type)
-    adapter.make_elastic(model)
     space = SearchSpace.from_file(art.path / "space.json")
+    adapter.make_elastic(model, space.depth)
     dims = adapter.dims(model.config)
     recorded = art.model.get("dims")
     if recorded and ModelDims.from_dict(recorded) != dims:

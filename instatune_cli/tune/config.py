@@ -11,6 +11,7 @@ from instatune_cli.errors import InstatuneError
 
 SAMPLING = ("uniform", "sandwich")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+METRICS = ("accuracy", "f1", "mcc")
 
 # Options that do not change the trained weights: they may differ between a run and its --resume.
 NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
@@ -29,6 +30,9 @@ class TuneConfig:
     label_column: str | None = None
     limit_train: int | None = None
     limit_eval: int | None = None
+    val_split: str | None = None   # None: 5 % of training, at most 2,000; "0.1" a fraction; "500" a count; "0" none
+    val_data: str | None = None    # a validation file instead of a carved split
+    metric: str | None = None      # accuracy | f1 | mcc; None: the task's own (data.default_metric)
     max_length: int = 128
     tokenizer: str | None = None
     # output
@@ -117,6 +121,13 @@ class TuneConfig:
         need(self.reorder_batches >= 1, f"--reorder-batches must be at least 1, got {self.reorder_batches}")
         need(self.mixed_precision in MIXED_PRECISION,
              f"unknown --mixed-precision {self.mixed_precision!r}; use {', '.join(MIXED_PRECISION)}")
+        need(self.val_split is None or self.val_data is None, "give either --val-split or --val-data, not both")
+        need(self.metric is None or self.metric in METRICS,
+             f"unknown --metric {self.metric!r}; use {', '.join(METRICS)}")
+        if self.val_split is not None:
+            from instatune_cli.data import parse_val_split
+
+            parse_val_split(self.val_split)
         need(self.teacher_epochs is None or self.teacher is not None, "--teacher-epochs needs --teacher")
         need(self.teacher_epochs is None or self.teacher_epochs >= 0,
              f"--teacher-epochs must be >= 0, got {self.teacher_epochs}")

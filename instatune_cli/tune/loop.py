@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.seeds import seed_int
 from instatune_cli.tune.config import TuneConfig
 
 CKPT_DIR = "checkpoints"
@@ -51,8 +52,7 @@ class TuneResult:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _seed_int(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+_seed_int = seed_int
 
 
 def _first_line(e: BaseException) -> str:
@@ -383,7 +383,7 @@ def _train(cfg: TuneConfig, accelerator: Any, console: Any, on_step: Any, t_sess
     # ---- model ----
     set_seed(cfg.seed)
     model = load_classifier(model_src, id2label=data.id2label)
-    adapter.make_elastic(model)
+    adapter.make_elastic(model, space.depth)
     dims = adapter.dims(model.config)
     model.to(accelerator.device)
 
