@@ -1,7 +1,8 @@
 """The `extract` and `export` stages: from a searched (or named) sub-network to a model a user ships.
 
 extract: SEARCH_DIR + subnet number, or TUNE_DIR + config -> a standalone model directory (stage "extract")
-holding only the sliced weights, the tokenizer and the manifest, verified against the super-network.
+holding only the sliced weights, the tokenizer and the manifest, verified against the super-network; the
+manifest records the tune run's depth rule and which of its layers were kept (`kept_layers`).
 export: an extract directory (or, chained, a search/tune directory) -> `model.onnx` with dynamic axes, ORT
 parity on real validation inputs, ORT latency of the sub-network and of the full super-network (stage
 "export"); `--int8` adds `model.int8.onnx` (ONNX Runtime dynamic INT8 until the quantize stage exists).
@@ -103,7 +104,10 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
         info["macs_supernet"] = total_macs(dims, full, space.seq_len)
         info["macs_reduction"] = 1 - info["macs"] / info["macs_supernet"]
         info["seq_len"] = space.seq_len
-        model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name}
+        # The depth rule decides which super-network layers were kept (docs/architecture.md, "Depth rule");
+        # the model section carries them too, so the export stage's manifest (a copy of it) records them.
+        model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name,
+                      "depth_rule": info["depth_rule"], "kept_layers": info["kept_layers"]}
         return w.commit(model=model_info, metrics=info)
 
 

@@ -1,10 +1,11 @@
 """Physically smaller models: slice a sub-network out of the elastic super-network and save it standalone.
 
-A sub-network keeps L layers (the space's depth rule, renumbered 0..L-1 in the smaller model), the first h heads of each kept layer (Q/K/V output rows and the
-attention-output input columns of those heads) and the first f FFN neurons (FFN-in rows, FFN-out columns);
-embeddings, pooler and classifier are copied. Weights are sliced from the super-network's *full*
-parameters (an elastic model's linears are views over them), so whatever sub-network happens to be active
-does not matter.
+A sub-network keeps L layers (which ones: the super-network's depth rule, docs/architecture.md "Depth
+rule"; the k-th kept layer becomes layer k of the smaller model), the first h heads of each kept layer
+(Q/K/V output rows and the attention-output input columns of those heads) and the first f FFN neurons
+(FFN-in rows, FFN-out columns); embeddings, pooler and classifier are copied. Weights are sliced from the
+super-network's *full* parameters (an elastic model's linears are views over them), so whatever sub-network
+happens to be active does not matter.
 
 Two kinds of result (DESIGN §4: transformers 5 has no head pruning and derives head size from the head
 count):
@@ -20,7 +21,9 @@ count):
 
 `save_extracted` checks the result twice before returning: the extracted model's logits equal the
 super-network's with `sub` active, and the reloaded directory's logits equal the extracted model's. It
-returns a dict of what it measured for the stage manifest.
+returns a dict of what it measured for the stage manifest, including the depth rule and the super-network
+indices of the kept layers (also written to `config.json` as the informational `instatune_kept_layers`,
+which transformers keeps as a plain config attribute: stock loading is unaffected).
 """
 
 from __future__ import annotations
@@ -221,6 +224,13 @@ def _renumbered(layer_name: str, k: int) -> str:
     return f"{head}.{k}"
 
 
+def depth_rule(model: nn.Module) -> str:
+    """The super-network's depth rule (`first` for a model not made elastic: what it would keep)."""
+    from instatune_cli.adapters import adapter_of
+
+    return str(getattr(adapter_of(model).layer_list(model), "depth", "first"))
+
+
 def extract_model(model: nn.Module, sub: SubNet) -> Any:
     """A new, physically smaller model holding only `sub`'s weights (the super-network is left untouched).
 
@@ -335,7 +345,8 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
     """Extract `sub`, check it, write a standalone model directory to `out_dir`, reload it and check again.
 
     `out_dir` may exist (a stage's partial directory); files of the same name are replaced. Returns what
-    was measured: kind, model type, params (counted and closed form), weight bytes, logit differences.
+    was measured: kind, model type, depth rule and kept layer indices (of the super-network), params
+    (counted and closed form), weight bytes, logit differences.
     """
     from instatune_cli.adapters import adapter_of
     from instatune_cli.measure.macs import params as closed_form_params
@@ -350,6 +361,9 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
     small = extract_model(model, sub)
     kind = small._instatune_kind
     check = verify_extracted(model, sub, small, batches, atol)
+    kept = adapter.kept_layers(model, sub)
+    # Which super-network layers these are is otherwise lost in the renumbering; informational only.
+    small.config.instatune_kept_layers = kept
 
     if kind == "instatune":
         shutil.copyfile(_standalone_path(), out / STANDALONE_FILE)
@@ -382,6 +396,8 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
         "subnet": sub.to_dict(),
         "subnet_id": sub.id,
         "subnet_name": sub.name,
+        "depth_rule": depth_rule(model),
+        "kept_layers": kept,
         "params": n_params,
         "params_closed_form": expected,
         "params_match": n_params == expected,

@@ -2,8 +2,8 @@
 
 A sub-network keeps L layers (which ones: the space's depth rule, `kept_layers`), the first h heads of
 each kept layer and the first f FFN neurons of each kept layer (hidden size is fixed). Per-layer genes
-and per-layer choice lists are by position among the kept layers. Everything here is plain Python so the CLI and the search can
-use it without importing torch.
+and per-layer choice lists are by position among the kept layers. Everything here is plain Python so the
+CLI and the search can use it without importing torch.
 """
 
 from __future__ import annotations
