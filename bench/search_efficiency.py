@@ -261,7 +261,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from instatune_cli.search.objectives import resolve_objectives
     from instatune_cli.search.pareto import hypervolume, nondominated_mask, ref_to_min, to_min_matrix
     from instatune_cli.search.run import run_search
-    from instatune_cli.tune import load_split
 
     quiet_libraries()
     if args.threads:
@@ -271,10 +270,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     sn = supernet.build(run_dir, ["acc", "macs"], limit_eval=args.limit_eval, batch_size=args.eval_batch_size)
     load_s = time.perf_counter() - t0
-    n_eval = len(load_split(art).head(args.limit_eval))
+    # the search scores the run's validation split (or, for a run made before it existed, its eval split)
+    n_eval = sn.selection_examples
     if n_eval < args.limit_eval:
-        print(f"WARNING: {run_dir} stores only {n_eval} eval sentences; accuracy is measured on those, not on "
-              f"--limit-eval {args.limit_eval}", flush=True)
+        print(f"WARNING: {run_dir} stores only {n_eval} {sn.selection_split} sentences; accuracy is measured on "
+              f"those, not on --limit-eval {args.limit_eval}", flush=True)
     ref_point = {"acc": args.ref_acc, "macs": sn.reference["macs"] * args.ref_macs_factor}
     objs = resolve_objectives(["acc", "macs"])
     ref_min = ref_to_min(ref_point, objs)

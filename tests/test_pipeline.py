@@ -44,9 +44,10 @@ def test_three_user_commands_in_one_directory(tmp_path, wheel_cli):
     data = make_tiny_data(tmp_path / "sst2", n_train=400, n_dev=300)
     work = tmp_path / "work"
     work.mkdir()
-    # small-scale flags: the tiny model must learn enough for sub-networks to differ in accuracy
+    # small-scale flags: the tiny model must learn enough for sub-networks to differ in accuracy, and the
+    # validation split must be large enough for them to differ there (the default 5 % is 20 rows)
     wheel_cli("tune", str(model), "--task", "sst2", "--data", str(data), "--max-steps", "50",
-              "--batch-size", "16", "--lr", "3e-3", "--quiet", cwd=work)
+              "--batch-size", "16", "--lr", "3e-3", "--val-split", "100", "--quiet", cwd=work)
     assert (work / "run" / "manifest.json").is_file()
     wheel_cli("search", "run/", "--objectives", "acc,macs", cwd=work)
     front = json.loads((work / "run-search" / "front.json").read_text())["front"]

@@ -11,10 +11,12 @@ import typer
 from instatune_cli.cli.common import console, quiet_libraries, user_errors
 
 
-def _fmt(name: str, v: object) -> str:
-    if v is None:
+def _fmt(name: str, v: object, metric: str = "accuracy") -> str:
+    if v is None or v == "":
         return "-"
-    if name == "acc":
+    if name in ("acc", "eval_acc", "accuracy", "eval_accuracy"):
+        if metric == "mcc" and name in ("acc", "eval_acc"):
+            return f"{float(v):+.4f}"  # a correlation in [-1, 1], not a share
         return f"{100 * float(v):.2f}%"
     if name in ("macs", "params"):
         return f"{float(v) / 1e9:.3f}G" if name == "macs" else f"{float(v) / 1e6:.2f}M"
@@ -23,6 +25,24 @@ def _fmt(name: str, v: object) -> str:
     if name == "size":
         return f"{float(v):.1f} MB"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _run_metric(run_dir: Path) -> str:
+    """The tune run's metric, only to format progress lines (a bad run is reported by the stage itself)."""
+    from instatune_cli import artifacts
+    from instatune_cli.errors import InstatuneError
+    from instatune_cli.tune import run_metric
+
+    try:
+        return run_metric(artifacts.load(run_dir, "tune", verify=False))
+    except InstatuneError:
+        return "accuracy"
+
+
+def _flag(r: dict, split: str | None) -> str:
+    """'collapsed' (on which split) when the sub-network learned nothing, else empty."""
+    where = [s for s, k in ((split or "val", "collapsed"), ("eval", "eval_collapsed")) if r.get(k)]
+    return f"collapsed ({', '.join(dict.fromkeys(where))})" if where else ""
 
 
 def register(app: typer.Typer) -> None:
@@ -38,13 +58,18 @@ def register(app: typer.Typer) -> None:
         batch: Optional[int] = typer.Option(None, help="LINAS: proposals measured per iteration [population/2]."),  # noqa: UP045
         seed: int = typer.Option(0, help="Random seed."),
         constraint: list[str] = typer.Option([], "--constraint", "-c",
-                                             help="Repeatable, e.g. max-macs=6G, min-acc=0.9, max-latency=20."),
+                                             help="Repeatable, e.g. max-macs=6G, min-acc=0.9, max-latency=20 "
+                                             "(acc: the metric on the validation split)."),
         max_macs: Optional[str] = typer.Option(None, help="Shorthand for --constraint max-macs=VALUE (e.g. 6G)."),  # noqa: UP045
         min_acc: Optional[float] = typer.Option(None, help="Shorthand for --constraint min-acc=VALUE (0..1)."),  # noqa: UP045
-        pick: Optional[str] = typer.Option(None, help="Mark the cheapest front member within N accuracy points "  # noqa: UP045
-                                           "of the super-network: max-drop=0.5"),
-        limit_eval: Optional[int] = typer.Option(None, help="Score accuracy on the first N eval examples."),  # noqa: UP045
-        eval_batch_size: int = typer.Option(64, help="Batch size for accuracy evaluation."),
+        pick: Optional[str] = typer.Option(None, help="Mark the cheapest front member within N points of the "  # noqa: UP045
+                                           "super-network's score, both on the validation split: max-drop=0.5"),
+        metric: Optional[str] = typer.Option(None, help="What acc measures: accuracy, f1 or mcc [the tune run's: "  # noqa: UP045
+                                             "mcc for CoLA, f1 for MRPC/QQP, else accuracy]."),
+        limit_val: Optional[int] = typer.Option(None, help="Select on the first N validation examples (the "  # noqa: UP045
+                                                "front is scored on the whole eval split)."),
+        limit_eval: Optional[int] = typer.Option(None, hidden=True, help="Old name of --limit-val."),  # noqa: UP045
+        eval_batch_size: int = typer.Option(64, help="Batch size for scoring (validation and eval splits)."),
         latency_batch: int = typer.Option(1, help="Batch size the latency objective is measured at."),
         latency_seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [space's]."),  # noqa: UP045
         latency_threads: Optional[int] = typer.Option(None, help="ORT intra-op threads [all CPUs]."),  # noqa: UP045
@@ -57,7 +82,10 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, help="Replace an existing result directory."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
     ) -> None:
-        """Find the Pareto-optimal sub-networks (LINAS by default) and number them 1..K."""
+        """Find the Pareto-optimal sub-networks (LINAS by default) and number them 1..K.
+
+        Selects on the tune run's validation split only; the front is then scored once on the eval split.
+        """
         quiet_libraries()
         from instatune_cli.search.stage import SearchOptions, run_stage
 
@@ -68,42 +96,72 @@ def register(app: typer.Typer) -> None:
             cons.append(f"min-acc={min_acc}")
         opts = SearchOptions(objectives=[o.strip() for o in objectives.split(",") if o.strip()],
                              algorithm=algorithm, evals=evals, population=population, batch=batch, seed=seed,
-                             constraints=cons, pick=pick, limit_eval=limit_eval, eval_batch_size=eval_batch_size,
+                             constraints=cons, pick=pick, limit_eval=limit_eval, limit_val=limit_val,
+                             metric=metric, eval_batch_size=eval_batch_size,
                              latency_batch=latency_batch, latency_seq_len=latency_seq_len,
                              latency_threads=latency_threads, baseline=str(baseline) if baseline else None,
                              ref_point=ref_point)
         err = console(stderr=True)
         names = opts.objectives
+        shown: list[str] = []
+
+        def on_warning(text: str) -> None:
+            from rich.markup import escape
+
+            shown.append(text)
+            err.print(f"[yellow]warning:[/] {escape(text)}")
+
+        shown_metric = (metric or _run_metric(run_dir)).strip().lower()
 
         def on_eval(row: dict) -> None:
             if not as_json:
-                vals = "  ".join(f"{n}={_fmt(n, row.get(n))}" for n in names)
+                vals = "  ".join(f"{n}={_fmt(n, row.get(n), shown_metric)}" for n in names)
                 n = int(row.get("index", -1)) + 1
                 err.print(f"[dim]#{n}[/] {row['name']:<28} {vals}  ({row.get('origin', '')})")
 
-        art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval)
+        art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval,
+                                         on_warning=on_warning)
         if as_json:
             typer.echo(json.dumps({"output": str(art.path), **summary}, indent=2, default=str))
             return
+        from rich.markup import escape
         from rich.table import Table
 
+        m, split = summary["metric"], summary["selection_split"]
+        held = split is not None and summary.get("eval_split") is not None
+        sel = f"{m} {split}" if split == "val" else f"{m} {split} (search)"
+        heads = {n: sel if n == "acc" and split else n for n in names}
+        extra = ([("eval_acc", f"{m} eval")] if held else []) + \
+                ([("eval_accuracy", "accuracy eval")] if held and m != "accuracy" else [])
         t = Table(title=f"Pareto front ({summary['front_size']} of {summary['evaluations']} evaluated)")
         t.add_column("#", justify="right")
         t.add_column("sub-network")
         for n in names:
-            t.add_column(n, justify="right")
+            t.add_column(heads[n], justify="right")
+        for _, h in extra:
+            t.add_column(h, justify="right")
         t.add_column("id")
+        t.add_column("flag")
         ref = summary["reference"]
-        t.add_row("ref", f"super-network {ref.get('subnet_name', '')}", *[_fmt(n, ref.get(n)) for n in names], "")
+
+        def cells(r: dict) -> list[str]:
+            return [_fmt(n, r.get(n), m) for n in names] + [_fmt(k, r.get(k), m) for k, _ in extra]
+
+        t.add_row("ref", f"super-network {ref.get('subnet_name', '')}", *cells(ref), "", _flag(ref, split))
         for r in summary["front"]:
             mark = " *" if summary["picked"] == r["subnet"] else ""
-            t.add_row(str(r["subnet"]) + mark, r["name"], *[_fmt(n, r.get(n)) for n in names], r["id"])
+            t.add_row(str(r["subnet"]) + mark, r["name"], *cells(r), r["id"], _flag(r, split))
         out = console()
         out.print(t)
+        if held:
+            out.print(f"selected by {m} on the {split} split ({summary['selection_examples']} examples); "
+                      f"eval columns: scored once after the search on the eval split ({summary['eval_examples']} "
+                      "examples)")
         for note in summary["notes"]:
-            out.print(f"[yellow]note:[/] {note}")
+            if note not in shown:
+                out.print(f"[yellow]note:[/] {escape(note)}")
         if summary["picked"]:
-            out.print(f"picked (*): sub-network {summary['picked']} ({pick})")
+            out.print(f"picked (*): sub-network {summary['picked']} ({pick}, on the {split} split)")
         elif pick:
             out.print(f"[yellow]note:[/] no front member meets {pick}")
         rate = summary.get("evals_per_minute")

@@ -41,6 +41,15 @@ def register(app: typer.Typer) -> None:
                                                   rich_help_panel=DATA),
         limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="Use the first N eval rows.",
                                                  rich_help_panel=DATA),
+        val_split: Optional[str] = typer.Option(None, "--val-split", help="Validation split carved from the "
+                                                "training data, what `search` selects on: a fraction (0.1) or a "
+                                                "count (500); 0 = none [5 %, at most 2000].", rich_help_panel=DATA),
+        val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation file instead of a carved "
+                                               "split (same columns and classes as training).",
+                                               rich_help_panel=DATA),
+        metric: Optional[str] = typer.Option(None, "--metric", help="accuracy, f1 or mcc: what the run and its "
+                                             "search are scored by [mcc for CoLA, f1 for MRPC/QQP, else "
+                                             "accuracy].", rich_help_panel=DATA),
         max_length: int = typer.Option(128, "--max-length", help="Truncate to this many tokens (batches are "
                                        "padded per batch).", rich_help_panel=DATA),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: the "
@@ -111,7 +120,8 @@ def register(app: typer.Typer) -> None:
         cfg = TuneConfig(
             model=model, task=task, data=data, eval_data=eval_data, text_column=text_column,
             text_pair_column=text_pair_column, label_column=label_column, limit_train=limit_train,
-            limit_eval=limit_eval, max_length=max_length, tokenizer=tokenizer, output=output, force=force,
+            limit_eval=limit_eval, val_split=val_split, val_data=val_data, metric=metric, max_length=max_length,
+            tokenizer=tokenizer, output=output, force=force,
             resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
             temperature=temperature, teacher=teacher, teacher_epochs=teacher_epochs, reorder=reorder,
             reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,

@@ -1,7 +1,12 @@
 """Built-in objectives of a tuned super-network, on the same `evaluate`/`exact` interface a user's own
 objective uses (`run_search`).
 
-acc: the active sub-network of the in-memory super-network on pre-tokenized eval batches (no copies).
+acc: the tune run's metric (accuracy, f1 or mcc: `model.metric` of its manifest, or `metric=`) of the active
+sub-network of the in-memory super-network on pre-tokenized batches of the run's VALIDATION split (no
+copies). The eval split is never read while searching: `score_holdout` scores chosen sub-networks (the front)
+on it afterwards, once each. A run made before validation splits existed (no val.jsonl) falls back to
+selecting on its eval split, with a warning (`warnings`, and `on_warning`) so its front's eval scores are
+known not to be held out.
 macs, params: exact closed forms. latency, size: the sub-network is extracted and exported with the very
 code paths of `instatune extract` / `export`, so what the search reports is what the user gets.
 """
@@ -28,31 +33,78 @@ class LatencySetup:
 
 @dataclass
 class SupernetObjectives:
-    """Everything `run_search` needs to search a tune run, plus the super-network's own figures."""
+    """Everything `run_search` needs to search a tune run, plus the super-network's own figures.
+
+    `metric`: what `acc` measures; `selection_split`: "val", or "eval" for an old run without one (then
+    `warnings` says so), None without the acc objective; `selection_examples`: rows `acc` is measured on;
+    `eval_examples`: rows of the eval split, once `score_holdout` ran.
+    """
 
     space: SearchSpace
-    evaluate: Callable[[SubNet], dict[str, float]]
+    evaluate: Callable[[SubNet], dict[str, Any]]
     exact: dict[str, Callable[[SubNet], float]]
     reference: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     tokenizer: Any = None
     artifact: Any = None
+    metric: str = "accuracy"
+    selection_split: str | None = "val"
+    selection_examples: int = 0
+    eval_examples: int = 0
+    warnings: list[str] = field(default_factory=list)
+    holdout: Callable[[Sequence[SubNet | None]], list[dict[str, Any]]] | None = None
+
+    def score_holdout(self, subs: Sequence[SubNet | None]) -> list[dict[str, Any]]:
+        """Score each of `subs` (None = the super-network) once on the run's whole eval split: `eval_acc` (the
+        metric), `eval_accuracy` (when the metric is not accuracy), `eval_collapsed`. Empty dicts without acc."""
+        if self.holdout is None:
+            return [{} for _ in subs]
+        return self.holdout(subs)
 
 
-def build(run_dir: str | Path, objectives: Sequence[str], *, limit_eval: int | None = None,
-          batch_size: int = 64, latency: LatencySetup | None = None) -> SupernetObjectives:
-    """Load the tune run once and return the objective functions for the requested objectives."""
+def fallback_warning(run_dir: Path) -> str:
+    """What a search of a run without a validation split says (printed and recorded: never silent)."""
+    return (f"tune run {run_dir} has no validation split (no val.jsonl: it was made before tune kept one); "
+            "selecting on its eval split instead, so the front's eval scores are not held out; "
+            "re-run tune for a held-out front")
+
+
+def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | None = None,
+          limit_eval: int | None = None, batch_size: int = 64, latency: LatencySetup | None = None,
+          metric: str | None = None, on_warning: Callable[[str], None] | None = None) -> SupernetObjectives:
+    """Load the tune run once and return the objective functions for the requested objectives.
+
+    `metric` overrides the run's own (accuracy, f1, mcc). `limit_val` measures `acc` on the first N rows of
+    the selection split (`limit_eval` is its older name, kept working; the eval split is always scored
+    whole). `on_warning(text)` receives the no-validation-split fallback warning (default: warnings.warn).
+    """
     from instatune_cli.adapters import adapter_of
     from instatune_cli.measure import macs as macs_mod
     from instatune_cli.measure.accuracy import Evaluator
-    from instatune_cli.tune import load_eval_batches, load_tuned
+    from instatune_cli.measure.metrics import check_metric
+    from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
 
     model, tok, space, art = load_tuned(run_dir)
+    metric = check_metric(metric) if metric is not None else check_metric(run_metric(art), "metric of the run")
+    limit = limit_val if limit_val is not None else limit_eval
     adapter = adapter_of(model)
     dims = adapter.dims(model.config)
     names = set(objectives)
-    evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit_eval)) \
-        if "acc" in names else None
+    notes: list[str] = []
+    split: str | None = None
+    evaluator = None
+    if "acc" in names:
+        split = "val" if has_split(art, "val") else "eval"
+        if split == "eval":
+            notes.append(fallback_warning(art.path))
+            if on_warning is not None:
+                on_warning(notes[-1])
+            else:
+                import warnings
+
+                warnings.warn(notes[-1], UserWarning, stacklevel=2)
+        evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
+                              metric=metric)
     lat = latency or LatencySetup(seq_len=space.seq_len)
     full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)  # the super-network itself
 
@@ -84,20 +136,42 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_eval: int | N
                 out["latency_p90"] = float(r["p90_ms"])
         return out
 
-    def evaluate(sub: SubNet) -> dict[str, float]:
-        vals: dict[str, float] = {}
+    def scored(ev: Any, sub: SubNet | None, prefix: str = "") -> dict[str, Any]:
+        """The metric as `<prefix>acc`, plain accuracy beside it when the metric is another, the collapse flag."""
+        res = ev.evaluate(sub)
+        out: dict[str, Any] = {f"{prefix}acc": res.score}
+        if metric != "accuracy":
+            out[f"{prefix}accuracy"] = res.accuracy
+        out[f"{prefix}collapsed"] = res.collapsed
+        return out
+
+    def evaluate(sub: SubNet) -> dict[str, Any]:
+        vals: dict[str, Any] = {}
         if evaluator is not None:
-            vals["acc"] = evaluator.accuracy(sub)
+            vals.update(scored(evaluator, sub))
         if names & {"latency", "size"}:
             vals.update(shipped(sub))
         adapter.activate(model, None)
         return vals
 
+    def holdout(subs: Sequence[SubNet | None]) -> list[dict[str, Any]]:
+        """Loads the eval split only now, after the search; each sub-network is scored once on all of it."""
+        ev = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, which="eval"), metric=metric)
+        try:
+            out = [scored(ev, sub, "eval_") for sub in subs]
+        finally:
+            adapter.activate(model, None)
+        obj.eval_examples = ev.n
+        return out
+
     reference: dict[str, Any] = {"name": "super-network", "id": full.id, "subnet_name": full.name,
                                  "macs": exact["macs"](full), "params": exact["params"](full)}
     if evaluator is not None:
-        reference["acc"] = evaluator.accuracy(None)
+        reference.update(scored(evaluator, None))
     if names & {"latency", "size"}:
         reference.update(shipped(None))
     adapter.activate(model, None)
-    return SupernetObjectives(space, evaluate, exact, reference, model, tok, art)
+    obj = SupernetObjectives(space, evaluate, exact, reference, model, tok, art, metric=metric,
+                             selection_split=split, selection_examples=evaluator.n if evaluator is not None else 0,
+                             warnings=notes, holdout=holdout if evaluator is not None else None)
+    return obj

@@ -12,7 +12,10 @@ A tune run directory (stage "tune", the contract of DESIGN §3) holds:
     model/                     the super-network in stock `save_pretrained` layout (config.json,
                                model.safetensors) plus the tokenizer; heads/neurons are stored in importance
                                order when `reorder` was on, so prefixes are the sub-networks
-    eval.jsonl                 the eval split as used: {"text", ["text_pair"], "label": class id} per line
+    eval.jsonl                 the eval split as used: {"text", ["text_pair"], "label": class id} per line;
+                               `search` scores only the front on it, once
+    val.jsonl                  the validation split (same format), carved from training or --val-data: what
+                               `search` selects on; absent in runs made before it existed
     calib.jsonl                up to 512 *training* examples (same format), e.g. for quantization calibration,
                                kept apart from the eval split
     log.jsonl                  start / train / eval / resume / final records, one JSON object per line
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from instatune_cli.artifacts import Artifact
     from instatune_cli.space import SearchSpace
 
-__all__ = ["load_tuned", "load_eval_batches", "load_split"]
+__all__ = ["load_tuned", "load_eval_batches", "load_split", "has_split", "run_metric"]
 
 
 def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
@@ -78,11 +81,23 @@ def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
 
 
 def load_split(run_dir: str | Path | Artifact, which: str = "eval") -> Any:
-    """The run's stored eval split (`which="eval"`) or calibration sample (`"calib"`) as a `data.Split`."""
+    """The run's stored eval split (`which="eval"`), validation split (`"val"`) or calibration sample (`"calib"`)
+    as a `data.Split`."""
     from instatune_cli import data
 
     path = run_dir.path if hasattr(run_dir, "path") else Path(run_dir)
     return data.read_jsonl(Path(path) / f"{which}.jsonl")
+
+
+def has_split(run_dir: str | Path | Artifact, which: str) -> bool:
+    """Whether the run stores a non-empty `which` split; runs made before validation splits have no "val"."""
+    path = Path(run_dir.path if hasattr(run_dir, "path") else run_dir) / f"{which}.jsonl"
+    return path.is_file() and path.stat().st_size > 0
+
+
+def run_metric(art: Artifact) -> str:
+    """The metric the tune run is judged by (`model.metric`); runs made before metrics were recorded: accuracy."""
+    return str(art.model.get("metric") or "accuracy")
 
 
 def load_eval_batches(run_dir: str | Path | Artifact, tokenizer: Any, batch_size: int = 64,

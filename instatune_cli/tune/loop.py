@@ -20,7 +20,6 @@ Nothing is pickled.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -239,15 +238,55 @@ def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+@dataclass
+class TuneInputs:
+    """What `run_tune` resolved before training: data, tokenizer, model source and family, space, teacher."""
+
+    data: Any                 # data.TaskData (train / val / eval)
+    tok: Any
+    max_length: int
+    model_src: str
+    adapter: Any
+    space: Any
+    train_enc: Any
+    eval_enc: Any
+    val_enc: Any              # None without a validation split
+    teacher_dir: str | None
+    hf_config: Any
+    metric: str
+
+
 def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None] | None = None) -> TuneResult:
     """Run (or resume) `instatune tune` and return the committed artifact. `on_step(step)` is called after
     every optimizer step (and after a checkpoint of that step), e.g. to stop a run in tests."""
     t_session = time.perf_counter()
     cfg.validate()
     precheck_output(cfg)
+    inputs = _resolve_inputs(cfg)
 
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(
+        cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.elastic)],
+    )
+    try:
+        return Trainer(cfg, accelerator, inputs, console, on_step, t_session).run()
+    finally:
+        if accelerator.num_processes == 1:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+
+def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
+    """Every input check that needs no training: model, data and validation split, tokenizer, teacher, space."""
     from instatune_cli import data as D
     from instatune_cli.adapters import adapter_for, check_model_source
+    from instatune_cli.measure.metrics import default_metric
+    from instatune_cli.space import SearchSpace
     from instatune_cli.tune.teacher import resolve_model_dir
 
     model_src, _ = resolve_model_dir(cfg.model)
@@ -263,6 +302,9 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
 
     data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
                             cfg.label_column, cfg.limit_train, cfg.limit_eval)
+    c = data.source.get("columns") or {}
+    columns = D.Columns(c["text"], c["label"], c.get("text_pair")) if c else None
+    data = D.with_validation(data, cfg.val_split, cfg.val_data, cfg.seed, columns)
     tok_src = resolve_model_dir(cfg.tokenizer)[0] if cfg.tokenizer else model_src
     tok = _load_tokenizer(tok_src)
     max_length = _effective_max_length(cfg, tok, hf_config, dims0)
@@ -273,308 +315,394 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
 
         teacher_dir = check_teacher(cfg.teacher, adapter.family, data.labels, dims0.vocab_size)
 
-    from instatune_cli.space import SearchSpace
-
     space = SearchSpace.resolve(cfg.space, dims0)
     space.check_model(dims0)
-
-    train_enc = D.tokenize(tok, data.train, max_length)
-    eval_enc = D.tokenize(tok, data.eval, max_length)
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    accelerator = Accelerator(
-        cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.elastic)],
+    return TuneInputs(
+        data=data, tok=tok, max_length=max_length, model_src=model_src, adapter=adapter, space=space,
+        train_enc=D.tokenize(tok, data.train, max_length), eval_enc=D.tokenize(tok, data.eval, max_length),
+        val_enc=D.tokenize(tok, data.val, max_length) if data.val is not None and len(data.val) else None,
+        teacher_dir=teacher_dir, hf_config=hf_config, metric=cfg.metric or default_metric(data.task),
     )
-    try:
-        return _train(cfg, accelerator, console, on_step, t_session, data, tok, max_length, model_src,
-                      adapter, space, train_enc, eval_enc, teacher_dir, hf_config)
-    finally:
-        if accelerator.num_processes == 1:
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
 
 
-def _train(cfg: TuneConfig, accelerator: Any, console: Any, on_step: Any, t_session: float, data: Any,
-           tok: Any, max_length: int, model_src: str, adapter: Any, space: Any, train_enc: Any, eval_enc: Any,
-           teacher_dir: str | None, hf_config: Any) -> TuneResult:
-    import torch
-    from accelerate.utils import set_seed
+class Trainer:
+    """One tune run: the partial directory and fingerprint, teacher logits, model, optimizer, the step, the
+    evaluation, checkpoints and the final artifact. State lives on the object; `run()` drives it.
 
-    from instatune_cli import data as D
-    from instatune_cli.adapters import load_classifier
-    from instatune_cli.artifacts import StageWriter
-    from instatune_cli.measure.accuracy import Evaluator
-    from instatune_cli.tune import loss as L
-    from instatune_cli.tune.teacher import cache_key, teacher_logits
+    Determinism and the checkpoint format are described in the module docstring.
+    """
 
-    main = accelerator.is_main_process
-    nproc, rank = accelerator.num_processes, accelerator.process_index
-    B, A = cfg.batch_size, cfg.grad_accum
-    G = B * nproc
-    n_train = len(train_enc)
-    micro_per_epoch = n_train // G if nproc > 1 else math.ceil(n_train / G)
-    if micro_per_epoch < 1:
-        raise InstatuneError(
-            f"the training split has {n_train} examples, fewer than one global batch ({G}); lower --batch-size"
-        )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / A))
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    # ---- fingerprint and the partial directory ----
-    train_digest = train_enc.digest()
-    tkey = cache_key(teacher_dir, train_digest, max_length) if teacher_dir else None
-    model_id = str(Path(model_src).resolve()) if Path(model_src).exists() else model_src
-    fp_extra = {"model": model_id, "train": train_digest, "eval": eval_enc.digest(), "labels": data.labels,
-                "max_length": max_length, "space": space.to_dict(), "teacher": tkey, "processes": nproc}
-    fingerprint = cfg.fingerprint(fp_extra)
-    writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
-                         cleanup_on_error=False)
-    if main:
-        partial = writer.open()
-    accelerator.wait_for_everyone()
-    partial = writer.path
-    run_file = partial / RUN_FILE
-    run_info: dict[str, Any] = {}
-    if run_file.is_file():
-        run_info = json.loads(run_file.read_text())
-        if run_info.get("fingerprint") != fingerprint:
-            old = run_info.get("options", {})
-            new = cfg.fingerprint_dict()
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            what = ("options " + ", ".join("--" + k.replace("_", "-") for k in diff)) if diff else \
-                "model, data, labels, space or teacher"
+    def __init__(self, cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, console: Any,
+                 on_step: Callable[[int], None] | None, t_session: float) -> None:
+        self.cfg, self.acc, self.inp, self.on_step, self.t_session = cfg, accelerator, inputs, on_step, t_session
+        self.adapter, self.space = inputs.adapter, inputs.space
+        self.main = accelerator.is_main_process
+        self.nproc, self.rank = accelerator.num_processes, accelerator.process_index
+        self.B, self.A = cfg.batch_size, cfg.grad_accum
+        self.G = self.B * self.nproc
+        self.n_train = len(inputs.train_enc)
+        self.micro_per_epoch = self.n_train // self.G if self.nproc > 1 else math.ceil(self.n_train / self.G)
+        if self.micro_per_epoch < 1:
             raise InstatuneError(
-                f"{partial} belongs to another run (its {what} differ); rerun with the same options to resume, "
-                "or pass --force without --resume to start over"
+                f"the training split has {self.n_train} examples, fewer than one global batch ({self.G}); "
+                "lower --batch-size"
             )
-    else:
-        run_info = {"fingerprint": fingerprint, "options": cfg.fingerprint_dict(), "extra": fp_extra}
-        if main:
-            run_file.write_text(json.dumps(run_info, indent=1, default=str))
-    ckpt = latest_checkpoint(partial) if cfg.resume else None
-    if main:
-        for p in (partial / CKPT_DIR).glob("*.tmp") if (partial / CKPT_DIR).is_dir() else []:
-            shutil.rmtree(p, ignore_errors=True)
-    log = JsonlLog(partial / LOG_FILE, keep_upto=int(ckpt.name.split("-")[1]) if ckpt else 0, enabled=main)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.micro_per_epoch / self.A))
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.steps_per_epoch = self.micro_per_epoch / self.A
+        self.say = _Say(console, self.main and not cfg.quiet)
+        self.console = console
+        self.mode = "plain" if cfg.plain else f"elastic M={cfg.num_subnets} {cfg.sampling}"
+        self.smallest = self.space.smallest()
+        self._order: dict[int, list[int]] = {}
+        self.t_logits: Any = None
+        self.teacher_cache: str | None = None
+        self.samples, self.train_time, self.prior_wall = 0, 0.0, 0.0
+        self.start_step, self.ckpt_step = 0, None
 
-    say = _Say(console, main and not cfg.quiet)
-    mode = "plain" if cfg.plain else f"elastic M={cfg.num_subnets} {cfg.sampling}"
-    say(f"[bold]tune[/] {cfg.model} ({adapter.family}, {adapter.dims(hf_config).num_layers} layers) on "
-        f"{data.task}: {n_train} train / {len(eval_enc)} eval, {len(data.labels)} classes, {mode}"
-        f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {total_steps} steps -> {cfg.output}")
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def open_partial(self) -> None:
+        """Fingerprint the run, open (or reopen) `<output>.partial`, refuse a partial of another run."""
+        from instatune_cli.artifacts import StageWriter
+        from instatune_cli.tune.teacher import cache_key
 
-    # ---- teacher logits, once ----
-    t_logits = None
-    teacher_cache = None
-    if teacher_dir:
-        with accelerator.main_process_first():
-            cached = (partial / "teacher_logits.safetensors").exists()
-            say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}")
-            t_logits, built = teacher_logits(partial, teacher_dir, train_enc, tkey, cfg.eval_batch_size,
-                                             accelerator.device)
-        teacher_cache = "built" if built else "reused"
-        say(f"teacher logits {teacher_cache} ({tuple(t_logits.shape)})")
+        cfg, inp = self.cfg, self.inp
+        train_digest = inp.train_enc.digest()
+        self.tkey = cache_key(inp.teacher_dir, train_digest, inp.max_length) if inp.teacher_dir else None
+        src = inp.model_src
+        self.model_id = str(Path(src).resolve()) if Path(src).exists() else src
+        fp_extra = {"model": self.model_id, "train": train_digest, "eval": inp.eval_enc.digest(),
+                    "labels": inp.data.labels, "max_length": inp.max_length, "space": self.space.to_dict(),
+                    "teacher": self.tkey, "processes": self.nproc}
+        if inp.val_enc is not None:
+            fp_extra["val"] = inp.val_enc.digest()
+        self.fingerprint = cfg.fingerprint(fp_extra)
+        self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
+                                  cleanup_on_error=False)
+        if self.main:
+            self.writer.open()
+        self.acc.wait_for_everyone()
+        self.partial = self.writer.path
+        run_file = self.partial / RUN_FILE
+        if run_file.is_file():
+            self.run_info = json.loads(run_file.read_text())
+            if self.run_info.get("fingerprint") != self.fingerprint:
+                old = self.run_info.get("options", {})
+                new = cfg.fingerprint_dict()
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                what = ("options " + ", ".join("--" + k.replace("_", "-") for k in diff)) if diff else \
+                    "model, data, labels, space or teacher"
+                raise InstatuneError(
+                    f"{self.partial} belongs to another run (its {what} differ); rerun with the same options to "
+                    "resume, or pass --force without --resume to start over"
+                )
+        else:
+            self.run_info = {"fingerprint": self.fingerprint, "options": cfg.fingerprint_dict(), "extra": fp_extra}
+            self._write_run_info()
+        self.ckpt = latest_checkpoint(self.partial) if cfg.resume else None
+        if self.main and (self.partial / CKPT_DIR).is_dir():
+            for p in (self.partial / CKPT_DIR).glob("*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+        keep = int(self.ckpt.name.split("-")[1]) if self.ckpt else 0
+        self.log = JsonlLog(self.partial / LOG_FILE, keep_upto=keep, enabled=self.main)
 
-    # ---- model ----
-    set_seed(cfg.seed)
-    model = load_classifier(model_src, id2label=data.id2label)
-    adapter.make_elastic(model, space.depth)
-    dims = adapter.dims(model.config)
-    model.to(accelerator.device)
+    def _write_run_info(self) -> None:
+        if self.main:
+            (self.partial / RUN_FILE).write_text(json.dumps(self.run_info, indent=1, default=str))
 
-    def epoch_order(e: int, _cache: dict[int, list[int]] = {}) -> list[int]:  # noqa: B006 - per-call cache
-        if e not in _cache:
-            _cache.clear()
-            perm = list(range(n_train))
-            random.Random(_seed_int("order", cfg.seed, e)).shuffle(perm)
-            _cache[e] = perm
-        return _cache[e]
+    def load_teacher(self) -> None:
+        """The strong teacher's logits over the training set, computed once (or read from the cache)."""
+        from instatune_cli.tune.teacher import teacher_logits
 
-    def micro(g: int) -> tuple[list[int], int]:
-        e, k = divmod(g, micro_per_epoch)
-        glob = epoch_order(e)[k * G : (k + 1) * G]
-        return glob[rank * B : (rank + 1) * B] if nproc > 1 else glob, e
+        if not self.inp.teacher_dir:
+            return
+        with self.acc.main_process_first():
+            cached = (self.partial / "teacher_logits.safetensors").exists()
+            self.say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}")
+            self.t_logits, built = teacher_logits(self.partial, self.inp.teacher_dir, self.inp.train_enc, self.tkey,
+                                                  self.cfg.eval_batch_size, self.acc.device)
+        self.teacher_cache = "built" if built else "reused"
+        self.say(f"teacher logits {self.teacher_cache} ({tuple(self.t_logits.shape)})")
 
-    reorder_info = run_info.get("reorder")
-    if cfg.use_reorder and ckpt is None:
-        nb = min(cfg.reorder_batches, micro_per_epoch)
-        order0 = epoch_order(0)
-        batches = [{k: v.to(accelerator.device) for k, v in train_enc.collate(order0[i * B:(i + 1) * B]).items()}
+    def build_model(self) -> None:
+        """Load the classifier, make it elastic under the space's depth rule, reorder, optimizer, resume."""
+        import torch
+        from accelerate.utils import set_seed
+
+        from instatune_cli.adapters import load_classifier
+
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        model = load_classifier(self.inp.model_src, id2label=self.inp.data.id2label)
+        self.adapter.make_elastic(model, self.space.depth)
+        self.dims = self.adapter.dims(model.config)
+        model.to(self.acc.device)
+        self.reorder_info = self.run_info.get("reorder")
+        if cfg.use_reorder and self.ckpt is None:
+            self._reorder(model)
+        decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(self.warmup, self.total_steps))
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.raw = self.acc.unwrap_model(self.model)
+
+    def _reorder(self, model: Any) -> None:
+        nb = min(self.cfg.reorder_batches, self.micro_per_epoch)
+        order0 = self.epoch_order(0)
+        B = self.B
+        batches = [{k: v.to(self.acc.device) for k, v in self.inp.train_enc.collate(order0[i * B:(i + 1) * B]).items()}
                    for i in range(nb)]
-        info = adapter.reorder_by_importance(model, batches)
-        reorder_info = {"method": info.get("method"), "batches": nb, "head_orders": info.get("head_orders")}
-        run_info["reorder"] = reorder_info
-        if main:
-            run_file.write_text(json.dumps(run_info, indent=1, default=str))
-        say(f"reordered heads and neurons by importance ({reorder_info['method']}, {nb} batches)")
+        info = self.adapter.reorder_by_importance(model, batches)
+        self.reorder_info = {"method": info.get("method"), "batches": nb, "head_orders": info.get("head_orders")}
+        self.run_info["reorder"] = self.reorder_info
+        self._write_run_info()
+        self.say(f"reordered heads and neurons by importance ({self.reorder_info['method']}, {nb} batches)")
 
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
+    def resume(self) -> None:
+        if self.ckpt is not None:
+            st = _load_checkpoint(self.ckpt, self.raw, self.optimizer, self.scheduler, self.acc.scaler)
+            self.start_step, self.prior_wall = int(st["step"]), float(st["wall_s"])
+            self.train_time, self.samples = float(st["train_time_s"]), int(st["samples"])
+            self.ckpt_step = self.start_step
+            self.log.write({"event": "resume", "step": self.start_step})
+            self.say(f"resumed from {self.ckpt.name} (step {self.start_step} of {self.total_steps})")
+        elif not self.log.records:
+            self.log.write({"event": "start", "step": 0, "total_steps": self.total_steps, "mode": self.mode,
+                            "train_examples": self.n_train, "eval_examples": len(self.inp.eval_enc),
+                            "val_examples": len(self.inp.val_enc) if self.inp.val_enc is not None else 0})
 
-    start_step, prior_wall, prior_train_time, samples = 0, 0.0, 0.0, 0
-    if ckpt is not None:
-        st = _load_checkpoint(ckpt, raw, optimizer, scheduler, accelerator.scaler)
-        start_step, prior_wall = int(st["step"]), float(st["wall_s"])
-        prior_train_time, samples = float(st["train_time_s"]), int(st["samples"])
-        log.write({"event": "resume", "step": start_step})
-        say(f"resumed from {ckpt.name} (step {start_step} of {total_steps})")
-    elif not log.records:
-        log.write({"event": "start", "step": 0, "total_steps": total_steps, "mode": mode,
-                   "train_examples": n_train, "eval_examples": len(eval_enc)})
+    def make_evaluators(self) -> None:
+        from instatune_cli import data as D
+        from instatune_cli.measure.accuracy import Evaluator
 
-    evaluator = Evaluator(raw, D.eval_batches(eval_enc, cfg.eval_batch_size), accelerator.device) if main else None
-    smallest = space.smallest()
+        self.evaluators: dict[str, Any] = {}
+        if not self.main:
+            return
+        bs, dev, metric = self.cfg.eval_batch_size, self.acc.device, self.inp.metric
+        self.evaluators["eval"] = Evaluator(self.raw, D.eval_batches(self.inp.eval_enc, bs), dev, metric=metric)
+        if self.inp.val_enc is not None:
+            self.evaluators["val"] = Evaluator(self.raw, D.eval_batches(self.inp.val_enc, bs), dev, metric=metric)
 
-    def evaluate() -> dict[str, Any]:
-        assert evaluator is not None
-        sup = evaluator.evaluate(None)
-        small = evaluator.evaluate(smallest)
-        adapter.activate(raw, None)
-        return {"super_accuracy": sup.accuracy, "smallest_accuracy": small.accuracy, "eval_loss": sup.loss,
-                "smallest_eval_loss": small.loss}
+    # ---- data order -----------------------------------------------------------------------------------
+    def epoch_order(self, e: int) -> list[int]:
+        if e not in self._order:
+            self._order.clear()
+            perm = list(range(self.n_train))
+            random.Random(_seed_int("order", self.cfg.seed, e)).shuffle(perm)
+            self._order[e] = perm
+        return self._order[e]
 
-    steps_per_epoch = micro_per_epoch / A
-    ckpt_step = start_step if ckpt is not None else None
-    train_time = prior_train_time
-    window: list[float] = []
-    win_samples, win_time = 0, 0.0
-    model.train()
-    progress = _Progress(console, total_steps, start_step, enabled=main and not cfg.quiet)
-    try:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            torch.manual_seed(_seed_int("dropout", cfg.seed, step, rank))
-            epoch_now = (step * A) // micro_per_epoch
-            gamma = 1.0 if teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
-            w = L.LossWeights(cfg.alpha, cfg.temperature, gamma)
-            subs = space.sample_many(random.Random(_seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
-                                     cfg.sampling) if cfg.elastic else []
-            step_loss = 0.0
-            step_samples = 0
-            for a in range(A):
-                idx, _ = micro(step * A + a)
-                batch = {k: v.to(accelerator.device) for k, v in train_enc.collate(idx).items()}
-                labels = batch.pop("labels")
-                tl = t_logits[torch.tensor(idx)].to(accelerator.device) if (gamma and t_logits is not None) else None
-                sync = a == A - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    adapter.activate(raw, None)
-                    with accelerator.autocast():
-                        logits = model(**batch).logits
-                    term = L.plain_loss(logits, labels, w, tl) if cfg.plain else L.super_term(logits, labels, w, tl)
-                    accelerator.backward(term / A)
-                    total = term.detach().float()
-                    sup = logits.detach()
-                    del logits
-                    for sub in subs:
-                        adapter.activate(raw, sub)
-                        with accelerator.autocast():
-                            s_logits = model(**batch).logits
-                        s_term = L.sub_term(s_logits, labels, sup, w, tl)
-                        accelerator.backward(s_term / A)
-                        total = total + s_term.detach().float()
-                        del s_logits
-                    adapter.activate(raw, None)
-                val = float(total)
-                if not math.isfinite(val):
-                    _nan_stop(val, step, partial, ckpt_step, cfg, log)
-                step_loss += val / A
-                step_samples += len(idx) * nproc
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            lr_now = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            samples += step_samples
-            window.append(step_loss)
-            win_samples += step_samples
-            win_time += dt
-            done = step + 1
-            sps = win_samples / win_time if win_time > 0 else 0.0
-            progress.update(done, step_loss, sps)
-            if done % cfg.log_every == 0 or done == total_steps:
-                log.write({"event": "train", "step": done, "epoch": round(done / steps_per_epoch, 4),
-                           "loss": sum(window) / len(window), "lr": lr_now, "gamma": gamma,
-                           "samples_per_s": round(sps, 2), "subnets": [s.name for s in subs]})
-                window, win_samples, win_time = [], 0, 0.0
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-                if main:
-                    ev = evaluate()
-                    log.write({"event": "eval", "step": done, **ev})
-                    progress.note(f"step {done}: super acc {ev['super_accuracy']:.4f}, smallest "
-                                  f"{smallest.name} acc {ev['smallest_accuracy']:.4f}, eval loss {ev['eval_loss']:.4f}")
-                model.train()
-                accelerator.wait_for_everyone()
-            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                if main:
-                    _save_checkpoint(partial, done, raw, optimizer, scheduler, {
-                        "step": done, "micro": done * A, "epoch": (done * A) // micro_per_epoch,
-                        "batch_in_epoch": (done * A) % micro_per_epoch, "samples": samples,
-                        "train_time_s": train_time, "wall_s": prior_wall + time.perf_counter() - t_session,
-                        "fingerprint": fingerprint}, accelerator.scaler)
-                ckpt_step = done
-                accelerator.wait_for_everyone()
-            if on_step is not None:
-                on_step(done)
-    finally:
-        progress.stop()
+    def micro(self, g: int) -> list[int]:
+        """Example indices of micro-batch `g` (global count) for this process."""
+        e, k = divmod(g, self.micro_per_epoch)
+        glob = self.epoch_order(e)[k * self.G : (k + 1) * self.G]
+        return glob[self.rank * self.B : (self.rank + 1) * self.B] if self.nproc > 1 else glob
 
-    # ---- final evaluation and the artifact ----
-    adapter.activate(raw, None)
-    final = evaluate() if main else {}
-    wall = prior_wall + time.perf_counter() - t_session
-    metrics = {**final, "smallest_subnet": smallest.name, "steps": total_steps,
-               "epochs": round(total_steps / steps_per_epoch, 4), "train_examples": n_train,
-               "eval_examples": len(eval_enc), "wall_time_s": round(wall, 2), "train_time_s": round(train_time, 2),
-               "samples_per_s": round(samples / train_time, 2) if train_time > 0 else None}
-    artifact = None
-    if main:
-        log.write({"event": "final", "step": total_steps, **metrics})
-        raw.save_pretrained(str(partial / MODEL_DIR))
-        tok.save_pretrained(str(partial / MODEL_DIR))
-        (partial / "space.json").write_text(json.dumps(space.to_dict(), indent=2) + "\n")
-        D.write_jsonl(partial / "eval.jsonl", data.eval)
-        calib = list(range(n_train))
-        random.Random(_seed_int("calib", cfg.seed)).shuffle(calib)
-        D.write_jsonl(partial / "calib.jsonl", data.train.subset(sorted(calib[:CALIB_EXAMPLES])))
-        shutil.rmtree(partial / CKPT_DIR, ignore_errors=True)
-        model_info = {
-            "family": adapter.family, "model_type": hf_config.model_type, "base_checkpoint": cfg.model,
-            "base_resolved": model_id, "task": data.task, "labels": data.labels, "num_labels": len(data.labels),
-            "dims": dims.to_dict(), "max_length": max_length, "text_pair": data.eval.pairs is not None,
-            "model_dir": MODEL_DIR, "elastic": cfg.elastic, "reorder": reorder_info,
+    # ---- one optimizer step ---------------------------------------------------------------------------
+    def step(self, step: int) -> tuple[float, int, float, list[Any]]:
+        """Forward/backward the super-network and this step's sub-networks over A micro-batches, then apply.
+        Returns (loss, samples, gamma, sub-networks)."""
+        import torch
+
+        from instatune_cli.tune import loss as L
+
+        cfg, acc = self.cfg, self.acc
+        torch.manual_seed(_seed_int("dropout", cfg.seed, step, self.rank))
+        epoch_now = (step * self.A) // self.micro_per_epoch
+        gamma = 1.0 if self.inp.teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
+        w = L.LossWeights(cfg.alpha, cfg.temperature, gamma)
+        subs = self.space.sample_many(random.Random(_seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
+                                      cfg.sampling) if cfg.elastic else []
+        step_loss, step_samples = 0.0, 0
+        for a in range(self.A):
+            idx = self.micro(step * self.A + a)
+            batch = {k: v.to(acc.device) for k, v in self.inp.train_enc.collate(idx).items()}
+            labels = batch.pop("labels")
+            tl = self.t_logits[torch.tensor(idx)].to(acc.device) if (gamma and self.t_logits is not None) else None
+            with contextlib.nullcontext() if a == self.A - 1 else acc.no_sync(self.model):
+                total = self._micro_step(batch, labels, w, tl, subs)
+            val = float(total)
+            if not math.isfinite(val):
+                _nan_stop(val, step, self.partial, self.ckpt_step, cfg, self.log)
+            step_loss += val / self.A
+            step_samples += len(idx) * self.nproc
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, step_samples, gamma, subs
+
+    def _micro_step(self, batch: dict[str, Any], labels: Any, w: Any, tl: Any, subs: list[Any]) -> Any:
+        """Back-propagate the super-network's term, then each sub-network's (tune/loss.py), one graph at a time."""
+        from instatune_cli.tune import loss as L
+
+        acc, raw, model, A = self.acc, self.raw, self.model, self.A
+        self.adapter.activate(raw, None)
+        with acc.autocast():
+            logits = model(**batch).logits
+        term = L.plain_loss(logits, labels, w, tl) if self.cfg.plain else L.super_term(logits, labels, w, tl)
+        acc.backward(term / A)
+        total = term.detach().float()
+        sup = logits.detach()
+        del logits
+        for sub in subs:
+            self.adapter.activate(raw, sub)
+            with acc.autocast():
+                s_logits = model(**batch).logits
+            s_term = L.sub_term(s_logits, labels, sup, w, tl)
+            acc.backward(s_term / A)
+            total = total + s_term.detach().float()
+            del s_logits
+        self.adapter.activate(raw, None)
+        return total
+
+    # ---- evaluation and checkpoints ---------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Super-network and smallest sub-network on the eval split (and the validation split if any): accuracy,
+        and the task's metric as `super_[val_]<metric>` when it is not accuracy (e.g. `super_mcc`)."""
+        out: dict[str, Any] = {}
+        metric = self.inp.metric
+        for split, ev in self.evaluators.items():
+            pre = "" if split == "eval" else "val_"
+            sup = ev.evaluate(None)
+            small = ev.evaluate(self.smallest)
+            out.update({f"super_{pre}accuracy": sup.accuracy, f"smallest_{pre}accuracy": small.accuracy})
+            if metric != "accuracy":
+                out.update({f"super_{pre}{metric}": sup.score, f"smallest_{pre}{metric}": small.score})
+            if split == "eval":
+                out.update({"eval_loss": sup.loss, "smallest_eval_loss": small.loss})
+        self.adapter.activate(self.raw, None)
+        return out
+
+    def checkpoint(self, done: int) -> None:
+        if self.main:
+            _save_checkpoint(self.partial, done, self.raw, self.optimizer, self.scheduler, {
+                "step": done, "micro": done * self.A, "epoch": (done * self.A) // self.micro_per_epoch,
+                "batch_in_epoch": (done * self.A) % self.micro_per_epoch, "samples": self.samples,
+                "train_time_s": self.train_time, "wall_s": self.prior_wall + time.perf_counter() - self.t_session,
+                "fingerprint": self.fingerprint}, self.acc.scaler)
+        self.ckpt_step = done
+        self.acc.wait_for_everyone()
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    def run(self) -> TuneResult:
+        cfg, inp = self.cfg, self.inp
+        self.open_partial()
+        val_n = len(inp.val_enc) if inp.val_enc is not None else 0
+        self.say(f"[bold]tune[/] {cfg.model} ({self.adapter.family}, {self.adapter.dims(inp.hf_config).num_layers} "
+                 f"layers) on {inp.data.task}: {self.n_train} train / {val_n} val / {len(inp.eval_enc)} eval, "
+                 f"{len(inp.data.labels)} classes, {self.mode}{', teacher ' + cfg.teacher if cfg.teacher else ''}; "
+                 f"{self.total_steps} steps -> {cfg.output}")
+        self.load_teacher()
+        self.build_model()
+        self.resume()
+        self.make_evaluators()
+        self.train_loop()
+        return self.commit()
+
+    def train_loop(self) -> None:
+        cfg = self.cfg
+        window: list[float] = []
+        win_samples, win_time = 0, 0.0
+        self.model.train()
+        progress = _Progress(self.console, self.total_steps, self.start_step, enabled=self.main and not cfg.quiet)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                t0 = time.perf_counter()
+                lr_now = self.scheduler.get_last_lr()[0]
+                step_loss, step_samples, gamma, subs = self.step(step)
+                dt = time.perf_counter() - t0
+                self.train_time += dt
+                self.samples += step_samples
+                window.append(step_loss)
+                win_samples += step_samples
+                win_time += dt
+                done = step + 1
+                sps = win_samples / win_time if win_time > 0 else 0.0
+                progress.update(done, step_loss, sps)
+                if done % cfg.log_every == 0 or done == self.total_steps:
+                    self.log.write({"event": "train", "step": done, "epoch": round(done / self.steps_per_epoch, 4),
+                                    "loss": sum(window) / len(window), "lr": lr_now, "gamma": gamma,
+                                    "samples_per_s": round(sps, 2), "subnets": [s.name for s in subs]})
+                    window, win_samples, win_time = [], 0, 0.0
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
+                    if self.main:
+                        ev = self.evaluate()
+                        self.log.write({"event": "eval", "step": done, **ev})
+                        progress.note(f"step {done}: super acc {ev['super_accuracy']:.4f}, smallest "
+                                      f"{self.smallest.name} acc {ev['smallest_accuracy']:.4f}, eval loss "
+                                      f"{ev['eval_loss']:.4f}")
+                    self.model.train()
+                    self.acc.wait_for_everyone()
+                if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
+                    self.checkpoint(done)
+                if self.on_step is not None:
+                    self.on_step(done)
+        finally:
+            progress.stop()
+
+    def commit(self) -> TuneResult:
+        """Final evaluation, then the run directory (model, space, splits, calibration sample, manifest)."""
+        from instatune_cli import data as D
+
+        cfg, inp, partial = self.cfg, self.inp, self.partial
+        self.adapter.activate(self.raw, None)
+        final = self.evaluate() if self.main else {}
+        wall = self.prior_wall + time.perf_counter() - self.t_session
+        n_val = len(inp.val_enc) if inp.val_enc is not None else 0
+        metrics = {**final, "smallest_subnet": self.smallest.name, "steps": self.total_steps,
+                   "epochs": round(self.total_steps / self.steps_per_epoch, 4), "train_examples": self.n_train,
+                   "val_examples": n_val, "eval_examples": len(inp.eval_enc), "wall_time_s": round(wall, 2),
+                   "train_time_s": round(self.train_time, 2),
+                   "samples_per_s": round(self.samples / self.train_time, 2) if self.train_time > 0 else None}
+        artifact = None
+        if self.main:
+            self.log.write({"event": "final", "step": self.total_steps, **metrics})
+            self.raw.save_pretrained(str(partial / MODEL_DIR))
+            inp.tok.save_pretrained(str(partial / MODEL_DIR))
+            (partial / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2) + "\n")
+            D.write_jsonl(partial / "eval.jsonl", inp.data.eval)
+            if n_val:
+                D.write_jsonl(partial / "val.jsonl", inp.data.val)
+            calib = list(range(self.n_train))
+            random.Random(_seed_int("calib", cfg.seed)).shuffle(calib)
+            D.write_jsonl(partial / "calib.jsonl", inp.data.train.subset(sorted(calib[:CALIB_EXAMPLES])))
+            shutil.rmtree(partial / CKPT_DIR, ignore_errors=True)
+            artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
+            self.say(f"[green]done[/] {cfg.output}: super acc {metrics['super_accuracy']:.4f}, smallest "
+                     f"{self.smallest.name} acc {metrics['smallest_accuracy']:.4f}, {metrics['samples_per_s']} "
+                     f"samples/s, {metrics['wall_time_s']} s")
+        self.acc.wait_for_everyone()
+        return TuneResult(artifact, metrics, self.teacher_cache, self.start_step if self.ckpt is not None else None,
+                          self.log.records)
+
+    def _model_info(self) -> dict[str, Any]:
+        inp = self.inp
+        return {
+            "family": self.adapter.family, "model_type": inp.hf_config.model_type, "base_checkpoint": self.cfg.model,
+            "base_resolved": self.model_id, "task": inp.data.task, "labels": inp.data.labels,
+            "num_labels": len(inp.data.labels), "dims": self.dims.to_dict(), "max_length": inp.max_length,
+            "text_pair": inp.data.eval.pairs is not None, "model_dir": MODEL_DIR, "elastic": self.cfg.elastic,
+            "reorder": self.reorder_info, "metric": inp.metric, "depth_rule": self.space.depth,
         }
-        extra = {
-            "space": space.to_dict(),
-            "data": {**data.source, "train_examples": n_train, "eval_examples": len(eval_enc),
-                     "eval_file": "eval.jsonl", "calib_file": "calib.jsonl",
-                     "calib_examples": min(CALIB_EXAMPLES, n_train)},
+
+    def _extra(self, n_val: int) -> dict[str, Any]:
+        cfg, inp = self.cfg, self.inp
+        return {
+            "space": self.space.to_dict(),
+            "data": {**inp.data.source, "train_examples": self.n_train, "eval_examples": len(inp.eval_enc),
+                     "eval_file": "eval.jsonl", "val_file": "val.jsonl" if n_val else None, "val_examples": n_val,
+                     "calib_file": "calib.jsonl", "calib_examples": min(CALIB_EXAMPLES, self.n_train)},
             "training": {"mode": "plain" if cfg.plain else "elastic", "num_subnets": cfg.num_subnets,
                          "sampling": cfg.sampling, "alpha": cfg.alpha, "temperature": cfg.temperature,
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
-                         "teacher_cache": "teacher_logits.safetensors" if teacher_dir else None,
-                         "total_steps": total_steps, "warmup_steps": warmup, "processes": nproc,
-                         "global_batch": G * A, "fingerprint": fingerprint},
+                         "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,
+                         "total_steps": self.total_steps, "warmup_steps": self.warmup, "processes": self.nproc,
+                         "global_batch": self.G * self.A, "fingerprint": self.fingerprint},
         }
-        artifact = writer.commit(model=model_info, metrics=metrics, extra=extra)
-        say(f"[green]done[/] {cfg.output}: super acc {metrics['super_accuracy']:.4f}, smallest "
-            f"{smallest.name} acc {metrics['smallest_accuracy']:.4f}, {metrics['samples_per_s']} samples/s, "
-            f"{metrics['wall_time_s']} s")
-    accelerator.wait_for_everyone()
-    return TuneResult(artifact, metrics, teacher_cache, start_step if ckpt is not None else None, log.records)
 
 
 def _nan_stop(val: float, step: int, partial: Path, ckpt_step: int | None, cfg: TuneConfig, log: JsonlLog) -> None:

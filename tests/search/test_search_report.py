@@ -28,6 +28,18 @@ def test_pareto_png(tmp_path, objectives):
     _png(out)
 
 
+@pytest.mark.parametrize("objectives", [["acc", "macs"], ["macs", "acc"], ["acc", "macs", "size"]])
+def test_pareto_png_with_held_out_scores(tmp_path, objectives):
+    front = [{**r, "eval_acc": r["acc"] - 0.03} for r in FRONT]
+    out = plot_pareto(ROWS, front, objectives, tmp_path / "pareto.png", holdout={"acc": "eval_acc"},
+                      supernet={"acc": 0.9, "eval_acc": 0.88, "macs": 11e9, "size": 20.0},
+                      baseline={"eval_acc": 0.87, "macs": 11e9, "label": "fine-tuned"},
+                      labels={"acc": "acc: mcc on val (hollow: eval)", "holdout": "front on eval"})
+    plain = plot_pareto(ROWS, FRONT, objectives, tmp_path / "plain.png",
+                        supernet={"acc": 0.9, "macs": 11e9, "size": 20.0})
+    assert _png(out) != _png(plain)
+
+
 def test_pareto_png_with_nothing_to_show(tmp_path):
     _png(plot_pareto([], [], ["acc", "macs"], tmp_path / "pareto.png"))
 

@@ -58,6 +58,18 @@ def test_option_errors(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path)
     assert not out.with_name("o.partial").exists()
 
 
+def test_validation_split_and_metric_errors(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--metric", "foo"), "unknown --metric 'foo'", "mcc")
+    assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--val-split", "abc"), "--val-split 'abc'")
+    assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--val-split", "-1"), "--val-split must be >= 0")
+    assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--val-split", "0.1", "--val-data",
+                          str(tiny_data_dir / "dev.tsv")), "not both")
+    assert not out.exists() and not out.with_name("o.partial").exists()
+    r = run_cli("tune", "--help")
+    assert r.exit_code == 0 and all(o in r.output for o in ("--val-split", "--val-data", "--metric"))
+
+
 def test_teacher_errors(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     three = make_tiny_bert(tmp_path / "three", head=True, num_labels=3)

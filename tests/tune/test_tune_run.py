@@ -200,13 +200,16 @@ def test_teacher_cache_built_once_and_reused(tiny_plain_run: Path, tiny_bert_dir
 
     mp = pytest.MonkeyPatch()
     mp.setattr("transformers.AutoModelForSequenceClassification.from_pretrained", no_teacher, raising=True)
+    log0 = json.loads((out.with_name("run.partial") / "log.jsonl").read_text().splitlines()[0])
+    n_train = log0["train_examples"]  # 96 rows less the default validation split
+    assert n_train == 96 - 5 and log0["val_examples"] == 5
     try:
-        logits, built = T.teacher_logits(out.with_name("run.partial"), "unused", _Len(96),
+        logits, built = T.teacher_logits(out.with_name("run.partial"), "unused", _Len(n_train),
                                          json.loads((out.with_name("run.partial") / "run.json").read_text())
                                          ["extra"]["teacher"])
     finally:
         mp.undo()
-    assert not built and logits.shape == (96, 2)
+    assert not built and logits.shape == (n_train, 2)
     res = run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, resume=True, **kw))
     assert res.teacher_cache == "reused" and res.resumed_from == 4
     assert (out / "teacher_logits.safetensors").stat().st_mtime_ns == stamp
