@@ -143,11 +143,12 @@ def report_run(name: str, run: Path, baseline_dev: float | None, baseline_val: f
                      "selection_split": art.manifest.get("metrics", {}).get("selection_split", "val")}
     if baseline_dev is not None:
         out["super_minus_baseline_pts"] = round(100 * (sup["dev_acc"] - baseline_dev), 2)
-        ok_dev = [r for r in rows if r["dev_acc"] >= baseline_dev - WITHIN / 100 - 1e-12]
+        ok_dev = [r for r in rows if not r["collapsed"] and r["dev_acc"] >= baseline_dev - WITHIN / 100 - 1e-12]
         out["largest_reduction_within_dev"] = max(ok_dev, key=lambda r: r["macs_reduction_pct"]) if ok_dev else None
     if baseline_val is not None:
         # chosen without looking at dev: the cheapest front member within WITHIN points of the baseline on val
-        ok_val = [r for r in rows if r["val_acc"] is not None and r["val_acc"] >= baseline_val - WITHIN / 100 - 1e-12]
+        ok_val = [r for r in rows if r["val_acc"] is not None and not r["collapsed"]
+                  and r["val_acc"] >= baseline_val - WITHIN / 100 - 1e-12]
         out["picked_by_val"] = max(ok_val, key=lambda r: r["macs_reduction_pct"]) if ok_val else None
     return out
 
@@ -194,7 +195,7 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=None, help="teacher for the first K epochs only")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--evals", type=int, default=100, help="search budget (real evaluations on val) per run")
+    ap.add_argument("--evals", type=int, default=60, help="search budget (real evaluations on val) per run")
     ap.add_argument("--population", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs", default=",".join(RUNS))
