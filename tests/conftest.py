@@ -124,6 +124,20 @@ def make_tiny_data(path: Path, n_train: int = 96, n_dev: int = 32, fmt: str = "t
     return path
 
 
+class Killed(Exception):
+    """Stands in for SIGKILL inside the process: nothing after the raise runs."""
+
+
+def kill_at(k: int) -> Any:
+    """An `on_step` hook of `run_tune` that 'kills' the run right after step `k` (and its checkpoint)."""
+
+    def hook(step: int) -> None:
+        if step == k:
+            raise Killed(step)
+
+    return hook
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch on one thread: tiny models gain nothing from more, and a busy second core makes OpenMP

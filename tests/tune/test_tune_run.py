@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, one_thread, run_cli, tiny_tune_args, tiny_tune_config
+from conftest import REPO, Killed, kill_at, one_thread, run_cli, tiny_tune_args, tiny_tune_config
 from safetensors.torch import load_file
 
 from instatune_cli import artifacts
@@ -20,18 +20,6 @@ from instatune_cli.errors import InstatuneError
 from instatune_cli.tune.loop import latest_checkpoint, run_tune
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class Killed(Exception):
-    """Stands in for SIGKILL inside the process: nothing after the raise runs."""
-
-
-def kill_at(k: int):
-    def hook(step: int) -> None:
-        if step == k:
-            raise Killed(step)
-
-    return hook
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
