@@ -109,3 +109,22 @@ def test_tune_stores_the_split_and_resume_keeps_it(tiny_bert_dir: Path, tmp_path
     assert man["model"]["metric"] == "accuracy" and man["model"]["depth_rule"] == "spread"
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["val_examples"] == 12
+
+
+def test_length_grouped_batches_pad_less_and_stay_a_permutation() -> None:
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 60) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    grouped = D.length_grouped(order, lengths, 32, random.Random(1), mega=10)
+    assert sorted(grouped) == list(range(1000))
+    assert grouped == D.length_grouped(order, lengths, 32, random.Random(1), mega=10)
+
+    def padded(o: list[int]) -> int:
+        return sum(max(lengths[i] for i in o[s:s + 32]) * len(o[s:s + 32]) for s in range(0, len(o), 32))
+
+    assert padded(grouped) < 0.6 * padded(order)
+    # the remainder (1000 = 31 x 32 + 8) stays last, so every other batch is full
+    assert len(grouped[31 * 32:]) == 8

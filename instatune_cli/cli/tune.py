@@ -83,6 +83,9 @@ def register(app: typer.Typer) -> None:
                                            rich_help_panel=OPTIM),
         batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch and process.",
                                        rich_help_panel=OPTIM),
+        group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch "
+                                             "examples of similar length together (less padding, ~2x faster on "
+                                             "short texts; order stays random and seeded).", rich_help_panel=OPTIM),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.",
                                        rich_help_panel=OPTIM),
         epochs: float = typer.Option(3.0, "--epochs", rich_help_panel=OPTIM),
@@ -125,7 +128,8 @@ def register(app: typer.Typer) -> None:
             resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
             temperature=temperature, teacher=teacher, teacher_epochs=teacher_epochs, reorder=reorder,
             reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-            batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, group_by_length=group_by_length, grad_accum=grad_accum, epochs=epochs,
+            max_steps=max_steps,
             max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision, cpu=cpu,
             eval_every=eval_every, eval_batch_size=eval_batch_size, save_every=save_every, log_every=log_every,
             quiet=quiet or as_json,

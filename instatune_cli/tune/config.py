@@ -55,6 +55,7 @@ class TuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     batch_size: int = 32
+    group_by_length: bool = True  # batches of similar lengths (data.length_grouped): ~2x faster on short texts
     grad_accum: int = 1
     epochs: float = 3.0
     max_steps: int | None = None

@@ -1,6 +1,7 @@
 """The tune loop: elastic (InstaTune) or plain fine-tuning on `accelerate`, resumable and deterministic.
 
-Determinism: the training order of epoch e is a permutation drawn from `random.Random((seed, e))`; the
+Determinism: the training order of epoch e is a permutation drawn from `random.Random((seed, e))` (with
+`group_by_length`, regrouped into batches of similar lengths by the same generator, `data.length_grouped`); the
 sub-networks of optimizer step s come from `random.Random((seed, s))` and dropout from
 `torch.manual_seed(f(seed, s, process))` set at the start of the step. Every process therefore draws the
 same sub-networks, and the state of a run after step s is a function of (options, data, s): a run resumed
@@ -488,9 +489,15 @@ class Trainer:
     # ---- data order -----------------------------------------------------------------------------------
     def epoch_order(self, e: int) -> list[int]:
         if e not in self._order:
+            from instatune_cli import data as D
+
             self._order.clear()
             perm = list(range(self.n_train))
-            random.Random(_seed_int("order", self.cfg.seed, e)).shuffle(perm)
+            rng = random.Random(_seed_int("order", self.cfg.seed, e))
+            rng.shuffle(perm)
+            if self.cfg.group_by_length:
+                lengths = [len(x) for x in self.inp.train_enc.input_ids]
+                perm = D.length_grouped(perm, lengths, self.G, rng)
             self._order[e] = perm
         return self._order[e]
 
