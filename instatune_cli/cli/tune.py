@@ -66,6 +66,9 @@ def register(app: typer.Typer) -> None:
                                     rich_help_panel=METHOD),
         temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature ρ.",
                                           rich_help_panel=METHOD),
+        hidden_distill: float = typer.Option(0.0, "--hidden-distill", help="β of DynaBERT's hidden-state "
+                                             "distillation from the super-network to each sub-network (0 = off).",
+                                             rich_help_panel=METHOD),
         teacher: Optional[str] = typer.Option(None, "--teacher", help="Strong teacher: a fine-tuned model or "
                                               "tune run (same task and family), e.g. a --plain run.",
                                               rich_help_panel=METHOD),
@@ -126,7 +129,8 @@ def register(app: typer.Typer) -> None:
             limit_eval=limit_eval, val_split=val_split, val_data=val_data, metric=metric, max_length=max_length,
             tokenizer=tokenizer, output=output, force=force,
             resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
-            temperature=temperature, teacher=teacher, teacher_epochs=teacher_epochs, reorder=reorder,
+            temperature=temperature, hidden_distill=hidden_distill, teacher=teacher, teacher_epochs=teacher_epochs,
+            reorder=reorder,
             reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
             batch_size=batch_size, group_by_length=group_by_length, grad_accum=grad_accum, epochs=epochs,
             max_steps=max_steps,

@@ -46,6 +46,7 @@ class TuneConfig:
     sampling: str = "uniform"
     alpha: float = 0.3
     temperature: float = 1.0
+    hidden_distill: float = 0.0  # β of DynaBERT's hidden-state distillation super -> sub (tune/loss.py); 0 = off
     teacher: str | None = None
     teacher_epochs: int | None = None
     reorder: bool | None = None  # None: on for elastic runs, off for --plain
@@ -107,6 +108,7 @@ class TuneConfig:
         need(self.sampling in SAMPLING, f"unknown --sampling {self.sampling!r}; use {' or '.join(SAMPLING)}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        need(self.hidden_distill >= 0, f"--hidden-distill must be >= 0, got {self.hidden_distill}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0.0 <= self.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")

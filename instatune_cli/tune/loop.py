@@ -547,19 +547,28 @@ class Trainer:
         from instatune_cli.tune import loss as L
 
         acc, raw, model, A = self.acc, self.raw, self.model, self.A
+        beta = self.cfg.hidden_distill if subs else 0.0
         self.adapter.activate(raw, None)
         with acc.autocast():
-            logits = model(**batch).logits
+            out = model(**batch, output_hidden_states=True) if beta else model(**batch)
+        logits = out.logits
         term = L.plain_loss(logits, labels, w, tl) if self.cfg.plain else L.super_term(logits, labels, w, tl)
         acc.backward(term / A)
         total = term.detach().float()
         sup = logits.detach()
-        del logits
+        sup_hidden = tuple(h.detach() for h in out.hidden_states) if beta else None
+        del logits, out
+        mask = batch["attention_mask"].float() if beta else None
         for sub in subs:
             self.adapter.activate(raw, sub)
             with acc.autocast():
-                s_logits = model(**batch).logits
+                s_out = model(**batch, output_hidden_states=True) if beta else model(**batch)
+            s_logits = s_out.logits
             s_term = L.sub_term(s_logits, labels, sup, w, tl)
+            if beta:
+                kept = self.adapter.kept_layers(raw, sub)
+                s_term = s_term + beta * L.hidden_distill(s_out.hidden_states, sup_hidden, kept, mask)
+            del s_out
             acc.backward(s_term / A)
             total = total + s_term.detach().float()
             del s_logits
@@ -705,6 +714,7 @@ class Trainer:
                      "calib_file": "calib.jsonl", "calib_examples": min(CALIB_EXAMPLES, self.n_train)},
             "training": {"mode": "plain" if cfg.plain else "elastic", "num_subnets": cfg.num_subnets,
                          "sampling": cfg.sampling, "alpha": cfg.alpha, "temperature": cfg.temperature,
+                         "hidden_distill": cfg.hidden_distill,
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
                          "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,
                          "total_steps": self.total_steps, "warmup_steps": self.warmup, "processes": self.nproc,

@@ -9,6 +9,9 @@ KL(softmax(teacher/ρ) ‖ softmax(student/ρ)), averaged over the batch and sca
 gradient has the same size for every temperature. The super-network's logits are detached where they
 teach a sub-network (the super-network is not pulled towards its sub-networks).
 
+Optional (`--hidden-distill β`, DynaBERT): β·MSE between each sub-network's hidden states and the
+super-network's at the layers it keeps (`hidden_distill`), added to the sub-network's term.
+
 Because every sub-network term only sees detached targets, L_total splits exactly into one term for the
 super-network plus one per sub-network; the training loop back-propagates them one at a time (memory of
 one graph instead of M+1, and the pattern DDP expects), and the sum of the pieces is L_total.
@@ -64,6 +67,26 @@ def sub_term(logits: torch.Tensor, labels: torch.Tensor, super_logits: torch.Ten
             raise ValueError("gamma > 0 needs teacher logits")
         loss = loss + (1 - w.alpha) * w.gamma * kd(logits, teacher, w.rho)
     return loss
+
+
+def hidden_distill(sub_hidden: tuple[torch.Tensor, ...], super_hidden: tuple[torch.Tensor, ...],
+                   kept: list[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DynaBERT's hidden-state distillation: mean squared error between the sub-network's embeddings and
+    each kept layer's output and the super-network's at the same place (targets detached).
+
+    `sub_hidden` = (embeddings, output of kept layer 0, 1, ...), `super_hidden` = (embeddings, output of layer
+    0, 1, ..., N-1) as transformers returns them with `output_hidden_states=True`; `kept` are the super-network
+    layers the sub-network keeps (`adapter.kept_layers`), so its k-th output is compared with the
+    super-network's layer `kept[k]`. Padding positions are left out when `mask` is given. Averaged over the
+    L+1 pairs so the weight does not grow with depth.
+    """
+    pairs = [(sub_hidden[0], super_hidden[0])]
+    pairs += [(sub_hidden[k + 1], super_hidden[li + 1]) for k, li in enumerate(kept)]
+    total = sub_hidden[0].new_zeros((), dtype=torch.float32)
+    for s, t in pairs:
+        d = (s.float() - t.detach().float()).pow(2).mean(-1)
+        total = total + ((d * mask).sum() / mask.sum().clamp(min=1) if mask is not None else d.mean())
+    return total / len(pairs)
 
 
 def instatune_loss(super_logits: torch.Tensor, sub_logits: list[torch.Tensor], labels: torch.Tensor,

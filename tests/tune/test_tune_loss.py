@@ -93,3 +93,25 @@ def test_plain_loss() -> None:
     w = L.LossWeights(alpha=0.3, rho=2.0, gamma=1.0)
     want = 0.3 * _ce(S, Y) + 0.7 * _kl(S, T, 2.0)
     assert L.plain_loss(_t(S), y, w, _t(T)).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_hidden_distill_pairs_each_kept_layer_with_its_super_layer() -> None:
+    torch.manual_seed(0)
+    sup = tuple(torch.randn(2, 3, 4) for _ in range(7))  # embeddings + 6 layers
+    kept = [1, 3, 5]
+    sub = tuple(sup[i].clone().requires_grad_() for i in [0] + [k + 1 for k in kept])
+    assert L.hidden_distill(sub, sup, kept).item() == 0.0
+    # paired with the wrong layers (the first three) it is not zero
+    assert L.hidden_distill(sub, sup, [0, 1, 2]).item() > 0.1
+    # by hand: one pair off by 1 everywhere, averaged over the L+1 = 4 pairs
+    off = (sub[0], sub[1] + 1.0, sub[2], sub[3])
+    assert L.hidden_distill(off, sup, kept).item() == pytest.approx(1.0 / 4)
+    # padding positions are left out
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    pad_off = tuple(s.clone() for s in sub)
+    pad_off[2].data[0, 2] += 5.0  # a padded position of layer 3's output
+    assert L.hidden_distill(pad_off, sup, kept, mask).item() == pytest.approx(0.0, abs=1e-7)
+    # the super-network's hidden states are targets: no gradient reaches them
+    sup_g = tuple(h.clone().requires_grad_() for h in sup)
+    L.hidden_distill(off, sup_g, kept).backward()
+    assert all(h.grad is None for h in sup_g) and sub[1].grad is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -272,3 +273,14 @@ def test_continue_from_a_tune_run(tiny_tune_run: Path, tiny_data_dir: Path, tmp_
         (three / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"good film\t{i % 3}\n" for i in range(12)))
     with pytest.raises(InstatuneError, match="3-class classifier"):
         run_tune(tiny_tune_config(tiny_tune_run, three, tmp_path / "bad", max_steps=2))
+
+
+def test_hidden_distillation_run(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--hidden-distill adds DynaBERT's hidden-state term: the run trains, records β, and differs from β = 0."""
+    res = run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "h", max_steps=6, hidden_distill=1.0))
+    man = res.artifact.manifest
+    assert man["training"]["hidden_distill"] == 1.0
+    assert all(math.isfinite(r["loss"]) for r in res.log if r["event"] == "train")
+    run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "p", max_steps=6))
+    a, b = weights(tmp_path / "h"), weights(tmp_path / "p")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
