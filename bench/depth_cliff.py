@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--phase", choices=("probe", "family"), default="probe")
     ap.add_argument("--steps", type=int, default=300, help="family: optimizer steps of every run")
     ap.add_argument("--elastic", default="first/uniform,spread/uniform,spread/sandwich",
-                    help="family: elastic runs as <depth rule>/<sampling>")
+                    help="family: elastic runs as <depth rule>/<sampling>[/hd<β>] (β: --hidden-distill)")
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--train", type=int, default=3200)
@@ -195,12 +195,14 @@ def family(args: argparse.Namespace) -> None:
             save()
 
     for variant in [v.strip() for v in args.elastic.split(",") if v.strip()]:
-        rule, sampling = variant.split("/")
+        rule, sampling, *extra = variant.split("/")  # e.g. spread/uniform/hd1: --hidden-distill 1
+        hd = float(extra[0][2:]) if extra and extra[0].startswith("hd") else 0.0
         if variant in results["elastic"]:
             continue
         space_file = work / f"space-{rule}.json"
         space_file.write_text(json.dumps({**base.to_dict(), "depth": rule}))
-        run = tune(work / f"elastic-{rule}-{sampling}", model=path, space=str(space_file), sampling=sampling)
+        run = tune(work / f"elastic-{variant.replace('/', '-')}", model=path, space=str(space_file),
+                   sampling=sampling, hidden_distill=hd)
         model, tok, space, art = load_tuned(run)
         ev = Evaluator(model, load_eval_batches(art, tok, 128))
         per = {}
