@@ -72,8 +72,10 @@ def make_tiny_distilbert(path: Path, seed: int = 0, **overrides: Any) -> Path:
     return path
 
 
-def tiny_sentences(n: int, seed: int = 0, labels: Sequence[Any] = (0, 1)) -> list[tuple[str, Any]]:
-    """Sentiment-like sentences: label 0 carries negative words, label 1 positive ones (learnable fast)."""
+def tiny_sentences(n: int, seed: int = 0, labels: Sequence[Any] = (0, 1), noise: float = 0.0
+                   ) -> list[tuple[str, Any]]:
+    """Sentiment-like sentences: label 0 carries negative words, label 1 positive ones (learnable fast).
+    A fraction `noise` of the labels is flipped, so no model can score 100 % (sub-networks then differ)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -81,6 +83,8 @@ def tiny_sentences(n: int, seed: int = 0, labels: Sequence[Any] = (0, 1)) -> lis
         words = [rng.choice(FILLER) for _ in range(rng.randint(3, 9))]
         for _ in range(rng.randint(1, 2)):
             words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if y else NEGATIVE))
+        if noise and rng.random() < noise:
+            y = 1 - y
         out.append((" ".join(words), labels[y]))
     rng.shuffle(out)
     return out
@@ -115,11 +119,11 @@ def write_table(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 def make_tiny_data(path: Path, n_train: int = 96, n_dev: int = 32, fmt: str = "tsv",
-                   labels: Sequence[Any] = (0, 1)) -> Path:
+                   labels: Sequence[Any] = (0, 1), noise: float = 0.0) -> Path:
     """A GLUE-style directory: train.<fmt> and dev.<fmt> with columns sentence, label."""
     path = Path(path)
     for name, n, seed in (("train", n_train, 1), ("dev", n_dev, 2)):
-        rows = [{"sentence": s, "label": y} for s, y in tiny_sentences(n, seed, labels)]
+        rows = [{"sentence": s, "label": y} for s, y in tiny_sentences(n, seed, labels, noise)]
         write_table(path / f"{name}.{fmt}", rows)
     return path
 
