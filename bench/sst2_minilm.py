@@ -145,11 +145,14 @@ def report_run(name: str, run: Path, baseline_dev: float | None, baseline_val: f
         out["super_minus_baseline_pts"] = round(100 * (sup["dev_acc"] - baseline_dev), 2)
         ok_dev = [r for r in rows if not r["collapsed"] and r["dev_acc"] >= baseline_dev - WITHIN / 100 - 1e-12]
         out["largest_reduction_within_dev"] = max(ok_dev, key=lambda r: r["macs_reduction_pct"]) if ok_dev else None
-    if baseline_val is not None:
-        # chosen without looking at dev: the cheapest front member within WITHIN points of the baseline on val
+    if sup["val_acc"] is not None:
+        # chosen without looking at dev, as `search --pick max-drop=0.5` chooses: the cheapest front member within
+        # WITHIN points of this run's super-network on the validation split
         ok_val = [r for r in rows if r["val_acc"] is not None and not r["collapsed"]
-                  and r["val_acc"] >= baseline_val - WITHIN / 100 - 1e-12]
+                  and r["val_acc"] >= sup["val_acc"] - WITHIN / 100 - 1e-12]
         out["picked_by_val"] = max(ok_val, key=lambda r: r["macs_reduction_pct"]) if ok_val else None
+    if baseline_val is not None:
+        out["super_minus_baseline_val_pts"] = round(100 * (sup["val_acc"] - baseline_val), 2)
     return out
 
 
@@ -255,7 +258,8 @@ def print_table(summary: dict) -> None:
     print(f"\nplain baseline (dev): {100 * b:.2f} %" if b is not None else "\nno plain baseline")
     for name, r in summary["results"].items():
         s = r["super"]
-        print(f"\n{name}: super-network {100 * s['dev_acc']:.2f} % dev at {s['gmacs']:.3f} GMACs"
+        val = f", {100 * s['val_acc']:.2f} % val" if s.get("val_acc") is not None else ""
+        print(f"\n{name}: super-network {100 * s['dev_acc']:.2f} % dev{val} at {s['gmacs']:.3f} GMACs"
               + (f" ({r['super_minus_baseline_pts']:+.2f} pt vs baseline)" if "super_minus_baseline_pts" in r else ""))
         for f in r.get("front", []):
             flag = "  COLLAPSED" if f["collapsed"] else ""
@@ -264,8 +268,8 @@ def print_table(summary: dict) -> None:
         for key in ("picked_by_val", "largest_reduction_within_dev"):
             p = r.get(key)
             if key in r:
-                print(f"  {key}: " + (f"{p['name']} -{p['macs_reduction_pct']} % MACs, dev {100 * p['dev_acc']:.2f}"
-                                      if p else "none"))
+                print(f"  {key}: " + (f"{p['name']} -{p['macs_reduction_pct']} % MACs, val {100 * p['val_acc']:.2f}, "
+                                      f"dev {100 * p['dev_acc']:.2f}" if p else "none"))
         if r.get("best_per_depth"):
             print("  best per depth (by val): " + ", ".join(
                 f"L{d} {100 * x['dev_acc']:.2f}" for d, x in r["best_per_depth"].items()))
