@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="family: optimizer steps of every run")
     ap.add_argument("--elastic", default="first/uniform,spread/uniform,spread/sandwich",
                     help="family: elastic runs as <depth rule>/<sampling>[/hd<β>] (β: --hidden-distill)")
+    ap.add_argument("--seed", type=int, default=42, help="family: seed of the elastic runs (and their split)")
+    ap.add_argument("--skip-alone", action="store_true", help="family: only the elastic runs")
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--train", type=int, default=3200)
@@ -148,7 +150,8 @@ def family(args: argparse.Namespace) -> None:
     work = args.out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     common = dict(task="sst2", data=str(args.data.resolve()), limit_train=args.train, limit_eval=args.dev,
-                  max_length=64, batch_size=32, lr=args.lr, max_steps=args.steps, seed=42, save_every=100, quiet=True)
+                  max_length=64, batch_size=32, lr=args.lr, max_steps=args.steps, seed=args.seed, save_every=100,
+                  quiet=True)
 
     from transformers import AutoConfig
 
@@ -174,7 +177,7 @@ def family(args: argparse.Namespace) -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
     # alone: stock L-layer models cut from the pretrained checkpoint (first L layers, or the spread layers)
-    for rule in ("first", "spread"):
+    for rule in ("first", "spread") if not args.skip_alone else ():
         for d in depths:
             key = f"{rule}/L{d}"
             if key in results["alone"] or (rule == "spread" and d == depths[-1]):
@@ -197,6 +200,8 @@ def family(args: argparse.Namespace) -> None:
     for variant in [v.strip() for v in args.elastic.split(",") if v.strip()]:
         rule, sampling, *extra = variant.split("/")  # e.g. spread/uniform/hd1: --hidden-distill 1
         hd = float(extra[0][2:]) if extra and extra[0].startswith("hd") else 0.0
+        if args.seed != 42:
+            variant = f"{variant}@seed{args.seed}"
         if variant in results["elastic"]:
             continue
         space_file = work / f"space-{rule}.json"
