@@ -1,7 +1,7 @@
 """ONNX export of a model directory, ORT parity check, and INT8 dynamic quantization.
 
 Exporter choice: `torch.onnx.export(..., dynamo=True)` with `torch.export.Dim` dynamic shapes for batch and
-sequence. On the stack in DESIGN §4 (torch 2.14, transformers 5.24, onnxscript 0.7) it exports stock and
+sequence. On the tested stack (torch 2.14, transformers 5.24, onnxscript 0.7) it exports stock and
 per-layer (instatune_*) BERT-family classifiers with SDPA attention, the graph runs in ORT for batch and
 sequence sizes other than the example's (batch 1 and sequence 1 included), and logits match torch within
 ~1e-7 (MiniLM: 4e-8). It is the exporter torch develops (the TorchScript one is deprecated). It is slower

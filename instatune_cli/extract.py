@@ -7,7 +7,7 @@ rule"; the k-th kept layer becomes layer k of the smaller model), the first h he
 super-network's *full* parameters (an elastic model's linears are views over them), so whatever sub-network
 happens to be active does not matter.
 
-Two kinds of result (DESIGN §4: transformers 5 has no head pruning and derives head size from the head
+Two kinds of result (transformers 5 has no head pruning and derives head size from the head
 count):
 
 - `stock`: the sub-network keeps every head and one FFN width in all layers. It is a plain config of the

@@ -1,4 +1,4 @@
-"""Exact multiply-accumulates and parameter counts of a sub-network, in closed form (DESIGN §2).
+"""Exact multiply-accumulates and parameter counts of a sub-network, in closed form.
 
 MACs and params are exact functions of the config, so the search computes them instead of predicting
 them (DyNAS-T fits predictors to them). Counted at batch 1 and the space's sequence length.

@@ -3,7 +3,7 @@
 Modules: `config` (options dataclass, validation, fingerprint), `loss` (Eq. 1), `teacher` (strong-teacher
 checks and the cached teacher logits), `loop` (the accelerate training loop, checkpoints, resume, artifact).
 
-A tune run directory (stage "tune", the contract of DESIGN §3) holds:
+A tune run directory (stage "tune", the artifact contract of docs/architecture.md) holds:
 
     manifest.json              schema, options, model info (family, base checkpoint, task, labels, dims,
                                max_length, model_dir, reorder), metrics (super_accuracy, smallest_accuracy,
