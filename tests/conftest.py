@@ -200,9 +200,10 @@ def tiny_tune_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path,
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     with one_thread():
-        # 16 of the 96 training rows validate: the default 5 % would be 5 rows, and this tiny task is
-        # sensitive to which rows it trains on
-        run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, max_steps=48, val_split="16"))
+        # 16 of the 96 training rows validate (the default 5 % would be 5 rows). Batches of 16: with 8 and
+        # length-grouped batches the tiny task stayed at chance after 48 steps for seeds 7 and 1; with 16 it
+        # learned for seeds 1, 2, 3, 4 and 7
+        run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, max_steps=48, val_split="16", batch_size=16))
     return out
 
 
