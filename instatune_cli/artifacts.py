@@ -139,6 +139,49 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def check_output(out: str | Path, force: bool) -> Path:
+    """Refuse an output a stage must not write or replace; returns it as a Path.
+
+    `--force` replaces only what instatune made: an existing directory whose manifest says it is an instatune
+    stage output, or an empty directory. Anything else (a data folder, a home directory, a file) is refused
+    with one line, and so is an output that is the current directory or one of its parents (`-o .`).
+    """
+    p = _named_output(out)
+    if not p.exists() and not p.is_symlink():
+        return p
+    if not force:
+        raise InstatuneError(f"{p} already exists; pass --force to replace it or choose another --output")
+    if not p.is_dir() or p.is_symlink():
+        raise InstatuneError(f"{p} is not a directory instatune wrote; --force replaces only stage outputs; "
+                             "choose another --output")
+    if any(p.iterdir()) and not _is_stage_output(p):
+        raise InstatuneError(f"{p} is not an instatune stage output (no instatune manifest.json); --force replaces "
+                             "only those, so move it away or choose another --output")
+    return p
+
+
+def _named_output(out: str | Path) -> Path:
+    p = Path(out).expanduser()
+    if p.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(p.resolve()):
+        raise InstatuneError(f"--output {out} is the current directory or above it; give a new directory name")
+    return p
+
+
+def check_partial(tmp: Path) -> None:
+    """`--force` removes a `<out>.partial` directory only if a stage made it (its `.stage` marker)."""
+    if not (tmp / ".stage").is_file():
+        raise InstatuneError(f"{tmp} is not an unfinished instatune stage (no .stage marker); --force removes only "
+                             "those, so move it away or choose another --output")
+
+
+def _is_stage_output(p: Path) -> bool:
+    try:
+        m = json.loads((p / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("schema") == SCHEMA and m.get("stage") in STAGES
+
+
 @dataclass
 class StageWriter:
     """Builds a stage directory in `<out>.partial` and publishes it atomically on `commit()`.
@@ -155,11 +198,12 @@ class StageWriter:
     resume: bool = False
     cleanup_on_error: bool = True
     manifest: dict[str, Any] = field(default_factory=dict)
+    _complete: bool = field(default=False, init=False)  # a finished result that could not be moved: keep it
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage}")
-        self.out = Path(self.out)
+        self.out = _named_output(self.out)
         self.tmp = self.out.with_name(self.out.name + ".partial")
 
     def __enter__(self) -> StageWriter:
@@ -167,12 +211,11 @@ class StageWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and self.cleanup_on_error and self.tmp.exists():
+        if exc_type is not None and self.cleanup_on_error and self.tmp.exists() and not self._complete:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def open(self) -> Path:
-        if self.out.exists() and not self.force:
-            raise InstatuneError(f"{self.out} already exists; pass --force to replace it or choose another --output")
+        check_output(self.out, self.force)
         if self.tmp.exists():
             if self.resume:
                 marker = self.tmp / ".stage"
@@ -184,6 +227,7 @@ class StageWriter:
             if not self.force:
                 raise InstatuneError(f"an unfinished {self.stage} run is in {self.tmp}; "
                                      "pass --resume to continue it or --force to start over")
+            check_partial(self.tmp)
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / ".stage").write_text(self.stage)
@@ -216,10 +260,17 @@ class StageWriter:
         m["files"] = _file_list(self.tmp)
         (self.tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
         if self.out.exists():
+            check_output(self.out, True)  # it may have changed since open()
             old = self.out.with_name(self.out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
+            try:
+                os.replace(self.tmp, self.out)
+            except OSError as e:  # never leave only <out>.old behind: put the previous output back
+                os.replace(old, self.out)
+                self._complete = True
+                raise InstatuneError(f"could not move {self.tmp} to {self.out} ({e.strerror}); the previous "
+                                     f"{self.out} is unchanged and the new result is kept in {self.tmp}") from None
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)

@@ -63,10 +63,10 @@ def _first_line(e: BaseException) -> str:
 
 def precheck_output(cfg: TuneConfig) -> None:
     """The StageWriter rules, checked before any heavy work so a refused run costs nothing."""
-    out = Path(cfg.output)
+    from instatune_cli.artifacts import check_output, check_partial
+
+    out = check_output(cfg.output, cfg.force)
     tmp = out.with_name(out.name + ".partial")
-    if out.exists() and not cfg.force:
-        raise InstatuneError(f"{out} already exists; pass --force to replace it or choose another --output")
     if tmp.exists():
         marker = tmp / ".stage"
         if cfg.resume:
@@ -78,6 +78,8 @@ def precheck_output(cfg: TuneConfig) -> None:
             raise InstatuneError(
                 f"an unfinished tune run is in {tmp}; pass --resume to continue it or --force to start over"
             )
+        else:
+            check_partial(tmp)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""`--force` replaces only what instatune made, `-o .` is refused in one line, and a failed final rename
+never leaves only `<out>.old` behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import assert_cli_error, run_cli, tiny_tune_args
+
+from instatune_cli import artifacts
+from instatune_cli.errors import InstatuneError
+
+
+def write_stage(out: Path, value: str, force: bool = False) -> artifacts.Artifact:
+    with artifacts.StageWriter(out, "extract", {"v": value}, force=force) as w:
+        (w.path / "weights.txt").write_text(value)
+        return w.commit()
+
+
+def test_force_refuses_a_directory_instatune_did_not_write(tmp_path: Path) -> None:
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "train.csv").write_text("precious")
+    with pytest.raises(InstatuneError, match="not an instatune stage output") as e:
+        write_stage(data, "new", force=True)
+    assert "\n" not in str(e.value)
+    assert (data / "train.csv").read_text() == "precious" and not (tmp_path / "my-data.partial").exists()
+
+
+def test_force_refuses_a_file_and_an_unmarked_partial(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(InstatuneError, match="not a directory instatune wrote"):
+        write_stage(tmp_path / "out", "new", force=True)
+    other = tmp_path / "notes.partial"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(InstatuneError, match="no .stage marker"):
+        write_stage(tmp_path / "notes", "new", force=True)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_force_replaces_a_stage_output_or_an_empty_directory(tmp_path: Path) -> None:
+    write_stage(tmp_path / "a", "old")
+    art = write_stage(tmp_path / "a", "new", force=True)
+    assert (art.path / "weights.txt").read_text() == "new"
+    (tmp_path / "empty").mkdir()
+    assert (write_stage(tmp_path / "empty", "x", force=True).path / "weights.txt").is_file()
+
+
+def test_failed_final_rename_restores_the_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "a"
+    write_stage(out, "old")
+    real = os.replace
+
+    def fail_into_out(src: object, dst: object) -> None:
+        if Path(str(src)).name == "a.partial":
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_into_out)
+    with pytest.raises(InstatuneError, match="previous .* is unchanged"):
+        write_stage(out, "new", force=True)
+    monkeypatch.undo()
+    assert (out / "weights.txt").read_text() == "old" and artifacts.load(out, "extract").options["v"] == "old"
+    assert not (tmp_path / "a.old").exists() and (tmp_path / "a.partial" / "weights.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+def test_output_dot_is_one_line(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch, output: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    res = run_cli(*tiny_tune_args(tiny_bert_dir, tiny_data_dir, output, "--force"))
+    assert_cli_error(res, "current directory")
+    assert (work / "keep.txt").read_text() == "mine"
+
+
+def test_tune_force_refuses_a_data_folder(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "home"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    res = run_cli(*tiny_tune_args(tiny_bert_dir, tiny_data_dir, folder, "--force"))
+    assert_cli_error(res, "not an instatune stage output")
+    assert (folder / "thesis.tex").read_text() == "years of work" and not (tmp_path / "home.partial").exists()
+
+
+def test_every_stage_refuses_output_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for stage in artifacts.STAGES:
+        with pytest.raises(InstatuneError, match="current directory"):
+            artifacts.StageWriter(Path("."), stage, {}, force=True)
