@@ -93,3 +93,29 @@ def test_every_stage_refuses_output_dot(tmp_path: Path, monkeypatch: pytest.Monk
     for stage in artifacts.STAGES:
         with pytest.raises(InstatuneError, match="current directory"):
             artifacts.StageWriter(Path("."), stage, {}, force=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_broken_weights_fail_in_one_line_before_any_output(tiny_bert_dir: Path, tiny_data_dir: Path,
+                                                           tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    weights = model / "model.safetensors"
+    if damage == "truncate":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.unlink()
+    res = run_cli(*tiny_tune_args(model, tiny_data_dir, tmp_path / "run"))
+    line = assert_cli_error(res, "model.safetensors")
+    assert ("truncated" in line) if damage == "truncate" else ("no weights" in line)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_search_population_zero_creates_nothing(tiny_tune_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    res = run_cli("search", tiny_tune_run, "--objectives", "acc,macs", "--population", "0", "-o", out)
+    assert_cli_error(res, "--population must be at least 1")
+    assert not out.exists() and not (tmp_path / "s.partial").exists()

@@ -54,6 +54,7 @@ def check_model_source(src: str) -> str:
         except json.JSONDecodeError:
             raise InstatuneError(f"{p / 'config.json'} is not valid JSON") from None
         adapter_for(str(mt))
+        check_weights(p)
         return str(p)
     if src.startswith((".", "/", "~")) or os.sep in src.strip("/") and src.count("/") > 1:
         raise InstatuneError(f"model directory {src} does not exist; give an existing local path or a hub id")
@@ -63,6 +64,25 @@ def check_model_source(src: str) -> str:
             "directory instead, e.g. one written by save_pretrained"
         )
     return src
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """A local model directory has readable weights: its safetensors headers parse and cover their files (a
+    truncated or corrupted file is one line naming it, before any stage creates its output)."""
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors"))
+    if not files and not any(d.glob("*.bin")):
+        raise InstatuneError(f"{d} has no weights (model.safetensors); give a directory written by save_pretrained")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except (SafetensorError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InstatuneError(f"{f} is not a readable safetensors file ({first}); it may be truncated or "
+                                 "corrupted: copy or save it again") from None
 
 
 def load_classifier(src: str, num_labels: int | None = None, id2label: dict[int, str] | None = None,

@@ -137,6 +137,9 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
     for flag, v in (("--limit-val", opts.limit_val), ("--limit-eval", opts.limit_eval)):
         if v is not None and v < 1:
             raise InstatuneError(f"{flag} must be at least 1, got {v}")
+    for flag, v in (("--population", opts.population), ("--evals", opts.evals)):
+        if v < 1:
+            raise InstatuneError(f"{flag} must be at least 1, got {v}")
     if opts.evals < opts.population:
         raise InstatuneError(
             f"budget of {opts.evals} evaluations is smaller than the population of {opts.population}; "
