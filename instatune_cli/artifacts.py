@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -139,6 +140,105 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class OutputLock:
+    """An exclusive OS lock on `<out>.lock` for the life of a stage, so two processes never write (or
+    `--force`-delete, or `--resume` into) the same output.
+
+    `fcntl.flock` is released by the OS when its holder dies, so a lock can never outlive its process; the file
+    names the holder (pid, host, stage, start) for the one-line refusal a second writer gets, and is removed
+    on release. A lock file that is present but not locked was left by a process that died: it is taken over
+    and `notice` says so. Where `fcntl` does not exist (Windows) locking is skipped.
+    """
+
+    def __init__(self, out: Path, stage: str) -> None:
+        self.path = out.with_name(out.name + ".lock")
+        self.out, self.stage = out, stage
+        self.fd: int | None = None
+        self.notice: str | None = None
+
+    def holder_error(self, fd: int) -> InstatuneError:
+        h = _read_holder(fd)
+        who = (f"instatune {h.get('stage', '?')} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since "
+               f"{h.get('since', '?')})") if h else "instatune process"
+        return InstatuneError(f"{self.out} is being written by another {who}; wait for it to finish or choose "
+                              "another --output")
+
+    def probe(self) -> None:
+        """Raise the holder's one-line error if a live process holds the lock; change nothing."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self.holder_error(fd) from None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:
+            return
+        import socket
+
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise InstatuneError(f"cannot create the lock file {self.path} ({e.strerror}); choose an --output "
+                                     "in a directory you can write") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                err = self.holder_error(fd)
+                os.close(fd)
+                raise err from None
+            try:  # the previous holder may have removed the file between our open and our lock: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = _read_holder(fd)
+        if old:
+            self.notice = (f"took over {self.path}, left by {old.get('stage', '?')} pid {old.get('pid', '?')} on "
+                           f"{old.get('host', '?')}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
+                                 "since": _utc_now()}).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+
+        try:
+            os.unlink(self.path)  # while still holding it, so nobody locks a file that is about to vanish
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def check_output(out: str | Path, force: bool) -> Path:
     """Refuse an output a stage must not write or replace; returns it as a Path.
 
@@ -147,6 +247,11 @@ def check_output(out: str | Path, force: bool) -> Path:
     with one line, and so is an output that is the current directory or one of its parents (`-o .`).
     """
     p = _named_output(out)
+    OutputLock(p, "").probe()
+    return _check_replaceable(p, force)
+
+
+def _check_replaceable(p: Path, force: bool) -> Path:
     if not p.exists() and not p.is_symlink():
         return p
     if not force:
@@ -205,6 +310,7 @@ class StageWriter:
             raise ValueError(f"unknown stage {self.stage}")
         self.out = _named_output(self.out)
         self.tmp = self.out.with_name(self.out.name + ".partial")
+        self.lock = OutputLock(self.out, self.stage)
 
     def __enter__(self) -> StageWriter:
         self.open()
@@ -213,9 +319,25 @@ class StageWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and self.cleanup_on_error and self.tmp.exists() and not self._complete:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Give up the output's lock (done by `commit` and on leaving the `with` block; idempotent)."""
+        self.lock.release()
 
     def open(self) -> Path:
+        """Check the output, take its lock (held until `commit` or `release`), create or reopen the partial."""
         check_output(self.out, self.force)
+        self.lock.acquire()
+        if self.lock.notice:
+            print(f"notice: {self.lock.notice}", file=sys.stderr)
+        try:
+            return self._open_partial()
+        except BaseException:
+            self.release()
+            raise
+
+    def _open_partial(self) -> Path:
         if self.tmp.exists():
             if self.resume:
                 marker = self.tmp / ".stage"
@@ -260,7 +382,7 @@ class StageWriter:
         m["files"] = _file_list(self.tmp)
         (self.tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
         if self.out.exists():
-            check_output(self.out, True)  # it may have changed since open()
+            _check_replaceable(self.out, True)  # it may have changed since open()
             old = self.out.with_name(self.out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.out, old)
@@ -274,6 +396,7 @@ class StageWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)
+        self.release()
         return Artifact(self.out, m)
 
 

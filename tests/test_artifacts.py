@@ -58,6 +58,7 @@ def test_resumable_partial_dir(tmp_path):
     w = StageWriter(tmp_path / "run", "tune", {}, cleanup_on_error=False)
     w.open()
     (w.path / "ckpt").write_text("1")
+    w.release()  # the interrupted run's process has ended (a live one holds the output's lock)
     with pytest.raises(InstatuneError, match="pass --resume"):
         StageWriter(tmp_path / "run", "tune", {}).open()
     with pytest.raises(InstatuneError, match="holds a 'tune' run"):

@@ -155,62 +155,65 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
     writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
                                    cleanup_on_error=False)
     work = writer.open()
-    resuming = resume and (work / "archive.jsonl").exists()
+    try:
+        resuming = resume and (work / "archive.jsonl").exists()
 
-    lat = supernet.LatencySetup(opts.latency_batch, opts.latency_seq_len or 0, opts.latency_threads)
-    obj = supernet.build(parent.path, [o.name for o in objs],
-                         limit_val=opts.limit_val if opts.limit_val is not None else opts.limit_eval,
-                         batch_size=opts.eval_batch_size, latency=lat if opts.latency_seq_len else None,
-                         metric=opts.metric, on_warning=on_warning)
-    baseline = _baseline(opts.baseline, obj) if opts.baseline else None
+        lat = supernet.LatencySetup(opts.latency_batch, opts.latency_seq_len or 0, opts.latency_threads)
+        obj = supernet.build(parent.path, [o.name for o in objs],
+                             limit_val=opts.limit_val if opts.limit_val is not None else opts.limit_eval,
+                             batch_size=opts.eval_batch_size, latency=lat if opts.latency_seq_len else None,
+                             metric=opts.metric, on_warning=on_warning)
+        baseline = _baseline(opts.baseline, obj) if opts.baseline else None
 
-    result = run_search(obj.space, objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
-                        evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=work,
-                        resume=resuming, constraints=cons, batch=opts.batch, on_eval=on_eval,
-                        ref_point=ref_point)
+        result = run_search(obj.space, objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
+                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=work,
+                            resume=resuming, constraints=cons, batch=opts.batch, on_eval=on_eval,
+                            ref_point=ref_point)
 
-    # the search is over: only now is the eval split read, once per front member and the super-network
-    front = [dict(r) for r in result.front]
-    held = obj.score_holdout([None, *(SubNet.from_dict(r) for r in front)])
-    obj.reference.update(held[0])
-    for r, h in zip(front, held[1:], strict=True):
-        r.update(h)
-    picked = None
-    if max_drop is not None:
-        cost = next((o.name for o in objs if o.direction == "min"), None)
-        if cost is None:
-            raise InstatuneError("--pick needs a cost objective to minimise (macs, params, latency or size)")
-        picked = pick_cheapest(front, obj.reference, max_drop, cost)
-        for r in front:
-            r["picked"] = picked is not None and r["id"] == picked["id"]
-    collapsed = [r["subnet"] for r in front if r.get("collapsed") or r.get("eval_collapsed")]
-    notes = [*obj.warnings, *result.notes, *_collapse_notes(collapsed, front, obj)]
-    names = [o.name for o in objs]
-    extra_cols = [c for c in FRONT_EXTRA if any(c in r for r in front)]
-    write_rows_csv(work / FRONT_CSV, front, first=["subnet", "id", "name", "layers", "heads", "ffn", *names,
-                                                    *extra_cols])
-    selection = {"metric": obj.metric, "selection_split": obj.selection_split,
-                 "selection_examples": obj.selection_examples,
-                 "eval_split": "eval" if obj.holdout is not None else None, "eval_examples": obj.eval_examples,
-                 "warnings": list(obj.warnings), "collapsed": collapsed}
-    (work / FRONT_JSON).write_text(json.dumps({"objectives": [o.to_dict() for o in objs], **selection,
-                                               "front": front, "reference": obj.reference, "picked": picked},
-                                              indent=2) + "\n")
-    _plot(result.rows, front, objs, work / "pareto.png", obj, baseline)
+        # the search is over: only now is the eval split read, once per front member and the super-network
+        front = [dict(r) for r in result.front]
+        held = obj.score_holdout([None, *(SubNet.from_dict(r) for r in front)])
+        obj.reference.update(held[0])
+        for r, h in zip(front, held[1:], strict=True):
+            r.update(h)
+        picked = None
+        if max_drop is not None:
+            cost = next((o.name for o in objs if o.direction == "min"), None)
+            if cost is None:
+                raise InstatuneError("--pick needs a cost objective to minimise (macs, params, latency or size)")
+            picked = pick_cheapest(front, obj.reference, max_drop, cost)
+            for r in front:
+                r["picked"] = picked is not None and r["id"] == picked["id"]
+        collapsed = [r["subnet"] for r in front if r.get("collapsed") or r.get("eval_collapsed")]
+        notes = [*obj.warnings, *result.notes, *_collapse_notes(collapsed, front, obj)]
+        names = [o.name for o in objs]
+        extra_cols = [c for c in FRONT_EXTRA if any(c in r for r in front)]
+        write_rows_csv(work / FRONT_CSV, front, first=["subnet", "id", "name", "layers", "heads", "ffn", *names,
+                                                        *extra_cols])
+        selection = {"metric": obj.metric, "selection_split": obj.selection_split,
+                     "selection_examples": obj.selection_examples,
+                     "eval_split": "eval" if obj.holdout is not None else None, "eval_examples": obj.eval_examples,
+                     "warnings": list(obj.warnings), "collapsed": collapsed}
+        (work / FRONT_JSON).write_text(json.dumps({"objectives": [o.to_dict() for o in objs], **selection,
+                                                   "front": front, "reference": obj.reference, "picked": picked},
+                                                  indent=2) + "\n")
+        _plot(result.rows, front, objs, work / "pareto.png", obj, baseline)
 
-    summary = result.summary()
-    summary.update({"front": [{"subnet": r["subnet"], "id": r["id"], "name": r["name"],
-                               **{o.name: r.get(o.name) for o in objs},
-                               **{c: r[c] for c in extra_cols if c in r}} for r in front],
-                    "reference": obj.reference, "picked": picked["subnet"] if picked else None,
-                    "space_size": obj.space.cardinality(), **selection, "notes": notes})
-    metrics = {k: summary[k] for k in ("evaluations", "front_size", "hypervolume", "evals_per_minute",
-                                       "feasible", "picked", "notes", *selection)}
-    metrics["supernet"] = obj.reference
-    metrics["front"] = summary["front"]
-    art = writer.commit(model=parent.model, metrics=metrics,
-                        extra={"objectives": [o.to_dict() for o in objs], "space": obj.space.to_dict()})
-    return art, result, summary
+        summary = result.summary()
+        summary.update({"front": [{"subnet": r["subnet"], "id": r["id"], "name": r["name"],
+                                   **{o.name: r.get(o.name) for o in objs},
+                                   **{c: r[c] for c in extra_cols if c in r}} for r in front],
+                        "reference": obj.reference, "picked": picked["subnet"] if picked else None,
+                        "space_size": obj.space.cardinality(), **selection, "notes": notes})
+        metrics = {k: summary[k] for k in ("evaluations", "front_size", "hypervolume", "evals_per_minute",
+                                           "feasible", "picked", "notes", *selection)}
+        metrics["supernet"] = obj.reference
+        metrics["front"] = summary["front"]
+        art = writer.commit(model=parent.model, metrics=metrics,
+                            extra={"objectives": [o.to_dict() for o in objs], "space": obj.space.to_dict()})
+        return art, result, summary
+    finally:
+        writer.release()  # the output's lock, also when the search stops early
 
 
 # front columns beyond the objectives, in this order (those present): see the module docstring

@@ -362,11 +362,15 @@ class Trainer:
         self.teacher_cache: str | None = None
         self.samples, self.train_time, self.prior_wall = 0, 0.0, 0.0
         self.start_step, self.ckpt_step = 0, None
+        from instatune_cli.artifacts import StageWriter
+
+        # only the main process opens it, and so holds the output's lock (artifacts.OutputLock)
+        self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
+                                  cleanup_on_error=False)
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def open_partial(self) -> None:
         """Fingerprint the run, open (or reopen) `<output>.partial`, refuse a partial of another run."""
-        from instatune_cli.artifacts import StageWriter
         from instatune_cli.tune.teacher import cache_key
 
         cfg, inp = self.cfg, self.inp
@@ -380,8 +384,6 @@ class Trainer:
         if inp.val_enc is not None:
             fp_extra["val"] = inp.val_enc.digest()
         self.fingerprint = cfg.fingerprint(fp_extra)
-        self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
-                                  cleanup_on_error=False)
         if self.main:
             self.writer.open()
         self.acc.wait_for_everyone()
@@ -608,18 +610,21 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------------------
     def run(self) -> TuneResult:
         cfg, inp = self.cfg, self.inp
-        self.open_partial()
-        val_n = len(inp.val_enc) if inp.val_enc is not None else 0
-        self.say(f"[bold]tune[/] {cfg.model} ({self.adapter.family}, {self.adapter.dims(inp.hf_config).num_layers} "
-                 f"layers) on {inp.data.task}: {self.n_train} train / {val_n} val / {len(inp.eval_enc)} eval, "
-                 f"{len(inp.data.labels)} classes, {self.mode}{', teacher ' + cfg.teacher if cfg.teacher else ''}; "
-                 f"{self.total_steps} steps -> {cfg.output}")
-        self.load_teacher()
-        self.build_model()
-        self.resume()
-        self.make_evaluators()
-        self.train_loop()
-        return self.commit()
+        try:
+            self.open_partial()
+            val_n = len(inp.val_enc) if inp.val_enc is not None else 0
+            self.say(f"[bold]tune[/] {cfg.model} ({self.adapter.family}, "
+                     f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.n_train} train "
+                     f"/ {val_n} val / {len(inp.eval_enc)} eval, {len(inp.data.labels)} classes, {self.mode}"
+                     f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.total_steps} steps -> {cfg.output}")
+            self.load_teacher()
+            self.build_model()
+            self.resume()
+            self.make_evaluators()
+            self.train_loop()
+            return self.commit()
+        finally:
+            self.writer.release()  # the output's lock, also when the run stops early (a crash, a kill in tests)
 
     def train_loop(self) -> None:
         cfg = self.cfg
