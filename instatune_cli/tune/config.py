@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.metrics import METRICS
 
 SAMPLING = ("uniform", "sandwich")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-METRICS = ("accuracy", "f1", "mcc")
 
 # Options that do not change the trained weights: they may differ between a run and its --resume.
 NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
@@ -32,7 +32,7 @@ class TuneConfig:
     limit_eval: int | None = None
     val_split: str | None = None   # None: 5 % of training, at most 2,000; "0.1" a fraction; "500" a count; "0" none
     val_data: str | None = None    # a validation file instead of a carved split
-    metric: str | None = None      # accuracy | f1 | mcc; None: the task's own (data.default_metric)
+    metric: str | None = None      # accuracy | f1 | mcc; None: the task's own (measure.metrics.default_metric)
     max_length: int = 128
     tokenizer: str | None = None
     # output

@@ -52,9 +52,6 @@ class TuneResult:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-_seed_int = seed_int
-
-
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -497,7 +494,7 @@ class Trainer:
 
             self._order.clear()
             perm = list(range(self.n_train))
-            rng = random.Random(_seed_int("order", self.cfg.seed, e))
+            rng = random.Random(seed_int("order", self.cfg.seed, e))
             rng.shuffle(perm)
             if self.cfg.group_by_length:
                 lengths = [len(x) for x in self.inp.train_enc.input_ids]
@@ -520,11 +517,11 @@ class Trainer:
         from instatune_cli.tune import loss as L
 
         cfg, acc = self.cfg, self.acc
-        torch.manual_seed(_seed_int("dropout", cfg.seed, step, self.rank))
+        torch.manual_seed(seed_int("dropout", cfg.seed, step, self.rank))
         epoch_now = (step * self.A) // self.micro_per_epoch
         gamma = 1.0 if self.inp.teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
         w = L.LossWeights(cfg.alpha, cfg.temperature, gamma)
-        subs = self.space.sample_many(random.Random(_seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
+        subs = self.space.sample_many(random.Random(seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
                                       cfg.sampling) if cfg.elastic else []
         step_loss, step_samples = 0.0, 0
         for a in range(self.A):
@@ -691,7 +688,7 @@ class Trainer:
             if n_val:
                 D.write_jsonl(partial / "val.jsonl", inp.data.val)
             calib = list(range(self.n_train))
-            random.Random(_seed_int("calib", cfg.seed)).shuffle(calib)
+            random.Random(seed_int("calib", cfg.seed)).shuffle(calib)
             D.write_jsonl(partial / "calib.jsonl", inp.data.train.subset(sorted(calib[:CALIB_EXAMPLES])))
             shutil.rmtree(partial / CKPT_DIR, ignore_errors=True)
             artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
