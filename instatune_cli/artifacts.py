@@ -4,17 +4,22 @@ A stage directory is built in a temporary sibling (`<out>.partial`) and renamed 
 is complete, with `manifest.json` describing it (schema, stage, options, parent + digest, model info, metrics,
 files with size and sha256). The `.partial` sibling doubles as the stage's own resume area: a killed stage
 leaves its checkpoints there and `--resume` picks them up. An existing result is never replaced without
-`force`.
+`force`. The directory is flushed to disk before the rename, and a write the file system refuses is one
+`WriteError` line (docs/architecture.md, "Faults and resume").
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +32,7 @@ SCHEMA = "instatune.artifact"
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+MARKER = ".stage"  # names the stage of an unfinished `<out>.partial`; never part of a committed directory
 STAGES = ("tune", "search", "extract", "quantize", "export")
 
 
@@ -47,9 +53,112 @@ def digest(directory: str | Path) -> str:
 def _file_list(root: Path) -> list[dict[str, Any]]:
     out = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, MARKER):
             out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
     return out
+
+
+def _fsync_path(p: Path) -> None:
+    if os.name == "nt" and p.is_dir():  # Windows cannot open a directory to flush it
+        return
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` (and `root`) to disk, so a rename that publishes it can never
+    expose a directory whose data a power cut would lose."""
+    for p in sorted(root.rglob("*"), reverse=True):  # children before the directories that name them
+        if p.is_file() or p.is_dir():
+            _fsync_path(p)
+    _fsync_path(root)
+
+
+# ---- faults: disk full, permission denied (docs/architecture.md, "Faults and resume") ---------------------
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EROFS: "read-only file system", errno.EFBIG: "file too large"}
+_OS_ERROR = re.compile(r"os error (\d+)")  # how safetensors (Rust) reports the errno of a failed write
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a write the file system refused (full, quota, permission, read-only), else None."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in DISK_ERRNOS else None
+    m = _OS_ERROR.search(str(e))
+    n = int(m.group(1)) if m else None
+    return n if n in DISK_ERRNOS else None
+
+
+class WriteError(InstatuneError):
+    """A write the file system refused, as one line: why, what was being written, where, and what to do."""
+
+    def __init__(self, code: int, what: str, path: str | Path, hint: str = "") -> None:
+        self.code, self.what, self.path, self.hint = code, what, str(path), hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        what = f" while writing {self.what}" if self.what else ""  # unknown where the CLI converts a stray one
+        return (DISK_ERRNOS[self.code] + what + (f" ({self.path})" if self.path else "")
+                + (f"; {self.hint}" if self.hint else ""))
+
+    def with_hint(self, hint: str) -> WriteError:
+        return self if self.hint else WriteError(self.code, self.what, self.path, hint)
+
+
+def as_write_error(e: BaseException, what: str, path: str | Path) -> BaseException:
+    """`e` as a WriteError naming what and where when the disk refused it; any other error unchanged."""
+    code = disk_errno(e)
+    if code is None or isinstance(e, InstatuneError):
+        return e
+    return WriteError(code, what, getattr(e, "filename", None) or path)
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | Path) -> Iterator[None]:
+    """Turn a refused write inside the block into a WriteError naming `what` and `path`."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only disk errors are converted; the rest is re-raised as is
+        err = as_write_error(e, what, path)
+        if err is e:
+            raise
+        raise err from None
+
+
+class Heartbeat:
+    """Plain progress lines on stderr at a steady interval, for logs, `nohup` and CI where a live progress bar
+    shows nothing until it ends; `every=None` is silent, `every=0` prints at every tick."""
+
+    def __init__(self, every: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self.last = clock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.every is not None
+
+    def tick(self, line: Callable[[], str]) -> bool:
+        """Print `line()` if the interval has passed since the last line; returns whether it printed."""
+        if self.every is None or self.clock() - self.last < self.every:
+            return False
+        self.last = self.clock()
+        print(line(), file=sys.stderr, flush=True)
+        return True
+
+
+def fmt_seconds(s: float) -> str:
+    """12s, 3m05s, 2h07m: an ETA for a log line."""
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @dataclass
@@ -115,11 +224,8 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
     if not isinstance(m, dict) or m.get("schema") != SCHEMA:
         schema = m.get("schema") if isinstance(m, dict) else None
         raise InstatuneError(f"{mpath} is not an instatune manifest (schema {schema!r})")
-    if m.get("schema_version") not in SUPPORTED_VERSIONS:
-        raise InstatuneError(
-            f"{mpath} has schema version {m.get('schema_version')!r}, this instatune reads "
-            f"{list(SUPPORTED_VERSIONS)}; upgrade instatune"
-        )
+    _check_version(m, mpath)
+    _check_fields(m, mpath)
     if expect_stage is not None:
         allowed = (expect_stage,) if isinstance(expect_stage, str) else tuple(expect_stage)
         if m.get("stage") not in allowed:
@@ -134,6 +240,42 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
             if fp.stat().st_size != f["bytes"] or sha256_file(fp) != f["sha256"]:
                 raise InstatuneError(f"{fp} does not match its manifest digest; the artifact was modified")
     return Artifact(p, m)
+
+
+def _check_version(m: dict[str, Any], mpath: Path) -> None:
+    """Older artifacts are remade by re-running their stage, newer ones need a newer instatune: say which."""
+    v, made = m.get("schema_version"), m.get("instatune_version") or "?"
+    stage = m.get("stage") if m.get("stage") in STAGES else "stage that made it"
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise InstatuneError(f"{mpath} has no valid schema_version ({v!r}); it is damaged: re-run the {stage} stage")
+    if v < min(SUPPORTED_VERSIONS):
+        raise InstatuneError(f"{mpath} was made by instatune {made} (schema version {v}), which instatune "
+                             f"{__version__} no longer reads; re-run the {stage} stage to remake it")
+    if v not in SUPPORTED_VERSIONS:
+        raise InstatuneError(f"{mpath} was made by instatune {made} (schema version {v}); instatune {__version__} "
+                             f"reads schema version {', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade instatune")
+
+
+def _check_fields(m: dict[str, Any], mpath: Path) -> None:
+    """Every field a reader indexes has the right shape, so a damaged manifest is one line, not a KeyError."""
+    stage = m.get("stage")
+    if stage not in STAGES:
+        raise InstatuneError(f"{mpath} names no known stage ({stage!r}); it is damaged or not from instatune")
+
+    def bad(key: str) -> InstatuneError:
+        return InstatuneError(f"{mpath} has a malformed {key!r} entry; the manifest is damaged: re-run the {stage} "
+                              "stage")
+
+    for key, typ in (("options", dict), ("model", dict), ("metrics", dict), ("files", list)):
+        if key in m and not isinstance(m[key], typ):
+            raise bad(key)
+    for f in m.get("files", []):
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("bytes"), int)
+                and isinstance(f.get("sha256"), str)):
+            raise bad("files")
+    par = m.get("parent")
+    if par is not None and not (isinstance(par, dict) and isinstance(par.get("path"), str)):
+        raise bad("parent")
 
 
 def _utc_now() -> str:
@@ -274,7 +416,7 @@ def _named_output(out: str | Path) -> Path:
 
 def check_partial(tmp: Path) -> None:
     """`--force` removes a `<out>.partial` directory only if a stage made it (its `.stage` marker)."""
-    if not (tmp / ".stage").is_file():
+    if not (tmp / MARKER).is_file():
         raise InstatuneError(f"{tmp} is not an unfinished instatune stage (no .stage marker); --force removes only "
                              "those, so move it away or choose another --output")
 
@@ -292,7 +434,9 @@ class StageWriter:
     """Builds a stage directory in `<out>.partial` and publishes it atomically on `commit()`.
 
     Use as a context manager: leaving the block without commit keeps the partial directory (so a resumable
-    stage can continue) unless `cleanup_on_error` is set.
+    stage can continue) unless `cleanup_on_error` is set. A write the file system refuses (disk full, quota,
+    permission, read-only) inside the block or `faults()` becomes one `WriteError` line that says what was
+    being written, where, and what was kept (docs/architecture.md, "Faults and resume").
     """
 
     out: Path
@@ -317,14 +461,48 @@ class StageWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and self.cleanup_on_error and self.tmp.exists() and not self._complete:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        self.release()
+        try:
+            if exc_type is not None and self.cleanup_on_error and self.tmp.exists() and not self._complete:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self.release()
+        if exc is not None:
+            err = self.fault(exc)
+            if err is not exc:
+                raise err from None
 
     def release(self) -> None:
         """Give up the output's lock (done by `commit` and on leaving the `with` block; idempotent)."""
         self.lock.release()
 
+    # ---- faults -----------------------------------------------------------------------------------------
+    def fault(self, e: BaseException, what: str | None = None) -> BaseException:
+        """`e` as a one-line WriteError with the next step when the file system refused a write; else `e`."""
+        err = e if isinstance(e, WriteError) else as_write_error(e, what or f"the {self.stage} output", self.tmp)
+        return err.with_hint(self._next_step(err.code)) if isinstance(err, WriteError) else e
+
+    @contextlib.contextmanager
+    def faults(self, what: str | None = None) -> Iterator[None]:
+        """Convert a refused write in the block (`fault`); other errors pass unchanged."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a refused write
+            err = self.fault(e, what)
+            if err is e:
+                raise
+            raise err from None
+
+    def _next_step(self, code: int) -> str:
+        fix = "free some space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
+        if self.tmp.exists() and (self._complete or not self.cleanup_on_error):
+            state = "finished" if self._complete else "unfinished"
+            return f"the {state} {self.stage} is kept in {self.tmp}: {fix}, then {self._retry()}"
+        return f"nothing was written to {self.out}: {fix}, then rerun"
+
+    def _retry(self) -> str:
+        return "rerun with --resume" if not self.cleanup_on_error else f"move it to {self.out} or rerun with --force"
+
+    # ---- open ---------------------------------------------------------------------------------------------
     def open(self) -> Path:
         """Check the output, take its lock (held until `commit` or `release`), create or reopen the partial."""
         check_output(self.out, self.force)
@@ -332,7 +510,8 @@ class StageWriter:
         if self.lock.notice:
             print(f"notice: {self.lock.notice}", file=sys.stderr)
         try:
-            return self._open_partial()
+            with self.faults(f"the {self.stage} work directory"):
+                return self._open_partial()
         except BaseException:
             self.release()
             raise
@@ -340,7 +519,7 @@ class StageWriter:
     def _open_partial(self) -> Path:
         if self.tmp.exists():
             if self.resume:
-                marker = self.tmp / ".stage"
+                marker = self.tmp / MARKER
                 if marker.is_file() and marker.read_text().strip() != self.stage:
                     raise InstatuneError(
                         f"{self.tmp} holds a {marker.read_text().strip()!r} run, not {self.stage!r}; cannot resume it"
@@ -352,17 +531,32 @@ class StageWriter:
             check_partial(self.tmp)
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        (self.tmp / ".stage").write_text(self.stage)
+        (self.tmp / MARKER).write_text(self.stage)
         return self.tmp
 
     @property
     def path(self) -> Path:
         return self.tmp
 
+    # ---- commit -------------------------------------------------------------------------------------------
     def commit(self, model: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> Artifact:
-        """Write the manifest and move the directory into place (replacing the old one only with force)."""
-        (self.tmp / ".stage").unlink(missing_ok=True)
+        """Write the manifest, flush the directory to disk, move it into place (replacing the old one only with
+        force). The `.stage` marker stays until the rename, so an interrupted commit is still a partial that
+        `--resume` continues and `--force` may remove."""
+        m = self._manifest(model, metrics, extra)
+        with self.faults("the manifest"):
+            m["files"] = _file_list(self.tmp)
+            (self.tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
+            fsync_tree(self.tmp)
+        self._complete = True
+        with self.faults(f"{self.out} (moving the finished directory into place)"):
+            self._publish()
+        self.release()
+        return Artifact(self.out, m)
+
+    def _manifest(self, model: dict[str, Any] | None, metrics: dict[str, Any] | None,
+                  extra: dict[str, Any] | None) -> dict[str, Any]:
         m: dict[str, Any] = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -379,25 +573,45 @@ class StageWriter:
             # stored relative to the artifact itself, so moving both together keeps the link
             m["parent"] = {"path": os.path.join("..", rel), "stage": self.parent.stage, "digest": self.parent.digest}
         m.update(_jsonable(extra or {}))
-        m["files"] = _file_list(self.tmp)
-        (self.tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
-        if self.out.exists():
+        return m
+
+    def _publish(self) -> None:
+        """Rename the partial into place. With force the previous output moves to `<out>.old` first and is put
+        back if the rename fails, so it is never left only under that name (else the error says where it is)."""
+        if self.out.exists() or self.out.is_symlink():
             _check_replaceable(self.out, True)  # it may have changed since open()
-            old = self.out.with_name(self.out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = self._old()
             os.replace(self.out, old)
             try:
                 os.replace(self.tmp, self.out)
-            except OSError as e:  # never leave only <out>.old behind: put the previous output back
-                os.replace(old, self.out)
-                self._complete = True
-                raise InstatuneError(f"could not move {self.tmp} to {self.out} ({e.strerror}); the previous "
-                                     f"{self.out} is unchanged and the new result is kept in {self.tmp}") from None
+            except OSError as e:
+                raise self._restore(old, e) from None
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)
-        self.release()
-        return Artifact(self.out, m)
+        (self.out / MARKER).unlink(missing_ok=True)
+        _fsync_path(self.out.parent)
+
+    def _old(self) -> Path:
+        """`<out>.old`, cleared first only if it is an output instatune left there (never someone's data)."""
+        old = self.out.with_name(self.out.name + ".old")
+        if old.exists() or old.is_symlink():
+            if old.is_symlink() or not old.is_dir() or (any(old.iterdir()) and not _is_stage_output(old)):
+                raise InstatuneError(f"{old} is in the way of replacing {self.out} and is not an instatune output; "
+                                     "move it away and rerun")
+            shutil.rmtree(old)
+        return old
+
+    def _restore(self, old: Path, e: OSError) -> InstatuneError:
+        why = e.strerror or str(e)
+        try:
+            os.replace(old, self.out)
+        except OSError:
+            return InstatuneError(f"could not move {self.tmp} to {self.out} ({why}) nor put the previous output back: "
+                                  f"the previous output is in {old} and the new result in {self.tmp}; move one of "
+                                  f"them to {self.out}")
+        return InstatuneError(f"could not move {self.tmp} to {self.out} ({why}); the previous {self.out} is "
+                              f"unchanged and the new result is kept in {self.tmp}: {self._retry()}")
 
 
 def _jsonable(x: Any) -> Any:

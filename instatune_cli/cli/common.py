@@ -22,23 +22,43 @@ def console(stderr: bool = False) -> Any:
 
 def fail(msg: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
-    console(stderr=True).print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+    from rich.markup import escape
+
+    console(stderr=True).print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
 def user_errors(fn: F) -> F:
-    """Turn InstatuneError into the one-line error contract; keep tracebacks for real bugs."""
+    """Turn InstatuneError, and a write the file system refused anywhere (disk full, quota, permission,
+    read-only), into the one-line error contract; keep tracebacks for real bugs."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from instatune_cli.artifacts import as_write_error
+
         try:
             return fn(*args, **kwargs)
         except InstatuneError as e:
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted; partial work is kept where the stage can resume it", code=130)
+        except Exception as e:  # noqa: BLE001 - only refused writes become one line; the rest re-raised
+            err = as_write_error(e, "", "")
+            if err is e:
+                raise
+            fail(str(err))
 
     return wrapper  # type: ignore[return-value]
+
+
+# Warnings third-party libraries print on every run that tell a user of instatune nothing (found by running every
+# stage with `python -W always`): (category, module regex, message regex). Every other warning is still shown.
+NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, r"torch\.utils\._pytree", r".*LeafSpec"),
+    (UserWarning, r"torch\.library", r"(?s).*Overriding a previously registered kernel"),
+    (UserWarning, r"torch\._functorch", r"Anomaly Detection has been enabled"),
+    (UserWarning, r"torch\.onnx", r".*axis name.*will not be used"),
+)
 
 
 def quiet_libraries() -> None:
@@ -49,9 +69,8 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for category, module, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     # torchao (pulled in by transformers) makes torch's pytree warn about Enum registration at import time
     # (a filter, not a level: accelerate/torch re-initialise torch's log levels later)
     logging.getLogger("torch.utils._pytree").addFilter(lambda r: "register_constant" not in r.getMessage())

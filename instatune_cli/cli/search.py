@@ -81,6 +81,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, help="Continue a killed search; nothing in its archive is re-evaluated."),
         force: bool = typer.Option(False, help="Replace an existing result directory."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
+        progress_every: float = typer.Option(30.0, help="Seconds between plain progress lines on stderr when it is "
+                                             "not a terminal (a log, nohup, CI)."),
     ) -> None:
         """Find the Pareto-optimal sub-networks (LINAS by default) and number them 1..K.
 
@@ -100,7 +102,7 @@ def register(app: typer.Typer) -> None:
                              metric=metric, eval_batch_size=eval_batch_size,
                              latency_batch=latency_batch, latency_seq_len=latency_seq_len,
                              latency_threads=latency_threads, baseline=str(baseline) if baseline else None,
-                             ref_point=ref_point)
+                             ref_point=ref_point, progress_every=progress_every)
         err = console(stderr=True)
         names = opts.objectives
         shown: list[str] = []

@@ -115,6 +115,9 @@ def register(app: typer.Typer) -> None:
         log_every: int = typer.Option(10, "--log-every", help="Write a log.jsonl record every N steps.",
                                       rich_help_panel=RUN),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output.", rich_help_panel=RUN),
+        progress_every: float = typer.Option(30.0, "--progress-every", help="Seconds between plain progress lines "
+                                             "on stderr when the output is not a terminal (a log, nohup, CI).",
+                                             rich_help_panel=RUN),
         as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON.",
                                      rich_help_panel=RUN),
     ) -> None:
@@ -136,7 +139,7 @@ def register(app: typer.Typer) -> None:
             max_steps=max_steps,
             max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision, cpu=cpu,
             eval_every=eval_every, eval_batch_size=eval_batch_size, save_every=save_every, log_every=log_every,
-            quiet=quiet or as_json,
+            quiet=quiet or as_json, progress_every=progress_every,
         )
         result = run_tune(cfg)
         if as_json and result.artifact is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from instatune_cli.artifacts import writing
 from instatune_cli.errors import InstatuneError
 from instatune_cli.search.archive import Archive
 from instatune_cli.search.objectives import Constraint, ObjectiveSpec
@@ -114,7 +115,8 @@ class SearchContext:
         values = self._check_values(sub, raw)
         for name in self.exact:
             values[name] = self.exact_value(name, sub)
-        row = self.archive.add(sub, values, iteration=iteration, origin=origin, seconds=seconds)
+        with writing("the search archive", self.archive.path):  # a full disk: one line (docs/architecture.md)
+            row = self.archive.add(sub, values, iteration=iteration, origin=origin, seconds=seconds)
         self._show(row)
         self.new_evaluations += 1
         if self.on_eval is not None:

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from instatune_cli.artifacts import Heartbeat, writing
 from instatune_cli.errors import InstatuneError
 from instatune_cli.search.algorithms import ALGORITHMS, SearchContext, run_linas, run_nsga2, run_random
-from instatune_cli.search.archive import Archive, write_rows_csv
+from instatune_cli.search.archive import ARCHIVE_JSONL, Archive, write_rows_csv
 from instatune_cli.search.objectives import Constraint, ObjectiveSpec, parse_constraint, resolve_objectives
 from instatune_cli.search.pareto import hypervolume, pareto_front, ref_to_min, reference_point, to_min_matrix
 from instatune_cli.space import SearchSpace, SubNet
@@ -105,6 +106,7 @@ def run_search(
     batch: int | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     ref_point: Mapping[str, float] | Sequence[float] | None = None,
+    progress_every: float | None = None,
 ) -> SearchResult:
     """Search `space` for sub-networks Pareto-optimal in `objectives` with `evals` real evaluations.
 
@@ -113,8 +115,10 @@ def run_search(
     random start (and NSGA-II's population); LINAS measures `batch` (default population // 2) proposals
     per iteration. `ref_point` (natural units, dict by objective or a sequence) fixes the hypervolume
     reference so runs are comparable; by default it is derived from this archive. `on_eval(row)` is
-    called after each real evaluation. Writes archive.jsonl (as it goes), archive.csv, front.csv,
-    hypervolume.csv and predictors.jsonl into `archive_dir`.
+    called after each real evaluation. `progress_every` (seconds) prints a plain line on stderr at that interval
+    (evaluations done of the budget, hypervolume so far): for logs where no one sees per-evaluation output.
+    Writes archive.jsonl (as it goes), archive.csv, front.csv, hypervolume.csv and predictors.jsonl into
+    `archive_dir`.
     """
     if not isinstance(space, SearchSpace):
         raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
@@ -148,9 +152,12 @@ def run_search(
 
     archive_dir = Path(archive_dir)
     names = [o.name for o in objs]
-    archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
+    with writing("the search archive", archive_dir / ARCHIVE_JSONL):
+        archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
+    _fill_genes(archive, space)
     ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
     ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
+    _add_heartbeat(ctx, progress_every)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     if algo == "random":
@@ -162,8 +169,44 @@ def run_search(
     seconds = time.perf_counter() - t0
 
     result = _result(ctx, algo, seed, ref_point, seconds, notes)
-    write_outputs(result, archive)
+    with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
+        write_outputs(result, archive)
     return result
+
+
+def _fill_genes(archive: Archive, space: SearchSpace) -> None:
+    """Archived rows without `genes` (written by another version) get them from their sub-network, so the
+    algorithms never meet a KeyError."""
+    for row in archive.rows:
+        if not isinstance(row.get("genes"), list):
+            row["genes"] = space.encode(SubNet.from_dict(row))
+
+
+def _add_heartbeat(ctx: SearchContext, every: float | None) -> None:
+    """Wrap `ctx.on_eval` so a line `search: 12/50 evaluations, hypervolume 0.4321` is printed every `every` s."""
+    beat, user = Heartbeat(every), ctx.on_eval
+    if not beat.enabled:
+        return
+
+    def on_eval(row: dict[str, Any]) -> None:
+        if user is not None:
+            user(row)
+        beat.tick(lambda: f"search: {len(ctx.visible)}/{ctx.evals} evaluations, best hypervolume "
+                          f"{_hypervolume_now(ctx):.4g}")
+
+    ctx.on_eval = on_eval
+
+
+def _hypervolume_now(ctx: SearchContext) -> float:
+    """Hypervolume of the feasible rows seen so far, with the reference `_result` would use."""
+    rows = ctx.visible
+    points = to_min_matrix(rows, ctx.objectives)
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.any():
+        return 0.0
+    ref = ctx.ref_point if ctx.ref_point is not None else reference_point(points[finite])
+    keep = np.array([ctx.feasible(r) for r in rows]) & finite
+    return float(hypervolume(points[keep], ref)) if keep.any() else 0.0
 
 
 def _result(ctx: SearchContext, algo: str, seed: int, ref_point: Any, seconds: float,

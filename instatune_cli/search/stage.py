@@ -21,12 +21,15 @@ at or below the majority-class rate (accuracy), or predicting one class for ever
 A run made before tune kept a validation split (no val.jsonl) is searched on its eval split, with a warning
 (printed, in metrics.warnings and notes, and selection_split "eval").
 
-While running, everything lives in `<output>.partial/`; a killed search continues with `--resume`.
+While running, everything lives in `<output>.partial/`; a killed search continues with `--resume`, which
+first checks `search.json` (what the archived scores were measured on: `Measurement`) against this run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from instatune_cli.search.run import FRONT_CSV
 from instatune_cli.space import SubNet
 
 FRONT_JSON = "front.json"
+SEARCH_FILE = "search.json"  # the Measurement a --resume must match
 
 
 def default_output(run_dir: str | Path) -> Path:
@@ -65,9 +69,95 @@ class SearchOptions:
     latency_threads: int | None = None
     baseline: str | None = None
     ref_point: str | None = None
+    progress_every: float = 30.0    # seconds between plain progress lines when stderr is not a terminal
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# what each measurement input is called in a refusal (`Measurement.differences`)
+_INPUT_NAMES = {
+    "parent": "the tune run (it was remade since, e.g. by tune --force)",
+    "objectives": "--objectives", "space": "the search space", "max_length": "the tune run's max length",
+    "metric": "--metric", "selection_split": "the selection split",
+    "selection_examples": "the number of selection examples (--limit-val)", "eval_batch_size": "--eval-batch-size",
+    "latency": "--latency-batch / --latency-seq-len / --latency-threads",
+}
+
+
+@dataclass
+class Measurement:
+    """What the search's measured values depend on, kept in the partial directory (`search.json`) so that
+    `--resume` never mixes scores measured on another super-network, split or setting with new ones
+    (docs/architecture.md, "Faults and resume"). Not part of it: the budget (`--evals`, which a resume may
+    raise), seed, algorithm, population and constraints: they change what is measured next, not what a
+    measurement means."""
+
+    inputs: dict[str, Any]
+
+    @classmethod
+    def of(cls, parent: Any, names: list[str], opts: SearchOptions) -> Measurement:
+        from instatune_cli.tune import has_split, run_metric
+
+        space = parent.path / "space.json"
+        d: dict[str, Any] = {"parent": parent.digest, "objectives": list(names),
+                             "space": json.loads(space.read_text()) if space.is_file() else None,
+                             "max_length": parent.model.get("max_length")}
+        if "acc" in names:
+            split = "val" if has_split(parent, "val") else "eval"
+            limit = opts.limit_val if opts.limit_val is not None else opts.limit_eval
+            rows = _count_rows(parent.path / f"{split}.jsonl")
+            d.update(metric=opts.metric or run_metric(parent), selection_split=split,
+                     selection_examples=min(rows, limit) if limit else rows, eval_batch_size=opts.eval_batch_size)
+        if "latency" in names:
+            d["latency"] = {"batch": opts.latency_batch, "seq_len": opts.latency_seq_len,
+                            "threads": opts.latency_threads}
+        return cls(json.loads(json.dumps(d)))
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, work: Path) -> None:
+        from instatune_cli.artifacts import writing
+
+        with writing("the search's measurement fingerprint", work / SEARCH_FILE):
+            (work / SEARCH_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "inputs": self.inputs},
+                                                       indent=1) + "\n")
+
+    def check(self, work: Path) -> None:
+        """Refuse, in one line, to resume a search whose archived scores were measured differently."""
+        try:
+            old = json.loads((work / SEARCH_FILE).read_text())["inputs"]
+        except FileNotFoundError:
+            raise InstatuneError(f"{work} records no {SEARCH_FILE} (it was started by an older instatune), so its "
+                                 "scores cannot be checked against this search; pass --force without --resume to "
+                                 "start over") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InstatuneError(f"{work / SEARCH_FILE} is damaged; pass --force without --resume to start the "
+                                 "search over") from None
+        diff = self.differences(old if isinstance(old, dict) else {})
+        if diff:
+            raise InstatuneError(f"{work} holds scores measured otherwise: {'; '.join(diff)} differ; resuming would "
+                                 "mix them with new ones: rerun with the options it was started with, or pass --force "
+                                 "without --resume to start over")
+
+    def differences(self, old: dict[str, Any]) -> list[str]:
+        out = []
+        for k in sorted(set(old) | set(self.inputs)):
+            was, now = old.get(k), self.inputs.get(k)
+            if was != now:
+                shown = [json.dumps(v)[:20] for v in (was, now)]
+                values = f" (was {shown[0]}, now {shown[1]})" if k not in ("parent", "space", "latency") else ""
+                out.append(_INPUT_NAMES.get(k, k) + values)
+        return out
+
+
+def _count_rows(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def parse_pick(rule: str | None) -> float | None:
@@ -121,10 +211,29 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
     the no-validation-split fallback as soon as it is known (default: warnings.warn); it is recorded in the
     manifest either way."""
     from instatune_cli import artifacts
+
+    objs, cons, max_drop, ref_point = _check_options(opts)
+    parent = artifacts.load(run_dir, "tune")
+    if opts.baseline:  # every input is checked before the output is opened and the model loaded
+        artifacts.load(opts.baseline, "tune", verify=False)
+    measurement = Measurement.of(parent, [o.name for o in objs], opts)
+    out = Path(output) if output else default_output(run_dir)
+    writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
+                                   cleanup_on_error=False)
+    writer.open()
+    stage = _SearchStage(parent, writer, objs, cons, max_drop, ref_point, opts, measurement, resume, on_eval,
+                         on_warning)
+    try:
+        with writer.faults("the search"):  # a refused write: one line, the partial kept for --resume
+            return stage.run()
+    finally:
+        writer.release()  # the output's lock, also when the search stops early
+
+
+def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | None, dict[str, float] | None]:
+    """(objectives, constraints, pick's max drop, reference point), or one line on the first bad option."""
     from instatune_cli.measure.metrics import check_metric
-    from instatune_cli.search import supernet
     from instatune_cli.search.objectives import parse_constraint, resolve_objectives
-    from instatune_cli.search.run import run_search
 
     objs = resolve_objectives(opts.objectives)
     if not 2 <= len(objs) <= 3:
@@ -149,41 +258,80 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
             import onnxruntime  # noqa: F401
         except ImportError:
             raise InstatuneError("the latency objective needs onnxruntime; pip install onnxruntime") from None
+    return objs, cons, max_drop, ref_point
 
-    parent = artifacts.load(run_dir, "tune")
-    out = Path(output) if output else default_output(run_dir)
-    writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
-                                   cleanup_on_error=False)
-    work = writer.open()
-    try:
-        resuming = resume and (work / "archive.jsonl").exists()
 
+@dataclass
+class _SearchStage:
+    """One search in its opened partial directory: check or record the measurement, search, score the front on
+    the eval split, write the front, commit."""
+
+    parent: Any
+    writer: Any
+    objs: list[Any]
+    cons: list[Any]
+    max_drop: float | None
+    ref_point: dict[str, float] | None
+    opts: SearchOptions
+    measurement: Measurement
+    resume: bool
+    on_eval: Any
+    on_warning: Callable[[str], None] | None
+
+    @property
+    def work(self) -> Path:
+        return self.writer.path
+
+    def run(self) -> tuple[Any, Any, dict[str, Any]]:
+        resuming = self.resume and (self.work / "archive.jsonl").exists()
+        if resuming:
+            self.measurement.check(self.work)
+        else:
+            self.measurement.save(self.work)
+        obj, result = self.search(resuming)
+        # the search is over: only now is the eval split read, once per front member and the super-network
+        front, picked = self.score_front(obj, result)
+        summary = self.write_front(obj, result, front, picked)
+        return self.commit(summary), result, summary
+
+    def search(self, resuming: bool) -> tuple[Any, Any]:
+        from instatune_cli.search import supernet
+        from instatune_cli.search.run import run_search
+
+        opts = self.opts
         lat = supernet.LatencySetup(opts.latency_batch, opts.latency_seq_len or 0, opts.latency_threads)
-        obj = supernet.build(parent.path, [o.name for o in objs],
+        obj = supernet.build(self.parent.path, [o.name for o in self.objs],
                              limit_val=opts.limit_val if opts.limit_val is not None else opts.limit_eval,
                              batch_size=opts.eval_batch_size, latency=lat if opts.latency_seq_len else None,
-                             metric=opts.metric, on_warning=on_warning)
-        baseline = _baseline(opts.baseline, obj) if opts.baseline else None
+                             metric=opts.metric, on_warning=self.on_warning)
+        self.baseline = _baseline(opts.baseline, obj) if opts.baseline else None
+        every = None if sys.stderr.isatty() else opts.progress_every  # a terminal shows the per-evaluation lines
+        result = run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
+                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=self.work,
+                            resume=resuming, constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
+                            ref_point=self.ref_point, progress_every=every)
+        return obj, result
 
-        result = run_search(obj.space, objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
-                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=work,
-                            resume=resuming, constraints=cons, batch=opts.batch, on_eval=on_eval,
-                            ref_point=ref_point)
-
-        # the search is over: only now is the eval split read, once per front member and the super-network
+    def score_front(self, obj: Any, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         front = [dict(r) for r in result.front]
         held = obj.score_holdout([None, *(SubNet.from_dict(r) for r in front)])
         obj.reference.update(held[0])
         for r, h in zip(front, held[1:], strict=True):
             r.update(h)
         picked = None
-        if max_drop is not None:
-            cost = next((o.name for o in objs if o.direction == "min"), None)
+        if self.max_drop is not None:
+            cost = next((o.name for o in self.objs if o.direction == "min"), None)
             if cost is None:
                 raise InstatuneError("--pick needs a cost objective to minimise (macs, params, latency or size)")
-            picked = pick_cheapest(front, obj.reference, max_drop, cost)
+            picked = pick_cheapest(front, obj.reference, self.max_drop, cost)
             for r in front:
                 r["picked"] = picked is not None and r["id"] == picked["id"]
+        return front, picked
+
+    def write_front(self, obj: Any, result: Any, front: list[dict[str, Any]],
+                    picked: dict[str, Any] | None) -> dict[str, Any]:
+        """front.csv, front.json and pareto.png; returns the summary."""
+        objs, work = self.objs, self.work
         collapsed = [r["subnet"] for r in front if r.get("collapsed") or r.get("eval_collapsed")]
         notes = [*obj.warnings, *result.notes, *_collapse_notes(collapsed, front, obj)]
         names = [o.name for o in objs]
@@ -197,23 +345,24 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
         (work / FRONT_JSON).write_text(json.dumps({"objectives": [o.to_dict() for o in objs], **selection,
                                                    "front": front, "reference": obj.reference, "picked": picked},
                                                   indent=2) + "\n")
-        _plot(result.rows, front, objs, work / "pareto.png", obj, baseline)
-
+        _plot(result.rows, front, objs, work / "pareto.png", obj, self.baseline)
         summary = result.summary()
         summary.update({"front": [{"subnet": r["subnet"], "id": r["id"], "name": r["name"],
                                    **{o.name: r.get(o.name) for o in objs},
                                    **{c: r[c] for c in extra_cols if c in r}} for r in front],
                         "reference": obj.reference, "picked": picked["subnet"] if picked else None,
                         "space_size": obj.space.cardinality(), **selection, "notes": notes})
+        self.selection, self.space = selection, obj.space
+        return summary
+
+    def commit(self, summary: dict[str, Any]) -> Any:
         metrics = {k: summary[k] for k in ("evaluations", "front_size", "hypervolume", "evals_per_minute",
-                                           "feasible", "picked", "notes", *selection)}
-        metrics["supernet"] = obj.reference
+                                           "feasible", "picked", "notes", *self.selection)}
+        metrics["supernet"] = summary["reference"]
         metrics["front"] = summary["front"]
-        art = writer.commit(model=parent.model, metrics=metrics,
-                            extra={"objectives": [o.to_dict() for o in objs], "space": obj.space.to_dict()})
-        return art, result, summary
-    finally:
-        writer.release()  # the output's lock, also when the search stops early
+        return self.writer.commit(model=self.parent.model, metrics=metrics,
+                                  extra={"objectives": [o.to_dict() for o in self.objs],
+                                         "space": self.space.to_dict(), "measurement": self.measurement.fingerprint})
 
 
 # front columns beyond the objectives, in this order (those present): see the module docstring
@@ -259,8 +408,21 @@ def load_front(search_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
     from instatune_cli import artifacts
 
     art = artifacts.load(search_dir, "search")
-    data = json.loads((art.path / FRONT_JSON).read_text())
-    return art, data["front"]
+    path = art.path / FRONT_JSON
+    redo = f"re-run the search stage (this one was made by instatune {art.manifest.get('instatune_version', '?')})"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InstatuneError(f"{path} cannot be read as JSON ({getattr(e, 'msg', e)}); {redo}") from None
+    front = data.get("front") if isinstance(data, dict) else None
+    if not isinstance(front, list) or not all(_front_row_ok(r) for r in front):
+        raise InstatuneError(f"{path} holds no front of numbered sub-networks (subnet, layers, heads, ffn); it is "
+                             f"damaged or from another version: {redo}")
+    return art, front
+
+
+def _front_row_ok(r: Any) -> bool:
+    return isinstance(r, dict) and isinstance(r.get("subnet"), int) and all(k in r for k in ("layers", "heads", "ffn"))
 
 
 def front_member(search_dir: str | Path, number: int) -> tuple[Any, dict[str, Any]]:

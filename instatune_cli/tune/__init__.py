@@ -5,7 +5,8 @@ checks and the cached teacher logits), `loop` (the accelerate training loop, che
 
 A tune run directory (stage "tune", the artifact contract of docs/architecture.md) holds:
 
-    manifest.json              schema, options, model info (family, base checkpoint, task, labels, dims,
+    manifest.json              schema, options, model info (family: bert, roberta, electra or distilbert;
+                               model_type; adapter; base checkpoint, task, labels, dims,
                                max_length, model_dir, reorder), metrics (super_accuracy, smallest_accuracy,
                                eval_loss, steps, wall_time_s, samples_per_s, ...), space, data, training info
     space.json                 the search space (SearchSpace.to_dict), checked against the model

@@ -15,7 +15,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 # Options that do not change the trained weights: they may differ between a run and its --resume.
 NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
-                               "eval_batch_size", "quiet"})
+                               "eval_batch_size", "quiet", "progress_every"})
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TuneConfig:
     save_every: int = 200
     log_every: int = 10
     quiet: bool = False
+    progress_every: float = 30.0  # seconds between plain progress lines when the console is not a terminal
 
     @property
     def elastic(self) -> bool:
@@ -120,6 +121,7 @@ class TuneConfig:
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         need(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
         need(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
+        need(self.progress_every >= 0, f"--progress-every must be >= 0, got {self.progress_every}")
         need(self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         need(self.reorder_batches >= 1, f"--reorder-batches must be at least 1, got {self.reorder_batches}")
         need(self.mixed_precision in MIXED_PRECISION,

@@ -15,7 +15,9 @@ skips layers.
 Checkpoints (`<output>.partial/checkpoints/step-NNNNNN/`, written to a `.tmp` sibling and renamed, only the
 latest kept): model and optimizer tensors as safetensors, everything else (step, scheduler, optimizer
 hyper-parameters, Python RNG, data position, timings) as JSON, torch RNG states as uint8 safetensors.
-Nothing is pickled.
+Nothing is pickled. At commit they are parked beside the output (`<output>.checkpoints/`, out of the manifest)
+and deleted only once the run directory is in place; `--resume` takes them back from there (docs/architecture.md,
+"Faults and resume").
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instatune_cli.artifacts import Heartbeat, fmt_seconds, fsync_tree, writing
 from instatune_cli.errors import InstatuneError
 from instatune_cli.seeds import seed_int
 from instatune_cli.tune.config import TuneConfig
 
 CKPT_DIR = "checkpoints"
+PARKED = ".checkpoints"  # suffix of the sibling `<output>.checkpoints/` holding them during the commit
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 MODEL_DIR = "model"
@@ -50,6 +54,15 @@ class TuneResult:
     teacher_cache: str | None = None  # "built", "reused" or None (no teacher)
     resumed_from: int | None = None   # checkpoint step a --resume continued from
     log: list[dict[str, Any]] = field(default_factory=list)
+
+
+# The family a run records (manifest `model.family`): the architecture's own, not the adapter's (one adapter
+# serves BERT, RoBERTa and ELECTRA); model types missing here are their own family.
+FAMILIES = {"xlm-roberta": "roberta", "camembert": "roberta"}
+
+
+def model_family(model_type: str) -> str:
+    return FAMILIES.get(model_type, model_type)
 
 
 def _first_line(e: BaseException) -> str:
@@ -81,6 +94,31 @@ def precheck_output(cfg: TuneConfig) -> None:
 
 # ---- checkpoints --------------------------------------------------------------------------------------
 
+def parked_dir(partial: Path) -> Path:
+    """`<output>.checkpoints`: where `Trainer.commit` keeps the checkpoints until the run directory is in place."""
+    return partial.with_name(partial.name.removesuffix(".partial") + PARKED)
+
+
+def unpark_checkpoints(partial: Path, fingerprint: str, resume: bool) -> None:
+    """Bring back checkpoints an interrupted commit parked: those of this run when resuming, none otherwise."""
+    aside, live = parked_dir(partial), partial / CKPT_DIR
+    if not aside.is_dir():
+        return
+    if resume:
+        live.mkdir(exist_ok=True)
+        for d in sorted(aside.iterdir()):
+            if not (live / d.name).exists() and _checkpoint_fingerprint(d) == fingerprint:
+                os.replace(d, live / d.name)
+    shutil.rmtree(aside)
+
+
+def _checkpoint_fingerprint(d: Path) -> str | None:
+    try:
+        return json.loads((d / "state.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
 def latest_checkpoint(partial: Path) -> Path | None:
     d = partial / CKPT_DIR
     if not d.is_dir():
@@ -92,15 +130,31 @@ def latest_checkpoint(partial: Path) -> Path | None:
 
 def _save_checkpoint(partial: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
                      state: dict[str, Any], scaler: Any = None) -> Path:
+    d = partial / CKPT_DIR
+    final = d / f"step-{step:06d}"
+    tmp = d / f"step-{step:06d}.tmp"
+    try:
+        with writing(f"the checkpoint of step {step}", tmp):
+            d.mkdir(exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _write_checkpoint(tmp, model, optimizer, scheduler, state, scaler)
+            fsync_tree(tmp)  # on disk before it replaces the previous checkpoint
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a torn checkpoint only takes the space the next one needs
+        raise
+    for old in d.iterdir():
+        if old != final and old.name.startswith("step-"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+                      scaler: Any) -> None:
     import torch
     from safetensors.torch import save_file, save_model
 
-    d = partial / CKPT_DIR
-    d.mkdir(exist_ok=True)
-    final = d / f"step-{step:06d}"
-    tmp = d / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -127,11 +181,6 @@ def _save_checkpoint(partial: Path, step: int, model: Any, optimizer: Any, sched
         grad_scaler=scaler.state_dict() if scaler is not None else None,
     )
     (tmp / "state.json").write_text(json.dumps(full, indent=1, default=_json_default))
-    os.replace(tmp, final)
-    for old in d.iterdir():
-        if old != final and old.name.startswith("step-"):
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _json_default(x: Any) -> Any:
@@ -193,14 +242,14 @@ class JsonlLog:
                     continue  # a line torn by a kill
                 if keep_upto is not None and int(rec.get("step", 0)) <= keep_upto:
                     self.records.append(rec)
-        with open(path, "w") as f:
+        with writing("the training log", path), open(path, "w") as f:
             for rec in self.records:
                 f.write(json.dumps(rec) + "\n")
 
     def write(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         if self.enabled:
-            with open(self.path, "a") as f:
+            with writing("the training log", self.path), open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
 
@@ -282,12 +331,13 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
 
 
 def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
-    """Every input check that needs no training: model, data and validation split, tokenizer, teacher, space."""
+    """Every input check that needs no training, cheapest first, so a bad teacher, space or tokenizer fails before
+    the data is loaded and tokenized: model, teacher, space, tokenizer, data and validation split, labels."""
     from instatune_cli import data as D
     from instatune_cli.adapters import adapter_for, check_model_source
     from instatune_cli.measure.metrics import default_metric
     from instatune_cli.space import SearchSpace
-    from instatune_cli.tune.teacher import resolve_model_dir
+    from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config
 
     model_src, _ = resolve_model_dir(cfg.model)
     model_src = check_model_source(model_src)
@@ -299,24 +349,21 @@ def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
         raise InstatuneError(f"cannot load model {cfg.model!r}: {_first_line(e)}") from None
     adapter = adapter_for(hf_config.model_type)
     dims0 = adapter.dims(hf_config)
+    teacher_dir, teacher_cfg = teacher_config(cfg.teacher, adapter.family, dims0.vocab_size) if cfg.teacher \
+        else (None, None)
+    space = SearchSpace.resolve(cfg.space, dims0)
+    space.check_model(dims0)
+    tok_src = resolve_model_dir(cfg.tokenizer)[0] if cfg.tokenizer else model_src
+    tok = _load_tokenizer(tok_src)
+    max_length = _effective_max_length(cfg, tok, hf_config, dims0)
 
     data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
                             cfg.label_column, cfg.limit_train, cfg.limit_eval)
     c = data.source.get("columns") or {}
     columns = D.Columns(c["text"], c["label"], c.get("text_pair")) if c else None
     data = D.with_validation(data, cfg.val_split, cfg.val_data, cfg.seed, columns)
-    tok_src = resolve_model_dir(cfg.tokenizer)[0] if cfg.tokenizer else model_src
-    tok = _load_tokenizer(tok_src)
-    max_length = _effective_max_length(cfg, tok, hf_config, dims0)
-
-    teacher_dir = None
-    if cfg.teacher:
-        from instatune_cli.tune.teacher import check_teacher
-
-        teacher_dir = check_teacher(cfg.teacher, adapter.family, data.labels, dims0.vocab_size)
-
-    space = SearchSpace.resolve(cfg.space, dims0)
-    space.check_model(dims0)
+    if teacher_cfg is not None:
+        check_teacher_labels(str(cfg.teacher), teacher_cfg, data.labels)
     return TuneInputs(
         data=data, tok=tok, max_length=max_length, model_src=model_src, adapter=adapter, space=space,
         train_enc=D.tokenize(tok, data.train, max_length), eval_enc=D.tokenize(tok, data.eval, max_length),
@@ -401,6 +448,9 @@ class Trainer:
         else:
             self.run_info = {"fingerprint": self.fingerprint, "options": cfg.fingerprint_dict(), "extra": fp_extra}
             self._write_run_info()
+        if self.main:
+            unpark_checkpoints(self.partial, self.fingerprint, cfg.resume)
+        self.acc.wait_for_everyone()
         self.ckpt = latest_checkpoint(self.partial) if cfg.resume else None
         if self.main and (self.partial / CKPT_DIR).is_dir():
             for p in (self.partial / CKPT_DIR).glob("*.tmp"):
@@ -410,7 +460,8 @@ class Trainer:
 
     def _write_run_info(self) -> None:
         if self.main:
-            (self.partial / RUN_FILE).write_text(json.dumps(self.run_info, indent=1, default=str))
+            with writing("the run's fingerprint", self.partial / RUN_FILE):
+                (self.partial / RUN_FILE).write_text(json.dumps(self.run_info, indent=1, default=str))
 
     def load_teacher(self) -> None:
         """The strong teacher's logits over the training set, computed once (or read from the cache)."""
@@ -422,9 +473,24 @@ class Trainer:
             cached = (self.partial / "teacher_logits.safetensors").exists()
             self.say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}")
             self.t_logits, built = teacher_logits(self.partial, self.inp.teacher_dir, self.inp.train_enc, self.tkey,
-                                                  self.cfg.eval_batch_size, self.acc.device)
+                                                  self.cfg.eval_batch_size, self.acc.device, self._teacher_progress())
         self.teacher_cache = "built" if built else "reused"
         self.say(f"teacher logits {self.teacher_cache} ({tuple(self.t_logits.shape)})")
+
+    def _teacher_progress(self) -> Callable[[int], None]:
+        """Plain lines during the teacher pass where no terminal shows the live bar (artifacts.Heartbeat)."""
+        beat, n, seen = self.heartbeat(), len(self.inp.train_enc), [0]
+
+        def progress(k: int) -> None:
+            seen[0] += k
+            beat.tick(lambda: f"tune: teacher pass, {seen[0]}/{n} training examples")
+
+        return progress
+
+    def heartbeat(self) -> Heartbeat:
+        """Lines every `--progress-every` seconds when the console is not a terminal; silent otherwise."""
+        plain = self.main and not self.cfg.quiet and not _console(self.console).is_terminal
+        return Heartbeat(self.cfg.progress_every if plain else None)
 
     def build_model(self) -> None:
         """Load the classifier, make it elastic under the space's depth rule, reorder, optimizer, resume."""
@@ -606,29 +672,34 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------------------
     def run(self) -> TuneResult:
-        cfg, inp = self.cfg, self.inp
         try:
-            self.open_partial()
-            val_n = len(inp.val_enc) if inp.val_enc is not None else 0
-            self.say(f"[bold]tune[/] {cfg.model} ({self.adapter.family}, "
-                     f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.n_train} train "
-                     f"/ {val_n} val / {len(inp.eval_enc)} eval, {len(inp.data.labels)} classes, {self.mode}"
-                     f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.total_steps} steps -> {cfg.output}")
-            self.load_teacher()
-            self.build_model()
-            self.resume()
-            self.make_evaluators()
-            self.train_loop()
-            return self.commit()
+            with self.writer.faults("the tune run"):  # a refused write: one line, the partial kept for --resume
+                return self._run()
         finally:
             self.writer.release()  # the output's lock, also when the run stops early (a crash, a kill in tests)
+
+    def _run(self) -> TuneResult:
+        cfg, inp = self.cfg, self.inp
+        self.open_partial()
+        val_n = len(inp.val_enc) if inp.val_enc is not None else 0
+        self.say(f"[bold]tune[/] {cfg.model} ({model_family(inp.hf_config.model_type)}, "
+                 f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.n_train} train "
+                 f"/ {val_n} val / {len(inp.eval_enc)} eval, {len(inp.data.labels)} classes, {self.mode}"
+                 f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.total_steps} steps -> {cfg.output}")
+        self.load_teacher()
+        self.build_model()
+        self.resume()
+        self.make_evaluators()
+        self.train_loop()
+        return self.commit()
 
     def train_loop(self) -> None:
         cfg = self.cfg
         window: list[float] = []
         win_samples, win_time = 0, 0.0
         self.model.train()
-        progress = _Progress(self.console, self.total_steps, self.start_step, enabled=self.main and not cfg.quiet)
+        progress = _Progress(self.console, self.total_steps, self.start_step, enabled=self.main and not cfg.quiet,
+                             beat=self.heartbeat())
         try:
             for step in range(self.start_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -666,8 +737,6 @@ class Trainer:
 
     def commit(self) -> TuneResult:
         """Final evaluation, then the run directory (model, space, splits, calibration sample, manifest)."""
-        from instatune_cli import data as D
-
         cfg, inp, partial = self.cfg, self.inp, self.partial
         self.adapter.activate(self.raw, None)
         final = self.evaluate() if self.main else {}
@@ -681,17 +750,10 @@ class Trainer:
         artifact = None
         if self.main:
             self.log.write({"event": "final", "step": self.total_steps, **metrics})
-            self.raw.save_pretrained(str(partial / MODEL_DIR))
-            inp.tok.save_pretrained(str(partial / MODEL_DIR))
-            (partial / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2) + "\n")
-            D.write_jsonl(partial / "eval.jsonl", inp.data.eval)
-            if n_val:
-                D.write_jsonl(partial / "val.jsonl", inp.data.val)
-            calib = list(range(self.n_train))
-            random.Random(seed_int("calib", cfg.seed)).shuffle(calib)
-            D.write_jsonl(partial / "calib.jsonl", inp.data.train.subset(sorted(calib[:CALIB_EXAMPLES])))
-            shutil.rmtree(partial / CKPT_DIR, ignore_errors=True)
+            self._write_outputs(n_val)
+            self._park_checkpoints()
             artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
+            shutil.rmtree(parked_dir(partial), ignore_errors=True)  # only now: the run directory is in place
             self.say(f"[green]done[/] {cfg.output}: super acc {metrics['super_accuracy']:.4f}, smallest "
                      f"{self.smallest.name} acc {metrics['smallest_accuracy']:.4f}, {metrics['samples_per_s']} "
                      f"samples/s, {metrics['wall_time_s']} s")
@@ -699,10 +761,36 @@ class Trainer:
         return TuneResult(artifact, metrics, self.teacher_cache, self.start_step if self.ckpt is not None else None,
                           self.log.records)
 
+    def _write_outputs(self, n_val: int) -> None:
+        """The super-network, tokenizer, space and the three splits into the partial directory."""
+        from instatune_cli import data as D
+
+        cfg, inp, partial = self.cfg, self.inp, self.partial
+        with writing("the tuned super-network", partial / MODEL_DIR):
+            self.raw.save_pretrained(str(partial / MODEL_DIR))
+            inp.tok.save_pretrained(str(partial / MODEL_DIR))
+        with writing("the search space and the eval, validation and calibration splits", partial):
+            (partial / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2) + "\n")
+            D.write_jsonl(partial / "eval.jsonl", inp.data.eval)
+            if n_val:
+                D.write_jsonl(partial / "val.jsonl", inp.data.val)
+            calib = list(range(self.n_train))
+            random.Random(seed_int("calib", cfg.seed)).shuffle(calib)
+            D.write_jsonl(partial / "calib.jsonl", inp.data.train.subset(sorted(calib[:CALIB_EXAMPLES])))
+
+    def _park_checkpoints(self) -> None:
+        """Move the checkpoints out of the directory the manifest describes, but keep them until it is in place:
+        a kill or a full disk during the commit then resumes from the last one, not from step 0."""
+        live, aside = self.partial / CKPT_DIR, parked_dir(self.partial)
+        if live.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(live, aside)
+
     def _model_info(self) -> dict[str, Any]:
         inp = self.inp
         return {
-            "family": self.adapter.family, "model_type": inp.hf_config.model_type, "base_checkpoint": self.cfg.model,
+            "family": model_family(inp.hf_config.model_type), "adapter": self.adapter.family,
+            "model_type": inp.hf_config.model_type, "base_checkpoint": self.cfg.model,
             "base_resolved": self.model_id, "task": inp.data.task, "labels": inp.data.labels,
             "num_labels": len(inp.data.labels), "dims": self.dims.to_dict(), "max_length": inp.max_length,
             "text_pair": inp.data.eval.pairs is not None, "model_dir": MODEL_DIR, "elastic": self.cfg.elastic,
@@ -750,14 +838,30 @@ class _Say:
             self.console.print(msg, soft_wrap=True)
 
 
-class _Progress:
-    """Rich progress bar with loss and samples/s; silent when disabled."""
+def _console(console: Any) -> Any:
+    if console is None:
+        from rich.console import Console
 
-    def __init__(self, console: Any, total: int, start: int, enabled: bool) -> None:
+        console = Console(highlight=False)
+    return console
+
+
+class _Progress:
+    """Rich progress bar with loss and samples/s on a terminal; elsewhere (a log file, `nohup`, CI) a plain
+    line every `--progress-every` seconds from `beat`; silent when disabled."""
+
+    def __init__(self, console: Any, total: int, start: int, enabled: bool, beat: Heartbeat | None = None) -> None:
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
         self.enabled = enabled
+        self.beat = beat or Heartbeat(None)
+        self.p: Any = None
         if not enabled:
             return
-        from rich.console import Console
+        self.console = _console(console)
+        if self.console.is_terminal:
+            self._start_bar()
+
+    def _start_bar(self) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -769,19 +873,25 @@ class _Progress:
 
         self.p = Progress(TextColumn("tune"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.1f} samples/s"),
-                          TimeElapsedColumn(), TimeRemainingColumn(),
-                          console=console or Console(highlight=False), transient=False)
-        self.task = self.p.add_task("tune", total=total, completed=start, loss=float("nan"), sps=0.0)
+                          TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+        self.task = self.p.add_task("tune", total=self.total, completed=self.start, loss=float("nan"), sps=0.0)
         self.p.start()
 
     def update(self, done: int, loss: float, sps: float) -> None:
-        if self.enabled:
+        if self.p is not None:
             self.p.update(self.task, completed=done, loss=loss, sps=sps)
+        self.beat.tick(lambda: self.line(done, loss, sps))
+
+    def line(self, done: int, loss: float, sps: float) -> str:
+        """`tune: step 120/900, loss 0.4321, 85.3 samples/s, ETA 3m12s` (ETA from this session's pace)."""
+        elapsed = time.perf_counter() - self.t0
+        eta = fmt_seconds(elapsed / (done - self.start) * (self.total - done)) if done > self.start else "?"
+        return f"tune: step {done}/{self.total}, loss {loss:.4f}, {sps:.1f} samples/s, ETA {eta}"
 
     def note(self, msg: str) -> None:
         if self.enabled:
-            self.p.console.print(msg, soft_wrap=True)
+            self.console.print(msg, soft_wrap=True)
 
     def stop(self) -> None:
-        if self.enabled:
+        if self.p is not None:
             self.p.stop()

@@ -2,8 +2,8 @@
 
 The teacher is frozen, so its logits for a training example never change. They are computed in one
 eval-mode pass (no dropout) over the pre-tokenized training set and stored as `teacher_logits.safetensors`
-in the run's partial directory, keyed by a fingerprint of the teacher and the tokens; a resumed run reuses
-them, and they end up in the finished run. Training then costs no teacher forward at all.
+in the run's partial directory, keyed by the teacher's weights (sha256, not path or mtime) and the tokens; a
+resumed run reuses them, and they end up in the finished run. Training then costs no teacher forward at all.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from instatune_cli.artifacts import writing
 from instatune_cli.errors import InstatuneError
 
 CACHE_FILE = "teacher_logits.safetensors"
@@ -38,10 +39,18 @@ def _is_generic(names: list[str]) -> bool:
 
 def check_teacher(src: str, family: str, labels: list[str], vocab_size: int) -> str:
     """Validate the teacher's config against the student before anything heavy; returns its model dir."""
+    path, cfg = teacher_config(src, family, vocab_size)
+    check_teacher_labels(src, cfg, labels)
+    return path
+
+
+def teacher_config(src: str, family: str, vocab_size: int) -> tuple[str, dict[str, Any]]:
+    """(model dir, config) of a teacher whose weights are readable, family and vocabulary the student's: what
+    can be checked before the data is loaded."""
     from instatune_cli.adapters import adapter_for, check_model_source
 
     path, _ = resolve_model_dir(src)
-    path = check_model_source(path)
+    path = check_model_source(path)  # weights present and readable (adapters.check_weights)
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():  # a hub id (online); let transformers fetch the config
         from transformers import AutoConfig
@@ -57,6 +66,17 @@ def check_teacher(src: str, family: str, labels: list[str], vocab_size: int) -> 
         raise InstatuneError(
             f"teacher {src} is a {tfam} model but the student is {family}; use a teacher of the same family"
         )
+    tv = int(cfg.get("vocab_size", 0) or 0)
+    if tv and vocab_size and tv != vocab_size:
+        raise InstatuneError(
+            f"teacher {src} has a vocabulary of {tv} tokens but the student has {vocab_size}; the teacher must "
+            "share the student's tokenizer"
+        )
+    return path, cfg
+
+
+def check_teacher_labels(src: str, cfg: dict[str, Any], labels: list[str]) -> None:
+    """The teacher's classes are the task's (count, and names when both have real ones)."""
     id2label = cfg.get("id2label") or {}
     t_names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))] if id2label else []
     n = len(t_names) or int(cfg.get("num_labels", 2))
@@ -68,27 +88,52 @@ def check_teacher(src: str, family: str, labels: list[str], vocab_size: int) -> 
         raise InstatuneError(
             f"teacher {src} has labels {t_names} but the task has {labels}; use a teacher tuned on this task"
         )
-    tv = int(cfg.get("vocab_size", 0) or 0)
-    if tv and vocab_size and tv != vocab_size:
-        raise InstatuneError(
-            f"teacher {src} has a vocabulary of {tv} tokens but the student has {vocab_size}; the teacher must "
-            "share the student's tokenizer"
-        )
-    return path
+
+
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 
 
 def cache_key(teacher_dir: str, data_digest: str, max_length: int) -> str:
-    """Identifies the cached logits: teacher weights (size + mtime of its files) and the tokenized data."""
+    """Identifies the cached logits by content: the teacher's weights (their sha256) and the tokenized data.
+
+    Moving, copying or touching the teacher keeps the cache; changing one byte of its weights invalidates it. A
+    tune run's manifest already lists its weights' sha256, so a run teacher costs no hashing.
+    """
     import hashlib
 
     h = hashlib.sha256()
-    h.update(json.dumps([str(Path(teacher_dir).resolve()), data_digest, max_length]).encode())
+    h.update(json.dumps([data_digest, max_length]).encode())
     p = Path(teacher_dir)
-    if p.is_dir():
-        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    weights = weight_digests(p) if p.is_dir() else {}
+    h.update(json.dumps(weights or {"hub": teacher_dir}, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def weight_digests(model_dir: Path) -> dict[str, str]:
+    """{weight file name: sha256}: from the enclosing tune run's manifest where it lists the file at its current
+    size, else hashed from the bytes."""
+    from instatune_cli.artifacts import sha256_file
+
+    recorded = _manifest_digests(model_dir)
+    out = {}
+    for f in sorted(x for g in WEIGHT_GLOBS for x in model_dir.glob(g)):
+        rec = recorded.get(f.name)
+        out[f.name] = rec["sha256"] if rec and rec["bytes"] == f.stat().st_size else sha256_file(f)
+    return out
+
+
+def _manifest_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """{file name: manifest entry} of `model_dir`'s files when it is the model of an instatune tune run."""
+    man = model_dir.parent / "manifest.json"
+    try:
+        m = json.loads(man.read_text())
+        if m.get("stage") != "tune" or m.get("model", {}).get("model_dir", "model") != model_dir.name:
+            return {}
+        prefix = model_dir.name + "/"
+        return {f["path"][len(prefix):]: f for f in m.get("files", [])
+                if f["path"].startswith(prefix) and "/" not in f["path"][len(prefix):]}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
 
 
 def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batch_size: int = 64,
@@ -129,8 +174,13 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
                 progress(len(idx))
     assert out is not None
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"logits": out.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(encoded)),
-                                                                 "teacher": str(teacher_dir)})
-    os.replace(tmp, path)
+    try:
+        with writing("the teacher logits cache", tmp):
+            save_file({"logits": out.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(encoded)),
+                                                                         "teacher": str(teacher_dir)})
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     del model
     return out, True
