@@ -4,14 +4,22 @@ Sources (one of):
 
 - `--task NAME` alone: a GLUE task from the `datasets` hub (`nyu-mll/glue`), online or from a warm cache;
   offline without a cache it fails with a one-line message asking for `--data DIR`.
-- `--data DIR`: a directory with `train.*` and `dev.*` / `validation.*` (GLUE TSVs work as they are:
-  `sentence<TAB>label`), or `--data TRAIN_FILE --eval-data EVAL_FILE`. Formats by suffix: .tsv, .csv,
-  .jsonl, .json (records or JSON lines), .parquet. `--task NAME` with `--data` names the task and
-  supplies its columns and label names.
+- `--data DIR`: a directory with `train.*` and `dev.*` / `dev_matched.*` / `validation.*` / ..., or
+  `--data TRAIN_FILE --eval-data EVAL_FILE`. Formats by suffix: .tsv, .csv, .jsonl, .json (records or JSON
+  lines), .parquet. `--task NAME` with `--data` names the task and supplies its columns and label names.
+
+GLUE's own download (`glue_data/TASK/`) works as distributed with `--task`: CoLA's train/dev TSVs have no
+header (source, label, original mark, sentence), MRPC's start with a UTF-8 byte-order mark and name their
+columns `Quality`, `#1 String`, `#2 String`, QQP's label is `is_duplicate`, MNLI's `gold_label` and its dev
+files are `dev_matched.tsv` / `dev_mismatched.tsv` (a directory evaluates on matched; pass `--eval-data
+.../dev_mismatched.tsv` for the other). With `--task`, the files must fit the task: its text columns (the
+hub's names or GLUE's file names, `GLUE_TASKS`) and labels within its classes, else one line says what was
+found and what was expected (so `--task rte` on SST-2 files cannot silently relabel the classes).
 
 Local files are read with the standard library (and pyarrow for parquet), not `datasets`: that writes no
-cache, is fast, and lets every problem be reported as one line naming the file, row and column. GLUE TSVs
-are read without quote processing (their sentences contain unbalanced quotes).
+cache, is fast, and lets every problem be reported as one line naming the file, line or row and column: an
+empty or all-zero file, a NUL byte, a byte that is not UTF-8, UTF-16 text, a duplicate column name. A leading
+byte-order mark is dropped. TSVs are read without quote processing (GLUE sentences contain unbalanced quotes).
 
 Labels: integers are class ids and must be 0..C-1 (C = largest training id + 1, or the task's class count);
 strings are mapped to ids in sorted order of the training labels (or the task's order). A label of the
@@ -24,10 +32,11 @@ Tokenization happens once per run (no padding); batches are padded per batch.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,24 +48,50 @@ if TYPE_CHECKING:
 
 FORMATS = (".tsv", ".csv", ".jsonl", ".json", ".parquet")
 TRAIN_STEMS = ("train",)
-EVAL_STEMS = ("dev", "validation", "valid", "val", "eval")
+# dev_matched: GLUE's MNLI download has no dev.tsv; its matched half is the eval split by default.
+EVAL_STEMS = ("dev", "dev_matched", "validation", "validation_matched", "valid", "val", "eval")
 
-# GLUE classification tasks: text column, pair column, label names (index = id), eval split on the hub.
-GLUE_TASKS: dict[str, tuple[str, str | None, tuple[str, ...], str]] = {
-    "sst2": ("sentence", None, ("negative", "positive"), "validation"),
-    "cola": ("sentence", None, ("unacceptable", "acceptable"), "validation"),
-    "mrpc": ("sentence1", "sentence2", ("not_equivalent", "equivalent"), "validation"),
-    "qqp": ("question1", "question2", ("not_duplicate", "duplicate"), "validation"),
-    "qnli": ("question", "sentence", ("entailment", "not_entailment"), "validation"),
-    "rte": ("sentence1", "sentence2", ("entailment", "not_entailment"), "validation"),
-    "wnli": ("sentence1", "sentence2", ("not_entailment", "entailment"), "validation"),
-    "mnli": ("premise", "hypothesis", ("entailment", "neutral", "contradiction"), "validation_matched"),
+
+@dataclass(frozen=True)
+class GlueTask:
+    """A GLUE classification task: its columns and class names on the hub, and where GLUE's own TSV download
+    (`glue_data/`) differs: other column names, no header line (CoLA)."""
+
+    text: str
+    pair: str | None
+    labels: tuple[str, ...]  # index = class id (the hub's ids; GLUE's files use the same ids or these names)
+    eval_split: str  # on the hub
+    file_columns: tuple[str, str | None, str] | None = None  # (text, pair, label) in GLUE's TSVs, if different
+    headerless: tuple[str, ...] = ()  # column names of GLUE's train/dev TSVs when they have no header line
+
+    def layouts(self) -> list[tuple[str, str | None, str]]:
+        """(text, pair, label) column names this task's data may come with: the hub's, then GLUE's files'."""
+        hub = (self.text, self.pair, "label")
+        return [hub, self.file_columns] if self.file_columns else [hub]
+
+    def expected(self) -> str:
+        return " or ".join(", ".join(repr(c) for c in lay if c) for lay in self.layouts())
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "sst2": GlueTask("sentence", None, ("negative", "positive"), "validation"),
+    "cola": GlueTask("sentence", None, ("unacceptable", "acceptable"), "validation",
+                     headerless=("source", "label", "original_mark", "sentence")),
+    "mrpc": GlueTask("sentence1", "sentence2", ("not_equivalent", "equivalent"), "validation",
+                     ("#1 String", "#2 String", "Quality")),
+    "qqp": GlueTask("question1", "question2", ("not_duplicate", "duplicate"), "validation",
+                    ("question1", "question2", "is_duplicate")),
+    "qnli": GlueTask("question", "sentence", ("entailment", "not_entailment"), "validation"),
+    "rte": GlueTask("sentence1", "sentence2", ("entailment", "not_entailment"), "validation"),
+    "wnli": GlueTask("sentence1", "sentence2", ("not_entailment", "entailment"), "validation"),
+    "mnli": GlueTask("premise", "hypothesis", ("entailment", "neutral", "contradiction"), "validation_matched",
+                     ("sentence1", "sentence2", "gold_label")),
 }
 
 _PAIR_GUESSES = (("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
-                 ("premise", "hypothesis"))
+                 ("premise", "hypothesis"), ("#1 String", "#2 String"))
 _TEXT_GUESSES = ("sentence", "text", "content", "review", "document", "sentence1", "question")
-_LABEL_GUESSES = ("label", "labels", "class", "target", "y")
+_LABEL_GUESSES = ("label", "labels", "class", "target", "y", "gold_label", "is_duplicate", "Quality")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
 
@@ -108,8 +143,11 @@ class TaskData:
 
 # ---- reading local files ------------------------------------------------------------------------------
 
-def read_records(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(column names, rows) of a .tsv/.csv/.jsonl/.json/.parquet file; one-line errors."""
+def read_records(path: str | Path, task: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+    """(column names, rows) of a .tsv/.csv/.jsonl/.json/.parquet file; one-line errors.
+
+    `task` (a GLUE task name) lets a TSV without a header line be read with the task's GLUE column names.
+    A file of 0 bytes gives no columns and no rows (the caller says which split is empty)."""
     p = Path(path)
     if not p.is_file():
         raise InstatuneError(f"data file {p} does not exist")
@@ -117,61 +155,156 @@ def read_records(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     if suf not in FORMATS:
         raise InstatuneError(f"{p}: unsupported data format {suf or '(no suffix)'}; use {', '.join(FORMATS)}")
     try:
+        _refuse_all_zero(p)
         if suf in (".tsv", ".csv"):
-            with open(p, newline="", encoding="utf-8") as f:
-                if suf == ".tsv":
-                    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-                else:
-                    reader = csv.reader(f)
-                header = next(reader, None)
-                if header is None:
-                    return [], []
-                header = [h.strip() for h in header]
-                rows = []
-                for lineno, r in enumerate(reader, start=2):
-                    if not r or (len(r) == 1 and not r[0].strip()):
-                        continue
-                    if len(r) != len(header):
-                        raise InstatuneError(
-                            f"{p} line {lineno} has {len(r)} fields but the header has {len(header)}"
-                        )
-                    rows.append(dict(zip(header, r, strict=True)))
-                return header, rows
+            return _read_delimited(p, suf, task)
         if suf in (".jsonl", ".json"):
-            text = p.read_text(encoding="utf-8")
-            stripped = text.lstrip()
-            if suf == ".json" and stripped.startswith("["):
-                data = json.loads(text)
-                recs = data
-            else:
-                recs = []
-                for lineno, line in enumerate(text.splitlines(), start=1):
-                    if line.strip():
-                        try:
-                            recs.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise InstatuneError(f"{p} line {lineno} is not valid JSON ({e.msg})") from None
-            if not all(isinstance(r, dict) for r in recs):
-                raise InstatuneError(f"{p} must hold JSON objects (one record per line)")
-            cols: dict[str, None] = {}
-            for r in recs:
-                cols.update(dict.fromkeys(r))
-            return list(cols), recs
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(p)
-        return list(table.column_names), table.to_pylist()
+            return _read_json(p, suf)
+        return _read_parquet(p)
     except InstatuneError:
         raise
-    except UnicodeDecodeError:
-        raise InstatuneError(f"{p} is not UTF-8 text") from None
     except (OSError, ValueError, csv.Error) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InstatuneError(f"cannot read {p}: {first}") from None
 
 
+def _refuse_all_zero(p: Path) -> None:
+    """A file of nothing but zero bytes (a preallocated or interrupted copy) is not data, nor 'empty'."""
+    with open(p, "rb") as f:
+        if f.read(1) != b"\x00":
+            return
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\x00"):
+                return
+    raise InstatuneError(
+        f"{p} is {p.stat().st_size} zero bytes, not a text file (an interrupted or preallocated copy?); "
+        "copy or export it again")
+
+
+def _text_lines(p: Path) -> Iterator[str]:
+    """The decoded lines of a UTF-8 file, without a leading byte-order mark. A NUL byte, UTF-16 text and a
+    byte that is not UTF-8 are one-line errors naming the line (`csv` and `json` would name neither)."""
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise InstatuneError(f"{p} is UTF-16 text; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
+            if b"\x00" in raw:
+                raise InstatuneError(
+                    f"{p} line {lineno} has a NUL byte: it is not a text file (binary or compressed?); "
+                    "give UTF-8 text")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InstatuneError(
+                    f"{p} line {lineno} has the byte 0x{raw[e.start]:02x} (byte {e.start + 1} of the line), which "
+                    "is not UTF-8; convert the file to UTF-8 (e.g. iconv -f cp1252 -t utf-8)") from None
+            yield line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+
+
+def _check_unique(p: Path, names: Sequence[str]) -> None:
+    """Duplicate column names would silently collapse into one column; refuse them naming the column."""
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise InstatuneError(
+                f"{p}: the header names column {n!r} twice (columns {seen[n] + 1} and {i + 1}){_data_hint(names)}; "
+                "give every column its own name")
+        seen[n] = i
+
+
+def _data_hint(header: Sequence[str]) -> str:
+    """A hint when a 'header' is really a data row (a file without a header line, like GLUE's CoLA)."""
+    if any(_INT_RE.match(h.strip()) for h in header):
+        return (" (its first line looks like data, not a header: add a header line, or pass --task cola for "
+                "GLUE's CoLA files, which have none)")
+    return ""
+
+
+def _is_headerless(first: Sequence[str], task: str | None) -> bool:
+    """Whether `first` is a data row of the task's header-less GLUE layout (CoLA: source, label, mark, text)."""
+    t = GLUE_TASKS.get(task or "")
+    if t is None or not t.headerless or len(first) != len(t.headerless) or t.text in first:
+        return False
+    lab = first[t.headerless.index("label")].strip()
+    return bool(_INT_RE.match(lab)) and 0 <= int(lab) < len(t.labels)
+
+
+def _read_delimited(p: Path, suf: str, task: str | None) -> tuple[list[str], list[dict[str, Any]]]:
+    lines = _text_lines(p)
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if suf == ".tsv" else csv.reader(lines)
+    first = next(reader, None)
+    if first is None:
+        return [], []
+    rows_in: list[list[str]] = []
+    if suf == ".tsv" and _is_headerless(first, task):
+        header = list(GLUE_TASKS[str(task)].headerless)
+        rows_in.append(first)
+    else:
+        header = [h.strip() for h in first]
+    _check_unique(p, header)
+    rows = []
+    for r in itertools.chain(rows_in, reader):
+        if not r or (len(r) == 1 and not r[0].strip()):
+            continue
+        if len(r) != len(header):
+            raise InstatuneError(
+                f"{p} line {reader.line_num} has {len(r)} fields but the header has {len(header)}")
+        rows.append(dict(zip(header, r, strict=True)))
+    return header, rows
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _read_json(p: Path, suf: str) -> tuple[list[str], list[dict[str, Any]]]:
+    lines = list(_text_lines(p))
+    whole = "".join(lines) if suf == ".json" else ""
+    if whole.lstrip().startswith("["):
+        try:
+            recs = json.loads(whole, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise InstatuneError(f"{p}: a record names key {e.args[0]!r} twice; give every key its own name") from None
+    else:
+        recs = []
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                recs.append(json.loads(line, object_pairs_hook=_unique_keys))
+            except _DuplicateKey as e:
+                raise InstatuneError(
+                    f"{p} line {lineno} names key {e.args[0]!r} twice; give every key its own name") from None
+            except json.JSONDecodeError as e:
+                raise InstatuneError(f"{p} line {lineno} is not valid JSON ({e.msg})") from None
+    if not all(isinstance(r, dict) for r in recs):
+        raise InstatuneError(f"{p} must hold JSON objects (one record per line)")
+    cols: dict[str, None] = {}
+    for r in recs:
+        cols.update(dict.fromkeys(r))
+    return list(cols), recs
+
+
+def _read_parquet(p: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    _check_unique(p, pq.read_schema(p).names)  # read_table would fail on a duplicate without naming it
+    table = pq.read_table(p)
+    return list(table.column_names), table.to_pylist()
+
+
 def find_split_files(directory: str | Path) -> tuple[Path, Path | None]:
-    """(train file, eval file or None) in a data directory: train.* and dev.*/validation.*/..."""
+    """(train file, eval file or None) in a data directory: train.* and dev.*/dev_matched.*/validation.*/..."""
     d = Path(directory)
 
     def first(stems: Iterable[str]) -> Path | None:
@@ -189,6 +322,15 @@ def find_split_files(directory: str | Path) -> tuple[Path, Path | None]:
     return train, first(EVAL_STEMS)
 
 
+def _require_rows(p: Path, rows: list[dict[str, Any]], what: str) -> None:
+    """Say which split is empty, and whether the file is 0 bytes or a header without rows."""
+    if rows:
+        return
+    if p.stat().st_size == 0:
+        raise InstatuneError(f"{what} {p} is empty (0 bytes); copy or export it again")
+    raise InstatuneError(f"{what} {p} is empty: it has no data rows; give a file with a header and labelled rows")
+
+
 # ---- columns and labels -------------------------------------------------------------------------------
 
 @dataclass
@@ -203,15 +345,11 @@ class Columns:
 
 def choose_columns(columns: Sequence[str], where: str, text: str | None = None, pair: str | None = None,
                    label: str | None = None, task: str | None = None) -> Columns:
-    """Explicit columns win; then the task's; then common names. Missing columns are one-line errors."""
+    """Explicit columns win; then the task's (which must be there); then common names. One-line errors."""
     cols = list(columns)
     have = set(cols)
     if task is not None and task in GLUE_TASKS:
-        t_text, t_pair, _, _ = GLUE_TASKS[task]
-        if text is None and t_text in have:
-            text = t_text
-            if pair is None and t_pair is not None and t_pair in have:
-                pair = t_pair
+        text, pair, label = _task_columns(task, cols, where, text, pair, label)
     if text is None:
         for a, b in _PAIR_GUESSES:
             if a in have and b in have and pair is None:
@@ -220,15 +358,48 @@ def choose_columns(columns: Sequence[str], where: str, text: str | None = None, 
         else:
             text = next((c for c in _TEXT_GUESSES if c in have), None)
     if text is None:
-        raise InstatuneError(f"{where}: cannot tell the text column among {cols}; pass --text-column")
+        raise InstatuneError(
+            f"{where}: cannot tell the text column among {_show(cols)}{_data_hint(cols)}; pass --text-column")
     if label is None:
         label = next((c for c in _LABEL_GUESSES if c in have), None)
         if label is None:
-            raise InstatuneError(f"{where}: cannot tell the label column among {cols}; pass --label-column")
+            raise InstatuneError(
+                f"{where}: cannot tell the label column among {cols}{_test_hint(where)}; pass --label-column")
     for opt, c in (("--text-column", text), ("--text-pair-column", pair), ("--label-column", label)):
         if c is not None and c not in have:
-            raise InstatuneError(f"{where} has no column {c!r} ({opt}); its columns are {cols}")
+            raise InstatuneError(f"{where} has no column {c!r} ({opt}); its columns are {cols}{_test_hint(where)}")
     return Columns(text, label, pair)
+
+
+def _show(cols: Sequence[str], width: int = 40) -> str:
+    """Column names for a message, long ones cut (a header-less file's 'names' are whole sentences)."""
+    return "[" + ", ".join(repr(c if len(c) <= width else c[:width] + "...") for c in cols) + "]"
+
+
+def _test_hint(where: str) -> str:
+    return " (GLUE's test files have no labels: evaluate on dev)" if Path(where).name.startswith("test") else ""
+
+
+def _task_columns(task: str, cols: list[str], where: str, text: str | None, pair: str | None,
+                  label: str | None) -> tuple[str | None, str | None, str | None]:
+    """The task's columns in `cols` (hub or GLUE-file names), after any the user named; a file that has
+    neither layout does not fit the task (the user's explicit --text-column is trusted)."""
+    t = GLUE_TASKS[task]
+    have = set(cols)
+    fit = next((lay for lay in t.layouts() if lay[0] in have and (lay[1] is None or lay[1] in have)), None)
+    if fit is None and text is None:
+        raise InstatuneError(
+            f"{where} does not fit --task {task}: found columns {_show(cols)}{_data_hint(cols)}, expected "
+            f"{t.expected()}; check --task, or name the columns with --text-column/--text-pair-column/--label-column")
+    if fit is not None:
+        text = text or fit[0]
+        pair = pair or (fit[1] if fit[0] == text else None)
+        label = label or (fit[2] if fit[2] in have else None)
+    if t.pair is not None and pair is None:
+        raise InstatuneError(
+            f"{where}: --task {task} classifies pairs of texts but no second text column was found among {cols}; "
+            "pass --text-pair-column")
+    return text, pair, label
 
 
 def _norm_label(v: Any) -> int | str | float | None:
@@ -278,7 +449,8 @@ def _extract(rows: list[dict[str, Any]], cols: Columns, where: str) -> tuple[lis
 
 
 def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None = None,
-               where: tuple[str, str] = ("train split", "eval split")) -> tuple[list[int], list[int], list[str]]:
+               where: tuple[str, str] = ("train split", "eval split"),
+               task: str | None = None) -> tuple[list[int], list[int], list[str]]:
     """Raw labels -> (train ids, eval ids, names). See the module docstring for the rules."""
     wt, we = where
     for lst, w in ((train, wt), (evals, we)):
@@ -288,18 +460,7 @@ def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None =
                 f"{w} has the real-valued label {bad}; instatune tunes classifiers, labels must be class ids or names"
             )
     if names is not None:
-        name_ix = {n: i for i, n in enumerate(names)}
-
-        def to_id(x: Any, w: str) -> int:
-            if isinstance(x, int):
-                if 0 <= x < len(names):
-                    return x
-                raise InstatuneError(f"{w} has label {x}, outside the task's classes 0..{len(names) - 1}")
-            if x in name_ix:
-                return name_ix[x]
-            raise InstatuneError(f"{w} has label {x!r}, not one of the task's classes {list(names)}")
-
-        return [to_id(x, wt) for x in train], [to_id(x, we) for x in evals], list(names)
+        return _task_labels(train, evals, list(names), where, task or "the task")
 
     if not train:
         raise InstatuneError(f"{wt} is empty")
@@ -330,6 +491,31 @@ def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None =
     return [ix[str(x)] for x in train], ev, strs
 
 
+def _task_labels(train: list[Any], evals: list[Any], names: list[str], where: tuple[str, str],
+                 task: str) -> tuple[list[int], list[int], list[str]]:
+    """Labels of a named task: its class ids 0..C-1 or its class names, nothing else (a file of another task
+    whose labels happen to be 0/1 is caught by its columns, see `_task_columns`)."""
+    name_ix = {n: i for i, n in enumerate(names)}
+    classes = f"{task}: " + ", ".join(f"{i}={n}" for i, n in enumerate(names))
+
+    def ids(lst: list[Any], w: str) -> list[int]:
+        out = []
+        for row, x in enumerate(lst, start=1):
+            if isinstance(x, int) and not 0 <= x < len(names):
+                raise InstatuneError(f"{w} row {row} has label {x}, outside the task's classes 0..{len(names) - 1} "
+                                     f"({classes}); check --task and --label-column")
+            if not isinstance(x, int) and x not in name_ix:
+                raise InstatuneError(f"{w} row {row} has label {x!r}, not one of the task's classes ({classes}); "
+                                     "check --task and --label-column")
+            out.append(x if isinstance(x, int) else name_ix[x])
+        return out
+
+    tr = ids(train, where[0])
+    if len(set(tr)) < 2:
+        raise InstatuneError(f"{where[0]} has a single class ({names[tr[0]]!r}); a classifier needs at least two")
+    return tr, ids(evals, where[1]), names
+
+
 # ---- loading a task -----------------------------------------------------------------------------------
 
 def load_task_data(task: str | None = None, data: str | Path | None = None, eval_data: str | Path | None = None,
@@ -352,16 +538,36 @@ def load_task_data(task: str | None = None, data: str | Path | None = None, eval
         if task is None:
             raise InstatuneError("no data: pass --task (e.g. sst2) or --data DIR with train and dev files")
         return _load_hub_glue(task, text_column, text_pair_column, label_column, limit_train, limit_eval)
+    train_f, eval_f = _split_files(Path(data).expanduser(), eval_data)
+    tcols, trows = read_records(train_f, task)
+    ecols, erows = read_records(eval_f, task)
+    _require_rows(train_f, trows, "training split")
+    _require_rows(eval_f, erows, "eval split")
+    cols = choose_columns(tcols, str(train_f), text_column, text_pair_column, label_column, task)
+    choose_columns(ecols, str(eval_f), cols.text, cols.pair, cols.label)
+    if limit_train:
+        trows = trows[:limit_train]
+    if limit_eval:
+        erows = erows[:limit_eval]
+    tt, tp, tl = _extract(trows, cols, str(train_f))
+    et, ep, el = _extract(erows, cols, str(eval_f))
+    names = GLUE_TASKS[task].labels if task is not None else None
+    tl_ids, el_ids, labels = map_labels(tl, el, names, (str(train_f), str(eval_f)), task)
+    source = {"kind": "files", "train": str(train_f.resolve()), "eval": str(eval_f.resolve()),
+              "columns": cols.to_dict()}
+    return TaskData(task or "custom", Split(tt, tl_ids, tp), Split(et, el_ids, ep), labels, source)
 
-    d = Path(data).expanduser()
+
+def _split_files(d: Path, eval_data: str | Path | None) -> tuple[Path, Path]:
+    """(train file, eval file) from `--data` (a directory or a file) and `--eval-data`."""
     if d.is_dir():
         train_f, eval_f = find_split_files(d)
         if eval_data is not None:
             eval_f = Path(eval_data).expanduser()
         elif eval_f is None:
             raise InstatuneError(
-                f"{d} has no dev/validation file (dev.tsv, validation.csv, ...); add one or pass --eval-data FILE"
-            )
+                f"{d} has no dev/validation file (dev.tsv, dev_matched.tsv, validation.csv, ...); add one or pass "
+                "--eval-data FILE")
     elif d.exists() or d.suffix.lower() in FORMATS:
         train_f = d
         if eval_data is None:
@@ -374,31 +580,13 @@ def load_task_data(task: str | None = None, data: str | Path | None = None, eval
         raise InstatuneError(f"--data {d} does not exist; give a directory with train/dev files or a data file")
     if train_f.resolve() == eval_f.resolve():
         raise InstatuneError(f"{train_f} is given as both training and eval data; keep the eval split separate")
-
-    tcols, trows = read_records(train_f)
-    ecols, erows = read_records(eval_f)
-    if not trows:
-        raise InstatuneError(f"training split {train_f} is empty")
-    if not erows:
-        raise InstatuneError(f"eval split {eval_f} is empty")
-    cols = choose_columns(tcols, str(train_f), text_column, text_pair_column, label_column, task)
-    choose_columns(ecols, str(eval_f), cols.text, cols.pair, cols.label)
-    if limit_train:
-        trows = trows[:limit_train]
-    if limit_eval:
-        erows = erows[:limit_eval]
-    tt, tp, tl = _extract(trows, cols, str(train_f))
-    et, ep, el = _extract(erows, cols, str(eval_f))
-    names = GLUE_TASKS[task][2] if task is not None else None
-    tl_ids, el_ids, labels = map_labels(tl, el, names, (str(train_f), str(eval_f)))
-    source = {"kind": "files", "train": str(train_f.resolve()), "eval": str(eval_f.resolve()),
-              "columns": cols.to_dict()}
-    return TaskData(task or "custom", Split(tt, tl_ids, tp), Split(et, el_ids, ep), labels, source)
+    return train_f, eval_f
 
 
 def _load_hub_glue(task: str, text_column: str | None, pair_column: str | None, label_column: str | None,
                    limit_train: int | None, limit_eval: int | None) -> TaskData:
-    t_text, t_pair, names, eval_split = GLUE_TASKS[task]
+    t = GLUE_TASKS[task]
+    names, eval_split = t.labels, t.eval_split
     try:
         import datasets
 
@@ -411,7 +599,7 @@ def _load_hub_glue(task: str, text_column: str | None, pair_column: str | None, 
             f"cannot load GLUE {task} from the datasets hub ({first}); offline, pass --data DIR with "
             "train.tsv and dev.tsv instead"
         ) from None
-    cols = Columns(text_column or t_text, label_column or "label", pair_column or t_pair)
+    cols = Columns(text_column or t.text, label_column or "label", pair_column or t.pair)
 
     def split(name: str, limit: int | None) -> tuple[list[str], list[str] | None, list[Any]]:
         part = ds[name]
@@ -423,7 +611,7 @@ def _load_hub_glue(task: str, text_column: str | None, pair_column: str | None, 
 
     tt, tp, tl = split("train", limit_train)
     et, ep, el = split(eval_split, limit_eval)
-    tl_ids, el_ids, labels = map_labels(tl, el, names, (f"GLUE {task} train", f"GLUE {task} {eval_split}"))
+    tl_ids, el_ids, labels = map_labels(tl, el, names, (f"GLUE {task} train", f"GLUE {task} {eval_split}"), task)
     source = {"kind": "hub", "dataset": "nyu-mll/glue", "config": task, "eval_split": eval_split,
               "columns": cols.to_dict()}
     return TaskData(task, Split(tt, tl_ids, tp), Split(et, el_ids, ep), labels, source)
@@ -601,9 +789,8 @@ def with_validation(data: TaskData, val_split: str | float | int | None = None, 
 
 
 def _val_from_file(data: TaskData, path: Path, columns: Columns | None) -> TaskData:
-    cols_in, rows = read_records(path)
-    if not rows:
-        raise InstatuneError(f"validation file {path} is empty")
+    cols_in, rows = read_records(path, data.task if data.task in GLUE_TASKS else None)
+    _require_rows(path, rows, "validation file")
     cols = columns or choose_columns(cols_in, str(path), task=data.task)
     choose_columns(cols_in, str(path), cols.text, cols.pair, cols.label)
     texts, pairs, raw = _extract(rows, cols, str(path))

@@ -19,6 +19,12 @@ count):
   `auto_map`, so `from_pretrained(dir, trust_remote_code=True)` loads it without instatune; instatune's
   own `load_extracted(dir)` needs no remote code. Same four families.
 
+  Its `config.json` names the family's stock `model_type` (e.g. `bert`) and keeps ours (`instatune_bert`) in
+  `instatune_model_type`. transformers 5's `AutoTokenizer.from_pretrained(dir)` always loads the config first,
+  and for a `model_type` it does not know with an `auto_map` it stops at a "run custom code? [y/N]" prompt, though
+  the tokenizer is stock. With a known `model_type` the config loads without remote code; the `auto_map` still
+  sends `trust_remote_code=True` loads to our classes, and a stock load without it fails on the weight shapes.
+
 `save_extracted` checks the result twice before returning: the extracted model's logits equal the
 super-network's with `sub` active, and the reloaded directory's logits equal the extracted model's. It
 returns a dict of what it measured for the stage manifest, including the depth rule and the super-network
@@ -57,6 +63,9 @@ CUSTOM_TYPES = {
     "electra": "instatune_electra",
     "distilbert": "instatune_distilbert",
 }
+
+#: config.json key naming our per-layer model_type (its `model_type` is the family's; see the module docstring)
+OWN_TYPE_KEY = "instatune_model_type"
 
 #: config keys for (number of layers, FFN width) where a family does not use the BERT names
 _LAYER_FFN_KEYS = {"distilbert": ("n_layers", "hidden_dim")}
@@ -375,6 +384,8 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
     else:
         (out / STANDALONE_FILE).unlink(missing_ok=True)  # a stale copy from an earlier save into out_dir
     small.save_pretrained(out)
+    if kind == "instatune":
+        _name_family_type(out / "config.json", model.config.model_type)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
@@ -415,6 +426,14 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
     }
 
 
+def _name_family_type(cfg_path: Path, family_type: str) -> None:
+    """Write the family's stock `model_type` into a per-layer `config.json`, ours into `OWN_TYPE_KEY`, so a
+    stock `AutoTokenizer.from_pretrained(dir)` does not prompt for remote code (module docstring)."""
+    cfg = json.loads(cfg_path.read_text())
+    cfg[OWN_TYPE_KEY], cfg["model_type"] = cfg["model_type"], family_type
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 _REGISTERED = False
 
 
@@ -440,17 +459,20 @@ def load_extracted(model_dir: str | Path, **kwargs: Any) -> Any:
     if not cfg_path.is_file():
         raise InstatuneError(f"{p} is not a model directory (no config.json)")
     try:
-        model_type = json.loads(cfg_path.read_text()).get("model_type")
+        cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError:
         raise InstatuneError(f"{cfg_path} is not valid JSON") from None
+    own = cfg.get(OWN_TYPE_KEY) or cfg.get("model_type")  # older per-layer dirs name ours in model_type
     try:
-        if isinstance(model_type, str) and model_type.startswith("instatune_"):
+        if isinstance(own, str) and own.startswith("instatune_"):
             classes = standalone_module().CLASSES
-            if model_type not in classes:
-                raise InstatuneError(
-                    f"{p} has model type {model_type!r}, unknown to this instatune; upgrade it")
+            if own not in classes:
+                raise InstatuneError(f"{p} has model type {own!r}, unknown to this instatune; upgrade it")
             register_custom_classes()
-            model = classes[model_type][1].from_pretrained(p, **kwargs)
+            cfg_cls, model_cls = classes[own]
+            # from the dict without the family's model_type: the config stays ours (config.model_type == own)
+            config = cfg_cls.from_dict({k: v for k, v in cfg.items() if k not in ("model_type", OWN_TYPE_KEY)})
+            model = model_cls.from_pretrained(p, config=config, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(p, **kwargs)
     except OSError as e:
