@@ -79,6 +79,8 @@ def test_unsupported_model_family_is_a_one_line_error(tmp_path, tiny_data_dir):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_stage_not_built_yet_says_so():
-    r = runner.invoke(app, ["quantize", "x"])
-    assert r.exit_code != 0 and "not built yet" in r.output
+def test_quantize_without_a_source_is_one_line():
+    r = runner.invoke(app, ["quantize", "/nonexistent/dir"])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+

@@ -83,5 +83,3 @@ def quiet_libraries() -> None:
         pass
 
 
-def not_built(stage: str) -> None:
-    fail(f"`instatune {stage}` is not built yet in this release; see CHANGELOG.md for what is available")

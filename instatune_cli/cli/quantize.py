@@ -1,14 +1,51 @@
-"""`instatune quantize` (not built yet)."""
+"""`instatune quantize`: INT8 with a per-layer policy (ONNX Runtime or Neural Compressor), accuracy, size and
+latency before and after."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from instatune_cli.cli.common import not_built
+from instatune_cli.cli.common import console, quiet_libraries, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("quantize", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def quantize() -> None:
-        """Not built yet: exits non-zero with a one-line message."""
-        not_built("quantize")
+    @app.command("quantize")
+    @user_errors
+    def quantize(
+        source: Path = typer.Argument(..., help="An extract directory, or a search dir (+ --subnet) / tune run "
+                                                 "(+ --config)."),
+        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", help="Number of a sub-network on the front."),  # noqa: UP045
+        config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
+        policy: Optional[Path] = typer.Option(None, "--policy", help="policy.json: int8/fp32 per layer."),  # noqa: UP045
+        all_int8: bool = typer.Option(False, "--all-int8", help="Quantize every layer (ignore a searched policy)."),
+        engine: str = typer.Option("ort", "--engine", help="ort: INT8 ONNX (deploy with ONNX Runtime); inc: Intel "
+                                                           "Neural Compressor PT2E (deploy with PyTorch)."),
+        calibration_samples: int = typer.Option(256, help="Training examples (the run's calib.jsonl) to calibrate on."),
+        max_drop: float = typer.Option(1.0, help="Warn (and mark the manifest) when INT8 loses more points."),
+        batch: int = typer.Option(1, help="Batch size for the latency measurement."),
+        seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [128 or the model's max]."),  # noqa: UP045
+        threads: Optional[int] = typer.Option(None, help="Intra-op threads for latency [all CPUs]."),  # noqa: UP045
+        runs: int = typer.Option(20, help="Timed runs per latency measurement."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-int8]."),  # noqa: UP045
+        force: bool = typer.Option(False, help="Replace existing output directories."),
+    ) -> None:
+        """Post-training static INT8 of an extracted sub-network under a per-layer INT8/FP32 policy."""
+        quiet_libraries()
+        from instatune_cli.quantize.stage import QuantizeOptions, quantize_stage
+
+        out = console()
+        opts = QuantizeOptions(policy=str(policy) if policy else None, all_int8=all_int8, engine=engine,
+                               calibration_samples=calibration_samples, max_drop=max_drop, batch=batch,
+                               seq_len=seq_len, threads=threads, runs=runs, subnet=subnet, config=config)
+        art = quantize_stage(source, output, opts, force=force, notify=lambda msg: out.print(f"[dim]{msg}[/]"))
+        m = art.metrics
+        acc, size, lat = m["accuracy"], m["size_bytes"], m["latency"]
+        out.print(f"wrote {art.path} ({m['quantization']['engine']}): {art.model['policy']}")
+        out.print(f"{acc['fp32']['metric']} on {acc['fp32']['n']} eval examples: FP32 {100 * acc['fp32']['score']:.2f} "
+                  f"-> INT8 {100 * acc['int8']['score']:.2f} ({m['accuracy_drop_points']:+.2f} points lost)")
+        out.print(f"size {size['fp32'] / 1e6:.1f} MB -> {size['int8'] / 1e6:.1f} MB ({m['size_ratio']:.2f}x smaller); "
+                  f"latency b{lat['int8']['batch']} s{lat['int8']['seq_len']}: {lat['fp32']['median_ms']:.2f} ms -> "
+                  f"{lat['int8']['median_ms']:.2f} ms")

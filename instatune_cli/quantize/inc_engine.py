@@ -1,0 +1,106 @@
+"""Intel Neural Compressor engine (3.x, PT2E): a PyTorch INT8 model with a per-layer policy
+(docs/architecture.md, "Quantization").
+
+Neural Compressor 3.x quantizes PyTorch through PT2E: `neural_compressor.torch.export.export` captures the
+model with `torch.export` (dynamic batch and sequence), `StaticQuantConfig` with `set_local` FP32 overrides
+for the policy's FP32 linears drives torchao's X86InductorQuantizer, `prepare` inserts observers, the
+calibration sample runs, and `convert` gives a QDQ graph module. Its 2.x APIs (`fit`,
+`PostTrainingQuantConfig`, the ONNX adaptor) are gone, so it cannot write an INT8 ONNX file: that is the
+`ort` engine's job. The X86 quantizer has no embedding pattern, so the word-embedding table stays FP32 here.
+The graph is fast once compiled with `torch.compile` (Inductor lowers QDQ to INT8 kernels); eager, it runs
+the QDQ arithmetic in FP32 and is slower than the FP32 model, which the manifest's latency shows.
+Neural Compressor's scratch directory is pointed inside the stage's temporary directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from instatune_cli.errors import InstatuneError
+from instatune_cli.quantize.policy import QuantPolicy
+
+PREFIX = "model."  # the export wrapper holds the classifier as `model`
+
+
+def available() -> str | None:
+    """None when the engine can run, else why not (one line for the user)."""
+    try:
+        import neural_compressor.torch.quantization  # noqa: F401
+        import torchao  # noqa: F401  (PT2E's X86 quantizer on torch >= 2.11)
+    except ImportError as e:
+        return f"the inc engine needs neural-compressor 3.x with torchao ({e.name} is not installed); " \
+               "pip install 'neural-compressor[pt]' torchao, or use --engine ort"
+    return None
+
+
+def _quiet() -> None:
+    for name in ("neural_compressor", "torchao", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quantize_torch(model: Any, policy: QuantPolicy, targets: dict[str, tuple[str, Any]],
+                   batches: Sequence[dict[str, Any]], names: Sequence[str], workdir: str | Path) -> tuple[Any, dict]:
+    """(quantized graph module taking `names` positionally, info). `workdir` holds Neural Compressor's scratch."""
+    import torch
+
+    why = available()
+    if why:
+        raise InstatuneError(why)
+    from neural_compressor.common.utils import set_workspace
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+
+    from instatune_cli.export import _logits_only, max_sequence_length
+
+    _quiet()
+    why = ""
+    set_workspace(str(Path(workdir) / "nc_workspace"))
+    t0 = time.perf_counter()
+    wrapped = _logits_only(model.float().eval(), list(names))
+    example = tuple(torch.as_tensor(batches[0][n]) for n in names)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    seq = torch.export.Dim("sequence", min=2, max=max_sequence_length(model.config))
+    try:
+        captured = export(wrapped, example, dynamic_shapes={n: {0: batch, 1: seq} for n in names})
+    except RuntimeError as e:
+        captured, why = None, str(e).splitlines()[0]
+    if captured is None:
+        raise InstatuneError(f"Neural Compressor could not capture the model with torch.export ({why}); "
+                             "use --engine ort")
+    config = StaticQuantConfig()
+    fp32 = [n for n in policy.fp32() if n != "embeddings"]
+    for name in fp32:
+        config.set_local(PREFIX + targets[name][0], StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
+    prepared = prepare(captured, config)
+    with torch.no_grad():
+        for b in batches:
+            prepared(*(torch.as_tensor(b[n]) for n in names))
+    quantized = convert(prepared)
+    info = {"engine": "inc", "method": "neural_compressor.torch PT2E StaticQuantConfig (X86InductorQuantizer)",
+            "linears_fp32": fp32, "embeddings": "fp32 (no embedding pattern in the X86 quantizer)",
+            "calibration_batches": len(batches), "int8_linears": len(int8_linears(quantized)),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return quantized, info
+
+
+def int8_linears(gm: Any) -> list[str]:
+    """Module paths of the linears whose weight is dequantized from INT8 in a converted graph module."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "linear" in str(node.target) and len(node.args) > 1:
+            w = node.args[1]
+            if getattr(w, "op", None) == "call_function" and "dequantize" in str(w.target):
+                stack = node.meta.get("nn_module_stack") or {}
+                if stack:
+                    out.append(str(list(stack.values())[-1][0]).removeprefix(PREFIX))
+    return out
+
+
+def save(gm: Any, example: tuple, out_dir: str | Path) -> list[str]:
+    """Neural Compressor's own format (`torch.export.save` archive + qconfig.json); returns the files."""
+    gm.save(example, str(out_dir))
+    return sorted(p.name for p in Path(out_dir).iterdir())

@@ -1,0 +1,274 @@
+"""The `quantize` stage: an extracted sub-network -> an INT8 model under a per-layer policy, with accuracy,
+size and latency before and after (docs/architecture.md, "Quantization").
+
+Input: an extract directory, or a search directory with `--subnet N` (extract is chained, as `export` does).
+Policy: `--policy FILE`, `--all-int8`, or, for a sub-network of a joint search (`search --quant`), the policy
+the search chose for it. Calibration: the tune run's `calib.jsonl` (training examples), never the split
+accuracy is reported on. Writes `model.int8.onnx` (engine `ort`) or Neural Compressor's `inc/` files
+(engine `inc`), `policy.json`, the tokenizer and the manifest.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from instatune_cli import artifacts
+from instatune_cli.errors import InstatuneError
+from instatune_cli.quantize.policy import QuantPolicy
+
+ENGINES = ("ort", "inc")
+MIN_CALIBRATION = 8
+
+
+@dataclass
+class QuantizeOptions:
+    policy: str | None = None
+    all_int8: bool = False
+    engine: str = "ort"
+    calibration_samples: int = 256
+    max_drop: float = 1.0  # accuracy points
+    batch: int = 1
+    seq_len: int | None = None
+    threads: int | None = None
+    runs: int = 20
+    subnet: int | None = None
+    config: str | None = None
+
+    def check(self) -> None:
+        if self.engine not in ENGINES:
+            raise InstatuneError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
+        if self.policy and self.all_int8:
+            raise InstatuneError("give either --policy or --all-int8, not both")
+        if self.calibration_samples < MIN_CALIBRATION:
+            raise InstatuneError(f"--calibration-samples {self.calibration_samples} is too few; give at least "
+                                 f"{MIN_CALIBRATION} (default 256)")
+        if self.engine == "inc":
+            from instatune_cli.quantize.inc_engine import available
+
+            why = available()
+            if why:
+                raise InstatuneError(why)
+
+
+def searched_policy(art: artifacts.Artifact) -> QuantPolicy | None:
+    """The policy a joint search chose for the sub-network an extract directory came from, if any."""
+    src = art.options.get("subnet")
+    try:
+        parent = art.parent(("search", "tune"))
+    except InstatuneError:
+        return None
+    if parent.stage != "search" or src is None:
+        return None
+    from instatune_cli.search.stage import front_member
+
+    _, row = front_member(parent.path, int(src))
+    if not row.get("policy"):
+        return None
+    return QuantPolicy.from_dict(row["policy"], where=f"{parent.path} front member {src}")
+
+
+class QuantizeStage:
+    """One run of the stage: resolve inputs first, then quantize, measure and commit."""
+
+    def __init__(self, src: str | Path, output: str | Path | None, opts: QuantizeOptions, force: bool = False,
+                 notify: Any = None) -> None:
+        opts.check()
+        self.opts, self.force = opts, force
+        self.say = notify or (lambda _m: None)
+        self.src = src
+        self.output = output
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def resolve(self) -> None:
+        from instatune_cli.deliver import extract_stage, tune_of
+
+        art = artifacts.load(self.src, ("extract", "search", "tune"))
+        if art.stage != "extract":
+            art = extract_stage(art.path, None, subnet=self.opts.subnet, config=self.opts.config, force=self.force)
+            self.say(f"extracted {art.model['subnet_name']} to {art.path}")
+        elif self.opts.subnet is not None or self.opts.config is not None:
+            raise InstatuneError(f"{art.path} is already an extracted model; drop --subnet/--config")
+        self.art, self.tune = art, tune_of(art)
+        self.out = Path(self.output) if self.output else art.path.resolve().parent / f"{art.path.resolve().name}-int8"
+        self._load_model()
+        self.policy = self._policy()
+        self.policy.check_for(self.arch, f"the model in {art.path}")
+
+    def _load_model(self) -> None:
+        from transformers import AutoTokenizer
+
+        from instatune_cli.extract import input_names, load_extracted
+        from instatune_cli.quantize.targets import architecture_of, torch_targets
+
+        self.model = load_extracted(self.art.path).float().eval()
+        self.tok = AutoTokenizer.from_pretrained(str(self.art.path))
+        self.names = input_names(self.model.config)
+        self.arch = architecture_of(self.model)
+        self.targets = torch_targets(self.model)
+
+    def _policy(self) -> QuantPolicy:
+        if self.opts.policy:
+            return QuantPolicy.load(self.opts.policy)
+        if not self.opts.all_int8:
+            found = searched_policy(self.art)
+            if found is not None:
+                self.say(f"using the policy the joint search chose for this sub-network ({found.summary()})")
+                return found
+            self.say("no --policy given and no searched policy for this model: quantizing every layer (--all-int8)")
+        return QuantPolicy.uniform(self.arch, "int8")
+
+    def calibration(self) -> list[dict[str, Any]]:
+        from instatune_cli.tune import has_split, load_eval_batches
+
+        if not has_split(self.tune, "calib"):
+            raise InstatuneError(
+                f"tune run {self.tune.path} has no calib.jsonl; re-run tune to get a calibration sample")
+        batches = load_eval_batches(self.tune, self.tok, batch_size=16, limit=self.opts.calibration_samples,
+                                    which="calib")
+        n = sum(len(b["input_ids"]) for b in batches)
+        if n < MIN_CALIBRATION:
+            raise InstatuneError(f"the calibration sample of {self.tune.path} has {n} examples; at least "
+                                 f"{MIN_CALIBRATION} are needed")
+        self.n_calibration = n
+        return [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+
+    # -- run -------------------------------------------------------------------------------------
+    def run(self) -> artifacts.Artifact:
+        self.resolve()
+        calib = self.calibration()
+        opts = {"source": str(self.src), **asdict(self.opts)}
+        with artifacts.StageWriter(self.out, "quantize", opts, parent=self.art, force=self.force) as w:
+            self.tok.save_pretrained(w.path)
+            self.policy.save(w.path / "policy.json")
+            with tempfile.TemporaryDirectory(prefix="instatune-quant-", dir=w.path.parent) as td:
+                metrics = (self._ort(w.path, Path(td), calib) if self.opts.engine == "ort"
+                           else self._inc(w.path, Path(td), calib))
+            metrics.update(self._verdict(metrics))
+            model_info = {**self.art.model, "policy": self.policy.summary()}
+            return w.commit(model=model_info, metrics=metrics)
+
+    def _ort(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
+        from instatune_cli.export import export_onnx
+        from instatune_cli.quantize.ort_engine import quantize_onnx
+
+        fp32 = tmp / "model.onnx"
+        export_onnx(self.art.path, fp32, optimize=False)  # unfused: every linear is its own MatMul/Gemm
+        q = out / "model.int8.onnx"
+        info = quantize_onnx(fp32, q, self.policy, self.targets, calib)
+        seq = self._seq_len()
+        from instatune_cli.measure.latency import measure_ort_latency
+
+        lat = {k: measure_ort_latency(p, self.opts.batch, seq, self.opts.threads, runs=self.opts.runs)
+               for k, p in (("fp32", fp32), ("int8", q))}
+        return {"quantization": info, "policy": self.policy.to_dict(), "calibration_examples": self.n_calibration,
+                "size_bytes": {"fp32": info["bytes_in"], "int8": info["bytes_out"]},
+                "accuracy": {"fp32": self._score_torch(self.model), "int8": self._score_onnx(q)},
+                "latency": lat, "speedup": lat["fp32"]["median_ms"] / lat["int8"]["median_ms"]}
+
+    def _inc(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
+        from instatune_cli.measure.size import weights_bytes
+        from instatune_cli.quantize.inc_engine import quantize_torch, save
+
+        gm, info = quantize_torch(self.model, self.policy, self.targets, calib, self.names, tmp)
+        example = tuple(calib[0][n] for n in self.names)
+        files = save(gm, example, out / "inc")
+        seq = self._seq_len()
+        return {"quantization": {**info, "files": [f"inc/{f}" for f in files]}, "policy": self.policy.to_dict(),
+                "calibration_examples": self.n_calibration,
+                "size_bytes": {"fp32": weights_bytes(self.art.path),
+                               "int8": sum(p.stat().st_size for p in (out / "inc").iterdir())},
+                "accuracy": {"fp32": self._score_torch(self.model), "int8": self._score_torch(gm, positional=True)},
+                "latency": {"fp32": _torch_latency(self.model, self.model.config, self.names, self.opts, seq),
+                            "int8": _torch_latency(gm, self.model.config, self.names, self.opts, seq,
+                                                   positional=True)},
+                "latency_note": "eager PyTorch; the INC graph is fast only under torch.compile (Inductor)"}
+
+    def _seq_len(self) -> int:
+        from instatune_cli.export import max_sequence_length
+
+        return self.opts.seq_len or min(128, max_sequence_length(self.model.config))
+
+    # -- measuring -------------------------------------------------------------------------------
+    def _eval_batches(self) -> list[dict[str, Any]]:
+        from instatune_cli.tune import load_eval_batches
+
+        if not hasattr(self, "_batches"):
+            self._batches = load_eval_batches(self.tune, self.tok, batch_size=32, which="eval")
+        return self._batches
+
+    def _metric(self) -> str:
+        from instatune_cli.tune import run_metric
+
+        return run_metric(self.tune)
+
+    def _score(self, logits_of: Any) -> dict[str, Any]:
+        import numpy as np
+
+        from instatune_cli.measure.metrics import score
+
+        preds, labels = [], []
+        for b in self._eval_batches():
+            preds.append(np.asarray(logits_of(b)).argmax(-1))
+            labels.append(b["labels"].numpy())
+        p, y = np.concatenate(preds), np.concatenate(labels)
+        metric = self._metric()
+        return {"metric": metric, "score": score(metric, p, y, int(self.model.config.num_labels)), "n": int(len(y)),
+                "split": "eval"}
+
+    def _score_torch(self, model: Any, positional: bool = False) -> dict[str, Any]:
+        import torch
+
+        def logits(b: dict[str, Any]) -> Any:
+            with torch.no_grad():
+                out = model(*(b[n] for n in self.names)) if positional else model(**{n: b[n] for n in self.names})
+            return (out if positional else out.logits).float().numpy()
+
+        return self._score(logits)
+
+    def _score_onnx(self, path: Path) -> dict[str, Any]:
+        import numpy as np
+
+        from instatune_cli.export import ort_session
+
+        sess = ort_session(path)
+        return self._score(lambda b: sess.run(["logits"], {n: b[n].numpy().astype(np.int64) for n in self.names})[0])
+
+    def _verdict(self, m: dict[str, Any]) -> dict[str, Any]:
+        drop = 100 * (m["accuracy"]["fp32"]["score"] - m["accuracy"]["int8"]["score"])
+        over = drop > self.opts.max_drop
+        if over:
+            self.say(f"warning: INT8 loses {drop:.2f} points (> --max-drop {self.opts.max_drop:g}); kept, and "
+                     "marked in the manifest: try a policy with more FP32 layers (search --quant)")
+        return {"accuracy_drop_points": drop, "over_max_drop": over,
+                "size_ratio": m["size_bytes"]["fp32"] / m["size_bytes"]["int8"]}
+
+
+def _torch_latency(model: Any, config: Any, names: list[str], opts: QuantizeOptions, seq: int,
+                   positional: bool = False) -> dict:
+    """Median ms per forward in eager PyTorch (the inc engine's runtime), after two warm-up calls."""
+    import statistics
+
+    import torch
+
+    from instatune_cli.extract import random_batch
+
+    b = random_batch(config, opts.batch, seq, seed=0)
+    args = [b[n] for n in names]
+    times = []
+    with torch.no_grad():
+        for i in range(opts.runs + 2):
+            t0 = time.perf_counter()
+            model(*args) if positional else model(**dict(zip(names, args, strict=True)))
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "runs": opts.runs, "batch": opts.batch, "seq_len": seq,
+            "threads": torch.get_num_threads(), "runtime": "pytorch eager"}
+
+
+def quantize_stage(src: str | Path, output: str | Path | None, opts: QuantizeOptions, *, force: bool = False,
+                   notify: Any = None) -> artifacts.Artifact:
+    return QuantizeStage(src, output, opts, force=force, notify=notify).run()

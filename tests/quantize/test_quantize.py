@@ -1,0 +1,219 @@
+"""The quantize stage and its policy: exactly the FP32 layers stay FP32, both engines, one-line bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import assert_cli_error, run_cli
+
+from instatune_cli import artifacts
+from instatune_cli.errors import InstatuneError
+from instatune_cli.quantize.emulate import QuantEmulator, qdq_int8_rows, qdq_uint8
+from instatune_cli.quantize.policy import Architecture, QuantPolicy, shapes, weight_bytes
+from instatune_cli.quantize.targets import architecture_of, onnx_targets, torch_targets
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_tune_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "ext"
+    cfg = '{"layers": 2, "heads": [2, 4], "ffn": [25, 37]}'
+    r = run_cli("extract", tiny_tune_run, "--config", cfg, "--output", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _model(path):
+    from instatune_cli.extract import load_extracted
+
+    return load_extracted(path).eval()
+
+
+def test_policy_round_trips_through_json_and_names_every_layer(extracted, tmp_path):
+    arch = architecture_of(_model(extracted))
+    assert arch.heads == (2, 4) and arch.ffn == (25, 37)
+    pol = QuantPolicy.uniform(arch)
+    pol.layers["layer.1.ffn_out"] = "fp32"
+    pol.save(tmp_path / "p.json")
+    back = QuantPolicy.load(tmp_path / "p.json")
+    assert back.layers == pol.layers and back.architecture == arch
+    assert len(back.layers) == 1 + 2 * 6 + 2 and back.fp32() == ["layer.1.ffn_out"]
+    assert QuantPolicy.from_bits(arch, back.bits()).layers == back.layers
+
+
+def test_policy_refuses_unknown_layers_foreign_architecture_and_bad_files(extracted, tmp_path):
+    arch = architecture_of(_model(extracted))
+    with pytest.raises(InstatuneError, match="does not have: layer.7.query"):
+        QuantPolicy(arch, {"layer.7.query": "int8"})
+    with pytest.raises(InstatuneError, match="use one of int8, fp32"):
+        QuantPolicy(arch, {"layer.0.query": "int4"})
+    other = Architecture(arch.model_type, arch.hidden, arch.head_dim, (4, 4), (64, 64), arch.num_labels)
+    with pytest.raises(InstatuneError, match="made for .* not the model"):
+        QuantPolicy.uniform(other).check_for(arch)
+    (tmp_path / "x.json").write_text('{"layers": {}}')
+    with pytest.raises(InstatuneError, match="not an instatune quantization policy"):
+        QuantPolicy.load(tmp_path / "x.json")
+
+
+def test_onnx_nodes_map_to_every_logical_layer(extracted, tmp_path):
+    from instatune_cli.export import export_onnx
+
+    m = _model(extracted)
+    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
+    nodes = onnx_targets(onnx.load(str(tmp_path / "m.onnx")).graph, torch_targets(m))
+    assert set(nodes) == set(architecture_of(m).names())
+    assert len(set(nodes.values())) == len(nodes)
+
+
+def test_mixed_policy_keeps_exactly_the_fp32_layers_fp32_ort(extracted, tmp_path, tiny_tune_run):
+    from instatune_cli.export import export_onnx, ort_session
+    from instatune_cli.quantize.ort_engine import quantize_onnx, quantized_nodes
+    from instatune_cli.tune import load_eval_batches
+
+    m = _model(extracted)
+    t = torch_targets(m)
+    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
+    pol = QuantPolicy.uniform(architecture_of(m))
+    keep = ["layer.0.query", "layer.1.ffn_in", "classifier", "embeddings"]
+    for n in keep:
+        pol.layers[n] = "fp32"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(extracted))
+    calib = [{k: v for k, v in b.items() if k != "labels"}
+             for b in load_eval_batches(tiny_tune_run, tok, batch_size=8, which="calib")]
+    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", pol, t, calib)
+    nodes = onnx_targets(onnx.load(str(tmp_path / "m.onnx")).graph, t)
+    got = quantized_nodes(tmp_path / "q.onnx")
+    assert got == {nodes[n] for n in pol.int8()}
+    assert not got & {nodes[n] for n in keep}
+    s0, s1 = ort_session(tmp_path / "m.onnx"), ort_session(tmp_path / "q.onnx")
+    feeds = {k: calib[0][k].numpy().astype(np.int64) for k in [i.name for i in s0.get_inputs()]}
+    a, b = s0.run(["logits"], feeds)[0], s1.run(["logits"], feeds)[0]
+    assert 0 < np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
+
+
+def test_closed_form_size_matches_the_ort_file(extracted, tmp_path, tiny_tune_run):
+    """The joint search's size objective is the weight bytes ONNX Runtime's engine actually writes (within 3 %;
+    the rest of the file is the graph, a fixed few kB)."""
+    from instatune_cli.export import export_onnx
+    from instatune_cli.measure.size import onnx_bytes
+    from instatune_cli.quantize.joint import size_bytes
+    from instatune_cli.quantize.ort_engine import quantize_onnx
+
+    m = _model(extracted)
+    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
+    arch = architecture_of(m)
+    calib = [{k: v for k, v in b.items()} for b in [_calib(m)]]
+    for pol in (QuantPolicy.uniform(arch), QuantPolicy.uniform(arch, "fp32")):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", pol, torch_targets(m), calib)
+        real = sum(len(i.raw_data) for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer)
+        assert onnx_bytes(tmp_path / "q.onnx") < real + 60_000  # node metadata (stack traces) stripped
+        est = size_bytes(m, arch, pol)
+        assert abs(est - real) / real < 0.03, (pol.source, est, real)
+
+
+def _calib(m):
+    from instatune_cli.extract import random_batch
+
+    b = random_batch(m.config, 4, 12, seed=3)
+    return {k: v for k, v in b.items()}
+
+
+def test_emulation_matches_the_ort_engine_and_restores_weights(extracted, tmp_path):
+    """The search's PyTorch QDQ arithmetic gives the ORT engine's logits (to accumulation error), and the
+    model is unchanged afterwards. (ORT runs the classifier's QDQ Gemm closer to FP32 than its QDQ arithmetic
+    says, so it is left FP32 here; every MatMul/Gather layer matches.)"""
+    from instatune_cli.export import export_onnx, ort_session
+    from instatune_cli.quantize.ort_engine import quantize_onnx
+
+    m = _model(extracted)
+    arch = architecture_of(m)
+    pol = QuantPolicy.uniform(arch)
+    pol.layers["layer.1.value"] = "fp32"
+    pol.layers["classifier"] = "fp32"
+    calib = [_calib(m)]
+    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
+    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", pol, torch_targets(m), calib)
+    sess = ort_session(tmp_path / "q.onnx")
+    names = [i.name for i in sess.get_inputs()]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        fp32 = m(**calib[0]).logits
+        with QuantEmulator(m, calib).applied(None, pol):
+            emu = m(**calib[0]).logits
+    real = sess.run(["logits"], {n: calib[0][n].numpy().astype(np.int64) for n in names})[0]
+    assert np.abs(emu.numpy() - real).max() < 0.05 * np.abs(fp32.numpy() - real).max()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_qdq_helpers():
+    x = torch.linspace(-1, 3, 101)
+    y = qdq_uint8(x, -1.0, 3.0)
+    assert (y - x).abs().max() <= 4 / 255 / 2 + 1e-6
+    w = torch.randn(5, 7)
+    assert (qdq_int8_rows(w) - w).abs().max() <= (w.abs().amax(1) * 2 / 255).max() / 2 + 1e-6
+
+
+def test_weight_bytes_counts_int8_as_one_byte():
+    arch = Architecture("bert", 8, 2, (4,), (16,), 2)
+    fp, q = weight_bytes(arch, 50, None), weight_bytes(arch, 50, QuantPolicy.uniform(arch))
+    n = sum(r * c for r, c, _ in shapes(arch, 50).values())
+    rows = sum(r for r, _, _ in shapes(arch, 50).values())
+    assert fp - q == 3 * n - 4 * rows
+
+
+def test_quantize_stage_ort_end_to_end(extracted, tmp_path):
+    out = tmp_path / "int8"
+    r = run_cli("quantize", extracted, "--output", out, "--calibration-samples", "16", "--runs", "2")
+    assert r.exit_code == 0, r.output
+    art = artifacts.load(out, "quantize")
+    m = art.metrics
+    assert (out / "model.int8.onnx").is_file() and (out / "policy.json").is_file()
+    assert m["size_bytes"]["int8"] < m["size_bytes"]["fp32"] and m["calibration_examples"] == 16
+    assert set(m["accuracy"]) == {"fp32", "int8"} and m["accuracy"]["int8"]["split"] == "eval"
+    assert QuantPolicy.load(out / "policy.json").fp32() == []
+    assert "all-int8" in r.output or "every layer" in r.output
+    assert not list(tmp_path.glob("nc_workspace*"))
+
+
+def test_quantize_stage_inc_engine(extracted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pol = QuantPolicy.uniform(architecture_of(_model(extracted)))
+    pol.layers["layer.0.key"] = "fp32"
+    pol.save(tmp_path / "p.json")
+    out = tmp_path / "inc"
+    r = run_cli("quantize", extracted, "--engine", "inc", "--policy", tmp_path / "p.json", "--output", out,
+                "--calibration-samples", "16", "--runs", "2")
+    assert r.exit_code == 0, r.output
+    m = artifacts.load(out, "quantize").metrics
+    assert m["quantization"]["linears_fp32"] == ["layer.0.key"]
+    assert m["quantization"]["int8_linears"] == 2 * 6 + 2 - 1
+    assert (out / "inc" / "qconfig.json").is_file()
+    assert not (tmp_path / "nc_workspace").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--calibration-samples", "2"], "too few"),
+    (["--engine", "tflite"], "unknown engine"),
+    (["--policy", "missing.json"], "does not exist"),
+    (["--policy", "p.json", "--all-int8"], "not both"),
+])
+def test_quantize_bad_input_is_one_line(extracted, tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.json").write_text(json.dumps({"x": 1}))
+    r = run_cli("quantize", extracted, "--output", tmp_path / "o", *args)
+    assert_cli_error(r, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_refuses_a_policy_for_another_architecture(extracted, tmp_path):
+    arch = architecture_of(_model(extracted))
+    other = Architecture(arch.model_type, arch.hidden, arch.head_dim, (4, 4), (64, 64), arch.num_labels)
+    QuantPolicy.uniform(other).save(tmp_path / "p.json")
+    r = run_cli("quantize", extracted, "--policy", tmp_path / "p.json", "--output", tmp_path / "o")
+    assert_cli_error(r, "policy was made for")
+    assert not (tmp_path / "o").exists()
