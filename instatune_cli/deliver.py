@@ -63,7 +63,7 @@ def resolve_source(src: str | Path, subnet: int | None, config: str | None) -> S
 
         _, row = front_member(art.path, subnet)
         tune = art.parent("tune")
-        return Source(tune, SubNet.from_dict(row), art, f"subnet{subnet}")
+        return Source(tune, SubNet.from_dict(row).architecture, art, f"subnet{subnet}")
     if subnet is not None:
         raise InstatuneError("--subnet needs a search directory; with a tune run use --config")
     if config is None:

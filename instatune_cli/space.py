@@ -82,6 +82,16 @@ def _rle(values: Sequence[int]) -> str:
     return ".".join(parts)
 
 
+#: precision genes outside the layers: the word-embedding table, the pooler and the classifier
+#: (docs/architecture.md, "Quantization"; instatune_cli/quantize/policy.py names them)
+QUANT_GLOBAL = 3
+QUANT_PER_LAYER = 6
+
+
+def quant_gene_count(layers: int) -> int:
+    return QUANT_GLOBAL + QUANT_PER_LAYER * layers
+
+
 @dataclass(frozen=True)
 class SubNet:
     """A sub-network in canonical form: one head count and one FFN width per *kept* layer.
@@ -92,10 +102,16 @@ class SubNet:
 
     heads: tuple[int, ...]
     ffn: tuple[int, ...]
+    #: joint search only: 1 = INT8, 0 = FP32 per quantizable layer, in `quant_names(layers)` order; () = none
+    quant: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
         object.__setattr__(self, "ffn", tuple(int(f) for f in self.ffn))
+        object.__setattr__(self, "quant", tuple(int(b) for b in self.quant))
+        if self.quant and len(self.quant) != quant_gene_count(len(self.heads)):
+            raise InstatuneError(f"sub-network has {len(self.quant)} precision genes; {len(self.heads)} layers "
+                                 f"need {quant_gene_count(len(self.heads))}")
         if len(self.heads) != len(self.ffn):
             raise InstatuneError(
                 f"sub-network has {len(self.heads)} head counts but {len(self.ffn)} FFN widths; "
@@ -127,12 +143,22 @@ class SubNet:
         return len(set(self.heads)) == 1 and len(set(self.ffn)) == 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "heads": list(self.heads), "ffn": list(self.ffn)}
+        d: dict[str, Any] = {"layers": self.layers, "heads": list(self.heads), "ffn": list(self.ffn)}
+        if self.quant:
+            d["quant"] = list(self.quant)
+        return d
+
+    @property
+    def architecture(self) -> SubNet:
+        """The sub-network without its precision genes (what extraction slices)."""
+        return SubNet(self.heads, self.ffn) if self.quant else self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SubNet:
         try:
-            return cls.make(int(d["layers"]), d["heads"], d["ffn"])
+            sub = cls.make(int(d["layers"]), d["heads"], d["ffn"])
+            q = d.get("quant") or ()
+            return cls(sub.heads, sub.ffn, tuple(int(b) for b in q)) if q else sub
         except (KeyError, TypeError, ValueError) as e:
             raise InstatuneError(
                 f"malformed sub-network config {d!r}: need keys layers, heads, ffn ({e})"
@@ -151,7 +177,8 @@ class SubNet:
     @property
     def name(self) -> str:
         """Self-describing name, e.g. `L10-h10-f2048`, or `L3-h12x2.8-f1536.512x2` when per-layer."""
-        return f"L{self.layers}-h{_rle(self.heads)}-f{_rle(self.ffn)}"
+        base = f"L{self.layers}-h{_rle(self.heads)}-f{_rle(self.ffn)}"
+        return f"{base}-q{sum(self.quant)}of{len(self.quant)}.{self.id[:4]}" if self.quant else base
 
     @classmethod
     def parse_name(cls, name: str) -> SubNet:
@@ -210,6 +237,7 @@ class SearchSpace:
     seq_len: int = DEFAULT_SEQ_LEN
     name: str = field(default="custom", compare=False)
     depth: str = "first"
+    quant: bool = False  # joint architecture + INT8/FP32 search (`search --quant`)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -221,7 +249,7 @@ class SearchSpace:
         missing = [k for k in ("layers", "heads", "ffn") if k not in d]
         if missing:
             raise InstatuneError(f"search space is missing {', '.join(missing)}; give layers, heads and ffn")
-        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name", "depth"}
+        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name", "depth", "quant"}
         if unknown:
             raise InstatuneError(
                 f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len, depth")
@@ -245,14 +273,17 @@ class SearchSpace:
         if seq_len < 1:
             raise InstatuneError(f"search space: seq_len must be positive, got {seq_len}")
         return cls(layers, per_layer(d["heads"], "heads"), per_layer(d["ffn"], "ffn"), seq_len,
-                   str(d.get("name", name)), depth)
+                   str(d.get("name", name)), depth, bool(d.get("quant", False)))
 
     def to_dict(self) -> dict[str, Any]:
         def compact(c: tuple[tuple[int, ...], ...]) -> Any:
             return list(c[0]) if len(set(c)) == 1 else [list(x) for x in c]
 
-        return {"name": self.name, "layers": list(self.layers), "heads": compact(self.heads),
-                "ffn": compact(self.ffn), "seq_len": self.seq_len, "depth": self.depth}
+        d = {"name": self.name, "layers": list(self.layers), "heads": compact(self.heads),
+             "ffn": compact(self.ffn), "seq_len": self.seq_len, "depth": self.depth}
+        if self.quant:
+            d["quant"] = True
+        return d
 
     @classmethod
     def from_file(cls, path: str | Path, default_depth: str = "first") -> SearchSpace:
@@ -330,6 +361,9 @@ class SearchSpace:
 
     def check(self, sub: SubNet) -> SubNet:
         """Return `sub` if the space contains it, else raise naming the first offending gene."""
+        if bool(sub.quant) != self.quant:
+            raise InstatuneError(f"sub-network {sub.name} {'has' if sub.quant else 'lacks'} precision genes but the "
+                                 f"space is {'a joint (--quant)' if self.quant else 'an architecture-only'} space")
         if sub.layers not in self.layers:
             raise InstatuneError(
                 f"sub-network {sub.name} keeps {sub.layers} layers; the space allows {list(self.layers)}")
@@ -358,7 +392,7 @@ class SearchSpace:
             k = 1
             for i in range(n):
                 k *= len(self.heads[i]) * len(self.ffn[i])
-            total += k
+            total += k * (2 ** quant_gene_count(n) if self.quant else 1)
         return total
 
     # ---- special members and sampling ----------------------------------------------------------
@@ -373,8 +407,11 @@ class SearchSpace:
     def sample(self, rng: random.Random) -> SubNet:
         """Uniform sampling as in the paper: L drawn once, then H and D_ffn drawn per layer."""
         n = rng.choice(self.layers)
-        return SubNet.make(n, [rng.choice(self.heads[i]) for i in range(n)],
-                           [rng.choice(self.ffn[i]) for i in range(n)])
+        sub = SubNet.make(n, [rng.choice(self.heads[i]) for i in range(n)],
+                          [rng.choice(self.ffn[i]) for i in range(n)])
+        if self.quant:
+            return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, 1) for _ in range(quant_gene_count(n))))
+        return sub
 
     def sample_many(self, rng: random.Random, m: int, mode: str = "uniform") -> list[SubNet]:
         """`m` sub-networks for one training step.
@@ -392,7 +429,8 @@ class SearchSpace:
     def gene_bounds(self) -> list[int]:
         """Number of choices per gene: [layers, heads_0..heads_{N-1}, ffn_0..ffn_{N-1}] with N = max_layers."""
         n = self.max_layers
-        return [len(self.layers)] + [len(self.heads[i]) for i in range(n)] + [len(self.ffn[i]) for i in range(n)]
+        q = [2] * quant_gene_count(n) if self.quant else []
+        return [len(self.layers)] + [len(self.heads[i]) for i in range(n)] + [len(self.ffn[i]) for i in range(n)] + q
 
     def encode(self, sub: SubNet) -> list[int]:
         """Genes (choice indices); dropped layers get the index of their largest choice (any value decodes the same)."""
@@ -400,16 +438,35 @@ class SearchSpace:
         n = self.max_layers
         hs = [self.heads[i].index(sub.heads[i]) if i < sub.layers else len(self.heads[i]) - 1 for i in range(n)]
         fs = [self.ffn[i].index(sub.ffn[i]) if i < sub.layers else len(self.ffn[i]) - 1 for i in range(n)]
-        return [self.layers.index(sub.layers)] + hs + fs
+        return [self.layers.index(sub.layers)] + hs + fs + self._encode_quant(sub)
+
+    def _encode_quant(self, sub: SubNet) -> list[int]:
+        """Precision genes: global ones, then 6 per layer up to max_layers (dropped layers: 1, never read)."""
+        if not self.quant:
+            return []
+        g, per = QUANT_GLOBAL - 2, QUANT_PER_LAYER  # embeddings first; pooler/classifier last
+        q = list(sub.quant)
+        layers = q[g:g + per * sub.layers] + [1] * per * (self.max_layers - sub.layers)
+        return q[:g] + layers + q[g + per * sub.layers:]
+
+    def _decode_quant(self, genes: Sequence[int], layers: int) -> tuple[int, ...]:
+        if not self.quant:
+            return ()
+        g, per = QUANT_GLOBAL - 2, QUANT_PER_LAYER
+        q = [int(b) for b in genes]
+        return tuple(q[:g] + q[g:g + per * layers] + q[g + per * self.max_layers:])
 
     def decode(self, genes: Sequence[int]) -> SubNet:
         n = self.max_layers
-        if len(genes) != 1 + 2 * n:
-            raise InstatuneError(f"expected {1 + 2 * n} genes, got {len(genes)}")
+        want = 1 + 2 * n + (quant_gene_count(n) if self.quant else 0)
+        if len(genes) != want:
+            raise InstatuneError(f"expected {want} genes, got {len(genes)}")
         layers = self.layers[int(genes[0])]
         heads = [self.heads[i][int(genes[1 + i])] for i in range(n)]
         ffn = [self.ffn[i][int(genes[1 + n + i])] for i in range(n)]
-        return SubNet.make(layers, heads, ffn)
+        sub = SubNet.make(layers, heads, ffn)
+        q = self._decode_quant(genes[1 + 2 * n:], layers)
+        return SubNet(sub.heads, sub.ffn, q) if q else sub
 
     def features(self, sub: SubNet) -> list[float]:
         """Fixed-width predictor features: depth, then per layer (kept, heads share, FFN share), 0 when dropped;
@@ -435,6 +492,11 @@ class SearchSpace:
             mh, mf = sum(h_share) / len(h_share), sum(f_share) / len(f_share)
             onehot = [1.0 if sub.layers == d else 0.0 for d in self.layers]
             out += onehot + [o * mh for o in onehot] + [o * mf for o in onehot]
+        if self.quant:  # precision genes, dropped layers' masked to 0, then the INT8 share
+            g = self._encode_quant(sub)
+            live = [1] * (QUANT_GLOBAL - 2) + [1 if i // QUANT_PER_LAYER < sub.layers else 0
+                                               for i in range(QUANT_PER_LAYER * n)] + [1, 1]
+            out += [float(b * m) for b, m in zip(g, live, strict=True)] + [sum(sub.quant) / len(sub.quant)]
         return out
 
 

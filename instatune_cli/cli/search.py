@@ -69,6 +69,9 @@ def register(app: typer.Typer) -> None:
         limit_val: Optional[int] = typer.Option(None, help="Select on the first N validation examples (the "  # noqa: UP045
                                                 "front is scored on the whole eval split)."),
         limit_eval: Optional[int] = typer.Option(None, hidden=True, help="Old name of --limit-val."),  # noqa: UP045
+        quant: bool = typer.Option(False, "--quant", help="Joint search: an INT8/FP32 gene per linear layer and the "
+                                                         "embeddings (needs the size objective)."),
+        calibration_samples: int = typer.Option(128, help="--quant: training examples to calibrate INT8 on."),
         eval_batch_size: int = typer.Option(64, help="Batch size for scoring (validation and eval splits)."),
         latency_batch: int = typer.Option(1, help="Batch size the latency objective is measured at."),
         latency_seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [space's]."),  # noqa: UP045
@@ -102,7 +105,8 @@ def register(app: typer.Typer) -> None:
                              metric=metric, eval_batch_size=eval_batch_size,
                              latency_batch=latency_batch, latency_seq_len=latency_seq_len,
                              latency_threads=latency_threads, baseline=str(baseline) if baseline else None,
-                             ref_point=ref_point, progress_every=progress_every)
+                             ref_point=ref_point, progress_every=progress_every, quant=quant,
+                             calibration_samples=calibration_samples)
         err = console(stderr=True)
         names = opts.objectives
         shown: list[str] = []

@@ -20,7 +20,7 @@ from instatune_cli.space import SearchSpace, SubNet
 
 ARCHIVE_JSONL = "archive.jsonl"
 ARCHIVE_CSV = "archive.csv"
-RESERVED = ("index", "id", "name", "layers", "heads", "ffn", "genes", "iteration", "origin", "measured",
+RESERVED = ("index", "id", "name", "layers", "heads", "ffn", "quant", "genes", "iteration", "origin", "measured",
             "seconds")
 
 
@@ -139,6 +139,8 @@ class Archive:
             "index": len(self.rows), "id": sub.id, "name": sub.name, "layers": sub.layers,
             "heads": list(sub.heads), "ffn": list(sub.ffn), "genes": self.space.encode(sub),
         }
+        if sub.quant:
+            row["quant"] = list(sub.quant)
         for k, v in values.items():
             row[str(k)] = _clean(v)
         row.update({"iteration": int(iteration), "origin": origin, "measured": True,

@@ -69,6 +69,8 @@ class SearchOptions:
     latency_threads: int | None = None
     baseline: str | None = None
     ref_point: str | None = None
+    quant: bool = False             # joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization")
+    calibration_samples: int = 128  # --quant: training examples the QDQ emulation calibrates on
     progress_every: float = 30.0    # seconds between plain progress lines when stderr is not a terminal
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +84,7 @@ _INPUT_NAMES = {
     "metric": "--metric", "selection_split": "the selection split",
     "selection_examples": "the number of selection examples (--limit-val)", "eval_batch_size": "--eval-batch-size",
     "latency": "--latency-batch / --latency-seq-len / --latency-threads",
+    "quant": "--quant / --calibration-samples",
 }
 
 
@@ -112,6 +115,8 @@ class Measurement:
         if "latency" in names:
             d["latency"] = {"batch": opts.latency_batch, "seq_len": opts.latency_seq_len,
                             "threads": opts.latency_threads}
+        if opts.quant:
+            d["quant"] = {"calibration_samples": opts.calibration_samples}
         return cls(json.loads(json.dumps(d)))
 
     @property
@@ -253,6 +258,10 @@ def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | N
         raise InstatuneError(
             f"budget of {opts.evals} evaluations is smaller than the population of {opts.population}; "
             "raise --evals or lower --population")
+    if opts.quant:
+        objs = _joint_objectives(objs)
+        if opts.calibration_samples < 8:
+            raise InstatuneError(f"--calibration-samples {opts.calibration_samples} is too few; give at least 8")
     if "latency" in opts.objectives:
         try:
             import onnxruntime  # noqa: F401
@@ -303,8 +312,9 @@ class _SearchStage:
         obj = supernet.build(self.parent.path, [o.name for o in self.objs],
                              limit_val=opts.limit_val if opts.limit_val is not None else opts.limit_eval,
                              batch_size=opts.eval_batch_size, latency=lat if opts.latency_seq_len else None,
-                             metric=opts.metric, on_warning=self.on_warning)
-        self.baseline = _baseline(opts.baseline, obj) if opts.baseline else None
+                             metric=opts.metric, on_warning=self.on_warning, quant=opts.quant,
+                             calibration_samples=opts.calibration_samples)
+        self.baseline = _baseline(opts.baseline, obj) if opts.baseline else obj.int8_reference
         every = None if sys.stderr.isatty() else opts.progress_every  # a terminal shows the per-evaluation lines
         result = run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
                             evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=self.work,
@@ -318,6 +328,8 @@ class _SearchStage:
         obj.reference.update(held[0])
         for r, h in zip(front, held[1:], strict=True):
             r.update(h)
+            if r.get("quant") and obj.policy_of is not None:  # what quantize/export --int8 apply to this member
+                r["policy"] = obj.policy_of(SubNet.from_dict(r)).to_dict()
         picked = None
         if self.max_drop is not None:
             cost = next((o.name for o in self.objs if o.direction == "min"), None)
@@ -352,6 +364,8 @@ class _SearchStage:
                                    **{c: r[c] for c in extra_cols if c in r}} for r in front],
                         "reference": obj.reference, "picked": picked["subnet"] if picked else None,
                         "space_size": obj.space.cardinality(), **selection, "notes": notes})
+        if obj.int8_reference is not None:
+            summary["int8_reference"] = obj.int8_reference
         self.selection, self.space = selection, obj.space
         return summary
 
@@ -366,6 +380,20 @@ class _SearchStage:
 
 
 # front columns beyond the objectives, in this order (those present): see the module docstring
+def _joint_objectives(objs: list[Any]) -> list[Any]:
+    """--quant: size is the closed-form bytes of the quantized candidate (exact, not predicted); latency of a
+    quantized candidate is not measured by the search (quantize/export measure the chosen one)."""
+    import dataclasses
+
+    if any(o.name == "latency" for o in objs):
+        raise InstatuneError("--quant searches accuracy against size, MACs or params; drop latency (the quantize "
+                             "and export stages measure the chosen sub-network's INT8 latency)")
+    if not any(o.name == "size" for o in objs):
+        raise InstatuneError("--quant needs the size objective (INT8 changes size, not MACs): "
+                             "e.g. --objectives acc,size")
+    return [dataclasses.replace(o, exact=True) if o.name == "size" else o for o in objs]
+
+
 FRONT_EXTRA = ("eval_acc", "accuracy", "eval_accuracy", "collapsed", "eval_collapsed", "picked")
 
 

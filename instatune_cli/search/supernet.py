@@ -53,6 +53,8 @@ class SupernetObjectives:
     eval_examples: int = 0
     warnings: list[str] = field(default_factory=list)
     holdout: Callable[[Sequence[SubNet | None]], list[dict[str, Any]]] | None = None
+    policy_of: Callable[[SubNet], Any] | None = None  # joint search: the QuantPolicy of a candidate
+    int8_reference: dict[str, Any] | None = None       # joint search: the all-INT8 super-network
 
     def score_holdout(self, subs: Sequence[SubNet | None]) -> list[dict[str, Any]]:
         """Score each of `subs` (None = the super-network) once on the run's whole eval split: `eval_acc` (the
@@ -71,12 +73,16 @@ def fallback_warning(run_dir: Path) -> str:
 
 def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | None = None,
           limit_eval: int | None = None, batch_size: int = 64, latency: LatencySetup | None = None,
-          metric: str | None = None, on_warning: Callable[[str], None] | None = None) -> SupernetObjectives:
+          metric: str | None = None, on_warning: Callable[[str], None] | None = None,
+          quant: bool = False, calibration_samples: int = 128) -> SupernetObjectives:
     """Load the tune run once and return the objective functions for the requested objectives.
 
     `metric` overrides the run's own (accuracy, f1, mcc). `limit_val` measures `acc` on the first N rows of
     the selection split (`limit_eval` is its older name, kept working; the eval split is always scored
     whole). `on_warning(text)` receives the no-validation-split fallback warning (default: warnings.warn).
+    `quant`: the joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization"): candidates carry
+    precision genes, `acc` is measured through the ONNX Runtime engine's QDQ arithmetic calibrated on
+    `calibration_samples` training examples, and `size` is the closed-form bytes of the quantized model.
     """
     from instatune_cli.adapters import adapter_of
     from instatune_cli.measure import macs as macs_mod
@@ -85,6 +91,10 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
 
     model, tok, space, art = load_tuned(run_dir)
+    if quant:
+        import dataclasses
+
+        space = dataclasses.replace(space, quant=True)
     metric = check_metric(metric) if metric is not None else check_metric(run_metric(art), "metric of the run")
     limit = limit_val if limit_val is not None else limit_eval
     adapter = adapter_of(model)
@@ -109,8 +119,8 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)  # the super-network itself
 
     exact: dict[str, Callable[[SubNet], float]] = {
-        "macs": lambda s: float(macs_mod.total_macs(dims, s, space.seq_len)),
-        "params": lambda s: float(macs_mod.params(dims, s)),
+        "macs": lambda s: float(macs_mod.total_macs(dims, s.architecture, space.seq_len)),
+        "params": lambda s: float(macs_mod.params(dims, s.architecture)),
     }
 
     def shipped(sub: SubNet | None) -> dict[str, float]:
@@ -136,9 +146,15 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
                 out["latency_p90"] = float(r["p90_ms"])
         return out
 
+    joint = _Joint(model, tok, art, dims, calibration_samples) if quant else None
+
     def scored(ev: Any, sub: SubNet | None, prefix: str = "") -> dict[str, Any]:
         """The metric as `<prefix>acc`, plain accuracy beside it when the metric is another, the collapse flag."""
-        res = ev.evaluate(sub)
+        if joint is not None and sub is not None and sub.quant:
+            with joint.applied(sub):
+                res = ev.evaluate(sub.architecture)
+        else:
+            res = ev.evaluate(sub.architecture if sub is not None else None)
         out: dict[str, Any] = {f"{prefix}acc": res.score}
         if metric != "accuracy":
             out[f"{prefix}accuracy"] = res.accuracy
@@ -149,7 +165,9 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
         vals: dict[str, Any] = {}
         if evaluator is not None:
             vals.update(scored(evaluator, sub))
-        if names & {"latency", "size"}:
+        if joint is not None:
+            vals["size"] = joint.size_mb(sub)
+        elif names & {"latency", "size"}:
             vals.update(shipped(sub))
         adapter.activate(model, None)
         return vals
@@ -168,10 +186,55 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
                                  "macs": exact["macs"](full), "params": exact["params"](full)}
     if evaluator is not None:
         reference.update(scored(evaluator, None))
-    if names & {"latency", "size"}:
+    if joint is not None:
+        reference["size"] = joint.size_mb(full)
+    elif names & {"latency", "size"}:
         reference.update(shipped(None))
     adapter.activate(model, None)
     obj = SupernetObjectives(space, evaluate, exact, reference, model, tok, art, metric=metric,
                              selection_split=split, selection_examples=evaluator.n if evaluator is not None else 0,
                              warnings=notes, holdout=holdout if evaluator is not None else None)
+    if joint is not None:
+        exact["size"] = joint.size_mb
+        obj.policy_of = joint.policy
+        int8 = joint.all_int8(full)
+        obj.int8_reference = {"name": "all-INT8 super-network", "id": int8.id, "size": joint.size_mb(int8),
+                              **(scored(evaluator, int8) if evaluator is not None else {})}
+        adapter.activate(model, None)
     return obj
+
+
+class _Joint:
+    """The joint search's view of a candidate: its policy, its closed-form size, its QDQ emulation."""
+
+    def __init__(self, model: Any, tok: Any, art: Any, dims: Any, calibration_samples: int) -> None:
+        from instatune_cli.quantize.emulate import QuantEmulator
+        from instatune_cli.tune import has_split, load_eval_batches
+
+        self.model, self.dims = model, dims
+        which = "calib" if has_split(art, "calib") else "val"
+        batches = load_eval_batches(art, tok, batch_size=32, limit=calibration_samples, which=which)
+        self.emulator = QuantEmulator(model, [{k: v for k, v in b.items() if k != "labels"} for b in batches])
+
+    def policy(self, sub: SubNet) -> Any:
+        from instatune_cli.quantize.policy import QuantPolicy
+        from instatune_cli.quantize.targets import architecture_of
+
+        return QuantPolicy.from_bits(architecture_of(self.model, sub.architecture), sub.quant)
+
+    def all_int8(self, sub: SubNet) -> SubNet:
+        from instatune_cli.space import quant_gene_count
+
+        return SubNet(sub.heads, sub.ffn, (1,) * quant_gene_count(sub.layers))
+
+    def size_mb(self, sub: SubNet) -> float:
+        from instatune_cli.measure import macs as macs_mod
+        from instatune_cli.quantize.joint import size_from_params
+        from instatune_cli.quantize.targets import architecture_of
+
+        arch = architecture_of(self.model, sub.architecture)
+        pol = self.policy(sub) if sub.quant else None
+        return size_from_params(macs_mod.params(self.dims, sub.architecture), arch, self.dims.vocab_size, pol) / 1e6
+
+    def applied(self, sub: SubNet) -> Any:
+        return self.emulator.applied(sub.architecture, self.policy(sub))

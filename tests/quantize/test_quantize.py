@@ -217,3 +217,47 @@ def test_quantize_refuses_a_policy_for_another_architecture(extracted, tmp_path)
     r = run_cli("quantize", extracted, "--policy", tmp_path / "p.json", "--output", tmp_path / "o")
     assert_cli_error(r, "policy was made for")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_tune_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint") / "s"
+    r = run_cli("search", tiny_tune_run, "--objectives", "acc,size", "--quant", "--evals", "12", "--population",
+                "6", "--calibration-samples", "16", "--output", out, "--json")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_joint_search_archives_masked_precision_genes_and_policies(joint):
+    from instatune_cli.space import SearchSpace, SubNet, quant_gene_count
+
+    rows = [json.loads(x) for x in (joint / "archive.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(len(r["quant"]) == quant_gene_count(r["layers"]) for r in rows)
+    front = json.loads((joint / "front.json").read_text())
+    assert front["front"] and all("policy" in r for r in front["front"])
+    assert front["reference"]["size"] > max(r["size"] for r in front["front"] if sum(r["quant"]) > 0) * 0.99
+    sub = SubNet.from_dict(front["front"][0])
+    pol = QuantPolicy.from_dict(front["front"][0]["policy"])
+    assert pol.bits() == list(sub.quant)
+    space = SearchSpace.from_dict(json.loads((joint / "manifest.json").read_text())["metrics"].get("space")
+                                  or {"layers": [2, 3, 4], "heads": [2, 3, 4], "ffn": [12, 25, 37], "quant": True})
+    assert space.quant
+
+
+def test_joint_search_refuses_latency_and_needs_size(tiny_tune_run, tmp_path):
+    r = run_cli("search", tiny_tune_run, "--objectives", "acc,macs", "--quant", "--output", tmp_path / "s")
+    assert_cli_error(r, "needs the size objective")
+    r = run_cli("search", tiny_tune_run, "--objectives", "acc,size,latency", "--quant", "--output", tmp_path / "s")
+    assert_cli_error(r, "drop latency")
+
+
+def test_quantize_uses_the_searched_policy(joint, tmp_path):
+    front = json.loads((joint / "front.json").read_text())["front"]
+    n = next(r["subnet"] for r in front if 0 < sum(r["quant"]) < len(r["quant"])) if any(
+        0 < sum(r["quant"]) < len(r["quant"]) for r in front) else front[0]["subnet"]
+    r = run_cli("quantize", joint, "--subnet", str(n), "--output", tmp_path / "q", "--calibration-samples", "16",
+                "--runs", "2")
+    assert r.exit_code == 0, r.output
+    assert "policy the joint search chose" in r.output
+    want = QuantPolicy.from_dict(next(x for x in front if x["subnet"] == n)["policy"])
+    assert QuantPolicy.load(tmp_path / "q" / "policy.json").layers == want.layers
