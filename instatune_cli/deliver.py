@@ -5,7 +5,8 @@ holding only the sliced weights, the tokenizer and the manifest, verified agains
 manifest records the tune run's depth rule and which of its layers were kept (`kept_layers`).
 export: an extract directory (or, chained, a search/tune directory) -> `model.onnx` with dynamic axes, ORT
 parity on real validation inputs, ORT latency of the sub-network and of the full super-network (stage
-"export"); `--int8` adds `model.int8.onnx` (ONNX Runtime dynamic INT8 until the quantize stage exists).
+"export"); `--int8` adds `model.int8.onnx`: static INT8 under the joint search's policy for the sub-network when
+there is one (as `quantize` does), else ONNX Runtime dynamic INT8, and says which.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
                  threads: int | None = None, runs: int = 20, atol: float = 1e-4, force: bool = False,
                  compare_full: bool = True, notify: Any = None) -> artifacts.Artifact:
     """Export an extracted model to ONNX (chaining extract first when given a search or tune directory)."""
-    from instatune_cli.export import check_parity, export_onnx, quantize_dynamic_int8
+    from instatune_cli.export import check_parity, export_onnx
     from instatune_cli.extract import load_extracted
     from instatune_cli.measure.size import onnx_bytes, weights_bytes
     from instatune_cli.tune import load_tuned
@@ -168,9 +169,7 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
         info["weights_bytes"] = weights_bytes(art.path)
         if int8:
             q = w.path / "model.int8.onnx"
-            info["int8"] = quantize_dynamic_int8(onnx, q)
-            info["int8"]["note"] = ("INT8 via ONNX Runtime dynamic quantization (the calibrated quantize "
-                                    "stage is not built yet)")
+            info["int8"] = _int8(art, tune, model, tok, onnx, q)
             info["int8"]["agreement"] = _agreement(q, model, tune, tok)
             info["int8"]["latency"] = _latency(q, batch, seq_len, threads, runs)
             say(info["int8"]["note"])
@@ -184,6 +183,35 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
             info["speedup"] = info["latency_supernet"]["median_ms"] / info["latency"]["median_ms"]
         model_info = {k: v for k, v in art.model.items()}
         return w.commit(model=model_info, metrics=info)
+
+
+def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: Any, onnx: Path,
+          q: Path) -> dict[str, Any]:
+    """`model.int8.onnx`: the joint search's policy for this sub-network (calibrated static QDQ, as `quantize`
+    does), or, without one, ONNX Runtime dynamic INT8 of every linear; the note says which."""
+    from instatune_cli.export import export_onnx, quantize_dynamic_int8
+    from instatune_cli.quantize.stage import searched_policy
+
+    policy = searched_policy(art)
+    if policy is None:
+        info = quantize_dynamic_int8(onnx, q)
+        info["note"] = ("INT8 via ONNX Runtime dynamic quantization of every linear (no searched policy for this "
+                        "sub-network; `instatune quantize` calibrates static INT8 under a policy)")
+        return info
+    from instatune_cli.quantize.ort_engine import quantize_onnx
+    from instatune_cli.quantize.targets import architecture_of, torch_targets
+    from instatune_cli.tune import load_eval_batches
+
+    policy.check_for(architecture_of(model))
+    calib = [{k: v for k, v in b.items() if k != "labels"}
+             for b in load_eval_batches(tune, tok, batch_size=16, limit=256, which="calib")]
+    with tempfile.TemporaryDirectory(prefix="instatune-int8-") as td:
+        plain = Path(td) / "plain.onnx"
+        export_onnx(art.path, plain, optimize=False)  # every linear its own node, as the policy names them
+        info = quantize_onnx(plain, q, policy, torch_targets(model), calib)
+    info["policy"] = policy.to_dict()
+    info["note"] = f"INT8 via the joint search's policy for this sub-network ({policy.summary()}), static QDQ"
+    return info
 
 
 def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, n: int = 64) -> dict[str, Any]:

@@ -123,13 +123,14 @@ def _fp32_consumers_read_fp32(graph: Any, chosen: set[str]) -> int:
 
 
 def quantized_nodes(onnx_path: str | Path) -> set[str]:
-    """Names of the nodes whose weight input is dequantized from INT8 (for tests and the manifest)."""
+    """Names of the MatMul/Gemm/Gather nodes whose weight is dequantized from an 8-bit initializer (INT8 linears;
+    UINT8 for the embedding table, which ORT quantizes per tensor)."""
     import onnx
 
     g = onnx.load(str(onnx_path)).graph
     dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
     inits = {i.name: i for i in g.initializer}
     weights_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8}
+                  and inits[n.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     return {n.name for n in g.node if n.op_type in ("MatMul", "Gemm", "Gather")
             and any(i in weights_dq for i in n.input) and any(i in dq_out for i in n.input)}

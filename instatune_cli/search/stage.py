@@ -355,7 +355,8 @@ class _SearchStage:
                      "eval_split": "eval" if obj.holdout is not None else None, "eval_examples": obj.eval_examples,
                      "warnings": list(obj.warnings), "collapsed": collapsed}
         (work / FRONT_JSON).write_text(json.dumps({"objectives": [o.to_dict() for o in objs], **selection,
-                                                   "front": front, "reference": obj.reference, "picked": picked},
+                                                   "front": front, "reference": obj.reference, "picked": picked,
+                                                   "int8_reference": obj.int8_reference},
                                                   indent=2) + "\n")
         _plot(result.rows, front, objs, work / "pareto.png", obj, self.baseline)
         summary = result.summary()

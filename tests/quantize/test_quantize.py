@@ -261,3 +261,16 @@ def test_quantize_uses_the_searched_policy(joint, tmp_path):
     assert "policy the joint search chose" in r.output
     want = QuantPolicy.from_dict(next(x for x in front if x["subnet"] == n)["policy"])
     assert QuantPolicy.load(tmp_path / "q" / "policy.json").layers == want.layers
+
+
+def test_export_int8_uses_the_searched_policy_and_says_so(joint, tmp_path):
+    from instatune_cli.quantize.ort_engine import quantized_nodes
+
+    front = json.loads((joint / "front.json").read_text())["front"]
+    row = front[0]
+    r = run_cli("export", joint, "--subnet", str(row["subnet"]), "--int8", "--no-compare", "--runs", "2", "--force",
+                "--output", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    m = artifacts.load(tmp_path / "e", "export").metrics["int8"]
+    assert "joint search's policy" in m["note"] and m["policy"]["layers"] == row["policy"]["layers"]
+    assert len(quantized_nodes(tmp_path / "e" / "model.int8.onnx")) == sum(row["quant"])
