@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [128 or the model's max]."),  # noqa: UP045
         threads: Optional[int] = typer.Option(None, help="Intra-op threads for latency [all CPUs]."),  # noqa: UP045
         runs: int = typer.Option(20, help="Timed runs per latency measurement."),
+        strict_fp32: bool = typer.Option(False, "--strict-fp32", help="ort: FP32 layers read unrounded "
+                                         "activations (exact mixed precision, but ORT cannot fuse it: slower)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-int8]."),  # noqa: UP045
         force: bool = typer.Option(False, help="Replace existing output directories."),
     ) -> None:
@@ -39,7 +41,8 @@ def register(app: typer.Typer) -> None:
         out = console()
         opts = QuantizeOptions(policy=str(policy) if policy else None, all_int8=all_int8, engine=engine,
                                calibration_samples=calibration_samples, max_drop=max_drop, batch=batch,
-                               seq_len=seq_len, threads=threads, runs=runs, subnet=subnet, config=config)
+                               seq_len=seq_len, threads=threads, runs=runs, subnet=subnet, config=config,
+                               strict_fp32=strict_fp32)
         art = quantize_stage(source, output, opts, force=force, notify=lambda msg: out.print(f"[dim]{msg}[/]"))
         m = art.metrics
         acc, size, lat = m["accuracy"], m["size_bytes"], m["latency"]

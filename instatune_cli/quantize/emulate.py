@@ -5,8 +5,10 @@ A candidate is a sub-network plus a policy. Exporting and quantizing every candi
 tens of seconds each, so the search measures it with the same arithmetic the ONNX Runtime engine applies:
 MinMax ranges of each INT8 linear's input on the calibration sample (per tensor, UINT8, asymmetric), weights
 rounded to INT8 per output channel (symmetric) on exactly the sliced rows/columns the sub-network ships, the
-word-embedding table to UINT8 per tensor, and the quantized values put back in FP32 (QDQ). What differs from
-the integer kernels is accumulation order; the search stage re-measures its front with the real engine.
+word-embedding table to UINT8 per tensor, and the quantized values put back in FP32 (QDQ). This is the engine's
+`strict` arithmetic (an FP32 layer reads FP32 activations); the graph `quantize` ships by default shares each
+activation's rounding with FP32 neighbours so that ONNX Runtime can fuse it, which shifts accuracy slightly:
+`quantize` and the joint-quant bench measure the shipped graph on the eval split.
 """
 
 from __future__ import annotations

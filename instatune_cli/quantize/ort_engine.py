@@ -6,6 +6,13 @@ linear (weights INT8 symmetric per output channel, activations UINT8 asymmetric 
 calibration) and the Gather of an INT8 word-embedding table. Everything else, the attention's own MatMuls
 included, stays FP32. The result is an ordinary ONNX file any ONNX Runtime loads; ORT fuses each QDQ pair
 into integer kernels when it builds the session.
+
+Two readings of an FP32 layer. ORT's quantizer puts one Quantize/Dequantize pair on a tensor and feeds every
+consumer the dequantized value, so an FP32 linear next to an INT8 one keeps FP32 *weights* but reads the
+rounded activation; the pair then fuses into QLinearMatMul (MiniLM b1 s128, one thread: 31 ms vs 71 ms FP32).
+`strict=True` rewires FP32 consumers to the original tensor, so an FP32 layer computes exactly as in FP32 (the
+arithmetic the joint search's emulation assumes); that breaks the fusion and INT8 runs slower than FP32 on
+ORT 1.32 (about 135 ms), so it is for checking, not shipping.
 """
 
 from __future__ import annotations
@@ -45,8 +52,10 @@ def _np(v: Any) -> Any:
 
 
 def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, policy: QuantPolicy,
-                  targets: dict[str, tuple[str, Any]], batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Write `onnx_out`: `onnx_in` with the policy's INT8 layers statically quantized on `batches`."""
+                  targets: dict[str, tuple[str, Any]], batches: Sequence[dict[str, Any]],
+                  strict: bool = False) -> dict[str, Any]:
+    """Write `onnx_out`: `onnx_in` with the policy's INT8 layers statically quantized on `batches` (`strict`:
+    module docstring)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -76,20 +85,23 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, policy: QuantPolicy
             onnx.save(onnx.load(str(src)), str(dst))
     finally:
         root.setLevel(level)
-    _finish(src, dst, read_metadata(src), policy, set(chosen))
+    _finish(src, dst, read_metadata(src), policy, set(chosen) if strict else None)
     return {"engine": "ort", "method": "onnxruntime.quantization.quantize_static (QDQ)", "activations": ACTIVATIONS,
             "weights": WEIGHTS, "nodes_quantized": len(chosen), "calibration_batches": len(batches),
+            "fp32_layers_read": "fp32 activations (strict)" if strict else "shared activation QDQ (ORT default)",
             "bytes_in": onnx_bytes(src), "bytes_out": onnx_bytes(dst), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _finish(src: Path, dst: Path, meta: dict[str, str], policy: QuantPolicy, chosen: set[str]) -> None:
-    """Keep FP32 consumers FP32, drop the exporter's node metadata, carry our graph metadata over."""
+def _finish(src: Path, dst: Path, meta: dict[str, str], policy: QuantPolicy, strict: set[str] | None) -> None:
+    """With `strict` (the INT8 node names), keep FP32 consumers FP32; drop the exporter's node metadata; carry
+    our graph metadata over."""
     import onnx
 
     from instatune_cli.export import META_PREFIX
 
     m = onnx.load(str(dst))
-    _fp32_consumers_read_fp32(m.graph, chosen)
+    if strict is not None:
+        _fp32_consumers_read_fp32(m.graph, strict)
     for node in m.graph.node:  # the exporter's per-node stack traces: bulk, and the build machine's paths
         del node.metadata_props[:]
     have = {p.key for p in m.metadata_props}

@@ -37,6 +37,7 @@ class QuantizeOptions:
     runs: int = 20
     subnet: int | None = None
     config: str | None = None
+    strict_fp32: bool = False  # ort: FP32 layers read FP32 activations (exact, but unfused and slow)
 
     def check(self) -> None:
         if self.engine not in ENGINES:
@@ -158,7 +159,7 @@ class QuantizeStage:
         fp32 = tmp / "model.onnx"
         export_onnx(self.art.path, fp32, optimize=False)  # unfused: every linear is its own MatMul/Gemm
         q = out / "model.int8.onnx"
-        info = quantize_onnx(fp32, q, self.policy, self.targets, calib)
+        info = quantize_onnx(fp32, q, self.policy, self.targets, calib, strict=self.opts.strict_fp32)
         seq = self._seq_len()
         from instatune_cli.measure.latency import measure_ort_latency
 

@@ -137,7 +137,7 @@ def test_emulation_matches_the_ort_engine_and_restores_weights(extracted, tmp_pa
     pol.layers["classifier"] = "fp32"
     calib = [_calib(m)]
     export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
-    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", pol, torch_targets(m), calib)
+    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", pol, torch_targets(m), calib, strict=True)
     sess = ort_session(tmp_path / "q.onnx")
     names = [i.name for i in sess.get_inputs()]
     before = {k: v.clone() for k, v in m.state_dict().items()}
