@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [128 or the model's max]."),  # noqa: UP045
         threads: Optional[int] = typer.Option(None, help="Intra-op threads for latency [all CPUs]."),  # noqa: UP045
         runs: int = typer.Option(20, help="Timed runs per latency measurement."),
+        trim_vocab: bool = typer.Option(False, "--trim-vocab", help="ort: keep only the embedding rows of tokens "
+                                        "in the tune run's training data (others read as [UNK])."),
         strict_fp32: bool = typer.Option(False, "--strict-fp32", help="ort: FP32 layers read unrounded "
                                          "activations (exact mixed precision, but ORT cannot fuse it: slower)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-int8]."),  # noqa: UP045
@@ -42,7 +44,7 @@ def register(app: typer.Typer) -> None:
         opts = QuantizeOptions(policy=str(policy) if policy else None, all_int8=all_int8, engine=engine,
                                calibration_samples=calibration_samples, max_drop=max_drop, batch=batch,
                                seq_len=seq_len, threads=threads, runs=runs, subnet=subnet, config=config,
-                               strict_fp32=strict_fp32)
+                               strict_fp32=strict_fp32, trim_vocab=trim_vocab)
         art = quantize_stage(source, output, opts, force=force, notify=lambda msg: out.print(f"[dim]{msg}[/]"))
         m = art.metrics
         acc, size, lat = m["accuracy"], m["size_bytes"], m["latency"]

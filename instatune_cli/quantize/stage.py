@@ -38,6 +38,7 @@ class QuantizeOptions:
     subnet: int | None = None
     config: str | None = None
     strict_fp32: bool = False  # ort: FP32 layers read FP32 activations (exact, but unfused and slow)
+    trim_vocab: bool = False   # ort: keep only the embedding rows of tokens in the training data
 
     def check(self) -> None:
         if self.engine not in ENGINES:
@@ -47,6 +48,8 @@ class QuantizeOptions:
         if self.calibration_samples < MIN_CALIBRATION:
             raise InstatuneError(f"--calibration-samples {self.calibration_samples} is too few; give at least "
                                  f"{MIN_CALIBRATION} (default 256)")
+        if self.trim_vocab and self.engine != "ort":
+            raise InstatuneError("--trim-vocab rewrites the ONNX graph; use it with --engine ort")
         if self.engine == "inc":
             from instatune_cli.quantize.inc_engine import available
 
@@ -154,12 +157,16 @@ class QuantizeStage:
 
     def _ort(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
         from instatune_cli.export import export_onnx
+        from instatune_cli.measure.size import onnx_bytes
         from instatune_cli.quantize.ort_engine import quantize_onnx
 
         fp32 = tmp / "model.onnx"
         export_onnx(self.art.path, fp32, optimize=False)  # unfused: every linear is its own MatMul/Gemm
         q = out / "model.int8.onnx"
         info = quantize_onnx(fp32, q, self.policy, self.targets, calib, strict=self.opts.strict_fp32)
+        if self.opts.trim_vocab:
+            info["vocabulary"] = self._trim(fp32, q)
+            info["bytes_out"] = onnx_bytes(q)
         seq = self._seq_len()
         from instatune_cli.measure.latency import measure_ort_latency
 
@@ -169,6 +176,18 @@ class QuantizeStage:
                 "size_bytes": {"fp32": info["bytes_in"], "int8": info["bytes_out"]},
                 "accuracy": {"fp32": self._score_torch(self.model), "int8": self._score_onnx(q)},
                 "latency": lat, "speedup": lat["fp32"]["median_ms"] / lat["int8"]["median_ms"]}
+
+    def _trim(self, fp32: Path, q: Path) -> dict[str, Any]:
+        import onnx
+
+        from instatune_cli.quantize.targets import onnx_targets
+        from instatune_cli.quantize.vocab import training_token_ids, trim_vocabulary
+
+        keep, source = training_token_ids(self.tune, self.tok)
+        node = onnx_targets(onnx.load(str(fp32), load_external_data=False).graph, self.targets)["embeddings"]
+        info = trim_vocabulary(q, node, keep, int(self.tok.unk_token_id))
+        self.say(f"kept {info['kept']:,} of {info['of']:,} embedding rows (the tokens of {source})")
+        return {**info, "source": source}
 
     def _inc(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
         from instatune_cli.measure.size import weights_bytes

@@ -274,3 +274,29 @@ def test_export_int8_uses_the_searched_policy_and_says_so(joint, tmp_path):
     m = artifacts.load(tmp_path / "e", "export").metrics["int8"]
     assert "joint search's policy" in m["note"] and m["policy"]["layers"] == row["policy"]["layers"]
     assert len(quantized_nodes(tmp_path / "e" / "model.int8.onnx")) == sum(row["quant"])
+
+
+def test_trim_vocab_keeps_training_tokens_and_the_same_predictions_on_them(extracted, tmp_path):
+    from instatune_cli.export import ort_session
+
+    full, trim = tmp_path / "full", tmp_path / "trim"
+    for out, extra in ((full, []), (trim, ["--trim-vocab"])):
+        r = run_cli("quantize", extracted, "--output", out, "--calibration-samples", "16", "--runs", "2", *extra)
+        assert r.exit_code == 0, r.output
+    v = artifacts.load(trim, "quantize").metrics["quantization"]["vocabulary"]
+    assert 0 < v["kept"] < v["of"]
+    table = next(i for i in onnx.load(str(trim / "model.int8.onnx")).graph.initializer if i.name == v["table"])
+    assert table.dims[0] == v["kept"]  # (on a tiny vocabulary the id map outweighs the rows saved)
+    # on text made only of training tokens the two graphs agree exactly (same rows, same scales)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(extracted))
+    a, b = ort_session(full / "model.int8.onnx"), ort_session(trim / "model.int8.onnx")
+    enc = tok(["good movie", "bad plot"], padding=True, return_tensors="np")
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in a.get_inputs()}
+    assert np.allclose(a.run(["logits"], feeds)[0], b.run(["logits"], feeds)[0], atol=1e-6)
+
+
+def test_trim_vocab_needs_the_ort_engine(extracted, tmp_path):
+    r = run_cli("quantize", extracted, "--engine", "inc", "--trim-vocab", "--output", tmp_path / "o")
+    assert_cli_error(r, "use it with --engine ort")
