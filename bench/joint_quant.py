@@ -139,7 +139,7 @@ def plot(sdir: Path, out: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in (sdir / "archive.jsonl").read_text().splitlines() if x.strip()]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     ax.scatter([r["size"] for r in rows], [100 * r["acc"] for r in rows], s=10, c="0.7",
                label="candidates (validation, QDQ emulation)")
     fr = sorted(out["front"], key=lambda r: r["size"])
@@ -163,7 +163,7 @@ def plot(sdir: Path, out: dict[str, Any], png: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Joint architecture + INT8/FP32 search (all-MiniLM-L6-v2, SST-2)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
