@@ -1,24 +1,27 @@
-"""Realized speedup of extracted sub-networks vs their MAC ratio (ORT fp32, CPU).
+"""Realized speedup of extracted sub-networks vs their MAC ratio (ORT fp32, CPU), before and after graph fusions.
 
-For all-MiniLM-L6-v2 (real weights) and a bert-base shape (random weights from BertConfig()), extract
-several sub-networks with `instatune_cli.extract.save_extracted`, export each with
-`instatune_cli.export.export_onnx`, and time them with `instatune_cli.measure.latency.LatencyProbe` at batch
-1 and 8, sequence 128 — the same code paths the stages and the search use. Speedup = latency(full) /
-latency(sub); target: speedup >= 0.9 x MAC ratio (`total_macs(full) / total_macs(sub)`, batch 1, seq 128).
+For all-MiniLM-L6-v2 (real weights) and a bert-base shape (random weights from BertConfig(): latency does not
+depend on the values), extract several sub-networks with `instatune_cli.extract.save_extracted`, export each
+with `instatune_cli.export.export_onnx`, and time them with `instatune_cli.measure.latency.LatencyProbe` at
+batch 1 and 8, sequence 128: the same code paths the stages and the search use. Two variants of every graph:
+
+- `before`: `export_onnx(optimize=False)` timed in a default ORT session (what shipped before the fusions);
+- `after`: `export_onnx()` (ORT transformer fusions, `export.optimize_graph`) timed in `export.ort_session`'s
+  session (ORT's slower SkipLayerNormFusion off). See the `instatune_cli.export` docstring for why.
+
+Ratio of a cell (family, variant, sub-network, batch) in one round = (latency(full) / latency(sub)) / MAC ratio,
+latencies being that round's medians and the MAC ratio `total_macs(full) / total_macs(sub)` (batch 1, seq 128).
+A cell is judged on the median of its per-round ratios (target >= 0.9); min and max over rounds show the spread.
 
 Timing on a shared CPU is noisy (other jobs only ever add time), so probes are measured in interleaved rounds
-(every model of a family once per round, in turn, alternating direction) and the speedup is judged on the
-fastest run of each model (`min_ms`, the least disturbed estimate of its cost); the median over all runs and
-the per-round medians are kept beside it, with the median-based speedup.
+(every graph of a family, both variants, once per round, in turn, alternating direction). `--clock cpu` runs
+ORT on one intra-op thread, where the whole inference runs in the calling thread, and times each run with that
+thread's CPU time (`time.thread_time`): the compute a model costs, unaffected by other processes taking the CPU
+(cache interference remains). Use it on a busy machine; the wall clock with all threads is what a user sees on
+a quiet one.
 
-`--clock cpu` runs ORT on one intra-op thread, where the whole inference runs in the calling thread, and
-times each run with that thread's CPU time (`time.thread_time`) instead of the wall clock: the compute a
-model costs, unaffected by other processes taking the CPU (cache interference remains). Use it on a busy
-machine; the wall clock with all threads is what a user sees on a quiet one.
-
-    python bench/realized_speedup.py                       # both families, writes bench/results/...
+    python bench/realized_speedup.py --clock cpu --rounds 5 --runs 3 --warmup 1   # writes bench/results/...
     python bench/realized_speedup.py --families minilm --rounds 3 --runs 5 --threads 2
-    python bench/realized_speedup.py --clock cpu --rounds 2 --runs 3   # busy machine: 1 thread, CPU time
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 SEQ = 128
 BATCHES = (1, 8)
 TARGET = 0.9
+VARIANTS = ("before", "after")
 DEFAULT_OUT = Path(__file__).parent / "results" / "realized_speedup.json"
 
 SUBNETS: dict[str, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {
@@ -84,8 +88,8 @@ def load_family(name: str) -> Any:
     return model
 
 
-def run_family(name: str, rounds: int, runs: int, warmup: int, threads: int | None, workdir: Path,
-               exporter: str, clock: str = "wall") -> list[dict[str, Any]]:
+def build(name: str, workdir: Path, exporter: str, threads: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Extract and export every sub-network of `name` in both variants: rows and their latency probes."""
     from instatune_cli.adapters import adapter_of
     from instatune_cli.export import export_onnx
     from instatune_cli.extract import save_extracted
@@ -95,88 +99,128 @@ def run_family(name: str, rounds: int, runs: int, warmup: int, threads: int | No
 
     model = load_family(name)
     dims = adapter_of(model).dims(model.config)
-    rows: list[dict[str, Any]] = []
-    probes = []
+    rows, probes = [], []
     for label, heads, ffn in SUBNETS[name]:
         sub = SubNet(heads, ffn)
         d = workdir / f"{name}-{label}"
-        t0 = time.perf_counter()
         ext = save_extracted(model, sub, None, d)
-        exp = export_onnx(d, d / "model.onnx", exporter=exporter)
-        print(f"  {name:9s} {label:14s} {sub.name:40s} {ext['kind']:9s} extract+export "
-              f"{time.perf_counter() - t0:5.1f}s", flush=True)
-        probes.append(LatencyProbe(d / "model.onnx", threads))
-        rows.append({
-            "family": name, "label": label, "subnet": sub.name, "kind": ext["kind"],
-            "macs": total_macs(dims, sub, SEQ), "params": ext["params"],
-            "weights_bytes": ext["weights_bytes"], "onnx_bytes": exp["bytes"], "exporter": exp["exporter"],
-            "extract_max_abs_diff": ext["max_abs_diff"],
-            "latency": {},
-        })
-    del model
-    for bs in BATCHES:
-        samples: list[list[float]] = [[] for _ in probes]
-        round_medians: list[list[float]] = [[] for _ in probes]
-        for r in range(rounds):
-            order = list(range(len(probes)))
-            if r % 2:
-                order.reverse()  # alternate direction so no model always runs right after the same one
-            for i in order:
-                times = []
-                p = probes[i]
-                feeds = p.feeds(bs, SEQ)
-                for _ in range(warmup):
-                    p.session.run(None, feeds)
-                timer = time.thread_time if clock == "cpu" else time.perf_counter
-                for _ in range(runs):
-                    t0 = timer()
-                    p.session.run(None, feeds)
-                    times.append((timer() - t0) * 1e3)
-                samples[i] += times
-                round_medians[i].append(statistics.median(times))
-        for i, row in enumerate(rows):
-            row["latency"][f"b{bs}"] = {
-                "median_ms": statistics.median(samples[i]),
-                "min_ms": min(samples[i]),
-                "round_medians_ms": round_medians[i],
-                "runs": len(samples[i]),
-            }
-    full = rows[0]
+        for variant in VARIANTS:
+            t0 = time.perf_counter()
+            exp = export_onnx(d, d / f"{variant}.onnx", exporter=exporter, optimize=variant == "after")
+            opt = exp["optimization"]
+            print(f"  {name:9s} {label:14s} {variant:6s} {sub.name:40s} {ext['kind']:9s} export "
+                  f"{time.perf_counter() - t0:5.1f}s fused {opt['fused'] if opt['applied'] else '-'}", flush=True)
+            probes.append(LatencyProbe(d / f"{variant}.onnx", threads,
+                                       disabled_optimizers=() if variant == "before" else None))
+            rows.append({
+                "family": name, "variant": variant, "label": label, "subnet": sub.name, "kind": ext["kind"],
+                "macs": total_macs(dims, sub, SEQ), "params": ext["params"], "onnx_bytes": exp["bytes"],
+                "exporter": exp["exporter"], "optimization": opt,
+                "session_disabled_optimizers": probes[-1].disabled_optimizers, "latency": {},
+            })
+    return rows, probes
+
+
+def time_rounds(probes: list[Any], bs: int, rounds: int, runs: int, warmup: int, clock: str) -> list[list[list[float]]]:
+    """times[probe][round] = ms of each timed run, probes interleaved and alternating direction per round."""
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    times: list[list[list[float]]] = [[] for _ in probes]
+    for r in range(rounds):
+        order = range(len(probes)) if r % 2 == 0 else reversed(range(len(probes)))
+        for i in order:
+            p = probes[i]
+            feeds = p.feeds(bs, SEQ)
+            for _ in range(warmup):
+                p.session.run(None, feeds)
+            ts = []
+            for _ in range(runs):
+                t0 = timer()
+                p.session.run(None, feeds)
+                ts.append((timer() - t0) * 1e3)
+            times[i].append(ts)
+    return times
+
+
+def judge(rows: list[dict[str, Any]]) -> None:
+    """Per-round ratios (speedup / MAC ratio) against the same variant's full network; median, spread, verdict."""
+    full = {r["variant"]: r for r in rows if r["label"] == "full"}
     for row in rows:
-        row["mac_ratio"] = full["macs"] / row["macs"]
+        ref = full[row["variant"]]
+        row["mac_ratio"] = ref["macs"] / row["macs"]
         for bs in BATCHES:
-            lat = row["latency"][f"b{bs}"]
-            ref = full["latency"][f"b{bs}"]
-            lat["speedup"] = ref["min_ms"] / lat["min_ms"]
-            lat["speedup_median"] = ref["median_ms"] / lat["median_ms"]
-            lat["speedup_vs_mac_ratio"] = lat["speedup"] / row["mac_ratio"]
-            lat["meets_target"] = lat["speedup"] >= TARGET * row["mac_ratio"]
+            lat, base = row["latency"][f"b{bs}"], ref["latency"][f"b{bs}"]
+            ratios = [f / s / row["mac_ratio"] for f, s in zip(base["round_medians_ms"], lat["round_medians_ms"],
+                                                                   strict=True)]
+            lat["speedup_median"] = base["median_ms"] / lat["median_ms"]
+            lat["ratio_rounds"] = ratios
+            lat["ratio_min"], lat["ratio_median"], lat["ratio_max"] = (
+                min(ratios), statistics.median(ratios), max(ratios))
+            lat["meets_target"] = lat["ratio_median"] >= TARGET
+
+
+def run_family(name: str, rounds: int, runs: int, warmup: int, threads: int, workdir: Path, exporter: str,
+               clock: str = "wall") -> list[dict[str, Any]]:
+    rows, probes = build(name, workdir, exporter, threads)
+    for bs in BATCHES:
+        for row, times in zip(rows, time_rounds(probes, bs, rounds, runs, warmup, clock), strict=True):
+            flat = [t for ts in times for t in ts]
+            row["latency"][f"b{bs}"] = {"median_ms": statistics.median(flat), "min_ms": min(flat),
+                                        "round_medians_ms": [statistics.median(ts) for ts in times],
+                                        "runs": len(flat)}
+    judge(rows)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'family':9s} {'sub-network':14s} {'kind':9s} {'GMACs':>6s} {'MAC x':>6s} "
-            + " ".join(f"{f'b{b} ms':>8s} {'speedup':>7s} {'/MACx':>6s} {'(med)':>6s}" for b in BATCHES))
+    head = (f"{'family':9s} {'variant':7s} {'sub-network':14s} {'GMACs':>6s} {'MAC x':>6s} "
+            + " ".join(f"{f'b{b} ms':>8s} {'ratio med [min-max]':>20s}" for b in BATCHES))
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = []
         for b in BATCHES:
             lat = r["latency"][f"b{b}"]
             flag = " " if lat["meets_target"] else "!"
-            cells.append(f"{lat['min_ms']:8.2f} {lat['speedup']:7.2f} "
-                         f"{lat['speedup_vs_mac_ratio']:5.2f}{flag} {lat['speedup_median']:6.2f}")
-        lines.append(f"{r['family']:9s} {r['label']:14s} {r['kind']:9s} {r['macs'] / 1e9:6.2f} "
+            cells.append(f"{lat['median_ms']:8.2f} {lat['ratio_median']:5.2f}{flag} "
+                         f"[{lat['ratio_min']:.2f}-{lat['ratio_max']:.2f}]  ")
+        lines.append(f"{r['family']:9s} {r['variant']:7s} {r['label']:14s} {r['macs'] / 1e9:6.2f} "
                      f"{r['mac_ratio']:6.2f} " + " ".join(cells))
-    lines.append(f"(ms = fastest run; speedup = full / sub on those; /MACx = speedup / MAC ratio, '!' below "
-                 f"{TARGET}; (med) = speedup on medians; MACs at batch 1, sequence {SEQ})")
+    lines.append(f"(ms = median run; ratio = (full ms / sub ms) / MAC ratio per round, median [min-max] over "
+                 f"rounds, '!' median below {TARGET}; MACs at batch 1, sequence {SEQ})")
+    return "\n".join(lines)
+
+
+def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median ratio before -> after and the ms saved, per (family, sub-network, batch)."""
+    by = {(r["family"], r["label"], r["variant"]): r for r in rows}
+    out = []
+    for (fam, label, variant), r in by.items():
+        if variant != "after":
+            continue
+        b = by[(fam, label, "before")]
+        for bs in BATCHES:
+            k = f"b{bs}"
+            out.append({"family": fam, "label": label, "batch": bs,
+                        "ratio_before": b["latency"][k]["ratio_median"], "ratio_after": r["latency"][k]["ratio_median"],
+                        "ms_before": b["latency"][k]["median_ms"], "ms_after": r["latency"][k]["median_ms"]})
+    return out
+
+
+def comparison_table(comp: list[dict[str, Any]]) -> str:
+    """Median ratio and median ms before -> after fusions, one line per cell ('!': after below target)."""
+    lines = [f"{'family':9s} {'sub-network':14s} {'batch':>5s} {'ratio before -> after':>22s} "
+             f"{'ms before -> after':>22s}"]
+    for c in comp:
+        lines.append(f"{c['family']:9s} {c['label']:14s} {c['batch']:5d} {c['ratio_before']:10.2f} -> "
+                     f"{c['ratio_after']:.2f}{' ' if c['ratio_after'] >= TARGET else '!'}    "
+                     f"{c['ms_before']:9.2f} -> {c['ms_after']:.2f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", nargs="+", default=list(SUBNETS), choices=list(SUBNETS))
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models of a family")
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per model per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all graphs of a family")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per graph per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads [all allowed CPUs]")
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
@@ -184,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="wall: wall clock, --threads threads; cpu: 1 thread, the thread's CPU time")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    if args.out == DEFAULT_OUT and args.clock == "cpu":
-        args.out = DEFAULT_OUT.with_name("realized_speedup_cpu.json")
 
     from instatune_cli.cli.common import quiet_libraries
     from instatune_cli.measure.latency import default_threads
@@ -198,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="instatune-bench-"))
     try:
         for fam in args.families:
-            rows += run_family(fam, args.rounds, args.runs, args.warmup, threads, work, args.exporter,
-                               args.clock)
+            rows += run_family(fam, args.rounds, args.runs, args.warmup, threads, work, args.exporter, args.clock)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     import onnxruntime
@@ -209,20 +250,29 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "realized_speedup",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python bench/realized_speedup.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {"seq_len": SEQ, "batches": list(BATCHES), "threads": threads, "rounds": args.rounds,
                      "runs_per_round": args.runs, "warmup": args.warmup, "target": TARGET,
+                     "judged_on": "median over rounds of (full/sub latency, per-round medians) / MAC ratio",
+                     "variants": {"before": "export_onnx(optimize=False), default ORT session",
+                                  "after": "export_onnx() (optimize_graph fusions), export.ort_session"},
                      "exporter": args.exporter, "clock": args.clock, "precision": "fp32",
-                     "provider": "CPUExecutionProvider"},
+                     "provider": "CPUExecutionProvider",
+                     "bert_base_weights": "random (BertConfig()); latency does not depend on values"},
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "cpus_allowed": default_threads(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
                         "load_average_start": load_start, "load_average_end": os.getloadavg()},
         "seconds": round(time.perf_counter() - t0, 1),
+        "all_after_cells_meet_target": all(r["latency"][f"b{b}"]["meets_target"] for r in rows
+                                           if r["variant"] == "after" for b in BATCHES),
+        "comparison": comparison(rows),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(rows))
+    print(comparison_table(result["comparison"]))
     print(f"wrote {args.out} in {result['seconds']} s ({args.clock} clock, threads {threads}, 1-min load "
           f"average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end)")
     return 0

@@ -11,6 +11,10 @@ ORT runs the whole graph in the calling thread, so this is the compute the model
 processes taking the CPU. On a busy machine it ranks models far more stably than the wall clock (measured
 here: MiniLM b1 s128 35.4-36.0 ms over 10 runs at load average 4 on 2 cores, while 2-thread wall times
 ranged 16-70 ms).
+
+Sessions come from `export.ort_session`, which switches off ORT's session-time SkipLayerNormFusion (slower on
+ORT's CPU kernel than the Add + LayerNormalization it replaces: see the `instatune_cli.export` docstring);
+`disabled_optimizers=()` measures a graph the way a default ORT session would.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +56,15 @@ class LatencyProbe:
     """One ORT session for one graph; `measure(batch, seq_len)` as often as needed."""
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
-                 vocab_size: int | None = None) -> None:
-        from instatune_cli.export import ort_session, read_metadata
+                 vocab_size: int | None = None, disabled_optimizers: Sequence[str] | None = None) -> None:
+        from instatune_cli.export import SLOW_CPU_OPTIMIZERS, ort_session, read_metadata
 
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise InstatuneError(f"ONNX model {self.onnx_path} does not exist; export one first")
         self.threads = int(threads) if threads else default_threads()
-        self.session = ort_session(self.onnx_path, self.threads)
+        self.disabled_optimizers = list(SLOW_CPU_OPTIMIZERS if disabled_optimizers is None else disabled_optimizers)
+        self.session = ort_session(self.onnx_path, self.threads, self.disabled_optimizers)
         meta = read_metadata(self.onnx_path)
         self.vocab_size = int(vocab_size or meta.get("vocab_size") or SAFE_VOCAB)
         self.max_seq_len = int(meta["max_sequence_length"]) if "max_sequence_length" in meta else None
@@ -111,6 +117,7 @@ class LatencyProbe:
             "warmup": warmup,
             "threads": self.threads,
             "clock": clock,
+            "disabled_optimizers": self.disabled_optimizers,
             "batch": batch,
             "seq_len": seq_len,
             "provider": self.provider,
