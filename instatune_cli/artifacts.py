@@ -506,6 +506,8 @@ class StageWriter:
     def open(self) -> Path:
         """Check the output, take its lock (held until `commit` or `release`), create or reopen the partial."""
         check_output(self.out, self.force)
+        if self.force and self.out.exists():
+            self._old(clear=False)  # refuse now, not after the whole stage ran
         self.lock.acquire()
         if self.lock.notice:
             print(f"notice: {self.lock.notice}", file=sys.stderr)
@@ -520,7 +522,10 @@ class StageWriter:
         if self.tmp.exists():
             if self.resume:
                 marker = self.tmp / MARKER
-                if marker.is_file() and marker.read_text().strip() != self.stage:
+                if not marker.is_file():
+                    raise InstatuneError(f"{self.tmp} is not an unfinished instatune stage (no .stage marker), so "
+                                         "there is nothing to resume; move it away or choose another --output")
+                if marker.read_text().strip() != self.stage:
                     raise InstatuneError(
                         f"{self.tmp} holds a {marker.read_text().strip()!r} run, not {self.stage!r}; cannot resume it"
                     )
@@ -592,14 +597,16 @@ class StageWriter:
         (self.out / MARKER).unlink(missing_ok=True)
         _fsync_path(self.out.parent)
 
-    def _old(self) -> Path:
-        """`<out>.old`, cleared first only if it is an output instatune left there (never someone's data)."""
+    def _old(self, clear: bool = True) -> Path:
+        """`<out>.old`, cleared first (with `clear`) only if it is an output instatune left there (never someone's
+        data)."""
         old = self.out.with_name(self.out.name + ".old")
         if old.exists() or old.is_symlink():
             if old.is_symlink() or not old.is_dir() or (any(old.iterdir()) and not _is_stage_output(old)):
                 raise InstatuneError(f"{old} is in the way of replacing {self.out} and is not an instatune output; "
                                      "move it away and rerun")
-            shutil.rmtree(old)
+            if clear:
+                shutil.rmtree(old)
         return old
 
     def _restore(self, old: Path, e: OSError) -> InstatuneError:

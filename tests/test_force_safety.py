@@ -119,3 +119,26 @@ def test_search_population_zero_creates_nothing(tiny_tune_run: Path, tmp_path: P
     res = run_cli("search", tiny_tune_run, "--objectives", "acc,macs", "--population", "0", "-o", out)
     assert_cli_error(res, "--population must be at least 1")
     assert not out.exists() and not (tmp_path / "s.partial").exists()
+
+
+def test_resume_refuses_a_partial_instatune_did_not_make(tmp_path: Path) -> None:
+    """docs/faults.md case 9: a `.partial` without the stage marker is someone's directory, never adopted."""
+    out = tmp_path / "run"
+    (tmp_path / "run.partial").mkdir()
+    (tmp_path / "run.partial" / "notes.txt").write_text("mine")
+    w = artifacts.StageWriter(out, "tune", {}, resume=True)
+    with pytest.raises(InstatuneError, match="no .stage marker"):
+        w.open()
+    assert (tmp_path / "run.partial" / "notes.txt").read_text() == "mine" and not out.exists()
+
+
+def test_force_refuses_a_foreign_old_before_the_stage_runs(tmp_path: Path) -> None:
+    """docs/faults.md case 4: a `<out>.old` instatune did not write is refused at open, not after the work."""
+    out = tmp_path / "x"
+    write_stage(out, "a")
+    (tmp_path / "x.old").mkdir()
+    (tmp_path / "x.old" / "notes.txt").write_text("mine")
+    w = artifacts.StageWriter(out, "extract", {"v": "b"}, force=True)
+    with pytest.raises(InstatuneError, match="in the way"):
+        w.open()
+    assert not (tmp_path / "x.partial").exists() and (tmp_path / "x.old" / "notes.txt").is_file()

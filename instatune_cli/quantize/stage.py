@@ -90,6 +90,7 @@ class QuantizeStage:
     def resolve(self) -> None:
         from instatune_cli.deliver import extract_stage, tune_of
 
+        given = QuantPolicy.load(self.opts.policy) if self.opts.policy else None  # before anything is written
         art = artifacts.load(self.src, ("extract", "search", "tune"))
         if art.stage != "extract":
             art = extract_stage(art.path, None, subnet=self.opts.subnet, config=self.opts.config, force=self.force)
@@ -99,7 +100,7 @@ class QuantizeStage:
         self.art, self.tune = art, tune_of(art)
         self.out = Path(self.output) if self.output else art.path.resolve().parent / f"{art.path.resolve().name}-int8"
         self._load_model()
-        self.policy = self._policy()
+        self.policy = given or self._policy()
         self.policy.check_for(self.arch, f"the model in {art.path}")
 
     def _load_model(self) -> None:
