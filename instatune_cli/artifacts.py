@@ -531,6 +531,9 @@ class StageWriter:
                     )
                 return self.tmp
             if not self.force:
+                if not (self.tmp / MARKER).is_file():
+                    raise InstatuneError(f"{self.tmp} is in the way and is not an unfinished instatune stage (no "
+                                         ".stage marker); move it away or choose another --output")
                 raise InstatuneError(f"an unfinished {self.stage} run is in {self.tmp}; "
                                      "pass --resume to continue it or --force to start over")
             check_partial(self.tmp)

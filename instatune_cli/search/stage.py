@@ -143,7 +143,7 @@ class Measurement:
                                  "search over") from None
         diff = self.differences(old if isinstance(old, dict) else {})
         if diff:
-            raise InstatuneError(f"{work} holds scores measured otherwise: {'; '.join(diff)} differ; resuming would "
+            raise InstatuneError(f"{work} holds scores measured otherwise (changed: {'; '.join(diff)}); resuming would "
                                  "mix them with new ones: rerun with the options it was started with, or pass --force "
                                  "without --resume to start over")
 
