@@ -180,7 +180,8 @@ def test_score_reports_censoring_population_choice_and_ratios(tmp_path):
     md = se.markdown(out)
     assert "| NSGA-II (pop 20) **best NSGA-II** | " in md
     assert "| random | >7 [>7–>7] (3/3 censored) | >7 [>7–>7] (3/3 censored) |" in md
-    assert "nsga2-p20 / LINAS (ratio of medians): 95 % " in md and "random / LINAS" in md and "n/a (censored)" in md
+    assert "- NSGA-II (pop 20) / LINAS, ratio of medians: 95 % " in md and "98 % 1.40x" in md
+    assert "- random / LINAS, ratio of medians: 95 % n/a (medians >7 vs 5: censored, no ratio)" in md
 
 
 def test_majority_rate(tmp_path):
@@ -194,3 +195,10 @@ def test_compact_json_round_trips():
     obj = {"curve": [0.1, 0.25, 1e-05], "per_seed": [3, None, 7], "names": ["a", "b"], "rows": [{"x": [1, 2]}]}
     text = se.compact_json(obj)
     assert json.loads(text) == obj and '"curve": [0.1, 0.25, 1e-05]' in text and '"per_seed": [3, null, 7]' in text
+
+
+def test_reference_file_lives_beside_the_output():
+    assert se.parse_args([]).reference == se.RESULTS / "search_efficiency_reference.json"
+    assert se.parse_args(["--out", "/tmp/x/se.json"]).reference == Path("/tmp/x/se_reference.json")
+    with pytest.raises(SystemExit):
+        se.parse_args(["--skip-runs"])  # only beside --measure-only --build-reference
