@@ -16,7 +16,7 @@ another sub-network is a different layer. Torch-free.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,15 +168,6 @@ class QuantPolicy:
         return cls.from_dict(d, where=str(p))
 
 
-def weight_bytes(arch: Architecture, vocab: int, policy: QuantPolicy | None, *, extra_fp32: int = 0) -> int:
-    """Closed-form bytes of the weights a quantized model ships: an INT8 weight is 1 byte per value plus one
-    FP32 scale per output row (per-channel), an FP32 weight 4 bytes; biases stay FP32. `extra_fp32` counts
-    what no policy touches (position/type embeddings, LayerNorms). The joint search's `size`; a test checks
-    it against the ONNX Runtime engine's file."""
-    return sum(_bytes(rows, cols, bias, policy is not None and policy.layers.get(name) == "int8")
-               for name, (rows, cols, bias) in shapes(arch, vocab).items()) + extra_fp32
-
-
 def shapes(arch: Architecture, vocab: int) -> dict[str, tuple[int, int, bool]]:
     """(rows, cols, has bias) of every logical layer's weight, rows = output features."""
     h = arch.hidden
@@ -190,12 +181,3 @@ def shapes(arch: Architecture, vocab: int) -> dict[str, tuple[int, int, bool]]:
         out["pooler"] = (h, h, True)
     out["classifier"] = (arch.num_labels, h, True)
     return out
-
-
-def _bytes(rows: int, cols: int, bias: bool, int8: bool) -> int:
-    return rows * cols * (1 if int8 else 4) + (4 * rows if int8 else 0) + (4 * rows if bias else 0)
-
-
-def names_of(bits: Iterable[int], arch: Architecture) -> list[str]:
-    """The INT8 layer names of a gene vector (for messages and manifests)."""
-    return [n for n, b in zip(arch.names(), bits, strict=False) if b]

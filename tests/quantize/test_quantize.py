@@ -13,7 +13,7 @@ from conftest import assert_cli_error, run_cli
 from instatune_cli import artifacts
 from instatune_cli.errors import InstatuneError
 from instatune_cli.quantize.emulate import QuantEmulator, qdq_int8_rows, qdq_uint8
-from instatune_cli.quantize.policy import Architecture, QuantPolicy, shapes, weight_bytes
+from instatune_cli.quantize.policy import Architecture, QuantPolicy, shapes
 from instatune_cli.quantize.targets import architecture_of, onnx_targets, torch_targets
 
 
@@ -158,12 +158,15 @@ def test_qdq_helpers():
     assert (qdq_int8_rows(w) - w).abs().max() <= (w.abs().amax(1) * 2 / 255).max() / 2 + 1e-6
 
 
-def test_weight_bytes_counts_int8_as_one_byte():
+def test_size_counts_an_int8_weight_as_one_byte_plus_a_scale_per_row():
+    from instatune_cli.quantize.joint import size_from_params
+
     arch = Architecture("bert", 8, 2, (4,), (16,), 2)
-    fp, q = weight_bytes(arch, 50, None), weight_bytes(arch, 50, QuantPolicy.uniform(arch))
     n = sum(r * c for r, c, _ in shapes(arch, 50).values())
-    rows = sum(r for r, _, _ in shapes(arch, 50).values())
-    assert fp - q == 3 * n - 4 * rows
+    fp = size_from_params(n, arch, 50, None)
+    q = size_from_params(n, arch, 50, QuantPolicy.uniform(arch))
+    rows = sum(r for name, (r, _, _) in shapes(arch, 50).items() if name != "embeddings")
+    assert fp == 4 * n and fp - q == 3 * n - 4 * rows - 8
 
 
 def test_quantize_stage_ort_end_to_end(extracted, tmp_path):
