@@ -414,6 +414,25 @@ def _named_output(out: str | Path) -> Path:
     return p
 
 
+def check_existing_partial(tmp: Path, stage: str, resume: bool, force: bool) -> None:
+    """What an existing `<out>.partial` allows: `--resume` continues a `stage` partial, `--force` removes one
+    instatune made (its `.stage` marker); a directory without the marker is someone's and is never touched."""
+    marker = tmp / MARKER
+    if not marker.is_file():
+        if resume:
+            raise InstatuneError(f"{tmp} is not an unfinished instatune stage (no .stage marker), so there is "
+                                 "nothing to resume; move it away or choose another --output")
+        if not force:
+            raise InstatuneError(f"{tmp} is in the way and is not an unfinished instatune stage (no .stage marker); "
+                                 "move it away or choose another --output")
+        check_partial(tmp)
+    if resume and marker.read_text().strip() != stage:
+        raise InstatuneError(f"{tmp} holds a {marker.read_text().strip()!r} run, not {stage!r}; cannot resume it")
+    if not resume and not force:
+        raise InstatuneError(f"an unfinished {stage} run is in {tmp}; pass --resume to continue it or --force to "
+                             "start over")
+
+
 def check_partial(tmp: Path) -> None:
     """`--force` removes a `<out>.partial` directory only if a stage made it (its `.stage` marker)."""
     if not (tmp / MARKER).is_file():
@@ -520,23 +539,9 @@ class StageWriter:
 
     def _open_partial(self) -> Path:
         if self.tmp.exists():
+            check_existing_partial(self.tmp, self.stage, self.resume, self.force)
             if self.resume:
-                marker = self.tmp / MARKER
-                if not marker.is_file():
-                    raise InstatuneError(f"{self.tmp} is not an unfinished instatune stage (no .stage marker), so "
-                                         "there is nothing to resume; move it away or choose another --output")
-                if marker.read_text().strip() != self.stage:
-                    raise InstatuneError(
-                        f"{self.tmp} holds a {marker.read_text().strip()!r} run, not {self.stage!r}; cannot resume it"
-                    )
                 return self.tmp
-            if not self.force:
-                if not (self.tmp / MARKER).is_file():
-                    raise InstatuneError(f"{self.tmp} is in the way and is not an unfinished instatune stage (no "
-                                         ".stage marker); move it away or choose another --output")
-                raise InstatuneError(f"an unfinished {self.stage} run is in {self.tmp}; "
-                                     "pass --resume to continue it or --force to start over")
-            check_partial(self.tmp)
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / MARKER).write_text(self.stage)

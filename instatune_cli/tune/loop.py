@@ -73,23 +73,12 @@ def _first_line(e: BaseException) -> str:
 
 def precheck_output(cfg: TuneConfig) -> None:
     """The StageWriter rules, checked before any heavy work so a refused run costs nothing."""
-    from instatune_cli.artifacts import check_output, check_partial
+    from instatune_cli.artifacts import check_existing_partial, check_output
 
     out = check_output(cfg.output, cfg.force)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        marker = tmp / ".stage"
-        if cfg.resume:
-            if marker.is_file() and marker.read_text().strip() != "tune":
-                raise InstatuneError(
-                    f"{tmp} holds a {marker.read_text().strip()!r} run, not 'tune'; cannot resume it"
-                )
-        elif not cfg.force:
-            raise InstatuneError(
-                f"an unfinished tune run is in {tmp}; pass --resume to continue it or --force to start over"
-            )
-        else:
-            check_partial(tmp)
+        check_existing_partial(tmp, "tune", cfg.resume, cfg.force)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
