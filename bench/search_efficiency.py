@@ -56,7 +56,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -169,17 +169,20 @@ def load_cache(path: Path, key: str) -> dict[str, dict[str, Any]]:
 
     Accuracy on fixed batches is deterministic, so a value measured once is the value every later run would
     measure; the key keeps other setups' values out. A line cut short by a kill is skipped."""
-    out: dict[str, dict[str, Any]] = {}
+    return {rec["id"]: rec["values"] for rec in _cache_records(path, key)}
+
+
+def _cache_records(path: Path | None, key: str) -> Iterator[dict[str, Any]]:
+    """The cache's records for `key`, skipping a line cut short by a kill."""
     if path is None or not path.exists():
-        return out
+        return
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict) and rec.get("key") == key:
-            out[rec["id"]] = rec["values"]
-    return out
+            yield rec
 
 
 def _plain(v: Any) -> Any:
@@ -200,17 +203,7 @@ def append_cache(path: Path, key: str, sub: Any, values: Mapping[str, Any], seco
 
 def cache_seconds(path: Path, key: str) -> float:
     """Compute time of every value cached for `key` (what measuring this super-network cost, all invocations)."""
-    total = 0.0
-    if path is None or not path.exists():
-        return total
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("key") == key:
-            total += float(rec.get("seconds") or 0.0)
-    return total
+    return sum(float(rec.get("seconds") or 0.0) for rec in _cache_records(path, key))
 
 
 # ---- hypervolume curves, evaluations to reach, censoring ----------------------------------------------------
