@@ -113,6 +113,15 @@ def default_batches(config: Any, shapes: Sequence[tuple[int, int]] = DEFAULT_CHE
     return [random_batch(config, b, s, seed=seed + i) for i, (b, s) in enumerate(shapes)]
 
 
+def family_batches(model: Any, shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK_SHAPES,
+                   seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random check batches of any family (its `random_batch`; image families ignore the sequence length)."""
+    from instatune_cli.adapters import adapter_of
+
+    fam = adapter_of(model)
+    return [fam.random_batch(model, b, s, seed=seed + i) for i, (b, s) in enumerate(shapes)]
+
+
 def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     """The classifier's inputs (a tokenizer's extra keys, labels, ... dropped), on the model's device."""
     keep = set(input_names(model))
@@ -287,6 +296,9 @@ def max_logit_diff(a: nn.Module, b: nn.Module, batches: Sequence[dict[str, Any]]
     """Largest |logits(a) − logits(b)| over the batches, both in eval mode without grad."""
     import torch
 
+    from instatune_cli.adapters import adapter_of
+
+    fa, fb = adapter_of(a), adapter_of(b)
     worst = 0.0
     modes = (a.training, b.training)
     a.eval()
@@ -294,8 +306,8 @@ def max_logit_diff(a: nn.Module, b: nn.Module, batches: Sequence[dict[str, Any]]
     try:
         with torch.no_grad():
             for batch in batches:
-                la = a(**_model_inputs(a, batch)).logits.float()
-                lb = b(**_model_inputs(b, batch)).logits.float()
+                la = fa.logits(a, batch).float()
+                lb = fb.logits(b, batch).float()
                 if la.shape != lb.shape:
                     raise RuntimeError(f"logit shapes differ: {tuple(la.shape)} vs {tuple(lb.shape)}")
                 worst = max(worst, (la - lb).abs().max().item())
@@ -316,8 +328,8 @@ def verify_extracted(model: nn.Module, sub: SubNet, extracted: nn.Module,
     """
     from instatune_cli.adapters import adapter_of
 
-    batches = list(batches) if batches else default_batches(model.config)
     adapter = adapter_of(model)
+    batches = list(batches) if batches else family_batches(model)
     if not hasattr(adapter.layer_list(model), "active"):
         adapter.make_elastic(model)
     state = _elastic_state(model)
@@ -326,7 +338,7 @@ def verify_extracted(model: nn.Module, sub: SubNet, extracted: nn.Module,
         diff = max_logit_diff(model, extracted, batches)
     finally:
         _restore(state)
-    shapes = [list(b["input_ids"].shape) for b in batches]
+    shapes = [list(next(iter(b.values())).shape) for b in batches]
     if not diff <= atol:
         raise InstatuneError(
             f"extracted {sub.name} differs from the super-network with it active: max |Δlogit| "
@@ -353,56 +365,41 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
                    atol: float = DEFAULT_ATOL) -> dict[str, Any]:
     """Extract `sub`, check it, write a standalone model directory to `out_dir`, reload it and check again.
 
-    `out_dir` may exist (a stage's partial directory); files of the same name are replaced. Returns what
-    was measured: kind, model type, depth rule and kept layer indices (of the super-network), params
-    (counted and closed form), weight bytes, logit differences.
+    Family-independent: the family's `extract`, `save_extracted` and `load_extracted` do the work
+    (`tokenizer` is the family's preprocessor). `out_dir` may exist (a stage's partial directory); files of
+    the same name are replaced. Returns what was measured: kind, model type, depth rule and kept layer
+    indices (of the super-network), params (counted and closed form), weight bytes, logit differences.
     """
     from instatune_cli.adapters import adapter_of
-    from instatune_cli.measure.macs import params as closed_form_params
     from instatune_cli.measure.size import weights_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter = adapter_of(model)
-    dims = adapter.dims(model.config)
-    batches = list(batches) if batches else default_batches(model.config)
+    dims = adapter.dims_of(model)
+    batches = list(batches) if batches else family_batches(model)
 
-    small = extract_model(model, sub)
+    check_subnet(dims, sub)
+    small = adapter.extract(model, sub)
     kind = small._instatune_kind
     check = verify_extracted(model, sub, small, batches, atol)
     kept = adapter.kept_layers(model, sub)
-    # Which super-network layers these are is otherwise lost in the renumbering; informational only.
-    small.config.instatune_kept_layers = kept
+    written = adapter.save_extracted(small, model, sub, tokenizer, out)
 
-    if kind == "instatune":
-        shutil.copyfile(_standalone_path(), out / STANDALONE_FILE)
-        cfg_cls, model_cls = standalone_module().CLASSES[small.config.model_type]
-        small.config.auto_map = {
-            "AutoConfig": f"{STANDALONE_FILE[:-3]}.{cfg_cls.__name__}",
-            "AutoModelForSequenceClassification": f"{STANDALONE_FILE[:-3]}.{model_cls.__name__}",
-        }
-    else:
-        (out / STANDALONE_FILE).unlink(missing_ok=True)  # a stale copy from an earlier save into out_dir
-    small.save_pretrained(out)
-    if kind == "instatune":
-        _name_family_type(out / "config.json", model.config.model_type)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
-    reloaded = load_extracted(out)
+    reloaded = adapter.load_extracted(out)
     reload_diff = max_logit_diff(small, reloaded, batches)
     if not reload_diff <= atol:
         raise InstatuneError(
             f"{out} reloads with different logits (max |Δ| {reload_diff:.3g}); the save is broken")
 
     n_params = sum(p.numel() for p in small.parameters())
-    expected = closed_form_params(dims, sub)
+    expected = adapter.params(dims, sub)
     files = safetensors_files(out)
     header = sum(safetensors_header_bytes(f) for f in files)
     elem = next(small.parameters()).element_size()
     return {
         "kind": kind,
-        "model_type": small.config.model_type,
+        "model_type": written.get("model_type", getattr(getattr(small, "config", None), "model_type", dims.family)),
         "architecture": type(small).__name__,
         "subnet": sub.to_dict(),
         "subnet_id": sub.id,
@@ -420,6 +417,34 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
         "reload_max_abs_diff": reload_diff,
         "atol": atol,
         "check_shapes": check["check_shapes"],
+        "load_with": written["load_with"],
+    }
+
+
+def write_hf_extracted(small: nn.Module, parent: nn.Module, sub: SubNet, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """The transformers families' files: `save_pretrained` layout, plus the per-layer class file and an
+    `auto_map` for an `instatune` kind (module docstring)."""
+    from instatune_cli.adapters import adapter_of
+
+    kind = small._instatune_kind
+    # Which super-network layers these are is otherwise lost in the renumbering; informational only.
+    small.config.instatune_kept_layers = adapter_of(parent).kept_layers(parent, sub)
+    if kind == "instatune":
+        shutil.copyfile(_standalone_path(), out / STANDALONE_FILE)
+        cfg_cls, model_cls = standalone_module().CLASSES[small.config.model_type]
+        small.config.auto_map = {
+            "AutoConfig": f"{STANDALONE_FILE[:-3]}.{cfg_cls.__name__}",
+            "AutoModelForSequenceClassification": f"{STANDALONE_FILE[:-3]}.{model_cls.__name__}",
+        }
+    else:
+        (out / STANDALONE_FILE).unlink(missing_ok=True)  # a stale copy from an earlier save into out_dir
+    small.save_pretrained(out)
+    if kind == "instatune":
+        _name_family_type(out / "config.json", parent.config.model_type)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return {
+        "model_type": small.config.model_type,
         "load_with": ("AutoModelForSequenceClassification.from_pretrained(dir)" if kind == "stock" else
                       "AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True) "
                       "or instatune_cli.extract.load_extracted(dir)"),

@@ -42,6 +42,9 @@ def kept_layers(n_keep: int, n_total: int, rule: str = "first") -> list[int]:
     raise InstatuneError(f"unknown depth rule {rule!r}; use {' or '.join(DEPTH_RULES)}")
 
 
+_IMAGE_FIELDS = ("image_size", "patch_size", "channels", "prefix_tokens")
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Shape of the full (super-)network, read from a model config by its adapter."""
@@ -57,9 +60,22 @@ class ModelDims:
     type_vocab_size: int = 0
     num_labels: int = 2
     embedding_size: int = 0  # ELECTRA's factorised embeddings (projected up to `hidden`); 0: same as hidden
+    # image families (0 for text): input side, patch side, channels, tokens before the patches (class, distill)
+    image_size: int = 0
+    patch_size: int = 0
+    channels: int = 0
+    prefix_tokens: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        """Sequence length an image family always runs at (patches + prefix tokens); 0 for text."""
+        if not self.image_size or not self.patch_size:
+            return 0
+        return (self.image_size // self.patch_size) ** 2 + self.prefix_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Fields as a dict; the image fields only where set, so a text model's record is what it always was."""
+        return {k: v for k, v in self.__dict__.items() if v or k not in _IMAGE_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelDims:

@@ -1,33 +1,70 @@
-"""Registry of model-family adapters and the model loader every stage uses.
+"""Registry of model families and the model-source checks every stage uses (docs/architecture.md, "Families").
 
-Only this package knows model internals; add a family by writing one adapter file and listing it here.
+A family registers itself with `@register_family` on its `FamilyAdapter` subclass. Built-in families are the
+modules of this package (found by listing it, not by a list in the code); a third-party family is a module
+named by an `instatune.families` entry point, or any module imported before the registry is read (tests
+register a toy family from a test file this way).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from instatune_cli.errors import InstatuneError
 
 if TYPE_CHECKING:
     from instatune_cli.adapters.base import FamilyAdapter
 
+ENTRY_POINT_GROUP = "instatune.families"
+_NOT_FAMILIES = {"base", "elastic", "standalone"}
+_REGISTRY: dict[str, FamilyAdapter] = {}
+_DISCOVERED = False
+A = TypeVar("A", bound=type)
 
-def _adapters() -> list[FamilyAdapter]:
-    from instatune_cli.adapters.bert import BertFamilyAdapter, DistilBertAdapter
 
-    return [BertFamilyAdapter(), DistilBertAdapter()]
+def register_family(cls: A) -> A:
+    """Class decorator: make a `FamilyAdapter` subclass a family of instatune (later registrations of the same
+    `family` name replace earlier ones, so a plug-in can override a built-in)."""
+    _REGISTRY[cls.family] = cls()  # type: ignore[attr-defined]
+    return cls
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for m in pkgutil.iter_modules(__path__):
+        if m.name not in _NOT_FAMILIES and not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plug-in must not break the built-in families
+            import warnings
+
+            warnings.warn(f"instatune family plug-in {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+
+
+def families() -> list[FamilyAdapter]:
+    """Every registered family (built-in, entry points, and any registered in this process)."""
+    _discover()
+    return list(_REGISTRY.values())
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for a in _adapters() for t in a.model_types)
+    return sorted(t for a in families() for t in a.model_types)
 
 
 def adapter_for(model_type: str) -> FamilyAdapter:
-    for a in _adapters():
+    for a in families():
         if a.supports(model_type):
             return a
     raise InstatuneError(
@@ -35,8 +72,43 @@ def adapter_for(model_type: str) -> FamilyAdapter:
     )
 
 
+def family_named(name: str) -> FamilyAdapter:
+    """The family called `name` (what `ModelDims.family` and manifests record)."""
+    fams = {a.family: a for a in families()}
+    if name in fams:
+        return fams[name]
+    return adapter_for(name)
+
+
 def adapter_of(model: Any) -> FamilyAdapter:
-    return getattr(model, "_instatune_adapter", None) or adapter_for(model.config.model_type)
+    """The family of a loaded model; our per-layer extracts (`instatune_bert`, ...) belong to their family."""
+    fam = getattr(model, "_instatune_adapter", None)
+    return fam or adapter_for(str(model.config.model_type).removeprefix("instatune_"))
+
+
+def _read_config(p: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError:
+        raise InstatuneError(f"{p / 'config.json'} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise InstatuneError(f"{p / 'config.json'} is not a JSON object")
+    return cfg
+
+
+def family_for_source(src: str) -> FamilyAdapter | None:
+    """The family that claims a model source: a local directory by its `config.json`, else a name a family
+    recognises (e.g. a timm id). None for a name no family claims (a hub id, resolved when loaded)."""
+    p = Path(src).expanduser()
+    cfg = _read_config(p) if (p / "config.json").is_file() else None
+    for a in families():
+        if a.claims(str(p) if cfg is not None else src, cfg):
+            return a
+    if cfg is not None:
+        what = cfg.get("model_type") or cfg.get("architecture") or "unknown"
+        raise InstatuneError(f"{p} holds a {what!r} model, not a supported family; supported model types: "
+                             f"{', '.join(supported_model_types())}")
+    return None
 
 
 def offline() -> bool:
@@ -44,26 +116,33 @@ def offline() -> bool:
 
 
 def check_model_source(src: str) -> str:
-    """Validate a model argument before heavy loading: a local model directory, or a hub id when online."""
+    """Validate a model argument before heavy loading: a local model directory of a registered family, a name
+    a family recognises (e.g. a timm id), or a hub id when online."""
     p = Path(src).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise InstatuneError(f"{p} is not a model directory (no config.json); give a transformers model directory")
-        try:
-            mt = json.loads((p / "config.json").read_text()).get("model_type")
-        except json.JSONDecodeError:
-            raise InstatuneError(f"{p / 'config.json'} is not valid JSON") from None
-        adapter_for(str(mt))
+        family_for_source(str(p))
         check_weights(p)
         return str(p)
     if src.startswith((".", "/", "~")) or os.sep in src.strip("/") and src.count("/") > 1:
         raise InstatuneError(f"model directory {src} does not exist; give an existing local path or a hub id")
+    if family_for_source(src) is not None:
+        return src
     if offline():
         raise InstatuneError(
             f"{src!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); pass a local model "
             "directory instead, e.g. one written by save_pretrained"
         )
     return src
+
+
+def load_model(src: str, *, id2label: dict[int, str] | None = None, num_labels: int | None = None,
+               eager: bool = False) -> Any:
+    """Load a classifier of any registered family from a checked source (see `check_model_source`)."""
+    src = check_model_source(src)
+    fam = family_for_source(src) or family_named("bert")  # an unclaimed hub id: the transformers families
+    return fam.load(src, id2label=id2label, num_labels=num_labels, eager=eager)
 
 
 def check_weights(model_dir: str | Path) -> None:
@@ -88,25 +167,4 @@ def check_weights(model_dir: str | Path) -> None:
 def load_classifier(src: str, num_labels: int | None = None, id2label: dict[int, str] | None = None,
                     eager: bool = False) -> Any:
     """Load a sequence classifier from a local directory or (online) a hub id, with a one-line error otherwise."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    src = check_model_source(src)
-    kw: dict[str, Any] = {}
-    if id2label is not None:
-        kw.update(num_labels=len(id2label), id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
-    elif num_labels is not None:
-        kw["num_labels"] = num_labels
-    if eager:
-        kw["attn_implementation"] = "eager"
-    try:
-        config = AutoConfig.from_pretrained(src, **{k: v for k, v in kw.items() if k != "attn_implementation"})
-        adapter_for(config.model_type)
-        model = AutoModelForSequenceClassification.from_pretrained(src, **kw)
-    except InstatuneError:
-        raise
-    except (OSError, RuntimeError, ValueError) as e:  # missing files, shape/label-count mismatches
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        n = kw.get("num_labels")
-        what = f" as a {n}-class classifier" if n and not isinstance(e, OSError) else ""
-        raise InstatuneError(f"cannot load model {src!r}{what}: {first[:300]}") from None
-    return model
+    return load_model(src, id2label=id2label, num_labels=num_labels, eager=eager)

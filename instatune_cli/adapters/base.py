@@ -1,14 +1,18 @@
-"""The one interface every model family implements.
+"""The one interface every model family implements (docs/architecture.md, "Families").
 
-A family adapter knows where a model keeps its layers, attention projections and FFN, and nothing else
-in instatune does: tuning, search, extraction and MAC counting go through these methods, so a new family
-(e.g. timm ViT) is one new file implementing `FamilyAdapter`.
+A family adapter decides everything that differs between model families, and nothing else in instatune
+does: loading a model and its preprocessor (tokenizer or image transform), encoding data, the forward that
+returns logits, the inputs of an exported graph, MACs and params in closed form, where the layers and the
+sliceable linears are (and how a fused or fixed-head attention runs elastic), and extraction to a smaller
+model that loads without instatune. Stages call only these methods, so a new family is one file with one
+`@register_family` line (or an `instatune.families` entry point) and touches no stage module.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instatune_cli.space import ModelDims, SubNet
@@ -39,9 +43,97 @@ class FamilyAdapter(ABC):
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    #: "text" (token ids; `--task` GLUE names or text files) or "image" (`--task imagefolder`)
+    modality: str = "text"
+    #: input names of the family's classifier and exported graphs (a family may refine per model)
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
     def supports(self, model_type: str) -> bool:
         return model_type in self.model_types
+
+    # What a family decides (docs/architecture.md, "Families") -------------------------------
+
+    def claims(self, src: str, config: dict[str, Any] | None) -> bool:
+        """Whether this family loads `src`: a local directory whose `config.json` is `config`, or (config
+        None) a name such as a hub or registry id. The registry asks every family in turn."""
+        return config is not None and str(config.get("model_type")) in self.model_types
+
+    @abstractmethod
+    def load(self, src: str, *, id2label: dict[int, str] | None = None, num_labels: int | None = None,
+             eager: bool = False) -> nn.Module:
+        """A classifier from a checked source (local directory or id), with `id2label`'s classes when given
+        (a fresh head where the source has other classes). `model.config` carries `model_type`,
+        `num_labels`, `id2label`. `eager`: attention as explicit matmuls (for MAC counters)."""
+
+    def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
+        """A model this family saved with `save` (a tune run's super-network)."""
+        return self.load(str(model_dir), eager=eager)
+
+    @abstractmethod
+    def load_preprocessor(self, src: str | Path) -> Any:
+        """The tokenizer (text) or image preprocessing (image) that goes with `src`."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
+        """Write `model` and its preprocessor to `out_dir` in the family's stock layout."""
+
+    @abstractmethod
+    def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
+        """A `data.Split` made ready for batching (`collate(idx)`, `lengths()`, `digest()`, `labels`);
+        `train=True` may add augmentation."""
+
+    def eval_batches(self, encoded: Any, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
+        """Batches for scoring (order does not matter)."""
+        return [encoded.collate(range(s, min(s + batch_size, len(encoded)))) for s in range(0, len(encoded),
+                                                                                           batch_size)]
+
+    def model_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """The keys of `batch` the model's forward takes (labels and extras dropped), on the model's device."""
+        keep = set(self.input_names(model))
+        device = next(model.parameters()).device
+        return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items() if k in keep}
+
+    def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The classifier's logits for a batch (extra keys such as labels are ignored)."""
+        return model(**self.model_inputs(model, batch)).logits
+
+    def input_names(self, model_or_config: Any) -> list[str]:
+        """Names of the classifier's inputs, in the order of exported graphs."""
+        return list(self.inputs)
+
+    @abstractmethod
+    def random_batch(self, model_or_config: Any, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Valid random inputs (for equivalence checks, ONNX export and latency); `seq_len` is ignored by
+        families whose sequence length is fixed by the model (images)."""
+
+    def dims_of(self, model: nn.Module) -> ModelDims:
+        return self.dims(model.config)
+
+    def seq_len(self, dims: ModelDims, default: int) -> int:
+        """The sequence length MACs and latency are measured at: fixed by an image model, else `default`."""
+        return dims.image_tokens or default
+
+    @abstractmethod
+    def macs(self, dims: ModelDims, sub: SubNet, seq: int) -> int:
+        """Exact multiply-accumulates of `sub` at batch 1 (closed form)."""
+
+    @abstractmethod
+    def params(self, dims: ModelDims, sub: SubNet) -> int:
+        """Exact parameters of the model `extract` makes for `sub`."""
+
+    @abstractmethod
+    def extract(self, model: nn.Module, sub: SubNet) -> nn.Module:
+        """A new, physically smaller model holding only `sub`'s weights, in eval mode; sets `_instatune_kind`
+        ("stock": loads with the family's stock loader; "instatune": needs the file saved beside it)."""
+
+    @abstractmethod
+    def save_extracted(self, small: nn.Module, parent: nn.Module, sub: SubNet, preprocessor: Any,
+                       out_dir: str | Path) -> dict[str, Any]:
+        """Write `extract`'s result to `out_dir` so it loads without instatune; returns {"load_with": ...}."""
+
+    @abstractmethod
+    def load_extracted(self, model_dir: str | Path) -> nn.Module:
+        """Load what `save_extracted` wrote, in eval mode."""
 
     @abstractmethod
     def dims(self, config: Any) -> ModelDims:
@@ -66,16 +158,14 @@ class FamilyAdapter(ABC):
 
         `depth` is the space's depth rule: which layers a depth-L sub-network keeps (`space.kept_layers`).
         """
-        from instatune_cli.adapters.elastic import ElasticLayerList, ElasticLinear
+        from instatune_cli.adapters.elastic import ElasticLayerList
         from instatune_cli.space import DEPTH_RULES
 
         if depth not in DEPTH_RULES:
             raise ValueError(f"unknown depth rule {depth!r}; use one of {DEPTH_RULES}")
         ElasticLayerList.wrap(self.layer_list(model), depth)
         for layer in self.layers(model):
-            p = self.parts(layer)
-            for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
-                ElasticLinear.wrap(lin)
+            self.elastic_layer(layer)
         model._instatune_adapter = self  # type: ignore[attr-defined]
         return model
 
@@ -93,7 +183,7 @@ class FamilyAdapter(ABC):
     def activate(self, model: nn.Module, sub: SubNet | None) -> None:
         """Run `sub` (None = the full super-network): the layers its depth rule keeps (`kept_layers`), the
         first h heads and the first f FFN neurons of each; gene k of `sub` belongs to the k-th kept layer."""
-        dims = self.dims(model.config)
+        dims = self.dims_of(model)
         ll = self.layer_list(model)
         if not hasattr(ll, "active"):
             raise RuntimeError("model is not elastic; call make_elastic first")
@@ -101,19 +191,58 @@ class FamilyAdapter(ABC):
         keep = self.kept_layers(model, sub)
         ll.active = tuple(keep)
         for layer in layers:
-            p = self.parts(layer)
-            for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
-                lin.reset()
+            self.reset_layer(layer)
         if sub is None:
             return
         for i, li in enumerate(keep):
-            p = self.parts(layers[li])
-            width = sub.heads[i] * dims.head_dim
-            for lin in p.head_rows():
-                lin.active_out = width
-            p.attn_out.active_in = width
-            p.ffn_in.active_out = sub.ffn[i]
-            p.ffn_out.active_in = sub.ffn[i]
+            self.set_layer(layers[li], sub.heads[i], sub.ffn[i], dims.head_dim)
+
+    # Per-layer hooks: the default is six separate linears (`parts`); a family whose attention is fused or
+    # reshapes with a fixed head count overrides these four (e.g. adapters/vit.py).
+
+    def elastic_layer(self, layer: nn.Module) -> None:
+        """Make one layer's sliceable modules elastic, in place."""
+        from instatune_cli.adapters.elastic import ElasticLinear
+
+        p = self.parts(layer)
+        for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
+            ElasticLinear.wrap(lin)
+
+    def reset_layer(self, layer: nn.Module) -> None:
+        """Every head and neuron of the layer active."""
+        p = self.parts(layer)
+        for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
+            lin.reset()
+
+    def set_layer(self, layer: nn.Module, heads: int, ffn: int, head_dim: int) -> None:
+        """Keep the first `heads` heads and the first `ffn` FFN neurons of the layer."""
+        p = self.parts(layer)
+        width = heads * head_dim
+        for lin in p.head_rows():
+            lin.active_out = width
+        p.attn_out.active_in = width
+        p.ffn_in.active_out = ffn
+        p.ffn_out.active_in = ffn
+
+    def permute_layer(self, layer: nn.Module, rows: torch.Tensor, neurons: torch.Tensor) -> None:
+        """Reorder the layer's head rows (`rows`: every row index of the new head order) and FFN neurons."""
+        p = self.parts(layer)
+        for lin in p.head_rows():
+            lin.weight.copy_(lin.weight[rows])
+            if lin.bias is not None:
+                lin.bias.copy_(lin.bias[rows])
+        p.attn_out.weight.copy_(p.attn_out.weight[:, rows])
+        p.ffn_in.weight.copy_(p.ffn_in.weight[neurons])
+        if p.ffn_in.bias is not None:
+            p.ffn_in.bias.copy_(p.ffn_in.bias[neurons])
+        p.ffn_out.weight.copy_(p.ffn_out.weight[:, neurons])
+
+    def layer_scores(self, layer: nn.Module, score: Any, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-head, per-neuron) importance of one layer: `score(weight)` summed over each unit's weights."""
+        p = self.parts(layer)
+        hs = sum(score(lin.weight).sum(1) for lin in p.head_rows()) + score(p.attn_out.weight).sum(0)
+        ns = score(p.ffn_in.weight).sum(1) + score(p.ffn_out.weight).sum(0)
+        return hs.view(-1, head_dim).sum(1), ns
 
     # Importance reordering -------------------------------------------------------------------
 
@@ -125,21 +254,11 @@ class FamilyAdapter(ABC):
         """
         import torch
 
-        dh = self.dims(model.config).head_dim
+        dh = self.dims_of(model).head_dim
         with torch.no_grad():
             for layer, horder, norder in zip(self.layers(model), head_orders, neuron_orders, strict=True):
-                p = self.parts(layer)
                 rows = torch.tensor([h * dh + j for h in horder for j in range(dh)])
-                for lin in p.head_rows():
-                    lin.weight.copy_(lin.weight[rows])
-                    if lin.bias is not None:
-                        lin.bias.copy_(lin.bias[rows])
-                p.attn_out.weight.copy_(p.attn_out.weight[:, rows])
-                n = torch.tensor(norder)
-                p.ffn_in.weight.copy_(p.ffn_in.weight[n])
-                if p.ffn_in.bias is not None:
-                    p.ffn_in.bias.copy_(p.ffn_in.bias[n])
-                p.ffn_out.weight.copy_(p.ffn_out.weight[:, n])
+                self.permute_layer(layer, rows, torch.tensor(norder))
 
     def importance(self, model: nn.Module, batches: list[dict[str, torch.Tensor]] | None = None
                    ) -> tuple[list[list[float]], list[list[float]]]:
@@ -150,31 +269,28 @@ class FamilyAdapter(ABC):
         Without: L2 norm of each unit's weights (data-free fallback).
         """
         import torch
+        from torch.nn import functional as F
 
-        dh = self.dims(model.config).head_dim
+        dh = self.dims_of(model).head_dim
         self.activate(model, None)
         if batches:
             was_training = model.training
             model.eval()
             model.zero_grad(set_to_none=True)
             for b in batches:
-                out = model(**b)
-                out.loss.backward()
+                F.cross_entropy(self.logits(model, b), b["labels"].to(next(model.parameters()).device)).backward()
             model.train(was_training)
         heads_out: list[list[float]] = []
         neurons_out: list[list[float]] = []
+
+        def score(w: torch.Tensor) -> torch.Tensor:
+            if batches and w.grad is not None:
+                return (w * w.grad).abs()
+            return w.pow(2)
+
         for layer in self.layers(model):
-            p = self.parts(layer)
-
-            def score(w: torch.Tensor) -> torch.Tensor:
-                if batches and w.grad is not None:
-                    return (w * w.grad).abs()
-                return w.pow(2)
-
             with torch.no_grad():
-                hs = sum(score(lin.weight).sum(1) for lin in p.head_rows()) + score(p.attn_out.weight).sum(0)
-                hs = hs.view(-1, dh).sum(1)
-                ns = score(p.ffn_in.weight).sum(1) + score(p.ffn_out.weight).sum(0)
+                hs, ns = self.layer_scores(layer, score, dh)
             heads_out.append(hs.tolist())
             neurons_out.append(ns.tolist())
         if batches:

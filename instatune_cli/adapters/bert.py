@@ -1,16 +1,133 @@
-"""BERT-family encoders from transformers: BERT, RoBERTa, ELECTRA (same layer layout) and DistilBERT."""
+"""BERT-family encoders from transformers: BERT, RoBERTa, ELECTRA (same layer layout) and DistilBERT.
+
+`HFTextAdapter` is what every transformers text classifier shares (Auto loading, fast tokenizers, token-id
+inputs, `save_pretrained` layout); extraction and the closed-form MACs of these encoders live in
+`instatune_cli.extract` and `instatune_cli.measure.macs`, which this family calls.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from instatune_cli.adapters import register_family
 from instatune_cli.adapters.base import FamilyAdapter, LayerParts
-from instatune_cli.space import ModelDims
+from instatune_cli.errors import InstatuneError
+from instatune_cli.space import ModelDims, SubNet
+
+if TYPE_CHECKING:
+    import torch
 
 
-class BertFamilyAdapter(FamilyAdapter):
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class HFTextAdapter(FamilyAdapter):
+    """transformers `AutoModelForSequenceClassification` + a fast tokenizer."""
+
+    def load(self, src: str, *, id2label: dict[int, str] | None = None, num_labels: int | None = None,
+             eager: bool = False) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from instatune_cli.adapters import adapter_for
+
+        kw: dict[str, Any] = {}
+        if id2label is not None:
+            kw.update(num_labels=len(id2label), id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
+        elif num_labels is not None:
+            kw["num_labels"] = num_labels
+        try:
+            config = AutoConfig.from_pretrained(src, **kw)
+            adapter_for(config.model_type)
+            if eager:
+                kw["attn_implementation"] = "eager"
+            model = AutoModelForSequenceClassification.from_pretrained(src, **kw)
+        except InstatuneError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:  # missing files, shape/label-count mismatches
+            n = kw.get("num_labels")
+            what = f" as a {n}-class classifier" if n and not isinstance(e, OSError) else ""
+            raise InstatuneError(f"cannot load model {src!r}{what}: {_first_line(e)[:300]}") from None
+        return model
+
+    def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)
+
+    def load_preprocessor(self, src: str | Path) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(src))
+        except Exception as e:  # noqa: BLE001 - missing/garbled tokenizer files raise many types
+            raise InstatuneError(f"cannot load a tokenizer from {src} ({_first_line(e)}); pass --tokenizer") from None
+        if not getattr(tok, "is_fast", False):
+            raise InstatuneError(f"the tokenizer of {src} is not a fast tokenizer; instatune needs tokenizer.json")
+        return tok
+
+    def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
+        model.save_pretrained(out_dir)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(out_dir)
+
+    def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
+        from instatune_cli.data import tokenize
+
+        return tokenize(preprocessor, split, max_length)
+
+    def eval_batches(self, encoded: Any, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
+        from instatune_cli.data import eval_batches
+
+        return eval_batches(encoded, batch_size)
+
+    def input_names(self, model_or_config: Any) -> list[str]:
+        from instatune_cli.extract import input_names
+
+        return input_names(model_or_config)
+
+    def random_batch(self, model_or_config: Any, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        from instatune_cli.extract import random_batch
+
+        return random_batch(getattr(model_or_config, "config", model_or_config), batch, seq_len, seed)
+
+    def macs(self, dims: ModelDims, sub: SubNet, seq: int) -> int:
+        from instatune_cli.measure.macs import total_macs
+
+        return total_macs(dims, sub, seq)
+
+    def params(self, dims: ModelDims, sub: SubNet) -> int:
+        from instatune_cli.measure.macs import params
+
+        return params(dims, sub)
+
+    def extract(self, model: nn.Module, sub: SubNet) -> nn.Module:
+        from instatune_cli.extract import extract_model
+
+        small = extract_model(model, sub)
+        small._instatune_adapter = self  # its per-layer model_type is ours, the family stays this one
+        return small
+
+    def save_extracted(self, small: nn.Module, parent: nn.Module, sub: SubNet, preprocessor: Any,
+                       out_dir: str | Path) -> dict[str, Any]:
+        from instatune_cli.extract import write_hf_extracted
+
+        return write_hf_extracted(small, parent, sub, preprocessor, Path(out_dir))
+
+    def load_extracted(self, model_dir: str | Path) -> nn.Module:
+        from instatune_cli.extract import load_extracted
+
+        model = load_extracted(model_dir)
+        model._instatune_adapter = self
+        return model
+
+
+@register_family
+class BertFamilyAdapter(HFTextAdapter):
     """`encoder.layer[i].attention.self.{query,key,value}`, `.attention.output.dense`,
     `.intermediate.dense`, `.output.dense` — shared by BERT, RoBERTa and ELECTRA."""
 
@@ -41,7 +158,8 @@ class BertFamilyAdapter(FamilyAdapter):
                           layer.intermediate.dense, layer.output.dense)
 
 
-class DistilBertAdapter(FamilyAdapter):
+@register_family
+class DistilBertAdapter(HFTextAdapter):
     """`transformer.layer[i].attention.{q,k,v,out}_lin`, `.ffn.lin1/lin2`."""
 
     family = "distilbert"
