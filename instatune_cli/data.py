@@ -654,6 +654,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def lengths(self) -> list[int]:
+        """Tokens per example (for length-grouped batches)."""
+        return [len(x) for x in self.input_ids]
+
     def collate(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         """Pad the examples `idx` to the longest of them: input_ids, attention_mask, (token_type_ids), labels."""
         import torch

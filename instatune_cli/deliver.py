@@ -89,7 +89,6 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
                   config: str | None = None, force: bool = False) -> artifacts.Artifact:
     from instatune_cli.adapters import adapter_of
     from instatune_cli.extract import save_extracted
-    from instatune_cli.measure.macs import total_macs
     from instatune_cli.tune import load_tuned
 
     s = resolve_source(src, subnet, config)
@@ -99,12 +98,14 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
     with artifacts.StageWriter(out, "extract", {"source": str(src), "subnet": subnet, "config": config},
                                parent=s.parent, force=force) as w:
         info = save_extracted(model, s.sub, tok, w.path, batches=_real_batches(tune, tok))
-        dims = adapter_of(model).dims(model.config)
+        fam = adapter_of(model)
+        dims = fam.dims_of(model)
+        seq = fam.seq_len(dims, space.seq_len)
         full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)
-        info["macs"] = total_macs(dims, s.sub, space.seq_len)
-        info["macs_supernet"] = total_macs(dims, full, space.seq_len)
+        info["macs"] = fam.macs(dims, s.sub, seq)
+        info["macs_supernet"] = fam.macs(dims, full, seq)
         info["macs_reduction"] = 1 - info["macs"] / info["macs_supernet"]
-        info["seq_len"] = space.seq_len
+        info["seq_len"] = seq
         # The depth rule decides which super-network layers were kept (docs/architecture.md, "Depth rule");
         # the model section carries them too, so the export stage's manifest (a copy of it) records them.
         model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name,
@@ -130,9 +131,8 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
                  compare_full: bool = True, notify: Any = None) -> artifacts.Artifact:
     """Export an extracted model to ONNX (chaining extract first when given a search or tune directory)."""
     from instatune_cli.export import check_parity, export_onnx
-    from instatune_cli.extract import load_extracted
     from instatune_cli.measure.size import onnx_bytes, weights_bytes
-    from instatune_cli.tune import load_tuned
+    from instatune_cli.tune import load_tuned, run_family
 
     say = notify or (lambda _msg: None)
     if src is None:
@@ -152,15 +152,17 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
     opts = {"source": str(src), "subnet": subnet, "config": config, "int8": int8, "batch": batch,
             "seq_len": seq_len, "threads": threads, "runs": runs, "atol": atol}
     with artifacts.StageWriter(out, "export", opts, parent=art, force=force) as w:
-        model = load_extracted(art.path)
-        if seq_len is None:  # the paper's 128, or the model's limit when it is shorter
+        fam = run_family(tune)
+        model = fam.load_extracted(art.path)
+        image_tokens = fam.dims_of(model).image_tokens
+        if image_tokens:  # an image model runs at its own size (recorded; the graph has no sequence axis)
+            seq_len = image_tokens
+        elif seq_len is None:  # the paper's 128, or the model's limit when it is shorter
             from instatune_cli.export import max_sequence_length
 
             seq_len = min(128, max_sequence_length(model.config))
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(art.path))
-        tok.save_pretrained(w.path)
+        tok = fam.load_preprocessor(art.path)
+        fam.save_preprocessor(tok, w.path)
         onnx = w.path / "model.onnx"
         info: dict[str, Any] = {"export": export_onnx(art.path, onnx)}
         info["parity"] = check_parity(onnx, model, _real_batches(tune, tok), atol=atol)
@@ -170,13 +172,13 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
         if int8:
             q = w.path / "model.int8.onnx"
             info["int8"] = _int8(art, tune, model, tok, onnx, q)
-            info["int8"]["agreement"] = _agreement(q, model, tune, tok)
+            info["int8"]["agreement"] = _agreement(q, model, tune, tok, fam)
             info["int8"]["latency"] = _latency(q, batch, seq_len, threads, runs)
             say(info["int8"]["note"])
         if compare_full:
             full_model, _, _, _ = load_tuned(tune.path, verify=False)
             with tempfile.TemporaryDirectory(prefix="instatune-full-") as td:
-                full_model.save_pretrained(td)
+                fam.save(full_model, None, td)
                 fo = Path(td) / "full.onnx"
                 export_onnx(td, fo)
                 info["latency_supernet"] = _latency(fo, batch, seq_len, threads, runs)
@@ -214,12 +216,13 @@ def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: An
     return info
 
 
-def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, n: int = 64) -> dict[str, Any]:
+def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, fam: Any, n: int = 64
+               ) -> dict[str, Any]:
     """Share of eval examples where INT8 ONNX and FP32 PyTorch predict the same class (INT8 is not bit-exact)."""
     import numpy as np
     import torch
 
-    from instatune_cli.export import ort_session
+    from instatune_cli.export import ort_feed, ort_session
 
     sess = ort_session(onnx)
     names = [i.name for i in sess.get_inputs()]
@@ -228,10 +231,10 @@ def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, n: in
     same = total = 0
     worst = 0.0
     for b in load_eval_batches(tune, tok, batch_size=16, limit=n):
-        feeds = {k: b[k].numpy().astype(np.int64) for k in names}
+        feeds = {k: ort_feed(b[k]) for k in names}
         (q,) = sess.run(["logits"], feeds)
         with torch.no_grad():
-            ref = model(**{k: b[k] for k in names}).logits.numpy()
+            ref = fam.logits(model, {k: b[k] for k in names}).numpy()
         same += int((q.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ref)
         worst = max(worst, float(np.abs(q - ref).max()))

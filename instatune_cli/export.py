@@ -92,6 +92,20 @@ def _logits_only(model: nn.Module, names: Sequence[str]) -> nn.Module:
     """A module taking exactly the graph inputs (named, in order) and returning logits only."""
     from torch import nn
 
+    from instatune_cli.adapters import adapter_of
+
+    class OneInput(nn.Module):  # image families: pixel_values
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.family = adapter_of(model)
+
+        def forward(self, x: Any) -> Any:
+            return self.family.forward(self.model, {names[0]: x})[0]
+
+    if len(names) == 1:
+        return OneInput().eval()
+
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -122,10 +136,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def _as_model(model_or_dir: Any) -> Any:
+    """A loaded classifier, or the extracted model in a directory loaded by the family that claims it."""
     if isinstance(model_or_dir, (str, Path)):
+        from instatune_cli.adapters import family_for_source
         from instatune_cli.extract import load_extracted
 
-        return load_extracted(model_or_dir)
+        try:
+            fam = family_for_source(str(model_or_dir))
+        except InstatuneError:
+            fam = None  # a per-layer directory written before its config named the family
+        return fam.load_extracted(model_or_dir) if fam is not None else load_extracted(model_or_dir)
     return model_or_dir
 
 
@@ -135,7 +155,8 @@ def _export_dynamo(wrapped: nn.Module, args: tuple, names: list[str], path: Path
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     seq = torch.export.Dim("sequence", min=1, max=max_seq)
-    shapes = {n: {0: batch, 1: seq} for n in names}
+    # max_seq 0: the family's sequence length is fixed by the model (images); only the batch is dynamic
+    shapes = {n: ({0: batch, 1: seq} if max_seq else {0: batch}) for n in names}
     with warnings.catch_warnings():
         # "axis name batch will not be used, since it shares the same shape constraints": it is used
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
@@ -144,10 +165,11 @@ def _export_dynamo(wrapped: nn.Module, args: tuple, names: list[str], path: Path
                           optimize=True)
 
 
-def _export_torchscript(wrapped: nn.Module, args: tuple, names: list[str], path: Path, opset: int) -> None:
+def _export_torchscript(wrapped: nn.Module, args: tuple, names: list[str], path: Path, opset: int,
+                        max_seq: int = 1) -> None:
     import torch
 
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes = {n: ({0: "batch", 1: "sequence"} if max_seq else {0: "batch"}) for n in names}
     axes["logits"] = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,7 +207,7 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
 def _attention(model: Any, impl: str | None) -> Iterator[None]:
     """Run `model` with attention implementation `impl` (None: leave it), restoring it afterwards."""
     before = getattr(model.config, "_attn_implementation", None)
-    if impl is None or impl == before:
+    if impl is None or impl == before or not hasattr(model, "set_attn_implementation"):
         yield
         return
     model.set_attn_implementation(impl)
@@ -209,20 +231,22 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
     """
     import torch
 
-    from instatune_cli.extract import input_names, random_batch
+    from instatune_cli.adapters import adapter_of
     from instatune_cli.measure.size import onnx_bytes
 
     if exporter not in EXPORTERS:
         raise InstatuneError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
     model = _as_model(model_dir).float().eval()
+    fam = adapter_of(model)
     cfg = model.config
-    names = input_names(cfg)
-    max_seq = max_sequence_length(cfg)
+    names = fam.input_names(model)
+    text = fam.modality == "text"
+    max_seq = max_sequence_length(cfg) if text else 0
     b, s = example_shape
-    if b < 2 or s < 2 or s > max_seq:
+    if b < 2 or text and (s < 2 or s > max_seq):
         raise InstatuneError(
             f"example shape {example_shape} must have batch >= 2 and 2 <= sequence <= {max_seq}")
-    ex = random_batch(cfg, b, s, seed=0)
+    ex = fam.random_batch(model, b, s, seed=0)
     args = tuple(ex[n] for n in names)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,19 +268,21 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
                 raise InstatuneError(
                     "the TorchScript exporter cannot write graphs over 2 GB and the dynamo export failed: "
                     + (fallback or ""))
-            _export_torchscript(wrapped, args, names, out, opset)
+            _export_torchscript(wrapped, args, names, out, opset, max_seq)
     seconds = time.perf_counter() - t0
-    meta = {
-        "model_type": cfg.model_type,
-        "vocab_size": int(cfg.vocab_size),
-        "type_vocab_size": int(getattr(cfg, "type_vocab_size", 0) or 0),
-        "max_sequence_length": max_seq,
-        "num_labels": int(cfg.num_labels),
-        "inputs": ",".join(names),
-        "exporter": used,
-    }
+    meta = {"model_type": cfg.model_type, "num_labels": int(cfg.num_labels), "inputs": ",".join(names),
+            "exporter": used}
+    if text:
+        meta.update(vocab_size=int(cfg.vocab_size), type_vocab_size=int(getattr(cfg, "type_vocab_size", 0) or 0),
+                    max_sequence_length=max_seq)
+    else:
+        meta["input_shape"] = ",".join(str(d) for d in ex[names[0]].shape[1:])
     _write_metadata(out, meta, external)
-    optimization = optimize_graph(out, out) if optimize else {"applied": False, "reason": "optimize=False"}
+    if optimize and text:
+        optimization = optimize_graph(out, out)
+    else:
+        optimization = {"applied": False, "reason": "optimize=False" if not optimize else
+                        "the fusion rewrites are written for the text encoders' graphs"}
     import onnx
 
     opset_used = next((o.version for o in onnx.load(str(out), load_external_data=False).opset_import
@@ -269,8 +295,8 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
         "opset": int(opset_used),
         "inputs": names,
         "outputs": ["logits"],
-        "dynamic_axes": {"batch": 0, "sequence": 1},
-        "max_sequence_length": max_seq,
+        "dynamic_axes": {"batch": 0, "sequence": 1} if text else {"batch": 0},
+        "max_sequence_length": max_seq or None,
         "external_data": external,
         "bytes": onnx_bytes(out),
         "params": n_params,
@@ -650,7 +676,10 @@ def check_parity(onnx_path: str | Path, model: Any, batches: Sequence[dict[str, 
 
     if not batches:
         raise InstatuneError("check_parity needs at least one batch of inputs")
+    from instatune_cli.adapters import adapter_of
+
     model = _as_model(model)
+    fam = adapter_of(model)
     sess = session if session is not None else ort_session(onnx_path)
     graph_inputs = [i.name for i in sess.get_inputs()]
     worst, per_batch, shapes = 0.0, [], []
@@ -661,11 +690,10 @@ def check_parity(onnx_path: str | Path, model: Any, batches: Sequence[dict[str, 
             missing = [n for n in graph_inputs if n not in batch]
             if missing:
                 raise InstatuneError(f"parity batch lacks graph inputs {missing}; give {graph_inputs}")
-            feeds = {n: np.asarray(batch[n].cpu() if hasattr(batch[n], "cpu") else batch[n]).astype(np.int64)
-                     for n in graph_inputs}
+            feeds = {n: ort_feed(batch[n]) for n in graph_inputs}
             (ort_logits,) = sess.run(["logits"], feeds)
             with torch.no_grad():
-                ref = model(**{n: torch.as_tensor(v) for n, v in feeds.items()}).logits.float().cpu().numpy()
+                ref = fam.logits(model, {n: torch.as_tensor(v) for n, v in feeds.items()}).float().cpu().numpy()
             if ort_logits.shape != ref.shape:
                 raise InstatuneError(f"ONNX logits have shape {ort_logits.shape}, PyTorch {ref.shape}")
             d = float(np.abs(ort_logits - ref).max())
@@ -680,6 +708,14 @@ def check_parity(onnx_path: str | Path, model: Any, batches: Sequence[dict[str, 
             f"on shapes {shapes}"
         )
     return {"max_abs_diff": worst, "per_batch": per_batch, "shapes": shapes, "atol": atol}
+
+
+def ort_feed(x: Any) -> np.ndarray:
+    """A graph input as ORT takes it: token ids as int64, pixels as float32."""
+    import numpy as np
+
+    a = np.asarray(x.cpu() if hasattr(x, "cpu") else x)
+    return a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64)
 
 
 def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, per_channel: bool = False,

@@ -65,6 +65,27 @@ class FamilyAdapter(ABC):
         (a fresh head where the source has other classes). `model.config` carries `model_type`,
         `num_labels`, `id2label`. `eager`: attention as explicit matmuls (for MAC counters)."""
 
+    def load_config(self, src: str) -> Any:
+        """The model's config (what `dims` reads) without building it where the family can; by default the
+        model is loaded and its config returned."""
+        return self.load(src).config
+
+    def load_data(self, cfg: Any) -> Any:
+        """The task's train / validation / eval splits (`data.TaskData`) from the tune options `cfg` (`task`,
+        `data`, `eval_data`, `val_split`, `val_data`, `seed`, column names, `limit_train`, `limit_eval`)."""
+        from instatune_cli import data as D
+
+        data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
+                                cfg.label_column, cfg.limit_train, cfg.limit_eval)
+        c = data.source.get("columns") or {}
+        columns = D.Columns(c["text"], c["label"], c.get("text_pair")) if c else None
+        return D.with_validation(data, cfg.val_split, cfg.val_data, cfg.seed, columns)
+
+    def max_length(self, requested: int, preprocessor: Any, config: Any, dims: ModelDims) -> int:
+        """The sequence length the run trains at: `requested`, capped by the tokenizer and the position table
+        (text), or fixed by the model (images)."""
+        return dims.image_tokens or requested
+
     def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
         """A model this family saved with `save` (a tune run's super-network)."""
         return self.load(str(model_dir), eager=eager)
@@ -76,6 +97,11 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
         """Write `model` and its preprocessor to `out_dir` in the family's stock layout."""
+
+    def save_preprocessor(self, preprocessor: Any, out_dir: str | Path) -> None:
+        """Write the preprocessor alone (beside an exported graph)."""
+        save = getattr(preprocessor, "save_pretrained", None) or preprocessor.save
+        save(str(out_dir))
 
     @abstractmethod
     def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
@@ -95,7 +121,14 @@ class FamilyAdapter(ABC):
 
     def logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The classifier's logits for a batch (extra keys such as labels are ignored)."""
-        return model(**self.model_inputs(model, batch)).logits
+        return self.forward(model, self.model_inputs(model, batch))[0]
+
+    def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(logits, per-layer hidden states when asked) for inputs already filtered by `model_inputs`;
+        `model` may be wrapped (DDP). A family without hidden states returns None for them."""
+        out = model(**inputs)
+        return (out if not hasattr(out, "logits") else out.logits), None
 
     def input_names(self, model_or_config: Any) -> list[str]:
         """Names of the classifier's inputs, in the order of exported graphs."""

@@ -53,6 +53,29 @@ class HFTextAdapter(FamilyAdapter):
             raise InstatuneError(f"cannot load model {src!r}{what}: {_first_line(e)[:300]}") from None
         return model
 
+    def load_config(self, src: str) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise InstatuneError(f"cannot load model {src!r}: {_first_line(e)}") from None
+
+    def max_length(self, requested: int, preprocessor: Any, config: Any, dims: ModelDims) -> int:
+        n = requested
+        tml = getattr(preprocessor, "model_max_length", None)
+        if isinstance(tml, int) and 0 < tml < 1_000_000:
+            n = min(n, tml)
+        offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0  # RoBERTa's padding_idx
+        if dims.max_positions:
+            n = min(n, dims.max_positions - offset)
+        return n
+
+    def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        out = model(**inputs, output_hidden_states=True) if hidden_states else model(**inputs)
+        return out.logits, (out.hidden_states if hidden_states else None)
+
     def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 

@@ -1,5 +1,6 @@
-"""Family-independent elastic building blocks: a Linear that runs on a prefix of its weight, and a layer
-list that runs only a chosen subset of its layers (the first L, or L spread through the stack; see
+"""Family-independent elastic building blocks: a Linear that runs on a prefix of its weight (or, for a fused
+projection such as q|k|v, on a prefix of each of its row blocks), and a layer list (ModuleList or Sequential)
+that runs only a chosen subset of its layers (the first L, or L spread through the stack; see
 `space.kept_layers` and docs/architecture.md).
 
 Both share the original Parameters, so switching sub-networks is setting two integers (no weight copy)
@@ -54,7 +55,8 @@ class ElasticLayerList(nn.ModuleList):
     @classmethod
     def wrap(cls, layers: nn.ModuleList, depth: str = "first") -> ElasticLayerList:
         if not isinstance(layers, ElasticLayerList):
-            layers.__class__ = cls
+            # a Sequential is run by its own forward (timm's `self.blocks(x)`): keep one
+            layers.__class__ = ElasticSequential if isinstance(layers, nn.Sequential) else cls
             layers.active = tuple(range(len(layers._modules)))
         layers.depth = depth
         return layers  # type: ignore[return-value]
@@ -65,3 +67,63 @@ class ElasticLayerList(nn.ModuleList):
 
     def all_layers(self) -> list[nn.Module]:
         return list(self._modules.values())
+
+
+class ElasticGroupedLinear(ElasticLinear):
+    """A fused projection whose output rows are `groups` equal blocks (timm's q|k|v): `active_out` rows in all,
+    the first `active_out // groups` rows of every block (weight[0:w], weight[D:D+w], weight[2D:2D+w]).
+
+    Only the forward gathers the active rows (one small copy per call, which autograd sees as a gather of
+    the shared Parameter); switching sub-networks is still setting integers.
+    """
+
+    groups: int
+
+    @classmethod
+    def wrap(cls, lin: nn.Linear, groups: int = 3) -> ElasticGroupedLinear:  # type: ignore[override]
+        if isinstance(lin, ElasticLinear) and not isinstance(lin, ElasticGroupedLinear):
+            raise TypeError("linear is already elastic with ungrouped rows")
+        if lin.out_features % groups:
+            raise ValueError(f"{lin.out_features} output rows do not split into {groups} equal blocks")
+        out = super().wrap(lin)
+        out.groups = groups
+        return out  # type: ignore[return-value]
+
+    def _full(self) -> bool:
+        return self.active_out == self.out_features and self.active_in == self.in_features
+
+    def active_weight(self) -> torch.Tensor:
+        """The weight rows and columns in use (the Parameter itself when everything is active)."""
+        if self._full():
+            return self.weight
+        g = self.groups
+        w = self.weight.view(g, self.out_features // g, self.in_features)
+        return w[:, : self.active_out // g, : self.active_in].reshape(-1, self.active_in)
+
+    def active_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self._full():
+            return self.bias
+        g = self.groups
+        return self.bias.view(g, -1)[:, : self.active_out // g].reshape(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.active_weight(), self.active_bias())
+
+
+class ElasticSequential(ElasticLayerList, nn.Sequential):
+    """`ElasticLayerList` for an `nn.Sequential` stack (timm's VisionTransformer runs `self.blocks(x)`): its
+    forward runs only the `active` layers. `ElasticLayerList.wrap` picks it for a Sequential.
+
+    Note: timm's gradient checkpointing (`checkpoint_seq`) walks `children()`, i.e. every layer; instatune
+    never enables it on an elastic model.
+    """
+
+    def __iter__(self):  # type: ignore[override]
+        mods = list(self._modules.values())
+        active = self.__dict__.get("active")  # a slice (`blocks[:n]`) is a new list without one: all of it
+        return iter(mods if active is None else [mods[i] for i in active])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x)
+        return x

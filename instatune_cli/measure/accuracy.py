@@ -73,7 +73,10 @@ class Evaluator:
     def evaluate(self, sub: Any = _ACTIVE) -> EvalResult:
         """One pass: accuracy, the metric, mean CE and the collapse flags; `sub` (a SubNet, or None for the
         super-network) is activated first if given."""
+        from instatune_cli.adapters import adapter_of
+
         self._activate(sub)
+        family = adapter_of(self.model)
         was_training = self.model.training
         self.model.eval()
         cm: torch.Tensor | None = None
@@ -81,8 +84,7 @@ class Evaluator:
         try:
             with torch.inference_mode():
                 for b in self.batches:
-                    inputs = {k: v for k, v in b.items() if k != "labels"}
-                    logits = self.model(**inputs).logits
+                    logits = family.logits(self.model, b)
                     c = int(logits.shape[-1])
                     if cm is None:
                         cm = torch.zeros(c * c, dtype=torch.long, device=self.device)

@@ -69,6 +69,9 @@ class LatencyProbe:
         self.vocab_size = int(vocab_size or meta.get("vocab_size") or SAFE_VOCAB)
         self.max_seq_len = int(meta["max_sequence_length"]) if "max_sequence_length" in meta else None
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.float_inputs = {i.name for i in self.session.get_inputs() if "float" in i.type}
+        # image graphs: the fixed (channels, height, width) the model was exported at; seq_len is ignored
+        self.input_shape = tuple(int(d) for d in meta["input_shape"].split(",")) if meta.get("input_shape") else None
         self.provider = self.session.get_providers()[0]
 
     def feeds(self, batch: int, seq_len: int, seed: int = 0) -> dict[str, Any]:
@@ -77,7 +80,11 @@ class LatencyProbe:
         rng = np.random.default_rng(seed)
         out: dict[str, Any] = {}
         for name in self.inputs:
-            if name == "input_ids":
+            if name in self.float_inputs:
+                if self.input_shape is None:
+                    raise InstatuneError(f"{self.onnx_path} takes {name} but records no input_shape; re-export it")
+                out[name] = rng.standard_normal((batch, *self.input_shape), dtype=np.float32)
+            elif name == "input_ids":
                 out[name] = rng.integers(0, self.vocab_size, size=(batch, seq_len), dtype=np.int64)
             elif name == "attention_mask":
                 out[name] = np.ones((batch, seq_len), dtype=np.int64)

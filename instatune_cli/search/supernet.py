@@ -85,7 +85,6 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     `calibration_samples` training examples, and `size` is the closed-form bytes of the quantized model.
     """
     from instatune_cli.adapters import adapter_of
-    from instatune_cli.measure import macs as macs_mod
     from instatune_cli.measure.accuracy import Evaluator
     from instatune_cli.measure.metrics import check_metric
     from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
@@ -98,7 +97,8 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     metric = check_metric(metric) if metric is not None else check_metric(run_metric(art), "metric of the run")
     limit = limit_val if limit_val is not None else limit_eval
     adapter = adapter_of(model)
-    dims = adapter.dims(model.config)
+    dims = adapter.dims_of(model)
+    seq = adapter.seq_len(dims, space.seq_len)
     names = set(objectives)
     notes: list[str] = []
     split: str | None = None
@@ -115,12 +115,12 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
                 warnings.warn(notes[-1], UserWarning, stacklevel=2)
         evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
                               metric=metric)
-    lat = latency or LatencySetup(seq_len=space.seq_len)
+    lat = latency or LatencySetup(seq_len=seq)
     full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)  # the super-network itself
 
     exact: dict[str, Callable[[SubNet], float]] = {
-        "macs": lambda s: float(macs_mod.total_macs(dims, s.architecture, space.seq_len)),
-        "params": lambda s: float(macs_mod.params(dims, s.architecture)),
+        "macs": lambda s: float(adapter.macs(dims, s.architecture, seq)),
+        "params": lambda s: float(adapter.params(dims, s.architecture)),
     }
 
     def shipped(sub: SubNet | None) -> dict[str, float]:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from instatune_cli.artifacts import Artifact
     from instatune_cli.space import SearchSpace
 
-__all__ = ["load_tuned", "load_eval_batches", "load_split", "has_split", "run_metric"]
+__all__ = ["load_tuned", "load_eval_batches", "load_split", "has_split", "run_metric", "run_family"]
 
 
 def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
@@ -51,26 +51,22 @@ def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
 
     `eager=True` loads with eager attention (what ptflops needs to count attention MACs).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from instatune_cli import artifacts
-    from instatune_cli.adapters import adapter_for
     from instatune_cli.errors import InstatuneError
     from instatune_cli.space import ModelDims, SearchSpace
 
     art = artifacts.load(run_dir, "tune", verify=verify)
     mdir = art.path / art.model.get("model_dir", "model")
-    kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
+    adapter = run_family(art)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(mdir), **kw)
-        tok = AutoTokenizer.from_pretrained(str(mdir))
-    except (OSError, ValueError) as e:
+        model = adapter.load_saved(mdir, eager=eager)
+        tok = adapter.load_preprocessor(mdir)
+    except (OSError, ValueError, InstatuneError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InstatuneError(f"cannot load the model of tune run {art.path}: {first}") from None
-    adapter = adapter_for(model.config.model_type)
     space = SearchSpace.from_file(art.path / "space.json")
     adapter.make_elastic(model, space.depth)
-    dims = adapter.dims(model.config)
+    dims = adapter.dims_of(model)
     recorded = art.model.get("dims")
     if recorded and ModelDims.from_dict(recorded) != dims:
         raise InstatuneError(f"the model in {mdir} does not match the dims recorded in its manifest")
@@ -79,6 +75,14 @@ def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
         model.to(device)
     model.eval()
     return model, tok, space, art
+
+
+def run_family(art: Artifact) -> Any:
+    """The model family of a tune run (its manifest's `adapter`; runs of the transformers families made before
+    families were plug-ins record `bert` or `distilbert` there too)."""
+    from instatune_cli.adapters import family_named
+
+    return family_named(str(art.model.get("adapter") or art.model.get("family") or "bert"))
 
 
 def load_split(run_dir: str | Path | Artifact, which: str = "eval") -> Any:
@@ -105,9 +109,10 @@ def load_eval_batches(run_dir: str | Path | Artifact, tokenizer: Any, batch_size
                       limit: int | None = None, which: str = "eval") -> list[dict[str, torch.Tensor]]:
     """Pre-tokenized, length-grouped batches of the run's eval split, at the run's max_length; feed them
     to `measure.accuracy.Evaluator`."""
-    from instatune_cli import artifacts, data
+    from instatune_cli import artifacts
 
     art = run_dir if hasattr(run_dir, "manifest") else artifacts.load(run_dir, "tune", verify=False)
+    fam = run_family(art)
     split = load_split(art, which).head(limit)
-    enc = data.tokenize(tokenizer, split, int(art.model.get("max_length", 128)))
-    return data.eval_batches(enc, batch_size)
+    enc = fam.encode(tokenizer, split, int(art.model.get("max_length", 128)))
+    return fam.eval_batches(enc, batch_size)

@@ -244,29 +244,6 @@ class JsonlLog:
 
 # ---- the run ------------------------------------------------------------------------------------------
 
-def _load_tokenizer(src: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except Exception as e:  # noqa: BLE001 - missing/garbled tokenizer files raise many types
-        raise InstatuneError(f"cannot load a tokenizer from {src} ({_first_line(e)}); pass --tokenizer") from None
-    if not getattr(tok, "is_fast", False):
-        raise InstatuneError(f"the tokenizer of {src} is not a fast tokenizer; instatune needs tokenizer.json")
-    return tok
-
-
-def _effective_max_length(cfg: TuneConfig, tok: Any, config: Any, dims: Any) -> int:
-    n = cfg.max_length
-    tml = getattr(tok, "model_max_length", None)
-    if isinstance(tml, int) and 0 < tml < 1_000_000:
-        n = min(n, tml)
-    offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
-    if dims.max_positions:
-        n = min(n, dims.max_positions - offset)
-    return n
-
-
 def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     def f(s: int) -> float:
         if s < warmup:
@@ -322,41 +299,42 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
 def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
     """Every input check that needs no training, cheapest first, so a bad teacher, space or tokenizer fails before
     the data is loaded and tokenized: model, teacher, space, tokenizer, data and validation split, labels."""
-    from instatune_cli import data as D
-    from instatune_cli.adapters import adapter_for, check_model_source
+    from instatune_cli.adapters import check_model_source, family_for_source, family_named
     from instatune_cli.measure.metrics import default_metric
     from instatune_cli.space import SearchSpace
     from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config
 
     model_src, _ = resolve_model_dir(cfg.model)
     model_src = check_model_source(model_src)
-    from transformers import AutoConfig
+    # an unclaimed name is a hub id of the transformers families (resolved by its config)
+    adapter = family_for_source(model_src) or family_named("bert")
+    hf_config = adapter.load_config(model_src)
+    if adapter.family == "bert" and not adapter.supports(hf_config.model_type):
+        from instatune_cli.adapters import adapter_for
 
-    try:
-        hf_config = AutoConfig.from_pretrained(model_src)
-    except (OSError, ValueError) as e:
-        raise InstatuneError(f"cannot load model {cfg.model!r}: {_first_line(e)}") from None
-    adapter = adapter_for(hf_config.model_type)
+        adapter = adapter_for(hf_config.model_type)
     dims0 = adapter.dims(hf_config)
+    if adapter.modality != "text" and (cfg.hidden_distill or cfg.tokenizer or cfg.teacher):
+        flag = "--hidden-distill" if cfg.hidden_distill else "--tokenizer" if cfg.tokenizer else "--teacher"
+        raise InstatuneError(f"{flag} is for text models; {cfg.model} is a {adapter.family} ({adapter.modality}) "
+                             "model: drop the option")
     teacher_dir, teacher_cfg = teacher_config(cfg.teacher, adapter.family, dims0.vocab_size) if cfg.teacher \
         else (None, None)
     space = SearchSpace.resolve(cfg.space, dims0)
     space.check_model(dims0)
     tok_src = resolve_model_dir(cfg.tokenizer)[0] if cfg.tokenizer else model_src
-    tok = _load_tokenizer(tok_src)
-    max_length = _effective_max_length(cfg, tok, hf_config, dims0)
+    tok = adapter.load_preprocessor(tok_src)
+    max_length = adapter.max_length(cfg.max_length, tok, hf_config, dims0)
 
-    data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
-                            cfg.label_column, cfg.limit_train, cfg.limit_eval)
-    c = data.source.get("columns") or {}
-    columns = D.Columns(c["text"], c["label"], c.get("text_pair")) if c else None
-    data = D.with_validation(data, cfg.val_split, cfg.val_data, cfg.seed, columns)
+    data = adapter.load_data(cfg)
     if teacher_cfg is not None:
         check_teacher_labels(str(cfg.teacher), teacher_cfg, data.labels)
+    has_val = data.val is not None and len(data.val)
     return TuneInputs(
         data=data, tok=tok, max_length=max_length, model_src=model_src, adapter=adapter, space=space,
-        train_enc=D.tokenize(tok, data.train, max_length), eval_enc=D.tokenize(tok, data.eval, max_length),
-        val_enc=D.tokenize(tok, data.val, max_length) if data.val is not None and len(data.val) else None,
+        train_enc=adapter.encode(tok, data.train, max_length, train=True),
+        eval_enc=adapter.encode(tok, data.eval, max_length),
+        val_enc=adapter.encode(tok, data.val, max_length) if has_val else None,
         teacher_dir=teacher_dir, hf_config=hf_config, metric=cfg.metric or default_metric(data.task),
     )
 
@@ -486,13 +464,13 @@ class Trainer:
         import torch
         from accelerate.utils import set_seed
 
-        from instatune_cli.adapters import load_classifier
+        from instatune_cli.adapters import load_model
 
         cfg = self.cfg
         set_seed(cfg.seed)
-        model = load_classifier(self.inp.model_src, id2label=self.inp.data.id2label)
+        model = load_model(self.inp.model_src, id2label=self.inp.data.id2label)
         self.adapter.make_elastic(model, self.space.depth)
-        self.dims = self.adapter.dims(model.config)
+        self.dims = self.adapter.dims_of(model)
         model.to(self.acc.device)
         self.reorder_info = self.run_info.get("reorder")
         if cfg.use_reorder and self.ckpt is None:
@@ -552,7 +530,7 @@ class Trainer:
             rng = random.Random(seed_int("order", self.cfg.seed, e))
             rng.shuffle(perm)
             if self.cfg.group_by_length:
-                lengths = [len(x) for x in self.inp.train_enc.input_ids]
+                lengths = self.inp.train_enc.lengths()
                 perm = D.length_grouped(perm, lengths, self.G, rng)
             self._order[e] = perm
         return self._order[e]
@@ -581,8 +559,9 @@ class Trainer:
         step_loss, step_samples = 0.0, 0
         for a in range(self.A):
             idx = self.micro(step * self.A + a)
-            batch = {k: v.to(acc.device) for k, v in self.inp.train_enc.collate(idx).items()}
-            labels = batch.pop("labels")
+            batch = self.inp.train_enc.collate(idx)
+            labels = batch.pop("labels").to(acc.device)
+            batch = self.adapter.model_inputs(self.raw, batch)
             tl = self.t_logits[torch.tensor(idx)].to(acc.device) if (gamma and self.t_logits is not None) else None
             with contextlib.nullcontext() if a == self.A - 1 else acc.no_sync(self.model):
                 total = self._micro_step(batch, labels, w, tl, subs)
@@ -606,25 +585,23 @@ class Trainer:
         beta = self.cfg.hidden_distill if subs else 0.0
         self.adapter.activate(raw, None)
         with acc.autocast():
-            out = model(**batch, output_hidden_states=True) if beta else model(**batch)
-        logits = out.logits
+            logits, hidden = self.adapter.forward(model, batch, hidden_states=bool(beta))
         term = L.plain_loss(logits, labels, w, tl) if self.cfg.plain else L.super_term(logits, labels, w, tl)
         acc.backward(term / A)
         total = term.detach().float()
         sup = logits.detach()
-        sup_hidden = tuple(h.detach() for h in out.hidden_states) if beta else None
-        del logits, out
+        sup_hidden = tuple(h.detach() for h in hidden) if beta and hidden is not None else None
+        del logits, hidden
         mask = batch["attention_mask"].float() if beta else None
         for sub in subs:
             self.adapter.activate(raw, sub)
             with acc.autocast():
-                s_out = model(**batch, output_hidden_states=True) if beta else model(**batch)
-            s_logits = s_out.logits
+                s_logits, s_hidden = self.adapter.forward(model, batch, hidden_states=bool(beta))
             s_term = L.sub_term(s_logits, labels, sup, w, tl)
             if beta:
                 kept = self.adapter.kept_layers(raw, sub)
-                s_term = s_term + beta * L.hidden_distill(s_out.hidden_states, sup_hidden, kept, mask)
-            del s_out
+                s_term = s_term + beta * L.hidden_distill(s_hidden, sup_hidden, kept, mask)
+            del s_hidden
             acc.backward(s_term / A)
             total = total + s_term.detach().float()
             del s_logits
@@ -756,8 +733,7 @@ class Trainer:
 
         cfg, inp, partial = self.cfg, self.inp, self.partial
         with writing("the tuned super-network", partial / MODEL_DIR):
-            self.raw.save_pretrained(str(partial / MODEL_DIR))
-            inp.tok.save_pretrained(str(partial / MODEL_DIR))
+            self.adapter.save(self.raw, inp.tok, partial / MODEL_DIR)
         with writing("the search space and the eval, validation and calibration splits", partial):
             (partial / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2) + "\n")
             D.write_jsonl(partial / "eval.jsonl", inp.data.eval)
