@@ -74,7 +74,11 @@ class FamilyAdapter(ABC):
         """The task's train / validation / eval splits (`data.TaskData`) from the tune options `cfg` (`task`,
         `data`, `eval_data`, `val_split`, `val_data`, `seed`, column names, `limit_train`, `limit_eval`)."""
         from instatune_cli import data as D
+        from instatune_cli.errors import InstatuneError
 
+        if cfg.task == "imagefolder":
+            raise InstatuneError(f"--task imagefolder needs an image model (a timm ViT, DeiT or BEiT); {cfg.model} is "
+                                 f"a {self.family} text model")
         data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
                                 cfg.label_column, cfg.limit_train, cfg.limit_eval)
         c = data.source.get("columns") or {}

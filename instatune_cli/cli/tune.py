@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model directory (save_pretrained layout), a tune run directory, "
                                     "or a hub id when online."),
         task: Optional[str] = typer.Option(None, "--task", help="GLUE task (sst2, cola, mrpc, qqp, qnli, rte, "
-                                           "wnli, mnli): loads it from the hub, or names the task of --data.",
+                                           "wnli, mnli): loads it from the hub, or names the task of --data; "
+                                           "imagefolder: --data DIR with train/ and val/ (or test/) class "
+                                           "folders, for image models.",
                                            rich_help_panel=DATA),
         data: Optional[str] = typer.Option(None, "--data", help="Directory with train.* and dev.*/validation.* "
                                            "(tsv, csv, jsonl, json, parquet), or a training file.",
