@@ -42,7 +42,8 @@ def kept_layers(n_keep: int, n_total: int, rule: str = "first") -> list[int]:
     raise InstatuneError(f"unknown depth rule {rule!r}; use {' or '.join(DEPTH_RULES)}")
 
 
-_IMAGE_FIELDS = ("image_size", "patch_size", "channels", "prefix_tokens")
+_IMAGE_FIELDS = ("image_size", "patch_size", "channels", "prefix_tokens", "head_tokens", "fixed_params",
+                 "layer_params", "width_params", "head_params", "ffn_params")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ class ModelDims:
     patch_size: int = 0
     channels: int = 0
     prefix_tokens: int = 0
+    # exact params of families whose variants differ in small terms (timm ViT: qkv or q/v biases, layer scale,
+    # relative position tables, extra tokens), read off the model by the family; 0 where a formula is used
+    head_tokens: int = 0    # tokens with a classifier head (2 for distilled DeiT); 0: one
+    fixed_params: int = 0   # everything outside the blocks
+    layer_params: int = 0   # per kept block, whatever its heads and width
+    width_params: int = 0   # per unit of attention width (heads x head_dim)
+    head_params: int = 0    # per head
+    ffn_params: int = 0     # per FFN neuron
 
     @property
     def image_tokens(self) -> int:
@@ -348,7 +357,8 @@ class SearchSpace:
         layers = list(range(lo, dims.num_layers + 1))
         heads = sorted({max(1, round(dims.num_heads * k / 6)) for k in range(3, 7)})
         ffn = sorted({max(1, round(dims.ffn * k / 3)) for k in range(1, 4)})
-        return cls.from_dict({"layers": layers, "heads": heads, "ffn": ffn, "seq_len": seq_len,
+        # an image model always runs at its own token count (patches + prefix tokens)
+        return cls.from_dict({"layers": layers, "heads": heads, "ffn": ffn, "seq_len": dims.image_tokens or seq_len,
                               "depth": DEFAULT_DEPTH}, name=f"derived-{dims.family}")
 
     # ---- checks -------------------------------------------------------------------------------

@@ -90,6 +90,12 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
 
     model, tok, space, art = load_tuned(run_dir)
+    if quant and adapter_of(model).modality != "text":
+        from instatune_cli.errors import InstatuneError
+
+        raise InstatuneError(f"--quant (the joint INT8/FP32 search) is defined for the text families; {run_dir} "
+                             f"holds a {adapter_of(model).family} model: search without --quant and use "
+                             "`instatune export --int8` on the chosen sub-network")
     if quant:
         import dataclasses
 

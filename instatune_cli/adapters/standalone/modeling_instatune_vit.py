@@ -101,7 +101,7 @@ def build(config: dict) -> nn.Module:
     if len(model.blocks) != len(heads) or len(widths) != len(heads):
         raise ValueError(f"config has {len(heads)} head counts and {len(widths)} MLP widths for "
                          f"{len(model.blocks)} blocks")
-    for block, h, f in zip(model.blocks, heads, widths):
+    for block, h, f in zip(model.blocks, heads, widths, strict=True):
         block.attn = _resize_attention(block.attn, dim, int(h), head_dim)
         block.mlp = _resize_mlp(block.mlp, dim, int(f))
     return model
