@@ -450,7 +450,11 @@ class TimmVitAdapter(FamilyAdapter):
         return self.prepare(model, labels, eager, src)
 
     def load_config(self, src: str) -> Any:
-        """The config of `src` from a model built on the meta device (no weights read, nothing allocated)."""
+        """The config of `src` from a model built on the meta device (no weights read, nothing allocated); a timm
+        id whose weights cannot be had fails here, before a stage creates anything."""
+        name = _timm_name(src)
+        if name is not None and not (Path(src).expanduser() / "config.json").is_file():
+            _check_cached(name)
         model, cfg = self._build(src, pretrained=False, device="meta")
         _check_supported(model, src)
         self._attach(model, _label_names(cfg or model.pretrained_cfg, model.num_classes))
