@@ -154,9 +154,10 @@ def _export_dynamo(wrapped: nn.Module, args: tuple, names: list[str], path: Path
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    seq = torch.export.Dim("sequence", min=1, max=max_seq)
     # max_seq 0: the family's sequence length is fixed by the model (images); only the batch is dynamic
-    shapes = {n: ({0: batch, 1: seq} if max_seq else {0: batch}) for n in names}
+    seq = torch.export.Dim("sequence", min=1, max=max_seq) if max_seq else None
+    # positional (not by name): the wrapper's argument names need not be the graph's input names
+    shapes = tuple({0: batch, 1: seq} if seq is not None else {0: batch} for _ in names)
     with warnings.catch_warnings():
         # "axis name batch will not be used, since it shares the same shape constraints": it is used
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)

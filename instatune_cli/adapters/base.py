@@ -168,6 +168,15 @@ class FamilyAdapter(ABC):
                        out_dir: str | Path) -> dict[str, Any]:
         """Write `extract`'s result to `out_dir` so it loads without instatune; returns {"load_with": ...}."""
 
+    def quant_targets(self, model: nn.Module, sub: SubNet | None = None) -> dict[str, tuple[str, nn.Module]] | None:
+        """Logical quantization target -> (module path, module), or None for the default (the six `parts` of
+        each layer, the embedding table, the head linears: `quantize/targets.py`)."""
+        return None
+
+    def quant_architecture(self, model: nn.Module, sub: SubNet | None = None) -> Any:
+        """The `quantize.policy.Architecture` a policy for this model is made for, or None for the default."""
+        return None
+
     @abstractmethod
     def load_extracted(self, model_dir: str | Path) -> nn.Module:
         """Load what `save_extracted` wrote, in eval mode."""

@@ -597,6 +597,46 @@ class TimmVitAdapter(FamilyAdapter):
             dims.layer_params + dims.width_params * h * dims.head_dim + dims.head_params * h + dims.ffn_params * f
             for h, f in zip(sub.heads, sub.ffn, strict=True))
 
+    # ---- quantization targets (quantize/targets.py) ----------------------------------------------------
+
+    QUANT_PARTS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+
+    def _heads(self, model: nn.Module) -> dict[str, nn.Linear]:
+        from torch import nn
+
+        heads = {"classifier": model.head}
+        dist = getattr(model, "head_dist", None)
+        if isinstance(dist, nn.Linear):
+            heads["classifier_dist"] = dist
+        return heads
+
+    def quant_targets(self, model: nn.Module, sub: SubNet | None = None) -> dict[str, tuple[str, nn.Module]] | None:
+        """`layer.K.{qkv,attn_out,ffn_in,ffn_out}` of the kept blocks and the classifier head(s): Q, K and V are
+        one fused linear, so one policy entry (docs/architecture.md, "Quantization")."""
+        paths = {id(m): n for n, m in model.named_modules()}
+        blocks = self.layers(model)
+        kept = self.kept_layers(model, sub) if sub is not None else list(range(len(blocks)))
+        out: dict[str, tuple[str, nn.Module]] = {}
+        for k, li in enumerate(kept):
+            b = blocks[li]
+            for part, m in zip(self.QUANT_PARTS, (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2), strict=True):
+                out[f"layer.{k}.{part}"] = (paths[id(m)], m)
+        out.update({name: (paths[id(m)], m) for name, m in self._heads(model).items()})
+        return out
+
+    def quant_architecture(self, model: nn.Module, sub: SubNet | None = None) -> Any:
+        from instatune_cli.quantize.policy import Architecture
+
+        blocks = self.layers(model)
+        dh = _head_dim(blocks[0].attn)
+        if sub is not None:
+            heads, ffn = tuple(sub.heads), tuple(sub.ffn)
+        else:
+            heads = tuple(b.attn.qkv.out_features // 3 // dh for b in blocks)
+            ffn = tuple(b.mlp.fc1.out_features for b in blocks)
+        return Architecture(str(model.config.model_type), int(model.embed_dim), dh, heads, ffn,
+                            int(model.num_classes), tuple(self._heads(model)), self.QUANT_PARTS, embeddings=False)
+
     # ---- elastic hooks --------------------------------------------------------------------------------
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:

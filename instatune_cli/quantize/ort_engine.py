@@ -32,7 +32,7 @@ WEIGHTS = "int8 symmetric per output channel"
 
 
 class _Reader:
-    """ORT's CalibrationDataReader protocol over our tokenized batches (int64 numpy feeds)."""
+    """ORT's CalibrationDataReader protocol over our batches (token ids as int64, pixels as float32)."""
 
     def __init__(self, batches: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
         self._it: Iterator[dict[str, Any]] = iter(
@@ -46,9 +46,9 @@ class _Reader:
 
 
 def _np(v: Any) -> Any:
-    import numpy as np
+    from instatune_cli.export import ort_feed
 
-    return np.asarray(v.cpu() if hasattr(v, "cpu") else v).astype(np.int64)
+    return ort_feed(v)
 
 
 def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, policy: QuantPolicy,

@@ -8,6 +8,10 @@ A policy names *logical* layers, so the same file drives PyTorch (Neural Compres
   quantized (an extracted sub-network numbers its kept layers 0..L-1);
 - `pooler`, `classifier`: the linears of the head (a family with one head linear has only `classifier`).
 
+A family whose layers are shaped otherwise names its own parts (the architecture records them): timm ViT has
+`layer.{k}.{qkv,attn_out,ffn_in,ffn_out}` (Q, K and V are one fused linear), no quantized embedding table, and
+`classifier` (plus `classifier_dist` for a distilled DeiT).
+
 Each is `int8` or `fp32`. The policy also records the architecture it was made for (model type, hidden size,
 heads and FFN width of every layer); applying it to another architecture is refused, because layer k of
 another sub-network is a different layer. Torch-free.
@@ -30,9 +34,9 @@ GLOBAL = ("embeddings", "pooler", "classifier")
 PRECISIONS = ("int8", "fp32")
 
 
-def layer_names(num_layers: int) -> list[str]:
-    """Logical names of the linears of `num_layers` layers, in gene order (layer-major, PARTS order)."""
-    return [f"layer.{k}.{p}" for k in range(num_layers) for p in PARTS]
+def layer_names(num_layers: int, parts: Sequence[str] = PARTS) -> list[str]:
+    """Logical names of the linears of `num_layers` layers, in gene order (layer-major, `parts` order)."""
+    return [f"layer.{k}.{p}" for k in range(num_layers) for p in parts]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Architecture:
     ffn: tuple[int, ...]
     num_labels: int = 2
     head_linears: tuple[str, ...] = ("pooler", "classifier")
+    parts: tuple[str, ...] = PARTS  # the quantizable linears of one layer (the family's; module docstring)
+    embeddings: bool = True         # a word-embedding table to quantize
 
     @property
     def num_layers(self) -> int:
@@ -53,7 +59,8 @@ class Architecture:
 
     def names(self) -> list[str]:
         """Every logical name this architecture has, in gene order."""
-        return ["embeddings", *layer_names(self.num_layers), *self.head_linears]
+        return [*(["embeddings"] if self.embeddings else []), *layer_names(self.num_layers, self.parts),
+                *self.head_linears]
 
     def describe(self) -> str:
         return (f"{self.model_type} L{self.num_layers} hidden {self.hidden} heads {list(self.heads)} "
@@ -62,13 +69,16 @@ class Architecture:
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, "hidden": self.hidden, "head_dim": self.head_dim,
                 "heads": list(self.heads), "ffn": list(self.ffn), "num_labels": self.num_labels,
-                "head_linears": list(self.head_linears)}
+                "head_linears": list(self.head_linears),
+                **({"parts": list(self.parts)} if self.parts != PARTS else {}),
+                **({"embeddings": False} if not self.embeddings else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Architecture:
         return cls(str(d["model_type"]), int(d["hidden"]), int(d["head_dim"]), tuple(int(h) for h in d["heads"]),
                    tuple(int(f) for f in d["ffn"]), int(d.get("num_labels", 2)),
-                   tuple(d.get("head_linears", ("pooler", "classifier"))))
+                   tuple(d.get("head_linears", ("pooler", "classifier"))), tuple(d.get("parts", PARTS)),
+                   bool(d.get("embeddings", True)))
 
     def same_as(self, other: Architecture) -> bool:
         """Equal up to our per-layer model types (`instatune_bert` is a `bert` with per-layer shapes)."""
@@ -77,7 +87,8 @@ class Architecture:
 
         return (base(self.model_type) == base(other.model_type) and self.hidden == other.hidden
                 and self.head_dim == other.head_dim and self.heads == other.heads and self.ffn == other.ffn
-                and self.num_labels == other.num_labels and self.head_linears == other.head_linears)
+                and self.num_labels == other.num_labels and self.head_linears == other.head_linears
+                and self.parts == other.parts and self.embeddings == other.embeddings)
 
 
 @dataclass
@@ -95,7 +106,8 @@ class QuantPolicy:
             raise InstatuneError(
                 f"policy names layers this model does not have: {', '.join(unknown[:4])}"
                 f"{' ...' if len(unknown) > 4 else ''} (it has {self.architecture.num_layers} layers; "
-                f"names are embeddings, layer.K.{{{','.join(PARTS)}}}, {', '.join(self.architecture.head_linears)})")
+                f"names are {'embeddings, ' if self.architecture.embeddings else ''}"
+                f"layer.K.{{{','.join(self.architecture.parts)}}}, {', '.join(self.architecture.head_linears)})")
         bad = {n: v for n, v in self.layers.items() if v not in PRECISIONS}
         if bad:
             n, v = next(iter(bad.items()))

@@ -104,14 +104,17 @@ class QuantizeStage:
         self.policy.check_for(self.arch, f"the model in {art.path}")
 
     def _load_model(self) -> None:
-        from transformers import AutoTokenizer
-
-        from instatune_cli.extract import input_names, load_extracted
         from instatune_cli.quantize.targets import architecture_of, torch_targets
+        from instatune_cli.tune import run_family
 
-        self.model = load_extracted(self.art.path).float().eval()
-        self.tok = AutoTokenizer.from_pretrained(str(self.art.path))
-        self.names = input_names(self.model.config)
+        self.fam = run_family(self.tune)
+        if self.fam.modality != "text" and (self.opts.trim_vocab or self.opts.engine != "ort"):
+            raise InstatuneError(f"{'--trim-vocab' if self.opts.trim_vocab else '--engine ' + self.opts.engine} is "
+                                 f"for the text families; {self.art.path} is a {self.fam.family} model: use the "
+                                 "default --engine ort without --trim-vocab")
+        self.model = self.fam.load_extracted(self.art.path).float().eval()
+        self.tok = self.fam.load_preprocessor(self.art.path)
+        self.names = self.fam.input_names(self.model)
         self.arch = architecture_of(self.model)
         self.targets = torch_targets(self.model)
 
@@ -134,7 +137,7 @@ class QuantizeStage:
                 f"tune run {self.tune.path} has no calib.jsonl; re-run tune to get a calibration sample")
         batches = load_eval_batches(self.tune, self.tok, batch_size=16, limit=self.opts.calibration_samples,
                                     which="calib")
-        n = sum(len(b["input_ids"]) for b in batches)
+        n = sum(len(b["labels"]) for b in batches)
         if n < MIN_CALIBRATION:
             raise InstatuneError(f"the calibration sample of {self.tune.path} has {n} examples; at least "
                                  f"{MIN_CALIBRATION} are needed")
@@ -147,7 +150,7 @@ class QuantizeStage:
         calib = self.calibration()
         opts = {"source": str(self.src), **asdict(self.opts)}
         with artifacts.StageWriter(self.out, "quantize", opts, parent=self.art, force=self.force) as w:
-            self.tok.save_pretrained(w.path)
+            self.fam.save_preprocessor(self.tok, w.path)
             self.policy.save(w.path / "policy.json")
             with tempfile.TemporaryDirectory(prefix="instatune-quant-", dir=w.path.parent) as td:
                 metrics = (self._ort(w.path, Path(td), calib) if self.opts.engine == "ort"
@@ -203,15 +206,17 @@ class QuantizeStage:
                 "size_bytes": {"fp32": weights_bytes(self.art.path),
                                "int8": sum(p.stat().st_size for p in (out / "inc").iterdir())},
                 "accuracy": {"fp32": self._score_torch(self.model), "int8": self._score_torch(gm, positional=True)},
-                "latency": {"fp32": _torch_latency(self.model, self.model.config, self.names, self.opts, seq),
-                            "int8": _torch_latency(gm, self.model.config, self.names, self.opts, seq,
-                                                   positional=True)},
+                "latency": {"fp32": _torch_latency(self.model, self.fam.random_batch(self.model, self.opts.batch, seq),
+                                                   self.names, self.opts, seq),
+                            "int8": _torch_latency(gm, self.fam.random_batch(self.model, self.opts.batch, seq),
+                                                   self.names, self.opts, seq, positional=True)},
                 "latency_note": "eager PyTorch; the INC graph is fast only under torch.compile (Inductor)"}
 
     def _seq_len(self) -> int:
         from instatune_cli.export import max_sequence_length
 
-        return self.opts.seq_len or min(128, max_sequence_length(self.model.config))
+        fixed = self.fam.dims_of(self.model).image_tokens  # an image model runs at its own size
+        return fixed or self.opts.seq_len or min(128, max_sequence_length(self.model.config))
 
     # -- measuring -------------------------------------------------------------------------------
     def _eval_batches(self) -> list[dict[str, Any]]:
@@ -245,18 +250,16 @@ class QuantizeStage:
 
         def logits(b: dict[str, Any]) -> Any:
             with torch.no_grad():
-                out = model(*(b[n] for n in self.names)) if positional else model(**{n: b[n] for n in self.names})
-            return (out if positional else out.logits).float().numpy()
+                out = model(*(b[n] for n in self.names)) if positional else self.fam.logits(model, b)
+            return out.float().numpy()
 
         return self._score(logits)
 
     def _score_onnx(self, path: Path) -> dict[str, Any]:
-        import numpy as np
-
-        from instatune_cli.export import ort_session
+        from instatune_cli.export import ort_feed, ort_session
 
         sess = ort_session(path)
-        return self._score(lambda b: sess.run(["logits"], {n: b[n].numpy().astype(np.int64) for n in self.names})[0])
+        return self._score(lambda b: sess.run(["logits"], {n: ort_feed(b[n]) for n in self.names})[0])
 
     def _verdict(self, m: dict[str, Any]) -> dict[str, Any]:
         drop = 100 * (m["accuracy"]["fp32"]["score"] - m["accuracy"]["int8"]["score"])
@@ -268,16 +271,13 @@ class QuantizeStage:
                 "size_ratio": m["size_bytes"]["fp32"] / m["size_bytes"]["int8"]}
 
 
-def _torch_latency(model: Any, config: Any, names: list[str], opts: QuantizeOptions, seq: int,
+def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: QuantizeOptions, seq: int,
                    positional: bool = False) -> dict:
-    """Median ms per forward in eager PyTorch (the inc engine's runtime), after two warm-up calls."""
+    """Median ms per forward of batch `b` in eager PyTorch (the inc engine's runtime), after two warm-up calls."""
     import statistics
 
     import torch
 
-    from instatune_cli.extract import random_batch
-
-    b = random_batch(config, opts.batch, seq, seed=0)
     args = [b[n] for n in names]
     times = []
     with torch.no_grad():

@@ -3,7 +3,10 @@
 
 The family adapter says which modules are the six linears of a layer; everything else is generic: the
 word-embedding table is `get_input_embeddings()`, and the head linears are the linears outside the layer
-list (two: `pooler` then `classifier`; one: `classifier`). In an ONNX graph a node is matched to its module
+list (two: `pooler` then `classifier`; one: `classifier`). A family shaped otherwise (timm ViT's fused qkv)
+names its targets and architecture itself (`FamilyAdapter.quant_targets` / `quant_architecture`).
+
+In an ONNX graph a node is matched to its module
 by the exporter's name scope (dynamo exporter: the `pkg.torch.onnx.name_scopes` metadata; TorchScript
 exporter: the `/model/bert/encoder/layer.0/...` node name).
 """
@@ -27,15 +30,8 @@ EMBEDDING_OPS = ("Gather",)
 
 def family_adapter(model: Any) -> FamilyAdapter:
     """The adapter of a model, our per-layer extracted classes included (same module layout as the family)."""
-    from instatune_cli.adapters import adapter_for, adapter_of
-    from instatune_cli.extract import CUSTOM_TYPES
+    from instatune_cli.adapters import adapter_of
 
-    mt = model.config.model_type
-    if mt.startswith("instatune_"):
-        base = next((k for k, v in CUSTOM_TYPES.items() if v == mt), None)
-        if base is None:
-            raise InstatuneError(f"model type {mt!r} is not one of instatune's per-layer classes")
-        return adapter_for(base)
     return adapter_of(model)
 
 
@@ -55,6 +51,9 @@ def torch_targets(model: nn.Module, sub: SubNet | None = None) -> dict[str, tupl
     """Logical name -> (module path, module). With `sub`, layer k is the sub-network's k-th kept layer of a
     super-network (the depth rule); without, the model's own layers (an extracted model)."""
     adapter = family_adapter(model)
+    own = adapter.quant_targets(model, sub)
+    if own is not None:
+        return own
     paths = {id(m): n for n, m in model.named_modules()}
     layers = adapter.layers(model)
     kept = adapter.kept_layers(model, sub) if sub is not None else list(range(len(layers)))
@@ -72,6 +71,9 @@ def torch_targets(model: nn.Module, sub: SubNet | None = None) -> dict[str, tupl
 def architecture_of(model: nn.Module, sub: SubNet | None = None) -> Architecture:
     """The architecture a policy for this model (or this sub-network of a super-network) is made for."""
     adapter = family_adapter(model)
+    own = adapter.quant_architecture(model, sub)
+    if own is not None:
+        return own
     cfg = model.config
     hidden = int(cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim)
     heads_full = int(getattr(cfg, "num_attention_heads", 0) or cfg.n_heads)
