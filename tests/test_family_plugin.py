@@ -226,3 +226,35 @@ def test_plugin_runs_tune_search_extract(toy_dir: Path, tmp_path: Path) -> None:
     sub = SubNet.from_dict(m["subnet"])
     assert len(small.layers) == sub.layers
     assert sum(p.numel() for p in small.parameters()) == ToyFamily().params(ToyFamily().dims(small.config), sub)
+
+
+def test_entry_point_plugins_load_and_a_broken_one_only_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import instatune_cli.adapters as A
+
+    class Other(ToyFamily):
+        family = "toy-from-entry-point"
+        model_types = ("toy_ep",)
+
+    class EP:
+        def __init__(self, name: str, fn: Any) -> None:
+            self.name, self.value, self._fn = name, f"pkg.{name}", fn
+
+        def load(self) -> Any:
+            return self._fn()
+
+    def broken() -> None:
+        raise ImportError("no module named pkg.broken")
+
+    seen: list[str] = []
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: seen.append(group) or [EP("good", lambda: register_family(Other)),
+                                                             EP("broken", broken)])
+    monkeypatch.setattr(A, "_DISCOVERED", False)
+    monkeypatch.setattr(A, "_REGISTRY", dict(A._REGISTRY))
+    with pytest.warns(UserWarning, match="'broken'.*failed to load"):
+        fams = {f.family for f in A.families()}
+    assert seen == [A.ENTRY_POINT_GROUP]
+    assert {"toy-from-entry-point", "bert", "vit"} <= fams
+    assert A.adapter_for("toy_ep").family == "toy-from-entry-point"
