@@ -82,3 +82,20 @@ def test_search_extract_export_quantize(vit_run: Path, tmp_path: Path) -> None:
     qm = artifacts.load(q.path, "quantize").metrics
     assert qm["size_bytes"]["int8"] < qm["size_bytes"]["fp32"] / 2
     assert set(qm["policy"]["layers"]) >= {"layer.0.qkv", "layer.2.ffn_out", "classifier"}
+
+
+def test_vit_base_paper_preset_fits_vit_b16() -> None:
+    """The paper's ViT space (L 11-12, H {6,8,10,12}, F {2048,2560,3072}, 197 tokens) against ViT-B/16's own
+    shape (built on the meta device: no weights), and its MAC range."""
+    import timm
+
+    from instatune_cli.adapters.vit import TimmVitAdapter
+    from instatune_cli.space import SearchSpace
+
+    fam = TimmVitAdapter()
+    dims = fam.dims_of(timm.create_model("vit_base_patch16_224", pretrained=False, device="meta"))
+    space = SearchSpace.preset("vit-base-paper")
+    space.check_model(dims)
+    assert space.seq_len == dims.image_tokens == fam.seq_len(dims, 128) == 197
+    lo, hi = fam.macs(dims, space.smallest(), 197), fam.macs(dims, space.largest(), 197)
+    assert hi == 17_563_828_224 and 0.5 < lo / hi < 0.7
