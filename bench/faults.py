@@ -327,6 +327,7 @@ def make_fixtures(root: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     make_tiny_bert(root / "model", head=False)
     make_tiny_data(root / "data")
+    make_tiny_images(root)
     times["model+data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sh(tune("model", "data", "run"), root, "tune")
@@ -348,6 +349,32 @@ def make_fixtures(root: Path) -> dict[str, float]:
         p.chmod(p.stat().st_mode | 0o044 | (0o011 if p.is_dir() else 0))
     root.chmod(0o755)
     return times
+
+
+def make_tiny_images(root: Path, classes: int = 4, per_class: int = 10) -> None:
+    """`vit/`: a tiny timm ViT (tests/vit_tiny.py) in timm's save_for_hf layout; `imgs/`: train/ and val/ class
+    folders of small random PNGs."""
+    import numpy as np
+    from PIL import Image
+    from vit_tiny import tiny_timm
+
+    from instatune_cli.adapters.vit import TimmVitAdapter
+    from instatune_cli.images import ImagePreprocessor
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for c in range(classes):
+            d = root / "imgs" / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    fam = TimmVitAdapter()
+    model = fam.prepare(tiny_timm("vit_tiny_patch16_224", num_classes=classes), {c: f"c{c}" for c in range(classes)})
+    fam.save(model, ImagePreprocessor.for_model(model), root / "vit")
+
+
+def image_tune(model: str = "../vit", data: str = "../imgs", *extra: str) -> list[str]:
+    return ["tune", model, "--task", "imagefolder", "--data", data, "-o", "run", *TINY, *extra]
 
 
 # ---- case set-ups -----------------------------------------------------------------------------------------
@@ -654,6 +681,28 @@ def cases() -> list[Case]:
         Case("dup-header", "duplicate column name in the header (sentence, label, label)",
              tune("../model", "data", "run"), fragment="label", setup=data_copy(duplicate_header)),
         Case("missing-data", "--data that does not exist", tune("../model", "nodata", "run"), fragment="nodata"),
+        # --- images ---
+        Case("img-no-classes", "image folder with no class folders", image_tune("../vit", "empty"),
+             "empty/train/ and empty/val/ exist but hold no class folders", fragment="class",
+             setup=steps(write("empty/train/README", "no classes here\n"), write("empty/val/README", "none\n"))),
+        Case("img-class-mismatch", "val/ has other classes than train/", image_tune("../vit", "imgs"),
+             "imgs/ is a copy of the shared image folder with val/c3 renamed val/c9", fragment="class",
+             setup=steps(copy("../imgs", "imgs"), lambda d: (d / "imgs/val/c3").rename(d / "imgs/val/c9"))),
+        Case("img-unreadable", "an unreadable image among the training images", image_tune("../vit", "imgs"),
+             "imgs/ is a copy of the shared image folder plus imgs/train/c0/broken.jpg (not an image)",
+             expect="ok", fragment="skipped 1 unreadable image", allow=("run", "imgs"),
+             setup=steps(copy("../imgs", "imgs"), write("imgs/train/c0/broken.jpg", b"\xff\xd8 not a jpeg"))),
+        Case("timm-unknown", "a timm id the installed timm does not know", image_tune("vit_imaginary_patch16_224"),
+             fragment="vit_imaginary_patch16_224"),
+        Case("timm-no-weights", "a timm id whose pretrained weights are not cached, offline",
+             image_tune("vit_base_patch16_224"), fragment="no cached weights"),
+        Case("space-more-heads", "a search space with more heads than the model", image_tune(
+             "../vit", "../imgs", "--space", "space.yaml"), "space.yaml: heads [4, 8] for a 4-head model",
+             fragment="heads", setup=write("space.yaml", "layers: [2, 4]\nheads: [4, 8]\nffn: [96, 192]\n")),
+        Case("image-task-text-model", "--task imagefolder on a text model", image_tune("../model", "../imgs"),
+             fragment="image model"),
+        Case("text-task-image-model", "--task sst2 on an image model", tune("../vit", "../data", "run", "--task",
+             "sst2"), fragment="imagefolder"),
         # --- search ---
         Case("population-0", "search --population 0", ["search", "../run", "--population", "0", "-o", "s"],
              fragment="--population"),

@@ -237,7 +237,11 @@ def load_imagefolder(data: str | Path, eval_data: str | Path | None = None, limi
     source = {"kind": "imagefolder", "train": str(train_dir), "eval": str(eval_dir),
               "skipped": {"unreadable": skips.unreadable, "first_unreadable": skips.first,
                           "other_files": tscan.other_files + escan.other_files}}
-    return D.TaskData("imagefolder", D.Split(tp, tl, None), D.Split(ep, el, None), list(train_classes), source)
+    data = D.TaskData("imagefolder", D.Split(tp, tl, None), D.Split(ep, el, None), list(train_classes), source)
+    note = skipped_message(data)
+    if note:
+        source["notes"] = [note]  # printed by tune before training (TaskData.source "notes")
+    return data
 
 
 def _scan_both(train_dir: Path, eval_dir: Path) -> tuple[list[str], _Scan, _Scan]:
