@@ -244,6 +244,25 @@ def load_imagefolder(data: str | Path, eval_data: str | Path | None = None, limi
     return data
 
 
+def load_image_task(cfg: Any, model: str = "the model") -> D.TaskData:
+    """The tune options' image data (`--task imagefolder --data DIR`) with its validation split: carved from
+    training (`--val-split`) or a folder of the same classes (`--val-data`). Every image family's `load_data`."""
+    task = getattr(cfg, "task", None)
+    if task not in (None, "imagefolder"):
+        raise InstatuneError(f"{model} is an image model; train it with --task imagefolder --data DIR, not "
+                             f"--task {task}")
+    if not getattr(cfg, "data", None):
+        raise InstatuneError("an image model needs --data DIR (DIR/train/<class>/*.jpg and DIR/val/<class>/)")
+    data = load_imagefolder(cfg.data, cfg.eval_data, cfg.limit_train, cfg.limit_eval)
+    if getattr(cfg, "val_data", None) is None:
+        return D.with_validation(data, cfg.val_split, None, cfg.seed)
+    if cfg.val_split is not None:
+        raise InstatuneError("give either --val-split or --val-data, not both")
+    val = load_imagefolder(cfg.data, cfg.val_data, 1, None).eval
+    return D.TaskData(data.task, data.train, data.eval, data.labels,
+                      {**data.source, "val": {"kind": "folder", "path": str(cfg.val_data)}}, val)
+
+
 def _scan_both(train_dir: Path, eval_dir: Path) -> tuple[list[str], _Scan, _Scan]:
     """(training class names, train scan, eval scan), with the class checks."""
     train_classes = _class_dirs(train_dir)

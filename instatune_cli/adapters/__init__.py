@@ -137,12 +137,27 @@ def check_model_source(src: str) -> str:
     return src
 
 
+def family_of(src: str) -> FamilyAdapter:
+    """The family of a checked model source: the one that claims it, else (a hub id no family recognises by
+    name) the one of the `model_type` in its hub config."""
+    fam = family_for_source(src)
+    if fam is not None:
+        return fam
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(src).model_type
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InstatuneError(f"cannot load model {src!r}: {first}") from None
+    return adapter_for(model_type)
+
+
 def load_model(src: str, *, id2label: dict[int, str] | None = None, num_labels: int | None = None,
                eager: bool = False) -> Any:
     """Load a classifier of any registered family from a checked source (see `check_model_source`)."""
     src = check_model_source(src)
-    fam = family_for_source(src) or family_named("bert")  # an unclaimed hub id: the transformers families
-    return fam.load(src, id2label=id2label, num_labels=num_labels, eager=eager)
+    return family_of(src).load(src, id2label=id2label, num_labels=num_labels, eager=eager)
 
 
 def check_weights(model_dir: str | Path) -> None:
