@@ -1,5 +1,5 @@
-"""The timm vision family (instatune_cli/adapters/vit.py): loading and the registry, elastic ViT / DeiT / BEiT
-against timm's own models, importance reordering, closed-form MACs (against ptflops) and params, extraction of
+"""The timm vision family (instatune_cli/adapters/vit.py): loading and the registry, elastic ViT / DeiT / BEiT /
+BEiT-3 against timm's own models, importance reordering, closed-form MACs (against ptflops) and params, extraction of
 both kinds and their reload without instatune. Tiny models only, offline."""
 
 from __future__ import annotations
@@ -12,7 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from vit_tiny import ARCHS, HEAD_DIM, LABELS, TINY, masked_reference, pixels, save_tiny, timm_reference, tiny_timm
+from vit_tiny import (
+    ARCHS,
+    BEIT3_EPS,
+    HEAD_DIM,
+    LABELS,
+    TINY,
+    has_sublayer_norms,
+    is_beit,
+    masked_reference,
+    pixels,
+    save_tiny,
+    timm_reference,
+    tiny_timm,
+)
 
 from instatune_cli.adapters import check_model_source, family_for_source, family_named, load_model
 from instatune_cli.errors import InstatuneError
@@ -46,10 +59,27 @@ def test_registry_claims_dirs_and_timm_ids(tmp_path: Path) -> None:
     assert family_for_source(str(d)) is FAM
     assert check_model_source(str(d)) == str(d)
     for src in ("vit_base_patch16_224", "timm/vit_base_patch16_224.augreg_in21k", "hf-hub:timm/deit_tiny_patch16_224",
-                "beitv2_base_patch16_224", "deit_tiny_distilled_patch16_224.fb_in1k"):
+                "beitv2_base_patch16_224", "deit_tiny_distilled_patch16_224.fb_in1k", "beit3_base_patch16_224",
+                "timm/beit3_large_patch16_224.in22k_ft_in1k"):
         assert family_for_source(src) is FAM, src
     for src in ("bert-base-uncased", "google/vit-base-patch16-224", "resnet50"):
         assert family_for_source(src) is None, src
+
+
+def test_model_types_of_timm_names() -> None:
+    """BEiT-3 is a timm VisionTransformer, named `timm_beit3` (by its architecture) rather than `timm_vit`."""
+    from instatune_cli.adapters.vit import _model_type_of_arch
+
+    for arch, mt in (("vit_base_patch16_224", "timm_vit"), ("deit3_small_patch16_224", "timm_deit"),
+                     ("beitv2_base_patch16_224", "timm_beit"), ("beit3_base_patch16_224", "timm_beit3"),
+                     ("beit3_large_patch16_224.indomain_in22k_ft_in1k", "timm_beit3"), ("resnet50", None),
+                     ("beit3_nope", None)):
+        assert _model_type_of_arch(arch) == mt, arch
+        assert mt is None or FAM.supports(mt)
+    m = FAM.prepare(tiny_timm("beit3_base_patch16_224"), LABELS)
+    assert m.config.model_type == "timm_beit3" and FAM.dims(m.config) == FAM.dims_of(m)
+    with pytest.raises(InstatuneError, match="unknown timm model"):
+        load_model("beit3_nope")
 
 
 @pytest.mark.parametrize("src", ["vit_nonexistent_patch99_224", "timm/vit_nope", "hf-hub:timm/beit_nope"])
@@ -165,9 +195,10 @@ def test_subnet_equals_independent_timm_models(arch: str, depth: str, sub: SubNe
     x = pixels()
     with torch.no_grad():
         got = m(x)
-        masked = masked_reference(orig, keep, list(sub.heads), list(sub.ffn))(x)
-        assert (got - masked).abs().max() < 1e-5
-        if "beit" not in arch or (set(sub.heads) == {FULL_H} and len(set(sub.ffn)) == 1):
+        if not has_sublayer_norms(arch):  # BEiT-3's norms see only the kept units: no masking reproduces that
+            masked = masked_reference(orig, keep, list(sub.heads), list(sub.ffn))(x)
+            assert (got - masked).abs().max() < 1e-5
+        if not is_beit(arch) or (set(sub.heads) == {FULL_H} and len(set(sub.ffn)) == 1):
             ref = timm_reference(arch, orig, keep, list(sub.heads), list(sub.ffn))
             assert (got - ref(x)).abs().max() < 1e-5
         small = FAM.extract(m, sub)
@@ -190,11 +221,84 @@ def test_importance_reordering_keeps_the_full_model(arch: str, taylor: bool) -> 
 
 
 def test_unsupported_structures_are_one_line() -> None:
-    for arch, kw in (("vit_tiny_patch16_224", {"global_pool": "map"}),
-                     ("beit_base_patch16_224", {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False})):
+    from timm.layers import Attention, LayerNormFp32, RmsNorm
+
+    class GatedAttention(Attention):
+        def __init__(self, *args, **kw) -> None:
+            super().__init__(*args, gated=True, **kw)
+
+    for arch, kw, why in (
+            ("vit_tiny_patch16_224", {"global_pool": "map"}, "attention pooling"),
+            ("beit_base_patch16_224", {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False}, "shared"),
+            ("beit3_base_patch16_224", {"global_pool": "map"}, "attention pooling"),
+            ("beit3_base_patch16_224", {"attn_layer": GatedAttention}, "gated"),
+            ("vit_tiny_patch16_224", {"scale_attn_norm": True, "norm_layer": RmsNorm}, "RmsNorm over the attention"),
+            ("vit_tiny_patch16_224", {"scale_mlp_norm": True, "norm_layer": LayerNormFp32},
+             "LayerNormFp32 over the MLP"),
+    ):
         m = tiny_timm(arch, **kw)
-        with pytest.raises(InstatuneError, match="not support"):
+        with pytest.raises(InstatuneError, match="not support") as e:
             FAM.make_elastic(m)
+        assert why in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("arch,kw", [("vit_tiny_patch16_224", {"scale_attn_norm": True}),
+                                     ("vit_tiny_patch16_224", {"scale_mlp_norm": True}),
+                                     ("beit_base_patch16_224", {"scale_mlp": True})],
+                         ids=["vit-attn-norm", "vit-mlp-norm", "beit-mlp-norm"])
+def test_one_sublayer_norm_is_supported(arch: str, kw: dict) -> None:
+    """A plain ViT (or BEiT) with just one of BEiT-3's sub-layer norms: elastic, exact, extracts (both kinds)."""
+    orig = tiny_timm(arch, **kw)
+    m = FAM.prepare(copy.deepcopy(orig), LABELS)
+    FAM.make_elastic(m, "spread")
+    x = pixels()
+    with torch.no_grad():
+        assert torch.equal(m(x), orig(x))
+        for sub in (SubNet.make(3, [2, 4, 1], [100, 192, 5]), SubNet.make(2, FULL_H, 96)):
+            FAM.activate(m, sub)
+            small = FAM.extract(m, sub)
+            assert torch.equal(small(x), m(x))
+            assert FAM.params(FAM.dims_of(m), sub) == sum(p.numel() for p in small.parameters())
+    FAM.activate(m, None)
+    FAM.reorder_by_importance(m)
+    with torch.no_grad():
+        assert (m(x) - orig(x)).abs().max() < 1e-5
+
+
+def test_elastic_layer_norm_is_a_view_of_the_prefix() -> None:
+    import pickle
+
+    from timm.layers import LayerNorm
+    from torch.nn import functional as F
+
+    from instatune_cli.adapters.elastic import ElasticLayerNorm
+
+    torch.manual_seed(0)
+    ln = LayerNorm(8, eps=BEIT3_EPS)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    ref = copy.deepcopy(ln)
+    ptrs = [p.data_ptr() for p in ln.parameters()]
+    assert ElasticLayerNorm.wrap(ln) is ln and ElasticLayerNorm.wrap(ln) is ln
+    assert isinstance(ln, ElasticLayerNorm) and ln.active == 8 and [p.data_ptr() for p in ln.parameters()] == ptrs
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(ln(x), ref(x))  # full width: the original class's forward
+    ln.active = 5
+    y = ln(x[..., :5])
+    assert y.shape == (2, 3, 5)
+    assert torch.allclose(y, F.layer_norm(x[..., :5], (5,), ref.weight[:5], ref.bias[:5], BEIT3_EPS), atol=1e-6)
+    small = LayerNorm(5, eps=BEIT3_EPS)
+    small.load_state_dict({"weight": ref.weight[:5], "bias": ref.bias[:5]})
+    assert torch.equal(y, small(x[..., :5]))  # a smaller timm LayerNorm, bit for bit
+    y.sum().backward()
+    assert ln.weight.grad[5:].abs().sum() == 0 and ln.weight.grad[:5].abs().sum() > 0
+    back = pickle.loads(pickle.dumps(ln))
+    assert back.active == 5 and torch.equal(back(x[..., :5]), y.detach())
+    ln.reset()
+    assert ln.active == 8 and list(ln.state_dict()) == ["weight", "bias"]
+    with pytest.raises(TypeError):
+        ElasticLayerNorm.wrap(torch.nn.LayerNorm((4, 8)))
 
 
 # ---- MACs and params ------------------------------------------------------------------------------------
@@ -220,10 +324,11 @@ def _ptflops(model: torch.nn.Module) -> int:
     return int(macs)
 
 
-@pytest.mark.parametrize("arch", ARCHS[:3])
+@pytest.mark.parametrize("arch", [*ARCHS[:3], "beit3_base_patch16_224"])
 def test_macs_match_ptflops_exactly_up_to_bias_adds(arch: str) -> None:
     """ptflops (aten backend, eager attention) counts mm/addmm/bmm/convolution: our closed form plus the bias
-    adds it also counts; everything else (norms, softmax, GELU, layer scale, position bias) it counts as 0."""
+    adds it also counts; everything else (norms incl. BEiT-3's sub-layer norms, softmax, GELU, layer scale,
+    position bias, average pooling) it counts as 0."""
     _, m = elastic(arch, "spread")
     d = FAM.dims_of(m)
     for _, sub in SUBS[:3]:
@@ -255,6 +360,21 @@ def test_params_closed_form_is_exact(arch: str) -> None:
         assert FAM.params(d, sub) == sum(p.numel() for p in FAM.extract(m, sub).parameters()), sub.name
 
 
+def test_beit3_params_include_the_sublayer_norms() -> None:
+    """BEiT-3 base at 224 px: timm's parameter count, with 2 norm parameters per attention unit (attn.norm over
+    768) and per MLP neuron (mlp.norm over 3072) in the per-unit constants."""
+    import timm
+
+    m = timm.create_model("beit3_base_patch16_224", pretrained=False, device="meta")
+    d = FAM.dims_of(m)
+    full = SubNet.make(12, 12, 3072)
+    assert FAM.params(d, full) == sum(p.numel() for p in m.parameters())
+    assert d.width_params == 4 * 768 + 3 + 2 and d.ffn_params == 2 * 768 + 1 + 2
+    vit = FAM.dims_of(timm.create_model("vit_base_patch16_224", pretrained=False, device="meta",
+                                        global_pool="avg"))
+    assert FAM.macs(d, full, 0) == FAM.macs(vit, full, 0)  # the norms are not MACs
+
+
 # ---- extraction -----------------------------------------------------------------------------------------
 
 def _import_standalone(d: Path):
@@ -280,6 +400,7 @@ def test_extraction_of_both_kinds_round_trips(arch: str, tmp_path: Path) -> None
     assert res["kind"] == "stock" and res["params_match"] and res["kept_layers"] == [0, 1, 3]
     assert "local-dir" in res["load_with"] and not (out / "modeling_instatune_vit.py").exists()
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert FAM.load_extracted(out).config.model_type == m.config.model_type
     FAM.activate(m, stock)
     with torch.no_grad():
         assert (plain(x) - m(x)).abs().max() < 1e-5
@@ -295,6 +416,11 @@ def test_extraction_of_both_kinds_round_trips(arch: str, tmp_path: Path) -> None
         assert (small(x) - m(x)).abs().max() < 1e-5
     again = FAM.load_extracted(out)
     assert again.config.layer_heads == [2, 4, 1] and again._instatune_adapter is FAM and not again.training
+    if has_sublayer_norms(arch):  # the sub-layer norms at each block's own width, with BEiT-3's eps
+        assert [(b.attn.norm.normalized_shape[0], b.mlp.norm.normalized_shape[0]) for b in small.blocks] == \
+            [(2 * HEAD_DIM, 100), (4 * HEAD_DIM, 192), (1 * HEAD_DIM, 5)]
+        assert {n.eps for b in small.blocks for n in (b.attn.norm, b.mlp.norm)} == {BEIT3_EPS}
+        assert again.config.model_type == "instatune_timm_beit3"
     # and back to stock: the stale standalone file goes
     save_extracted(m, stock, None, out)
     assert not (out / "modeling_instatune_vit.py").exists()
@@ -343,7 +469,8 @@ def test_pickles_elastic_model() -> None:
 
     _, m = elastic("beit_base_patch16_224")
     _, v = elastic("vit_tiny_patch16_224")
-    for model in (m, v):
+    _, b3 = elastic("beit3_base_patch16_224")
+    for model in (m, v, b3):
         back = pickle.loads(pickle.dumps(model))
         FAM.activate(back, SUBS[1][1])
         FAM.activate(model, SUBS[1][1])
@@ -373,7 +500,7 @@ def test_load_data_reads_an_image_folder(tmp_path: Path) -> None:
         FAM.load_data(SimpleNamespace(**{**vars(cfg), "task": "sst2"}))
 
 
-@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "beit_base_patch16_224"])
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "beit_base_patch16_224", "beit3_base_patch16_224"])
 def test_subnetwork_trains_only_its_slice(arch: str) -> None:
     _, m = elastic(arch)
     m.train()
@@ -384,6 +511,12 @@ def test_subnetwork_trains_only_its_slice(arch: str) -> None:
     assert g[:, :HEAD_DIM].abs().sum() > 0 and g[:, HEAD_DIM:].abs().sum() == 0
     assert a1.proj.weight.grad[:, 3 * HEAD_DIM:].abs().sum() == 0 and a3.qkv.weight.grad is None
     assert m.blocks[1].mlp.fc1.weight.grad[20:].abs().sum() == 0
-    if "beit" in arch:
+    if is_beit(arch):
         assert a0.relative_position_bias_table.grad[:, 1:].abs().sum() == 0
         assert a0.q_bias.grad[HEAD_DIM:].abs().sum() == 0 and a0.q_bias.grad[:HEAD_DIM].abs().sum() > 0
+    if has_sublayer_norms(arch):
+        for p in (a0.norm.weight, a0.norm.bias):
+            assert p.grad[HEAD_DIM:].abs().sum() == 0 and p.grad[:HEAD_DIM].abs().sum() > 0
+        n1 = m.blocks[1].mlp.norm
+        assert n1.weight.grad[20:].abs().sum() == 0 and n1.weight.grad[:20].abs().sum() > 0
+        assert m.blocks[3].mlp.norm.weight.grad is None

@@ -1,14 +1,17 @@
-"""Tiny timm ViT / DeiT / BEiT models and independent references for the vit family's tests.
+"""Tiny timm ViT / DeiT / BEiT / BEiT-3 models and independent references for the vit family's tests.
 
 The references share no code with instatune's elastic or extraction code: `timm_reference` builds a smaller
-model from timm's own classes (per-block `timm.layers.Attention` / `Mlp`) and loads weights sliced here by
-explicit indexing; `masked_reference` is the unmodified timm model with the dropped heads, neurons and blocks
-zeroed out of the residual stream (works for BEiT, whose timm attention cannot run fewer heads than its width).
+model from timm's own classes (per-block `timm.layers.Attention` / `Mlp`, with BEiT-3's sub-layer LayerNorms at
+the block's own widths) and loads weights sliced here by explicit indexing; `masked_reference` is the unmodified
+timm model with the dropped heads, neurons and blocks zeroed out of the residual stream (works for BEiT, whose
+timm attention cannot run fewer heads than its width; not for BEiT-3, whose sub-layer norms normalise over the
+kept units only, which no masking of the full-width norm reproduces).
 """
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ import torch
 TINY = {"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 4, "embed_dim": 48, "num_heads": 4}
 HEAD_DIM = 12
 ARCHS = ("vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "beit_base_patch16_224",
-         "beitv2_base_patch16_224")
+         "beitv2_base_patch16_224", "beit3_base_patch16_224")
+#: BEiT-3's LayerNorm eps (timm's `beit3_*` entry points; timm's LayerNorm default is 1e-6)
+BEIT3_EPS = 1e-5
 LABELS = {i: f"class{i}" for i in range(TINY["num_classes"])}
 
 
@@ -62,7 +67,9 @@ def sliced_block(sd: dict[str, torch.Tensor], src: int, dst: int, heads: int, ff
             v = v[:, :heads]
         elif rest == "attn.proj.weight":
             v = v[:, :w]
-        elif rest in ("mlp.fc1.weight", "mlp.fc1.bias"):
+        elif rest in ("attn.norm.weight", "attn.norm.bias"):  # BEiT-3: LayerNorm over the heads' output
+            v = v[:w]
+        elif rest in ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.norm.weight", "mlp.norm.bias"):
             v = v[:ffn]
         elif rest == "mlp.fc2.weight":
             v = v[:, :ffn]
@@ -70,15 +77,28 @@ def sliced_block(sd: dict[str, torch.Tensor], src: int, dst: int, heads: int, ff
     return out
 
 
+def is_beit(arch: str) -> bool:
+    """BEiT / BEiT-v2 (timm's `Beit`), not BEiT-3 (a `VisionTransformer`)."""
+    return arch.startswith(("beit_", "beitv2_"))
+
+
+def has_sublayer_norms(arch: str) -> bool:
+    """BEiT-3: LayerNorms over the attention output (`attn.norm`) and the MLP features (`mlp.norm`)."""
+    return arch.startswith("beit3_")
+
+
 def timm_reference(arch: str, original: torch.nn.Module, keep: list[int], heads: list[int], ffn: list[int],
                    **overrides: Any) -> torch.nn.Module:
-    """A smaller model made of timm's own classes holding `original`'s sliced weights. ViT / DeiT: any heads
-    (per-block `timm.layers.Attention(dim, num_heads=h, attn_head_dim=12)`); BEiT: all heads (timm's BEiT
-    attention reshapes to the input width), any depth and one MLP width (`mlp_ratio`)."""
+    """A smaller model made of timm's own classes holding `original`'s sliced weights. ViT / DeiT / BEiT-3: any
+    heads (per-block `timm.layers.Attention(dim, num_heads=h, attn_head_dim=12)`, for BEiT-3 with
+    `scale_norm=True` and a LayerNorm of eps 1e-5 over its h·12 features, and `Mlp` with one over its f);
+    BEiT: all heads (timm's BEiT attention reshapes to the input width), any depth and one MLP width
+    (`mlp_ratio`)."""
     import timm
-    from timm.layers import Attention, Mlp
+    from timm.layers import Attention, LayerNorm, Mlp
 
-    beit = "beit" in arch
+    beit = is_beit(arch)
+    norm = partial(LayerNorm, eps=BEIT3_EPS) if has_sublayer_norms(arch) else None
     d, full_w = TINY["embed_dim"], TINY["num_heads"] * HEAD_DIM
     kw = {**TINY, **overrides, "depth": len(keep)}
     if beit:
@@ -87,8 +107,9 @@ def timm_reference(arch: str, original: torch.nn.Module, keep: list[int], heads:
     ref = timm.create_model(arch, pretrained=False, **kw)
     if not beit:
         for blk, h, f in zip(ref.blocks, heads, ffn, strict=True):
-            blk.attn = Attention(d, num_heads=h, attn_head_dim=HEAD_DIM, qkv_bias=True)
-            blk.mlp = Mlp(d, hidden_features=f)
+            blk.attn = Attention(d, num_heads=h, attn_head_dim=HEAD_DIM, qkv_bias=True, scale_norm=norm is not None,
+                                 norm_layer=norm)
+            blk.mlp = Mlp(d, hidden_features=f, norm_layer=norm)
     sd = original.state_dict()
     new = {k: v.clone() for k, v in sd.items() if not k.startswith("blocks.")}
     for dst, (src, h, f) in enumerate(zip(keep, heads, ffn, strict=True)):

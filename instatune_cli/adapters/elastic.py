@@ -1,10 +1,10 @@
 """Family-independent elastic building blocks: a Linear that runs on a prefix of its weight (or, for a fused
-projection such as q|k|v, on a prefix of each of its row blocks), and a layer list (ModuleList or Sequential)
-that runs only a chosen subset of its layers (the first L, or L spread through the stack; see
-`space.kept_layers` and docs/architecture.md).
+projection such as q|k|v, on a prefix of each of its row blocks), a LayerNorm over a prefix of its features,
+and a layer list (ModuleList or Sequential) that runs only a chosen subset of its layers (the first L, or L
+spread through the stack; see `space.kept_layers` and docs/architecture.md).
 
-Both share the original Parameters, so switching sub-networks is setting two integers (no weight copy)
-and `state_dict()` keys are unchanged: the super-network still saves and loads as a stock checkpoint.
+All share the original Parameters, so switching sub-networks is setting integers (no weight copy) and
+`state_dict()` keys are unchanged: the super-network still saves and loads as a stock checkpoint.
 """
 
 from __future__ import annotations
@@ -108,6 +108,49 @@ class ElasticGroupedLinear(ElasticLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.active_weight(), self.active_bias())
+
+
+class ElasticLayerNorm(nn.LayerNorm):
+    """A LayerNorm over the last dimension that normalises only the first `active` features, with
+    `weight[:active]` and `bias[:active]` (views, no copies): the norm of a sliced width (timm's
+    `scale_attn_norm` / `scale_mlp_norm`, BEiT-3's sub-layer norms), whose statistics then cover the kept
+    units only, as in a smaller model built with that width.
+
+    Re-classed in place like `ElasticLinear`; at full width it runs its original class's forward (timm's
+    `LayerNorm` with its fast-norm option, ...), so the full configuration is the unmodified module. A partial
+    width is `F.layer_norm` (plain LayerNorm arithmetic in the input's dtype).
+    """
+
+    active: int
+    base_class: type
+
+    @classmethod
+    def wrap(cls, norm: nn.LayerNorm) -> ElasticLayerNorm:
+        """Re-class `norm` (an `nn.LayerNorm` over one dimension) in place: same object, same Parameters."""
+        if isinstance(norm, ElasticLayerNorm):
+            return norm
+        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+            raise TypeError(f"only a LayerNorm over the last dimension is elastic, not {norm!r}")
+        base = type(norm)
+        norm.__class__ = cls
+        norm.base_class = base
+        norm.active = norm.normalized_shape[0]
+        return norm  # type: ignore[return-value]
+
+    @property
+    def features(self) -> int:
+        return int(self.normalized_shape[0])
+
+    def reset(self) -> None:
+        self.active = self.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.active
+        if n == self.features:
+            return self.base_class.forward(self, x)
+        w = self.weight[:n] if self.weight is not None else None
+        b = self.bias[:n] if self.bias is not None else None
+        return F.layer_norm(x, (n,), w, b, self.eps)
 
 
 class ElasticSequential(ElasticLayerList, nn.Sequential):

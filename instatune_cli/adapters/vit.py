@@ -1,4 +1,5 @@
-"""timm Vision Transformers: ViT (`VisionTransformer`), DeiT (incl. distilled) and BEiT / BEiT-v2 (`Beit`).
+"""timm Vision Transformers: ViT (`VisionTransformer`), DeiT (incl. distilled), BEiT / BEiT-v2 (`Beit`) and BEiT-3
+(timm's `beit3_*`: a `VisionTransformer` with sub-layer norms, the vision branch of the Multiway Transformer).
 
 Sources: a local directory in timm's own `save_for_hf` layout (config.json with `architecture`, `num_classes`,
 `label_names`, `pretrained_cfg`, `model_args`; `model.safetensors`), or a timm id (`vit_base_patch16_224`,
@@ -12,10 +13,14 @@ is `self.blocks(x)`; `ElasticLayerList` for BEiT's loop). The fused qkv keeps ro
 re-classed in place to a subclass of its own timm class: ViT's reads `num_heads`/`attn_dim` from the active
 width (timm's forward then runs unchanged); BEiT's has its own forward for a partial width (q_bias/v_bias and
 the relative position bias table sliced to the active heads; layer scale untouched) and runs timm's forward at
-full width. Same objects, same Parameters, same state_dict keys: the full configuration is timm's model.
+full width. Sub-layer norms (`scale_attn_norm`: `attn.norm` over the heads' output before proj;
+`scale_mlp_norm`: `mlp.norm` over the hidden features before fc2; BEiT-3 has both) are `ElasticLayerNorm`s
+over the active width, so a sub-network normalises its kept units only, exactly as a smaller timm model built
+with that width. Same objects, same Parameters, same state_dict keys: the full configuration is timm's model.
 
 MACs (`macs`, closed form, batch 1, multiply-accumulates of matmuls and convolutions only: no bias adds, norms,
-softmax, GELU, layer scale or position/bias additions, like the text family), with T = patches + prefix tokens:
+softmax, GELU, layer scale or position/bias additions, like the text family; BEiT-3's sub-layer norms add
+parameters, not MACs), with T = patches + prefix tokens:
 patch embedding N_p·C·P²·D; per kept block 3·T·D·w + 2·T²·w + T·w·D + 2·T·D·f (w = heads·head_dim);
 classifier D·classes per head (two heads for distilled DeiT). ViT-B/16 at 224 px, 1000 classes: 17,563,828,224.
 
@@ -50,8 +55,10 @@ STANDALONE_FILE = "modeling_instatune_vit.py"
 #: timm module of an architecture's entry point -> our model_type
 _MODULE_TYPES = {"timm.models.vision_transformer": "timm_vit", "timm.models.deit": "timm_deit",
                  "timm.models.beit": "timm_beit"}
+#: architecture-name prefixes with a model_type of their own within a timm module: BEiT-3 is a VisionTransformer
+_ARCH_TYPES = {"beit3_": "timm_beit3"}
 #: bare names that can only mean a timm model of this family (an unknown one is an error, not a hub id)
-_NAME_PREFIXES = ("vit_", "deit_", "deit3_", "beit_", "beitv2_")
+_NAME_PREFIXES = ("vit_", "deit_", "deit3_", "beit_", "beitv2_", "beit3_")
 
 
 def _first_line(e: BaseException) -> str:
@@ -91,14 +98,17 @@ def _jsonable(v: Any) -> Any:
 
 def _model_type_of_arch(arch: str) -> str | None:
     """Our model_type of a timm architecture name (tag allowed), None when timm does not know it or it is not
-    a ViT / DeiT / BEiT."""
+    a ViT / DeiT / BEiT / BEiT-3."""
     import timm
     from timm.models import model_entrypoint, split_model_name_tag
 
     name = split_model_name_tag(arch)[0]
     if not timm.is_model(name):
         return None
-    return _MODULE_TYPES.get(model_entrypoint(name).__module__)
+    found = _MODULE_TYPES.get(model_entrypoint(name).__module__)
+    if found == "timm_vit":
+        found = next((t for p, t in _ARCH_TYPES.items() if name.startswith(p)), found)
+    return found
 
 
 def _timm_name(src: str) -> str | None:
@@ -122,7 +132,7 @@ def _timm_name(src: str) -> str | None:
         return s
     if hub or s.startswith(_NAME_PREFIXES):
         raise InstatuneError(f"unknown timm model {s!r}; list the known ones with timm.list_models('vit_*') "
-                             "(or 'deit_*', 'beit*')")
+                             "(or 'deit_*', 'beit*', 'beit3_*')")
     return None
 
 
@@ -224,20 +234,38 @@ def _unsupported(model: nn.Module) -> str | None:
             return f"{type(b).__name__} blocks"
         if not isinstance(b.attn, attn_cls):
             return f"{type(b.attn).__name__} attention"
-        if getattr(b.attn, "gate", None) is not None or not isinstance(getattr(b.attn, "norm", nn.Identity()),
-                                                                       nn.Identity):
-            return "gated or normalised attention outputs (gated / scale_attn_norm)"
-        if not isinstance(b.mlp, Mlp) or not isinstance(b.mlp.fc1, nn.Linear) or \
-                not isinstance(b.mlp.norm, nn.Identity):
-            return f"a {type(b.mlp).__name__} MLP (only timm's Mlp without scale_mlp_norm is sliceable)"
+        if getattr(b.attn, "gate", None) is not None:
+            return "gated attention outputs (gated=True)"
+        if not _sliceable_norm(getattr(b.attn, "norm", None)):
+            return (f"a {type(b.attn.norm).__name__} over the attention output (scale_attn_norm needs an affine "
+                    "LayerNorm)")
+        if not isinstance(b.mlp, Mlp) or not isinstance(b.mlp.fc1, nn.Linear):
+            return f"a {type(b.mlp).__name__} MLP (only timm's Mlp is sliceable)"
+        if not _sliceable_norm(b.mlp.norm):
+            return f"a {type(b.mlp.norm).__name__} over the MLP features (scale_mlp_norm needs an affine LayerNorm)"
     return None
+
+
+def _sliceable_norm(norm: nn.Module | None) -> bool:
+    """No sub-layer norm, or one `ElasticLayerNorm` can slice: a LayerNorm over the last dimension whose forward
+    is plain layer norm, with weight and bias (timm's `LayerNorm`, torch's; not the fp32-casting or channels-first
+    variants)."""
+    from timm.layers import LayerNorm
+    from torch import nn
+
+    from instatune_cli.adapters.elastic import ElasticLayerNorm
+
+    if norm is None or isinstance(norm, (nn.Identity, ElasticLayerNorm)):
+        return True
+    return type(norm) in (nn.LayerNorm, LayerNorm) and len(norm.normalized_shape) == 1 and \
+        norm.weight is not None and norm.bias is not None  # as timm builds it (the per-layer rebuild assumes so)
 
 
 def _check_supported(model: nn.Module, what: str) -> None:
     why = _unsupported(model)
     if why is not None:
         raise InstatuneError(f"{what} uses {why}, which instatune's vit family does not support; use a plain "
-                             "ViT / DeiT / BEiT architecture")
+                             "ViT / DeiT / BEiT / BEiT-3 architecture")
 
 
 def _model_type(model: nn.Module) -> str:
@@ -369,7 +397,9 @@ def _slice_block_tensor(rest: str, v: torch.Tensor, heads: int, head_dim: int, f
         return v[:, :heads]
     if rest == "attn.proj.weight":
         return v[:, :w]
-    if rest in ("mlp.fc1.weight", "mlp.fc1.bias"):
+    if rest in ("attn.norm.weight", "attn.norm.bias"):  # scale_attn_norm (BEiT-3): over the heads' output
+        return v[:w]
+    if rest in ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.norm.weight", "mlp.norm.bias"):
         return v[:ffn]
     if rest == "mlp.fc2.weight":
         return v[:, :ffn]
@@ -380,12 +410,12 @@ def _slice_block_tensor(rest: str, v: torch.Tensor, heads: int, head_dim: int, f
 
 @register_family
 class TimmVitAdapter(FamilyAdapter):
-    """timm ViT / DeiT / BEiT image classifiers (see the module docstring)."""
+    """timm ViT / DeiT / BEiT / BEiT-3 image classifiers (see the module docstring)."""
 
     family = "vit"
     modality = "image"
     inputs = ("pixel_values",)
-    model_types = ("timm_vit", "timm_deit", "timm_beit")
+    model_types = ("timm_vit", "timm_deit", "timm_beit", "timm_beit3")
 
     # ---- loading --------------------------------------------------------------------------------------
 
@@ -408,7 +438,7 @@ class TimmVitAdapter(FamilyAdapter):
             return _create(f"local-dir:{p}", str(p), pretrained=pretrained, **kw), cfg
         name = _timm_name(src)
         if name is None or _model_type_of_arch(name) is None:
-            raise InstatuneError(f"{src!r} is not a timm ViT / DeiT / BEiT id or a timm model directory")
+            raise InstatuneError(f"{src!r} is not a timm ViT / DeiT / BEiT / BEiT-3 id or a timm model directory")
         if pretrained:
             _check_cached(name)
         return _create(name, repr(name), pretrained=pretrained, **kw), None
@@ -557,10 +587,12 @@ class TimmVitAdapter(FamilyAdapter):
             a, m = b.attn, b.mlp
             w, f = a.qkv.out_features // 3, m.fc1.out_features
             table = getattr(a, "relative_position_bias_table", None)
+            an, mn = getattr(a, "norm", None), m.norm  # BEiT-3's sub-layer norms: a weight and bias per unit
             wp = _param_count(a.qkv.weight, a.qkv.bias, getattr(a, "q_bias", None), getattr(a, "v_bias", None),
-                              a.proj.weight)
+                              a.proj.weight, getattr(an, "weight", None), getattr(an, "bias", None))
             hp = _param_count(table)
-            fp = _param_count(m.fc1.weight, m.fc1.bias, m.fc2.weight)
+            fp = _param_count(m.fc1.weight, m.fc1.bias, m.fc2.weight, getattr(mn, "weight", None),
+                              getattr(mn, "bias", None))
             n = _param_count(*b.parameters())
             inside += n
             this = (n - wp - hp - fp, wp // w, hp // (w // dh), fp // f)
@@ -650,19 +682,31 @@ class TimmVitAdapter(FamilyAdapter):
         _check_supported(model, type(model).__name__)
         return super().make_elastic(model, depth)
 
+    @staticmethod
+    def _norms(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        """(attn.norm, mlp.norm) where the block has them as LayerNorms (BEiT-3), else None."""
+        from torch import nn
+
+        an, mn = getattr(layer.attn, "norm", None), layer.mlp.norm
+        return (an if isinstance(an, nn.LayerNorm) else None, mn if isinstance(mn, nn.LayerNorm) else None)
+
     def elastic_layer(self, layer: nn.Module) -> None:
-        from instatune_cli.adapters.elastic import ElasticGroupedLinear, ElasticLinear
+        from instatune_cli.adapters.elastic import ElasticGroupedLinear, ElasticLayerNorm, ElasticLinear
 
         a = layer.attn
         ElasticGroupedLinear.wrap(a.qkv, 3)
         for lin in (a.proj, layer.mlp.fc1, layer.mlp.fc2):
             ElasticLinear.wrap(lin)
+        for norm in self._norms(layer):
+            if norm is not None:
+                ElasticLayerNorm.wrap(norm)
         if type(a) not in _ELASTIC.values():  # after proj: the ViT class reads its head count from proj
             a.__class__ = _elastic_attention_class(type(a))
 
     def reset_layer(self, layer: nn.Module) -> None:
-        for lin in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc1, layer.mlp.fc2):
-            lin.reset()
+        for m in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc1, layer.mlp.fc2, *self._norms(layer)):
+            if m is not None:
+                m.reset()
 
     def set_layer(self, layer: nn.Module, heads: int, ffn: int, head_dim: int) -> None:
         w = heads * head_dim
@@ -670,10 +714,17 @@ class TimmVitAdapter(FamilyAdapter):
         layer.attn.proj.active_in = w
         layer.mlp.fc1.active_out = ffn
         layer.mlp.fc2.active_in = ffn
+        an, mn = self._norms(layer)
+        if an is not None:
+            an.active = w
+        if mn is not None:
+            mn.active = ffn
 
     def permute_layer(self, layer: nn.Module, rows: torch.Tensor, neurons: torch.Tensor) -> None:
         """Heads: qkv rows within each third (and its bias, BEiT's q/v biases), proj columns, the relative
-        position bias table's head columns; neurons: fc1 rows and bias, fc2 columns."""
+        position bias table's head columns, BEiT-3's attn.norm weight and bias; neurons: fc1 rows and bias,
+        fc2 columns, BEiT-3's mlp.norm weight and bias. A LayerNorm's statistics do not depend on the order of
+        its features, so the full model's function is unchanged."""
         import torch
 
         a, m = layer.attn, layer.mlp
@@ -698,12 +749,23 @@ class TimmVitAdapter(FamilyAdapter):
         if m.fc1.bias is not None:
             m.fc1.bias.copy_(m.fc1.bias[neurons])
         m.fc2.weight.copy_(m.fc2.weight[:, neurons])
+        for norm, order in zip(self._norms(layer), (rows, neurons), strict=True):
+            for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+                if p is not None:
+                    p.copy_(p[order.to(p.device)])
 
     def layer_scores(self, layer: nn.Module, score: Any, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per head: its qkv rows and proj columns (and its attn.norm gains); per neuron: its fc1 row, fc2
+        column (and mlp.norm gain). A sub-layer norm's gain scales the unit's output like a weight does."""
         a, m = layer.attn, layer.mlp
         d = a.qkv.out_features // 3
         hs = score(a.qkv.weight).sum(1).view(3, d).sum(0) + score(a.proj.weight).sum(0)
         ns = score(m.fc1.weight).sum(1) + score(m.fc2.weight).sum(0)
+        an, mn = self._norms(layer)
+        if an is not None and an.weight is not None:
+            hs = hs + score(an.weight)
+        if mn is not None and mn.weight is not None:
+            ns = ns + score(mn.weight)
         return hs.view(-1, head_dim).sum(1), ns
 
     # ---- extraction -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Per-layer timm ViT / DeiT / BEiT sub-networks extracted by instatune: each block keeps its own number of
+"""Per-layer timm ViT / DeiT / BEiT / BEiT-3 sub-networks extracted by instatune: each block keeps its own number of
 attention heads and its own MLP width (timm's constructors take one `num_heads` and one `mlp_ratio`).
 
 This file is copied beside the weights and imports only torch, timm, safetensors and json, so the model loads
@@ -11,7 +11,9 @@ without instatune:
 `config.json` is timm's `save_for_hf` layout (`architecture`, `num_classes`, `model_args` with the kept depth,
 `pretrained_cfg`) plus an `instatune` object with `layer_heads`, `layer_ffn` and `head_dim`. The model is the
 timm architecture built from `model_args`, whose blocks then get timm's own `Attention(dim, num_heads=h_i,
-attn_head_dim=head_dim)` and `Mlp(dim, hidden_features=f_i)` (BEiT: `BeitAttention` below); everything else
+attn_head_dim=head_dim)` and `Mlp(dim, hidden_features=f_i)` (BEiT: `BeitAttention` below; BEiT-3 and any
+`scale_attn_norm` / `scale_mlp_norm` model: `Attention(..., scale_norm=True, norm_layer=...)` and
+`Mlp(..., norm_layer=...)` with the built norm's class and eps, at the block's own width); everything else
 (patch embedding, tokens, norms, layer scale, heads) is timm's module as built.
 """
 
@@ -62,6 +64,19 @@ class BeitAttention(_beit.Attention):
         return self.proj_drop(self.proj(x))
 
 
+def _norm_layer(old: nn.Module):  # -> a constructor (features, **kw) -> nn.Module, or None
+    """A constructor for `old`'s sub-layer norm at another width (its class and eps), or None when there is none
+    (`nn.Identity`)."""
+    if old is None or isinstance(old, nn.Identity):
+        return None
+    cls, eps = type(old), old.eps
+
+    def make(features: int, **kw) -> nn.Module:
+        return cls(features, eps=eps, **kw)
+
+    return make
+
+
 def _resize_attention(old: nn.Module, dim: int, heads: int, head_dim: int) -> nn.Module:
     """A fresh attention with `heads` heads of `head_dim`, carrying over the non-sliced parts of `old`."""
     if isinstance(old, _beit.Attention):
@@ -70,17 +85,20 @@ def _resize_attention(old: nn.Module, dim: int, heads: int, head_dim: int) -> nn
                             proj_drop=old.proj_drop.p, window_size=old.window_size, attn_head_dim=head_dim,
                             device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
     else:
+        norm = _norm_layer(old.norm)  # scale_attn_norm (BEiT-3): a norm over the heads' output, at their width
         new = Attention(dim, num_heads=heads, attn_head_dim=head_dim, qkv_bias=old.qkv.bias is not None,
-                        proj_bias=old.proj.bias is not None, attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p,
-                        device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
+                        scale_norm=norm is not None, norm_layer=norm, proj_bias=old.proj.bias is not None,
+                        attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p, device=old.qkv.weight.device,
+                        dtype=old.qkv.weight.dtype)
         new.q_norm, new.k_norm = old.q_norm, old.k_norm  # per head_dim: shared by every head, not sliced
     new.fused_attn = old.fused_attn
     return new
 
 
 def _resize_mlp(old: nn.Module, dim: int, hidden: int) -> nn.Module:
-    new = Mlp(dim, hidden_features=hidden, bias=(old.fc1.bias is not None, old.fc2.bias is not None),
-              drop=(old.drop1.p, old.drop2.p), device=old.fc1.weight.device, dtype=old.fc1.weight.dtype)
+    new = Mlp(dim, hidden_features=hidden, norm_layer=_norm_layer(old.norm),  # scale_mlp_norm (BEiT-3)
+              bias=(old.fc1.bias is not None, old.fc2.bias is not None), drop=(old.drop1.p, old.drop2.p),
+              device=old.fc1.weight.device, dtype=old.fc1.weight.dtype)
     new.act = old.act  # the same activation module (GELU, QuickGELU, ...): parameter-free
     return new
 
