@@ -502,23 +502,9 @@ class TimmVitAdapter(FamilyAdapter):
     def load_data(self, cfg: Any) -> Any:
         """`--task imagefolder --data DIR` (see `instatune_cli.images`), with a validation split carved from
         training (`--val-split`) or read from a folder of the same classes (`--val-data`)."""
-        from instatune_cli import data as D
-        from instatune_cli import images
+        from instatune_cli.images import load_image_task
 
-        task = getattr(cfg, "task", None)
-        if task not in (None, "imagefolder"):
-            raise InstatuneError(f"{getattr(cfg, 'model', 'the model')} is an image model; train it with --task "
-                                 f"imagefolder --data DIR, not --task {task}")
-        if not getattr(cfg, "data", None):
-            raise InstatuneError("an image model needs --data DIR (DIR/train/<class>/*.jpg and DIR/val/<class>/)")
-        data = images.load_imagefolder(cfg.data, cfg.eval_data, cfg.limit_train, cfg.limit_eval)
-        if getattr(cfg, "val_data", None) is None:
-            return D.with_validation(data, cfg.val_split, None, cfg.seed)
-        if cfg.val_split is not None:
-            raise InstatuneError("give either --val-split or --val-data, not both")
-        val = images.load_imagefolder(cfg.data, cfg.val_data, 1, None).eval
-        return D.TaskData(data.task, data.train, data.eval, data.labels,
-                          {**data.source, "val": {"kind": "folder", "path": str(cfg.val_data)}}, val)
+        return load_image_task(cfg, getattr(cfg, "model", "the model"))
 
     def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
         out = Path(out_dir)
