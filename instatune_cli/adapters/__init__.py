@@ -121,7 +121,8 @@ def check_model_source(src: str) -> str:
     p = Path(src).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
-            raise InstatuneError(f"{p} is not a model directory (no config.json); give a transformers model directory")
+            raise InstatuneError(f"{p} is not a model directory (no config.json); give a model directory "
+                                 "(transformers save_pretrained or timm save_for_hf layout)")
         family_for_source(str(p))
         check_weights(p)
         return str(p)
@@ -168,7 +169,8 @@ def check_weights(model_dir: str | Path) -> None:
     d = Path(model_dir)
     files = sorted(d.glob("*.safetensors"))
     if not files and not any(d.glob("*.bin")):
-        raise InstatuneError(f"{d} has no weights (model.safetensors); give a directory written by save_pretrained")
+        raise InstatuneError(f"{d} has no weights (model.safetensors); give a directory written by save_pretrained "
+                             "(or timm save_for_hf)")
     for f in files:
         try:
             with safe_open(str(f), "pt") as h:
