@@ -127,6 +127,8 @@ def register(app: typer.Typer) -> None:
 
         art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval,
                                          on_warning=on_warning)
+        if art is None:  # a non-zero rank of a launched search (torchrun, accelerate launch): rank 0 reports
+            return
         if as_json:
             typer.echo(json.dumps({"output": str(art.path), **summary}, indent=2, default=str))
             return

@@ -86,7 +86,9 @@ def register(app: typer.Typer) -> None:
         weight_decay: float = typer.Option(0.01, "--weight-decay", rich_help_panel=OPTIM),
         warmup_ratio: float = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps for warm-up.",
                                            rich_help_panel=OPTIM),
-        batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch and process.",
+        batch_size: int = typer.Option(32, "--batch-size", help="Examples per batch, all processes together "
+                                       "(the global batch): under torchrun / accelerate launch each of N "
+                                       "processes takes 1/N of it, so it must be a multiple of N.",
                                        rich_help_panel=OPTIM),
         group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch "
                                              "examples of similar length together (less padding, ~2x faster on "

@@ -55,14 +55,20 @@ class Evaluator:
     fixed batches."""
 
     def __init__(self, model: Any, batches: list[dict[str, torch.Tensor]], device: Any = None,
-                 metric: str = "accuracy") -> None:
+                 metric: str = "accuracy", shard: Any = None) -> None:
+        """`shard` (a launched `distributed.Group`): this process passes over batches rank, rank + N, ... only and
+        the confusion counts are summed across processes, so every process gets the whole split's result, the
+        one a single process computes (counts are integers: the sum is exact). Every process must then call
+        `evaluate` for the same sub-networks in the same order."""
         if not batches:
             raise ValueError("Evaluator needs at least one batch")
         self.metric = M.check_metric(metric)
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
-        self.n = sum(int(b["labels"].shape[0]) for b in self.batches)
+        self.n = sum(int(b["labels"].shape[0]) for b in batches)
+        self.shard = shard if shard is not None and shard.active else None
+        mine = batches[self.shard.rank :: self.shard.world] if self.shard is not None else batches
+        self.batches = [{k: v.to(self.device) for k, v in b.items()} for b in mine]
 
     def _activate(self, sub: Any) -> None:
         if sub is not _ACTIVE:
@@ -73,10 +79,8 @@ class Evaluator:
     def evaluate(self, sub: Any = _ACTIVE) -> EvalResult:
         """One pass: accuracy, the metric, mean CE and the collapse flags; `sub` (a SubNet, or None for the
         super-network) is activated first if given."""
-        from instatune_cli.adapters import adapter_of
-
         self._activate(sub)
-        family = adapter_of(self.model)
+        logits_of = _logits_fn(self.model)
         was_training = self.model.training
         self.model.eval()
         cm: torch.Tensor | None = None
@@ -84,7 +88,7 @@ class Evaluator:
         try:
             with torch.inference_mode():
                 for b in self.batches:
-                    logits = family.logits(self.model, b)
+                    logits = logits_of(b)
                     c = int(logits.shape[-1])
                     if cm is None:
                         cm = torch.zeros(c * c, dtype=torch.long, device=self.device)
@@ -92,8 +96,10 @@ class Evaluator:
                     loss += F.cross_entropy(logits.float(), b["labels"], reduction="sum").double()
         finally:
             self.model.train(was_training)
-        assert cm is not None
-        host = torch.cat([cm.double(), loss.view(1)]).tolist()  # the one host sync
+        host = torch.cat([cm.double(), loss.view(1)]).tolist() if cm is not None else []  # the one host sync
+        if self.shard is not None:  # a process with no batch adds nothing
+            host = self.shard.sum_floats(host)
+        assert host, "no batch was evaluated"
         c = int(round(len(host[:-1]) ** 0.5))
         counts = np.asarray(host[:-1], dtype=np.float64).reshape(c, c)
         flags = M.collapse_of(self.metric, counts)
@@ -111,3 +117,19 @@ class Evaluator:
         return float(self.evaluate(sub).score)  # type: ignore[arg-type]
 
     __call__ = accuracy
+
+
+def _logits_fn(model: Any) -> Any:
+    """batch -> logits: through the model's family when it has one, else any module returning logits (or an
+    object with `.logits`) from the batch's inputs."""
+    from instatune_cli.adapters import adapter_of
+
+    family = getattr(model, "_instatune_adapter", None) or (adapter_of(model) if hasattr(model, "config") else None)
+    if family is not None:
+        return lambda b: family.logits(model, b)
+
+    def plain(b: dict[str, Any]) -> Any:
+        out = model(**{k: v for k, v in b.items() if k != "labels"})
+        return getattr(out, "logits", out)
+
+    return plain

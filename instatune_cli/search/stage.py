@@ -23,6 +23,18 @@ A run made before tune kept a validation split (no val.jsonl) is searched on its
 
 While running, everything lives in `<output>.partial/`; a killed search continues with `--resume`, which
 first checks `search.json` (what the archived scores were measured on: `Measurement`) against this run.
+
+Under `torchrun` / `accelerate launch` (instatune_cli.distributed) the VALIDATION SET is sharded, not the
+candidates: rank 0 runs the algorithm, owns the archive, the predictors and every file; for each real evaluation
+it broadcasts the sub-network, every rank scores it on its share of the selection batches (batch i on rank
+i mod N) and the confusion counts are summed, so rank 0 gets exactly the single-process score and the archive is
+the single-process archive with the same seed (resume included). Why not candidates: the algorithms measure
+one candidate at a time and decide the next from what they saw (NSGA-II's offspring, the initial population,
+the replay that makes `--resume` exact), LINAS proposes only `--batch` (population / 2) per iteration, so
+candidate sharding would cap the speed-up at that batch and change the algorithms; sharding each evaluation
+keeps them untouched and scales to as many ranks as there are selection batches (`--eval-batch-size`). Latency
+and size (extraction, ONNX Runtime) are measured by rank 0 alone while the others wait, so sibling processes
+never load the cores being timed. The eval-split scoring of the front after the search runs on rank 0.
 """
 
 from __future__ import annotations
@@ -214,25 +226,32 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
               on_warning: Callable[[str], None] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Run the search stage end to end; returns (artifact, SearchResult, summary). `on_warning(text)` hears
     the no-validation-split fallback as soon as it is known (default: warnings.warn); it is recorded in the
-    manifest either way."""
+    manifest either way. Launched on several processes (module docstring) it returns (None, None, {}) on every
+    rank but rank 0."""
     from instatune_cli import artifacts
+    from instatune_cli.distributed import close, cpu_group, env_rank, rank0_reports
 
-    objs, cons, max_drop, ref_point = _check_options(opts)
-    parent = artifacts.load(run_dir, "tune")
-    if opts.baseline:  # every input is checked before the output is opened and the model loaded
-        artifacts.load(opts.baseline, "tune", verify=False)
-    measurement = Measurement.of(parent, [o.name for o in objs], opts)
-    out = Path(output) if output else default_output(run_dir)
-    writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
-                                   cleanup_on_error=False)
-    writer.open()
-    stage = _SearchStage(parent, writer, objs, cons, max_drop, ref_point, opts, measurement, resume, on_eval,
-                         on_warning)
-    try:
-        with writer.faults("the search"):  # a refused write: one line, the partial kept for --resume
-            return stage.run()
-    finally:
-        writer.release()  # the output's lock, also when the search stops early
+    with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
+        objs, cons, max_drop, ref_point = _check_options(opts)
+        parent = artifacts.load(run_dir, "tune")
+        if opts.baseline:  # every input is checked before the output is opened and the model loaded
+            artifacts.load(opts.baseline, "tune", verify=False)
+        measurement = Measurement.of(parent, [o.name for o in objs], opts)
+        out = Path(output) if output else default_output(run_dir)
+        writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
+                                       cleanup_on_error=False)
+        group = cpu_group()
+        try:
+            stage = _SearchStage(parent, writer, objs, cons, max_drop, ref_point, opts, measurement, resume,
+                                 on_eval, on_warning, group)
+            try:
+                with writer.faults("the search"):  # a refused write: one line, the partial kept for --resume
+                    resuming = group.agree(stage.open)  # rank 0 alone opens the output and checks the archive
+                    return stage.run(resuming)
+            finally:
+                writer.release()  # the output's lock, also when the search stops early
+        finally:
+            close(group)
 
 
 def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | None, dict[str, float] | None]:
@@ -286,40 +305,60 @@ class _SearchStage:
     resume: bool
     on_eval: Any
     on_warning: Callable[[str], None] | None
+    group: Any = None  # distributed.Group; a single process when not launched
 
     @property
     def work(self) -> Path:
         return self.writer.path
 
-    def run(self) -> tuple[Any, Any, dict[str, Any]]:
+    def open(self) -> bool:
+        """Rank 0: take the output, check (resume) or record the measurement; returns whether it resumes."""
+        self.writer.open()
         resuming = self.resume and (self.work / "archive.jsonl").exists()
         if resuming:
             self.measurement.check(self.work)
         else:
             self.measurement.save(self.work)
+        return resuming
+
+    def run(self, resuming: bool) -> tuple[Any, Any, dict[str, Any]]:
         obj, result = self.search(resuming)
+        if result is None:  # a non-zero rank: its share is done, rank 0 writes the rest
+            return None, None, {}
         # the search is over: only now is the eval split read, once per front member and the super-network
         front, picked = self.score_front(obj, result)
         summary = self.write_front(obj, result, front, picked)
         return self.commit(summary), result, summary
 
     def search(self, resuming: bool) -> tuple[Any, Any]:
+        from instatune_cli.distributed import SINGLE
         from instatune_cli.search import supernet
         from instatune_cli.search.run import run_search
 
-        opts = self.opts
+        opts, group = self.opts, self.group or SINGLE
         lat = supernet.LatencySetup(opts.latency_batch, opts.latency_seq_len or 0, opts.latency_threads)
         obj = supernet.build(self.parent.path, [o.name for o in self.objs],
                              limit_val=opts.limit_val if opts.limit_val is not None else opts.limit_eval,
                              batch_size=opts.eval_batch_size, latency=lat if opts.latency_seq_len else None,
-                             metric=opts.metric, on_warning=self.on_warning, quant=opts.quant,
-                             calibration_samples=opts.calibration_samples)
+                             metric=opts.metric, on_warning=self.on_warning if group.main else _silent,
+                             quant=opts.quant, calibration_samples=opts.calibration_samples,
+                             group=group if group.active else None)
+        if not group.main:
+            _follow(group, obj)
+            return obj, None
         self.baseline = _baseline(opts.baseline, obj) if opts.baseline else obj.int8_reference
         every = None if sys.stderr.isatty() else opts.progress_every  # a terminal shows the per-evaluation lines
-        result = run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
-                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=self.work,
-                            resume=resuming, constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
-                            ref_point=self.ref_point, progress_every=every)
+        lead = _Lead(group, obj.evaluate)
+        try:
+            result = run_search(obj.space, self.objs, lead.evaluate if group.active else obj.evaluate,
+                                exact=obj.exact, algorithm=opts.algorithm, evals=opts.evals,
+                                population=opts.population, seed=opts.seed, archive_dir=self.work, resume=resuming,
+                                constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
+                                ref_point=self.ref_point, progress_every=every)
+        except BaseException:
+            lead.stop(failed=True)
+            raise
+        lead.stop()
         return obj, result
 
     def score_front(self, obj: Any, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -378,6 +417,54 @@ class _SearchStage:
         return self.writer.commit(model=self.parent.model, metrics=metrics,
                                   extra={"objectives": [o.to_dict() for o in self.objs],
                                          "space": self.space.to_dict(), "measurement": self.measurement.fingerprint})
+
+
+def _silent(text: str) -> None:
+    """A non-zero rank's warnings: rank 0 shows (and records) the same ones."""
+
+
+_EVAL, _STOP, _ABORT = "eval", "stop", "abort"
+
+
+@dataclass
+class _Lead:
+    """Rank 0's side of a launched search: before each real evaluation, tell the other ranks which sub-network to
+    score (they then run the same collective selection pass); at the end, or when the search fails between two
+    evaluations, tell them to stop. Single process: `evaluate` is used directly and this sends nothing."""
+
+    group: Any
+    evaluate_fn: Callable[[SubNet], Any]
+    in_evaluation: bool = False
+    stopped: bool = False
+
+    def evaluate(self, sub: SubNet) -> Any:
+        self.group.broadcast_object((_EVAL, sub))
+        self.in_evaluation = True
+        out = self.evaluate_fn(sub)
+        self.in_evaluation = False
+        return out
+
+    def stop(self, failed: bool = False) -> None:
+        """Release the other ranks: "stop" after the search; "abort" (they exit with rank 0's error) when it
+        failed outside an evaluation. Inside one the ranks are mid-collective: the launcher ends them."""
+        if self.stopped or not self.group.active or self.in_evaluation:
+            return
+        self.stopped = True
+        self.group.broadcast_object((_ABORT if failed else _STOP, None))
+
+
+def _follow(group: Any, obj: Any) -> None:
+    """A non-zero rank of a launched search: score rank 0's sub-networks on this rank's share of the selection
+    split until it says stop. It writes nothing."""
+    from instatune_cli.distributed import Follower
+
+    while True:
+        kind, sub = group.broadcast_object((None, None))
+        if kind == _STOP:
+            return
+        if kind != _EVAL:
+            raise Follower(2)
+        obj.evaluate_shard(sub)
 
 
 # front columns beyond the objectives, in this order (those present): see the module docstring

@@ -55,6 +55,8 @@ class SupernetObjectives:
     holdout: Callable[[Sequence[SubNet | None]], list[dict[str, Any]]] | None = None
     policy_of: Callable[[SubNet], Any] | None = None  # joint search: the QuantPolicy of a candidate
     int8_reference: dict[str, Any] | None = None       # joint search: the all-INT8 super-network
+    # launched search (`group`): a non-zero rank's share of `evaluate(sub)`, the collective selection pass only
+    evaluate_shard: Callable[[SubNet], None] | None = None
 
     def score_holdout(self, subs: Sequence[SubNet | None]) -> list[dict[str, Any]]:
         """Score each of `subs` (None = the super-network) once on the run's whole eval split: `eval_acc` (the
@@ -74,7 +76,7 @@ def fallback_warning(run_dir: Path) -> str:
 def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | None = None,
           limit_eval: int | None = None, batch_size: int = 64, latency: LatencySetup | None = None,
           metric: str | None = None, on_warning: Callable[[str], None] | None = None,
-          quant: bool = False, calibration_samples: int = 128) -> SupernetObjectives:
+          quant: bool = False, calibration_samples: int = 128, group: Any = None) -> SupernetObjectives:
     """Load the tune run once and return the objective functions for the requested objectives.
 
     `metric` overrides the run's own (accuracy, f1, mcc). `limit_val` measures `acc` on the first N rows of
@@ -83,6 +85,9 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     `quant`: the joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization"): candidates carry
     precision genes, `acc` is measured through the ONNX Runtime engine's QDQ arithmetic calibrated on
     `calibration_samples` training examples, and `size` is the closed-form bytes of the quantized model.
+    `group` (a launched `distributed.Group`; search/stage.py): the selection split is sharded across the
+    processes (`Evaluator(shard=)`), every process must call `evaluate` (rank 0) or `evaluate_shard` (the
+    others) for the same sub-networks in the same order, and only rank 0 extracts and measures size/latency.
     """
     from instatune_cli.adapters import adapter_of
     from instatune_cli.measure.accuracy import Evaluator
@@ -120,7 +125,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
 
                 warnings.warn(notes[-1], UserWarning, stacklevel=2)
         evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
-                              metric=metric)
+                              metric=metric, shard=group)
     lat = latency or LatencySetup(seq_len=seq)
     full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)  # the super-network itself
 
@@ -194,12 +199,19 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
         reference.update(scored(evaluator, None))
     if joint is not None:
         reference["size"] = joint.size_mb(full)
-    elif names & {"latency", "size"}:
+    elif names & {"latency", "size"} and (group is None or group.main):  # rank 0 measures what it ships
         reference.update(shipped(None))
     adapter.activate(model, None)
     obj = SupernetObjectives(space, evaluate, exact, reference, model, tok, art, metric=metric,
                              selection_split=split, selection_examples=evaluator.n if evaluator is not None else 0,
                              warnings=notes, holdout=holdout if evaluator is not None else None)
+    if group is not None:
+        def evaluate_shard(sub: SubNet) -> None:
+            if evaluator is not None:
+                scored(evaluator, sub)
+            adapter.activate(model, None)
+
+        obj.evaluate_shard = evaluate_shard
     if joint is not None:
         exact["size"] = joint.size_mb
         obj.policy_of = joint.policy

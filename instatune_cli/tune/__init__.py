@@ -23,9 +23,10 @@ A tune run directory (stage "tune", the artifact contract of docs/architecture.m
     run.json                   the run's fingerprint (options + data + model digests) and reorder info
     teacher_logits.safetensors only with --teacher: the frozen teacher's logits over the training set
 
-Several GPUs: `accelerate launch -m instatune_cli tune ...` or `torchrun --nproc_per_node N -m instatune_cli
-tune ...` (checked with 2 CPU processes); every process draws the same sub-networks, `--batch-size` is per
-process, and the resume fingerprint includes the process count.
+Several GPUs or nodes: `accelerate launch -m instatune_cli tune ...` or `torchrun --nproc-per-node N -m
+instatune_cli tune ...` (checked with 2 CPU processes, tests/tune/test_ddp.py); `--batch-size` is the global
+batch, every process draws the same sub-networks, the gradients are averaged once per step, and a checkpoint
+resumes with any number of processes (loop.py's module docstring).
 
 `model/` loads with stock `AutoModelForSequenceClassification.from_pretrained(run / "model")`;
 `load_tuned(run)` returns it made elastic, ready for `adapter_of(model).activate(model, sub)`.

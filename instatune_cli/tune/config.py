@@ -55,7 +55,7 @@ class TuneConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 32          # the GLOBAL batch: split evenly over the processes of a launched run
     group_by_length: bool = True  # batches of similar lengths (data.length_grouped): ~2x faster on short texts
     grad_accum: int = 1
     epochs: float = 3.0
@@ -96,6 +96,22 @@ class TuneConfig:
     def fingerprint(self, extra: dict[str, Any] | None = None) -> str:
         d = {"options": self.fingerprint_dict(), **(extra or {})}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def per_process_batch(self, processes: int) -> int:
+        """`--batch-size` is the global batch, so that 1 and N processes train the same run (same data order,
+        same steps, same checkpoint); each of `processes` takes an equal share of it, or this refuses in one line."""
+        if processes > self.batch_size:
+            raise InstatuneError(
+                f"more processes ({processes}) than examples in a batch (--batch-size {self.batch_size}, the global "
+                f"batch): raise --batch-size to a multiple of {processes} or launch fewer processes"
+            )
+        if self.batch_size % processes:
+            lo = self.batch_size // processes * processes
+            raise InstatuneError(
+                f"--batch-size {self.batch_size} (the global batch) does not split evenly over {processes} "
+                f"processes; use a multiple of {processes}, e.g. {lo} or {lo + processes}"
+            )
+        return self.batch_size // processes
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:

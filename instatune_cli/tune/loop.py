@@ -7,10 +7,20 @@ sub-networks of optimizer step s come from `random.Random((seed, s))` and dropou
 same sub-networks, and the state of a run after step s is a function of (options, data, s): a run resumed
 from a checkpoint ends with the same weights as one that never stopped.
 
-Multi-process (`accelerate launch`): a global batch is `--batch-size` x processes; process p takes its slice.
-Each network's loss term is back-propagated separately (see `tune.loss`), with `no_sync` on all but the
-last micro-batch of a gradient-accumulation group, and `find_unused_parameters` because a sub-network
-skips layers.
+Multi-process (`torchrun` / `accelerate launch`, `instatune_cli.distributed`): `--batch-size` is the GLOBAL
+batch and the data order, the steps per epoch and the checkpoints depend on it alone, never on the process
+count, so N processes train the run one process would (and a checkpoint resumes with another N). Rank p takes
+the p-th equal slice of each global micro-batch; its loss terms are weighted by its share of the global batch
+times N (its share of the real tokens for `--hidden-distill`, a per-token mean), so the average of the ranks'
+gradients is the single-process gradient, also for a short last batch where a rank may get no example. The
+model is not wrapped in DDP: each network's term is back-propagated separately (see `tune.loss`) into local
+gradients and, after all A x (M+1) backward passes of the step, ONE all-reduce over a flat buffer averages
+every gradient and the step's loss terms (`Trainer.sync`); DDP would all-reduce after each backward pass. The
+parameters are broadcast from rank 0 after loading, reordering and resuming (what DDP does at construction).
+Rank 0 alone reads and writes files, logs and shows progress; the others learn its decisions
+(`Group.agree`). Dropout masks are drawn per rank (`torch.manual_seed(f(seed, step, rank))`), so with dropout
+runs on different process counts agree in distribution, not bit for bit; without it they agree to float
+rounding.
 
 Checkpoints (`<output>.partial/checkpoints/step-NNNNNN/`, written to a `.tmp` sibling and renamed, only the
 latest kept): model and optimizer tensors as safetensors, everything else (step, scheduler, optimizer
@@ -22,12 +32,12 @@ and deleted only once the run directory is in place; `--resume` takes them back 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli.artifacts import Heartbeat, fmt_seconds, fsync_tree, writing
+from instatune_cli.distributed import RankError, env_rank, env_world_size, from_accelerator, rank0_reports
 from instatune_cli.errors import InstatuneError
 from instatune_cli.seeds import seed_int
 from instatune_cli.tune.config import TuneConfig
@@ -275,44 +286,86 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
     """Run (or resume) `instatune tune` and return the committed artifact. `on_step(step)` is called after
     every optimizer step (and after a checkpoint of that step), e.g. to stop a run in tests."""
     t_session = time.perf_counter()
-    cfg.validate()
-    precheck_output(cfg)
-    inputs = _resolve_inputs(cfg)
+    with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
+        cfg.validate()
+        cfg.per_process_batch(env_world_size())  # before any heavy work: the global batch must split evenly
+        launcher_precision(cfg)
+        if env_rank() == 0:  # only rank 0 touches the output: another rank's probe of the lock would race its take
+            precheck_output(cfg)
+        inputs = _resolve_inputs(cfg)
 
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+        from datetime import timedelta
 
-    accelerator = Accelerator(
-        cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.elastic)],
-    )
-    try:
-        return Trainer(cfg, accelerator, inputs, console, on_step, t_session).run()
-    finally:
-        if accelerator.num_processes == 1:
-            from accelerate.state import AcceleratorState, GradientState
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
+        # No DDP wrapper and so no DistributedDataParallelKwargs: the loop averages the gradients itself, once
+        # per step (module docstring). The plugin pins accelerate's accumulation to --grad-accum: its
+        # `backward` divides each loss by it, whatever ACCELERATE_GRADIENT_ACCUMULATION_STEPS says. The other
+        # ranks wait while rank 0 alone evaluates and writes (--eval-every, checkpoints, the final commit): an
+        # hour, not NCCL's 10 minutes, so a large eval split cannot time them out (a dead rank is caught by
+        # the launcher at once, not by this timeout).
+        accelerator = Accelerator(
+            cpu=cfg.cpu or _launched_without_gpu(), mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=1))],
+        )
+        if accelerator.num_processes != env_world_size():
+            raise InstatuneError(f"the launcher started {env_world_size()} processes but accelerate joined "
+                                 f"{accelerator.num_processes} into one group ({accelerator.distributed_type}); "
+                                 "pass --cpu to train on the CPUs, or check the launcher's environment")
+        try:
+            return Trainer(cfg, accelerator, inputs, console, on_step, t_session).run()
+        finally:
+            if accelerator.num_processes == 1:
+                from accelerate.state import AcceleratorState, GradientState
+
+                AcceleratorState._reset_state(True)
+                GradientState._reset_state()
+
+
+def _launched_without_gpu() -> bool:
+    """Launched on several processes where torch sees no GPU: accelerate joins CPU processes into one gloo group
+    only when told `cpu=True`; without it every process would train alone and all would write one output."""
+    if env_world_size() <= 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def launcher_precision(cfg: TuneConfig) -> None:
+    """`accelerate launch --mixed_precision X` (or its config file) sets ACCELERATE_MIXED_PRECISION; instatune
+    passes --mixed-precision to accelerate explicitly, which would silently override it. Adopt the launcher's
+    choice when --mixed-precision was left at "no" (it is then recorded in the run like the option), refuse a
+    contradiction in one line."""
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if not env or env == "no" or env == cfg.mixed_precision:
+        return
+    from instatune_cli.tune.config import MIXED_PRECISION
+
+    if env not in MIXED_PRECISION:
+        raise InstatuneError(f"accelerate launch asks for mixed precision {env}; instatune tune supports "
+                             f"{', '.join(MIXED_PRECISION)}: relaunch with one of those")
+    if cfg.mixed_precision == "no":
+        cfg.mixed_precision = env
+        return
+    raise InstatuneError(f"accelerate launch asks for mixed precision {env} but --mixed-precision is "
+                         f"{cfg.mixed_precision}; make them agree (or drop one)")
 
 
 def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
     """Every input check that needs no training, cheapest first, so a bad teacher, space or tokenizer fails before
     the data is loaded and tokenized: model, teacher, space, tokenizer, data and validation split, labels."""
-    from instatune_cli.adapters import check_model_source, family_for_source, family_named
+    from instatune_cli.adapters import check_model_source, family_of
     from instatune_cli.measure.metrics import default_metric
     from instatune_cli.space import SearchSpace
     from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config
 
     model_src, _ = resolve_model_dir(cfg.model)
     model_src = check_model_source(model_src)
-    # an unclaimed name is a hub id of the transformers families (resolved by its config)
-    adapter = family_for_source(model_src) or family_named("bert")
+    adapter = family_of(model_src)
     hf_config = adapter.load_config(model_src)
-    if adapter.family == "bert" and not adapter.supports(hf_config.model_type):
-        from instatune_cli.adapters import adapter_for
-
-        adapter = adapter_for(hf_config.model_type)
     dims0 = adapter.dims(hf_config)
     if adapter.modality != "text" and (cfg.hidden_distill or cfg.tokenizer or cfg.teacher):
         flag = "--hidden-distill" if cfg.hidden_distill else "--tokenizer" if cfg.tokenizer else "--teacher"
@@ -350,12 +403,14 @@ class Trainer:
                  on_step: Callable[[int], None] | None, t_session: float) -> None:
         self.cfg, self.acc, self.inp, self.on_step, self.t_session = cfg, accelerator, inputs, on_step, t_session
         self.adapter, self.space = inputs.adapter, inputs.space
+        self.group = from_accelerator(accelerator)
         self.main = accelerator.is_main_process
         self.nproc, self.rank = accelerator.num_processes, accelerator.process_index
-        self.B, self.A = cfg.batch_size, cfg.grad_accum
-        self.G = self.B * self.nproc
+        # G: the global micro-batch (--batch-size), B: this process's slice of it; A: micro-batches per step
+        self.G, self.A = cfg.batch_size, cfg.grad_accum
+        self.B = cfg.per_process_batch(self.nproc)
         self.n_train = len(inputs.train_enc)
-        self.micro_per_epoch = self.n_train // self.G if self.nproc > 1 else math.ceil(self.n_train / self.G)
+        self.micro_per_epoch = math.ceil(self.n_train / self.G)  # the same for every process count
         if self.micro_per_epoch < 1:
             raise InstatuneError(
                 f"the training split has {self.n_train} examples, fewer than one global batch ({self.G}); "
@@ -373,6 +428,7 @@ class Trainer:
         self.teacher_cache: str | None = None
         self.samples, self.train_time, self.prior_wall = 0, 0.0, 0.0
         self.start_step, self.ckpt_step = 0, None
+        self.artifact: Any = None
         from instatune_cli.artifacts import StageWriter
 
         # only the main process opens it, and so holds the output's lock (artifacts.OutputLock)
@@ -389,15 +445,31 @@ class Trainer:
         self.tkey = cache_key(inp.teacher_dir, train_digest, inp.max_length) if inp.teacher_dir else None
         src = inp.model_src
         self.model_id = str(Path(src).resolve()) if Path(src).exists() else src
+        # "processes": 1 is a constant on purpose. Runs made when --batch-size was per process recorded their
+        # process count here: their single-process partials (the same global batch) stay resumable, and a
+        # multi-process one (another global batch under today's meaning) is refused. The process count itself
+        # is not fingerprinted: a checkpoint resumes with any number of processes.
         fp_extra = {"model": self.model_id, "train": train_digest, "eval": inp.eval_enc.digest(),
                     "labels": inp.data.labels, "max_length": inp.max_length, "space": self.space.to_dict(),
-                    "teacher": self.tkey, "processes": self.nproc}
+                    "teacher": self.tkey, "processes": 1}
         if inp.val_enc is not None:
             fp_extra["val"] = inp.val_enc.digest()
         self.fingerprint = cfg.fingerprint(fp_extra)
-        if self.main:
-            self.writer.open()
-        self.acc.wait_for_everyone()
+        partial, self.run_info, ckpt = self.group.agree(lambda: self._open_partial_main(fp_extra))
+        self.partial = Path(partial)
+        self.ckpt = Path(ckpt) if ckpt else None
+        if self.ckpt is not None and not (self.ckpt / "state.json").is_file():
+            raise RankError(f"process {self.rank} cannot see the checkpoint {self.ckpt} that rank 0 resumes from; "
+                            "put --output on storage every node can read")
+        keep = int(self.ckpt.name.split("-")[1]) if self.ckpt else 0
+        self.log = JsonlLog(self.partial / LOG_FILE, keep_upto=keep, enabled=self.main)
+
+    def _open_partial_main(self, fp_extra: dict[str, Any]) -> tuple[str, dict[str, Any], str | None]:
+        """Rank 0's part of `open_partial`, the only one touching the directory: take the lock, check or record
+        the fingerprint, bring parked checkpoints back, pick the one to resume. Returns (partial, run info,
+        checkpoint or None) for every rank."""
+        cfg = self.cfg
+        self.writer.open()
         self.partial = self.writer.path
         run_file = self.partial / RUN_FILE
         if run_file.is_file():
@@ -415,15 +487,12 @@ class Trainer:
         else:
             self.run_info = {"fingerprint": self.fingerprint, "options": cfg.fingerprint_dict(), "extra": fp_extra}
             self._write_run_info()
-        if self.main:
-            unpark_checkpoints(self.partial, self.fingerprint, cfg.resume)
-        self.acc.wait_for_everyone()
-        self.ckpt = latest_checkpoint(self.partial) if cfg.resume else None
-        if self.main and (self.partial / CKPT_DIR).is_dir():
+        unpark_checkpoints(self.partial, self.fingerprint, cfg.resume)
+        ckpt = latest_checkpoint(self.partial) if cfg.resume else None
+        if (self.partial / CKPT_DIR).is_dir():
             for p in (self.partial / CKPT_DIR).glob("*.tmp"):
                 shutil.rmtree(p, ignore_errors=True)
-        keep = int(self.ckpt.name.split("-")[1]) if self.ckpt else 0
-        self.log = JsonlLog(self.partial / LOG_FILE, keep_upto=keep, enabled=self.main)
+        return str(self.partial), self.run_info, str(ckpt) if ckpt else None
 
     def _write_run_info(self) -> None:
         if self.main:
@@ -436,11 +505,12 @@ class Trainer:
 
         if not self.inp.teacher_dir:
             return
-        with self.acc.main_process_first():
-            cached = (self.partial / "teacher_logits.safetensors").exists()
-            self.say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}")
-            self.t_logits, built = teacher_logits(self.partial, self.inp.teacher_dir, self.inp.train_enc, self.tkey,
-                                                  self.cfg.eval_batch_size, self.acc.device, self._teacher_progress())
+        cached = self.main and (self.partial / "teacher_logits.safetensors").exists()
+        self.say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}"
+                 f"{f' on {self.nproc} processes' if self.nproc > 1 and not cached else ''}")
+        self.t_logits, built = teacher_logits(self.partial, self.inp.teacher_dir, self.inp.train_enc, self.tkey,
+                                              self.cfg.eval_batch_size, self.acc.device, self._teacher_progress(),
+                                              group=self.group)
         self.teacher_cache = "built" if built else "reused"
         self.say(f"teacher logits {self.teacher_cache} ({tuple(self.t_logits.shape)})")
 
@@ -480,14 +550,20 @@ class Trainer:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(self.warmup, self.total_steps))
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.raw = self.acc.unwrap_model(self.model)
+        # Only the optimizer goes through accelerate (mixed-precision grad scaling): a prepared model would be
+        # wrapped in DDP, which all-reduces after every backward pass; `sync` does it once per step instead.
+        # The forward passes run under `acc.autocast()` explicitly, training and evaluation alike.
+        self.optimizer = self.acc.prepare_optimizer(optimizer)
+        self.model = self.raw = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _reorder(self, model: Any) -> None:
+        # the first global batches, whole, on every rank: the importance a single process would compute (the
+        # weights are then broadcast from rank 0 in `resume`, so ranks need not agree to the bit)
         nb = min(self.cfg.reorder_batches, self.micro_per_epoch)
         order0 = self.epoch_order(0)
-        B = self.B
-        batches = [{k: v.to(self.acc.device) for k, v in self.inp.train_enc.collate(order0[i * B:(i + 1) * B]).items()}
+        G = self.G
+        batches = [{k: v.to(self.acc.device) for k, v in self.inp.train_enc.collate(order0[i * G:(i + 1) * G]).items()}
                    for i in range(nb)]
         info = self.adapter.reorder_by_importance(model, batches)
         self.reorder_info = {"method": info.get("method"), "batches": nb, "head_orders": info.get("head_orders")}
@@ -506,19 +582,22 @@ class Trainer:
         elif not self.log.records:
             self.log.write({"event": "start", "step": 0, "total_steps": self.total_steps, "mode": self.mode,
                             "train_examples": self.n_train, "eval_examples": len(self.inp.eval_enc),
-                            "val_examples": len(self.inp.val_enc) if self.inp.val_enc is not None else 0})
+                            "val_examples": len(self.inp.val_enc) if self.inp.val_enc is not None else 0,
+                            "processes": self.nproc})
+        # every rank starts from rank 0's weights (what DDP does at construction): the reordering's importance
+        # pass need not agree to the bit across devices, and the classifier's initialisation need not either
+        self.group.broadcast_([*self.raw.parameters(), *self.raw.buffers()])
 
     def make_evaluators(self) -> None:
-        from instatune_cli import data as D
         from instatune_cli.measure.accuracy import Evaluator
 
         self.evaluators: dict[str, Any] = {}
         if not self.main:
             return
-        bs, dev, metric = self.cfg.eval_batch_size, self.acc.device, self.inp.metric
-        self.evaluators["eval"] = Evaluator(self.raw, D.eval_batches(self.inp.eval_enc, bs), dev, metric=metric)
+        bs, dev, metric, fam = self.cfg.eval_batch_size, self.acc.device, self.inp.metric, self.adapter
+        self.evaluators["eval"] = Evaluator(self.raw, fam.eval_batches(self.inp.eval_enc, bs), dev, metric=metric)
         if self.inp.val_enc is not None:
-            self.evaluators["val"] = Evaluator(self.raw, D.eval_batches(self.inp.val_enc, bs), dev, metric=metric)
+            self.evaluators["val"] = Evaluator(self.raw, fam.eval_batches(self.inp.val_enc, bs), dev, metric=metric)
 
     # ---- data order -----------------------------------------------------------------------------------
     def epoch_order(self, e: int) -> list[int]:
@@ -535,59 +614,110 @@ class Trainer:
             self._order[e] = perm
         return self._order[e]
 
-    def micro(self, g: int) -> list[int]:
-        """Example indices of micro-batch `g` (global count) for this process."""
+    def global_micro(self, g: int) -> list[int]:
+        """Example indices of global micro-batch `g` (all processes together): a function of the seed, the data
+        and --batch-size only."""
         e, k = divmod(g, self.micro_per_epoch)
-        glob = self.epoch_order(e)[k * self.G : (k + 1) * self.G]
-        return glob[self.rank * self.B : (self.rank + 1) * self.B] if self.nproc > 1 else glob
+        return self.epoch_order(e)[k * self.G : (k + 1) * self.G]
+
+    def micro(self, g: int) -> list[int]:
+        """This process's slice of global micro-batch `g` (the whole of it on one process). A short last batch
+        of an epoch leaves the last ranks fewer examples, or none."""
+        return self.global_micro(g)[self.rank * self.B : (self.rank + 1) * self.B]
 
     # ---- one optimizer step ---------------------------------------------------------------------------
     def step(self, step: int) -> tuple[float, int, float, list[Any]]:
-        """Forward/backward the super-network and this step's sub-networks over A micro-batches, then apply.
-        Returns (loss, samples, gamma, sub-networks)."""
+        """Forward/backward the super-network and this step's sub-networks over A micro-batches, average the
+        gradients across processes once (`sync`), then apply. Returns (loss, samples, gamma, sub-networks)."""
         import torch
 
         from instatune_cli.tune import loss as L
 
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
         torch.manual_seed(seed_int("dropout", cfg.seed, step, self.rank))
         epoch_now = (step * self.A) // self.micro_per_epoch
         gamma = 1.0 if self.inp.teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
         w = L.LossWeights(cfg.alpha, cfg.temperature, gamma)
         subs = self.space.sample_many(random.Random(seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
                                       cfg.sampling) if cfg.elastic else []
-        step_loss, step_samples = 0.0, 0
+        losses: list[Any] = []
+        step_samples = 0
         for a in range(self.A):
+            glob = self.global_micro(step * self.A + a)
             idx = self.micro(step * self.A + a)
-            batch = self.inp.train_enc.collate(idx)
-            labels = batch.pop("labels").to(acc.device)
-            batch = self.adapter.model_inputs(self.raw, batch)
-            tl = self.t_logits[torch.tensor(idx)].to(acc.device) if (gamma and self.t_logits is not None) else None
-            with contextlib.nullcontext() if a == self.A - 1 else acc.no_sync(self.model):
-                total = self._micro_step(batch, labels, w, tl, subs)
-            val = float(total)
-            if not math.isfinite(val):
-                _nan_stop(val, step, self.partial, self.ckpt_step, cfg, self.log)
-            step_loss += val / self.A
-            step_samples += len(idx) * self.nproc
+            step_samples += len(glob)
+            if not idx:  # a short last batch left this rank nothing: it adds zeros to the average
+                losses.append(0.0)
+                continue
+            losses.append(self._micro_step(idx, glob, w, gamma, subs))
+        values = self.sync(losses)
+        val = sum(values) / self.A
+        if not math.isfinite(val):
+            _nan_stop(val, step, self.partial, self.ckpt_step, cfg, self.log)
         if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, step_samples, gamma, subs
+        return val, step_samples, gamma, subs
 
-    def _micro_step(self, batch: dict[str, Any], labels: Any, w: Any, tl: Any, subs: list[Any]) -> Any:
-        """Back-propagate the super-network's term, then each sub-network's (tune/loss.py), one graph at a time."""
+    def sync(self, losses: list[Any]) -> list[float]:
+        """Average this step's gradients and loss terms across processes with ONE all-reduce (module docstring).
+
+        The buffer holds every parameter's gradient (zeros where this rank produced none), one has-gradient flag
+        per parameter and the A loss terms. A parameter no rank produced a gradient for keeps `grad = None`, as on
+        one process, so AdamW skips it there too. Returns the A (averaged) loss terms as floats."""
+        import torch
+
+        if not self.group.active:
+            return [float(x) for x in losses]
+        ref = self.params[0]
+        flags = torch.tensor([p.grad is not None for p in self.params], dtype=ref.dtype, device=ref.device)
+        terms = torch.stack([torch.as_tensor(x, dtype=torch.float32).to(ref.device) for x in losses]).to(ref.dtype)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        if any(g.dtype != ref.dtype for g in grads):  # mixed parameter dtypes: not what tune builds
+            raise InstatuneError("the model's parameters have several dtypes; multi-process tune needs one")
+        self.group.average_([*grads, flags, terms])
+        for p, f in zip(self.params, flags.tolist(), strict=True):
+            if f == 0:
+                p.grad = None
+        return [float(x) for x in terms.tolist()]
+
+    def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any]) -> Any:
+        """Back-propagate the super-network's term, then each sub-network's (tune/loss.py), one graph at a time,
+        on this rank's slice `idx` of the global micro-batch `glob`. Returns the weighted loss (detached).
+
+        Every term is a mean over examples, so it is weighted by len(idx) / len(glob) x processes: averaged over
+        the processes that gives the mean over the global batch, the single-process loss. The hidden-state term
+        is a mean over real tokens and is weighted by this slice's share of them."""
+        import torch
+
         from instatune_cli.tune import loss as L
 
-        acc, raw, model, A = self.acc, self.raw, self.model, self.A
+        acc, raw, model = self.acc, self.raw, self.model
+        batch = self.inp.train_enc.collate(idx)
+        labels = batch.pop("labels").to(acc.device)
+        batch = self.adapter.model_inputs(raw, batch)
+        tl = self.t_logits[torch.tensor(idx)].to(acc.device) if (gamma and self.t_logits is not None) else None
+        share = len(idx) / len(glob) * self.nproc  # exactly 1.0 on one process
         beta = self.cfg.hidden_distill if subs else 0.0
+        tok_share = 1.0
+        if beta and self.nproc > 1:
+            lengths = self.inp.train_enc.lengths()
+            tok_share = sum(lengths[i] for i in idx) / sum(lengths[i] for i in glob) * self.nproc
+
+        def weighted(t: Any, k: float) -> Any:
+            return t if k == 1.0 else t * k  # multiplying by 1.0 would not change a bit; skipping is clearer
+
         self.adapter.activate(raw, None)
         with acc.autocast():
             logits, hidden = self.adapter.forward(model, batch, hidden_states=bool(beta))
         term = L.plain_loss(logits, labels, w, tl) if self.cfg.plain else L.super_term(logits, labels, w, tl)
-        acc.backward(term / A)
+        term = weighted(term, share)
+        acc.backward(term)  # accelerate divides by --grad-accum (its GradientAccumulationPlugin)
         total = term.detach().float()
         sup = logits.detach()
         sup_hidden = tuple(h.detach() for h in hidden) if beta and hidden is not None else None
@@ -597,12 +727,12 @@ class Trainer:
             self.adapter.activate(raw, sub)
             with acc.autocast():
                 s_logits, s_hidden = self.adapter.forward(model, batch, hidden_states=bool(beta))
-            s_term = L.sub_term(s_logits, labels, sup, w, tl)
+            s_term = weighted(L.sub_term(s_logits, labels, sup, w, tl), share)
             if beta:
                 kept = self.adapter.kept_layers(raw, sub)
-                s_term = s_term + beta * L.hidden_distill(s_hidden, sup_hidden, kept, mask)
+                s_term = s_term + weighted(beta * L.hidden_distill(s_hidden, sup_hidden, kept, mask), tok_share)
             del s_hidden
-            acc.backward(s_term / A)
+            acc.backward(s_term)
             total = total + s_term.detach().float()
             del s_logits
         self.adapter.activate(raw, None)
@@ -616,8 +746,9 @@ class Trainer:
         metric = self.inp.metric
         for split, ev in self.evaluators.items():
             pre = "" if split == "eval" else "val_"
-            sup = ev.evaluate(None)
-            small = ev.evaluate(self.smallest)
+            with self.acc.autocast():  # what a prepared model's forward did (a no-op without mixed precision)
+                sup = ev.evaluate(None)
+                small = ev.evaluate(self.smallest)
             out.update({f"super_{pre}accuracy": sup.accuracy, f"smallest_{pre}accuracy": small.accuracy})
             if metric != "accuracy":
                 out.update({f"super_{pre}{metric}": sup.score, f"smallest_{pre}{metric}": small.score})
@@ -627,14 +758,17 @@ class Trainer:
         return out
 
     def checkpoint(self, done: int) -> None:
-        if self.main:
+        """Rank 0 writes it (every rank holds the same state); the others wait for it (`Group.agree`), and
+        leave with rank 0 if the write fails."""
+        def save() -> None:
             _save_checkpoint(self.partial, done, self.raw, self.optimizer, self.scheduler, {
                 "step": done, "micro": done * self.A, "epoch": (done * self.A) // self.micro_per_epoch,
                 "batch_in_epoch": (done * self.A) % self.micro_per_epoch, "samples": self.samples,
                 "train_time_s": self.train_time, "wall_s": self.prior_wall + time.perf_counter() - self.t_session,
-                "fingerprint": self.fingerprint}, self.acc.scaler)
+                "fingerprint": self.fingerprint, "global_batch": self.G, "processes": self.nproc}, self.acc.scaler)
+
+        self.group.agree(save)
         self.ckpt_step = done
-        self.acc.wait_for_everyone()
 
     # ---- the run ----------------------------------------------------------------------------------------
     def run(self) -> TuneResult:
@@ -652,6 +786,9 @@ class Trainer:
                  f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.n_train} train "
                  f"/ {val_n} val / {len(inp.eval_enc)} eval, {len(inp.data.labels)} classes, {self.mode}"
                  f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.total_steps} steps -> {cfg.output}")
+        if self.main:  # what the data loader had to say (e.g. images skipped as unreadable), even with --quiet
+            for note in inp.data.source.get("notes", []):
+                print(f"notice: {note}", file=sys.stderr)
         self.load_teacher()
         self.build_model()
         self.resume()
@@ -686,14 +823,8 @@ class Trainer:
                                     "samples_per_s": round(sps, 2), "subnets": [s.name for s in subs]})
                     window, win_samples, win_time = [], 0, 0.0
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
-                    if self.main:
-                        ev = self.evaluate()
-                        self.log.write({"event": "eval", "step": done, **ev})
-                        progress.note(f"step {done}: super acc {ev['super_accuracy']:.4f}, smallest "
-                                      f"{self.smallest.name} acc {ev['smallest_accuracy']:.4f}, eval loss "
-                                      f"{ev['eval_loss']:.4f}")
+                    self.group.agree(lambda done=done: self._eval_note(done, progress))  # rank 0; the others wait
                     self.model.train()
-                    self.acc.wait_for_everyone()
                 if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
                     self.checkpoint(done)
                 if self.on_step is not None:
@@ -701,11 +832,23 @@ class Trainer:
         finally:
             progress.stop()
 
+    def _eval_note(self, done: int, progress: _Progress) -> None:
+        ev = self.evaluate()
+        self.log.write({"event": "eval", "step": done, **ev})
+        progress.note(f"step {done}: super acc {ev['super_accuracy']:.4f}, smallest {self.smallest.name} acc "
+                      f"{ev['smallest_accuracy']:.4f}, eval loss {ev['eval_loss']:.4f}")
+
     def commit(self) -> TuneResult:
-        """Final evaluation, then the run directory (model, space, splits, calibration sample, manifest)."""
-        cfg, inp, partial = self.cfg, self.inp, self.partial
+        """Final evaluation, then the run directory (model, space, splits, calibration sample, manifest), by rank 0;
+        every rank returns its metrics (`Group.agree`)."""
         self.adapter.activate(self.raw, None)
-        final = self.evaluate() if self.main else {}
+        metrics = self.group.agree(self._commit_main)
+        return TuneResult(self.artifact if self.main else None, metrics, self.teacher_cache,
+                          self.start_step if self.ckpt is not None else None, self.log.records)
+
+    def _commit_main(self) -> dict[str, Any]:
+        cfg, inp, partial = self.cfg, self.inp, self.partial
+        final = self.evaluate()
         wall = self.prior_wall + time.perf_counter() - self.t_session
         n_val = len(inp.val_enc) if inp.val_enc is not None else 0
         metrics = {**final, "smallest_subnet": self.smallest.name, "steps": self.total_steps,
@@ -713,19 +856,15 @@ class Trainer:
                    "val_examples": n_val, "eval_examples": len(inp.eval_enc), "wall_time_s": round(wall, 2),
                    "train_time_s": round(self.train_time, 2),
                    "samples_per_s": round(self.samples / self.train_time, 2) if self.train_time > 0 else None}
-        artifact = None
-        if self.main:
-            self.log.write({"event": "final", "step": self.total_steps, **metrics})
-            self._write_outputs(n_val)
-            self._park_checkpoints()
-            artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
-            shutil.rmtree(parked_dir(partial), ignore_errors=True)  # only now: the run directory is in place
-            self.say(f"[green]done[/] {cfg.output}: super acc {metrics['super_accuracy']:.4f}, smallest "
-                     f"{self.smallest.name} acc {metrics['smallest_accuracy']:.4f}, {metrics['samples_per_s']} "
-                     f"samples/s, {metrics['wall_time_s']} s")
-        self.acc.wait_for_everyone()
-        return TuneResult(artifact, metrics, self.teacher_cache, self.start_step if self.ckpt is not None else None,
-                          self.log.records)
+        self.log.write({"event": "final", "step": self.total_steps, **metrics})
+        self._write_outputs(n_val)
+        self._park_checkpoints()
+        self.artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
+        shutil.rmtree(parked_dir(partial), ignore_errors=True)  # only now: the run directory is in place
+        self.say(f"[green]done[/] {cfg.output}: super acc {metrics['super_accuracy']:.4f}, smallest "
+                 f"{self.smallest.name} acc {metrics['smallest_accuracy']:.4f}, {metrics['samples_per_s']} "
+                 f"samples/s, {metrics['wall_time_s']} s")
+        return metrics
 
     def _write_outputs(self, n_val: int) -> None:
         """The super-network, tokenizer, space and the three splits into the partial directory."""
@@ -775,7 +914,8 @@ class Trainer:
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
                          "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,
                          "total_steps": self.total_steps, "warmup_steps": self.warmup, "processes": self.nproc,
-                         "global_batch": self.G * self.A, "fingerprint": self.fingerprint},
+                         "global_batch": self.G * self.A, "per_process_batch": self.B,
+                         "mixed_precision": cfg.mixed_precision, "fingerprint": self.fingerprint},
         }
 
 

@@ -137,20 +137,27 @@ def _manifest_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batch_size: int = 64,
-                   device: Any = None, progress: Any = None) -> tuple[Any, bool]:
-    """(logits [N, C] float32 on CPU, built?) — read from the cache in `partial` when its key matches."""
-    import torch
-    from safetensors.torch import load_file, safe_open, save_file
+                   device: Any = None, progress: Any = None, group: Any = None) -> tuple[Any, bool]:
+    """(logits [N, C] float32 on CPU, built?) — read from the cache in `partial` when its key matches.
 
+    Launched on several processes (`group`, a `distributed.Group`): rank 0 alone reads or writes the cache file
+    and broadcasts what it read; when building, the length-sorted batches are dealt round-robin to the ranks,
+    each scores its share and the rows are gathered. Each batch holds exactly the examples it holds on one
+    process, so the logits are those of a single-process pass, bit for bit on the same hardware."""
+    import torch
+
+    from instatune_cli.distributed import SINGLE
+
+    group = group or SINGLE
     path = Path(partial) / CACHE_FILE
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("key") == key and int(meta.get("n", -1)) == len(encoded):
-                return load_file(str(path))["logits"], False
-        except Exception:  # noqa: BLE001 - a torn or foreign file is simply rebuilt
-            pass
+    shape = group.agree(lambda: _cached_shape(path, key, len(encoded)))
+    if shape is not None:
+        out = _read_cache(path) if group.main else torch.zeros(shape, dtype=torch.float32)
+        if group.active:
+            moved = out.to(group.device)
+            group.broadcast_([moved])
+            out = moved.cpu()
+        return out, False
     from transformers import AutoModelForSequenceClassification
 
     try:
@@ -160,27 +167,64 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
     device = device or torch.device("cpu")
     model.to(device).eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
-    out: torch.Tensor | None = None
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    mine: list[int] = []
+    rows: list[torch.Tensor] = []
     with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in batches[group.rank :: group.world]:
             b = encoded.collate(idx)
             b.pop("labels")
-            logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu()
-            if out is None:
-                out = torch.empty((len(encoded), logits.shape[-1]), dtype=torch.float32)
-            out[torch.tensor(idx)] = logits
+            rows.append(model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu())
+            mine += idx
             if progress is not None:
-                progress(len(idx))
-    assert out is not None
+                progress(len(idx) * group.world)
+    classes = rows[0].shape[-1] if rows else int(model.config.num_labels)
+    del model
+    local = torch.cat(rows) if rows else torch.zeros((0, classes), dtype=torch.float32)
+    where = torch.tensor(mine, dtype=torch.long)
+    if group.active:  # every rank needs every row: it trains on its shards of all the training set
+        logit_parts = [t.cpu() for t in group.gather_rows(local.to(group.device))]
+        index_parts = [t.cpu() for t in group.gather_rows(where.view(-1, 1).to(group.device))]
+        local, where = torch.cat(logit_parts), torch.cat(index_parts).view(-1)
+    out = torch.empty((len(encoded), classes), dtype=torch.float32)
+    out[where] = local
+    group.agree(lambda: _write_cache(path, out, key, len(encoded), teacher_dir))
+    return out, True
+
+
+def _cached_shape(path: Path, key: str, n: int) -> tuple[int, int] | None:
+    """The shape of the cached logits when `path` holds those of this teacher and data, else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key or int(meta.get("n", -1)) != n:
+                return None
+            shape = tuple(f.get_slice("logits").get_shape())
+        return (int(shape[0]), int(shape[1])) if len(shape) == 2 and shape[0] == n else None
+    except Exception:  # noqa: BLE001 - a torn or foreign file is simply rebuilt
+        return None
+
+
+def _read_cache(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["logits"]
+
+
+def _write_cache(path: Path, out: Any, key: str, n: int, teacher_dir: str) -> None:
+    """Write `.tmp`, then rename: a kill leaves the old cache or none, never a torn one."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         with writing("the teacher logits cache", tmp):
-            save_file({"logits": out.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(encoded)),
+            save_file({"logits": out.contiguous()}, str(tmp), metadata={"key": key, "n": str(n),
                                                                          "teacher": str(teacher_dir)})
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    del model
-    return out, True

@@ -1,0 +1,136 @@
+"""Sharded search (issue 13): under torchrun each evaluation's selection batches are dealt to the processes and the
+confusion counts summed (search/stage.py), so a 2-process search writes the single-process archive, also when it
+resumes one; and the sharded evaluator itself, including a process that gets no batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, Killed, make_tiny_bert, make_tiny_data, one_thread, tiny_tune_config
+
+from instatune_cli.search.stage import SearchOptions, run_stage
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# 40 validation rows in batches of 10: two batches per process
+OPTS = dict(evals=12, population=6, eval_batch_size=10)
+CLI = ["--evals", "12", "--population", "6", "--eval-batch-size", "10", "--json"]
+
+
+def rows(d: Path) -> list[dict[str, Any]]:
+    """The archive without its timings."""
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"}
+            for x in (d / "archive.jsonl").read_text().splitlines()]
+
+
+def torchrun(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "instatune_cli", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny tune run on labels with 10 % noise, so sub-networks score differently on its 40 validation rows
+    (0.725 to 0.825 for 12 random ones)."""
+    from instatune_cli.tune.loop import run_tune
+
+    root = tmp_path_factory.mktemp("noisy")
+    data = make_tiny_data(root / "data", n_train=200, n_dev=32, noise=0.1)
+    with one_thread():
+        run_tune(tiny_tune_config(make_tiny_bert(root / "model"), data, root / "run", val_split="40", batch_size=16,
+                                  max_steps=48))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def single(noisy_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "s"
+    with one_thread():
+        run_stage(noisy_run, out, SearchOptions(**OPTS))
+    return out
+
+
+def test_sharded_search_writes_the_single_process_archive(single: Path, noisy_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    r = torchrun("search", noisy_run, "--output", out, *CLI)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)  # one JSON document: only rank 0 printed
+    assert summary["new_evaluations"] == 12
+    assert rows(out) == rows(single)
+    assert len({r["acc"] for r in rows(single)}) > 1  # the scores differ: the comparison means something
+    front = [[{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((d / "front.json").read_text())
+              ["front"]] for d in (single, out)]
+    assert front[0] == front[1]  # held-out scores included (rank 0 scores the front on the eval split)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # one artifact directory, nothing beside it
+
+
+def test_launched_search_resumes_a_killed_one(single: Path, noisy_run: Path, tmp_path: Path) -> None:
+    """Killed after 5 evaluations on one process, resumed on two: the archive of the uninterrupted search."""
+    out = tmp_path / "s"
+    seen = [0]
+
+    def on_eval(row: dict[str, Any]) -> None:
+        seen[0] += 1
+        if seen[0] == 5:
+            raise Killed(5)
+
+    with pytest.raises(Killed):
+        run_stage(noisy_run, out, SearchOptions(**OPTS), on_eval=on_eval)
+    r = torchrun("search", noisy_run, "--output", out, "--resume", *CLI)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["new_evaluations"] == 7
+    assert rows(out) == rows(single)
+
+
+# ---- the sharded evaluator, in one process --------------------------------------------------------------
+
+class _Peers:
+    """A stand-in for a launched `distributed.Group`: `sum_floats` adds what the other ranks computed."""
+
+    def __init__(self, rank: int, world: int, others: list[list[float]]) -> None:
+        self.rank, self.world, self.active, self.others = rank, world, True, others
+        self.sent: list[list[float]] = []
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        self.sent.append(list(values))
+        parts = [p for p in [list(values), *self.others] if p]
+        return [sum(c) for c in zip(*parts, strict=True)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_evaluator_sums_to_the_whole_split(noisy_run: Path, world: int) -> None:
+    """3 batches over 2 processes (2 + 1) or 4 (1 + 1 + 1 + none): every rank gets the single-process result."""
+    from instatune_cli.measure.accuracy import Evaluator
+    from instatune_cli.tune import load_eval_batches, load_tuned
+
+    model, tok, space, art = load_tuned(noisy_run)
+    batches = load_eval_batches(art, tok, batch_size=15, which="val")  # 40 rows: 15 + 15 + 10
+    assert len(batches) == 3
+    sub = space.smallest()
+    whole = Evaluator(model, batches, metric="mcc").evaluate(sub)
+    local = []
+    for rank in range(world):  # what each rank contributes (rank 0's part stands in for the rest meanwhile)
+        peer = _Peers(rank, world, local[:1])
+        ev = Evaluator(model, batches, metric="mcc", shard=peer)
+        assert ev.n == 40 and len(ev.batches) == len(range(rank, 3, world))
+        ev.evaluate(sub)
+        local.append(peer.sent[0])
+    assert local[3:] == [[]] * (world - 3)  # the 4th process had no batch and sent nothing
+    for rank in range(world):
+        peer = _Peers(rank, world, [p for i, p in enumerate(local) if i != rank])
+        res = Evaluator(model, batches, metric="mcc", shard=peer).evaluate(sub)
+        assert (res.accuracy, res.score, res.n, res.collapsed) == (whole.accuracy, whole.score, whole.n,
+                                                                   whole.collapsed)
+        assert res.loss == pytest.approx(whole.loss, rel=1e-12)
