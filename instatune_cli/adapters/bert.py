@@ -25,6 +25,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def label_kwargs(id2label: dict[int, str] | None, num_labels: int | None) -> dict[str, Any]:
+    """`from_pretrained` keywords for the task's classes (names when known, else just their count)."""
+    if id2label is not None:
+        return {"num_labels": len(id2label), "id2label": dict(id2label),
+                "label2id": {v: k for k, v in id2label.items()}}
+    return {"num_labels": num_labels} if num_labels is not None else {}
+
+
 class HFTextAdapter(FamilyAdapter):
     """transformers `AutoModelForSequenceClassification` + a fast tokenizer."""
 
@@ -34,11 +42,7 @@ class HFTextAdapter(FamilyAdapter):
 
         from instatune_cli.adapters import adapter_for
 
-        kw: dict[str, Any] = {}
-        if id2label is not None:
-            kw.update(num_labels=len(id2label), id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
-        elif num_labels is not None:
-            kw["num_labels"] = num_labels
+        kw = label_kwargs(id2label, num_labels)
         try:
             config = AutoConfig.from_pretrained(src, **kw)
             adapter_for(config.model_type)

@@ -22,8 +22,9 @@ from torch import nn
 
 from instatune_cli.adapters import register_family
 from instatune_cli.adapters.base import LayerParts
-from instatune_cli.adapters.bert import HFTextAdapter, _first_line
+from instatune_cli.adapters.bert import HFTextAdapter, _first_line, label_kwargs
 from instatune_cli.errors import InstatuneError
+from instatune_cli.images import ImageFamily
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
@@ -34,14 +35,12 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
 @register_family
-class HFVitAdapter(HFTextAdapter):
+class HFVitAdapter(ImageFamily, HFTextAdapter):
     """`ViTForImageClassification` (`model_type: vit` in config.json); everything not image-specific is the
     transformers families' (`HFTextAdapter`)."""
 
     family = "hf_vit"
     model_types = ("vit",)
-    modality = "image"
-    inputs = ("pixel_values",)
 
     def dims(self, config: Any) -> ModelDims:
         heads = int(config.num_attention_heads)
@@ -66,11 +65,7 @@ class HFVitAdapter(HFTextAdapter):
              eager: bool = False) -> nn.Module:
         from transformers import AutoConfig, AutoModelForImageClassification
 
-        kw: dict[str, Any] = {}
-        if id2label is not None:
-            kw.update(num_labels=len(id2label), id2label=dict(id2label), label2id={v: k for k, v in id2label.items()})
-        elif num_labels is not None:
-            kw["num_labels"] = num_labels
+        kw = label_kwargs(id2label, num_labels)
         try:
             before = AutoConfig.from_pretrained(src).num_labels
             if eager:
@@ -115,24 +110,6 @@ class HFVitAdapter(HFTextAdapter):
         model.save_pretrained(out_dir)
         if preprocessor is not None:
             self.save_preprocessor(preprocessor, out_dir)
-
-    def load_data(self, cfg: Any) -> Any:
-        from instatune_cli.images import load_image_task
-
-        return load_image_task(cfg, cfg.model)
-
-    def max_length(self, requested: int, preprocessor: Any, config: Any, dims: ModelDims) -> int:
-        return dims.image_tokens
-
-    def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
-        from instatune_cli.images import encode_images
-
-        return encode_images(split, preprocessor, train)
-
-    def eval_batches(self, encoded: Any, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-        from instatune_cli.images import image_eval_batches
-
-        return image_eval_batches(encoded, batch_size)
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:

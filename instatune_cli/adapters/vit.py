@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from instatune_cli.adapters import offline, register_family
 from instatune_cli.adapters.base import FamilyAdapter, LayerParts
 from instatune_cli.errors import InstatuneError
+from instatune_cli.images import ImageFamily
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
@@ -409,12 +410,10 @@ def _slice_block_tensor(rest: str, v: torch.Tensor, heads: int, head_dim: int, f
 # ---- the family -----------------------------------------------------------------------------------------
 
 @register_family
-class TimmVitAdapter(FamilyAdapter):
+class TimmVitAdapter(ImageFamily, FamilyAdapter):
     """timm ViT / DeiT / BEiT / BEiT-3 image classifiers (see the module docstring)."""
 
     family = "vit"
-    modality = "image"
-    inputs = ("pixel_values",)
     model_types = ("timm_vit", "timm_deit", "timm_beit", "timm_beit3")
 
     # ---- loading --------------------------------------------------------------------------------------
@@ -499,13 +498,6 @@ class TimmVitAdapter(FamilyAdapter):
         model, _ = self._build(str(src), pretrained=False, device="meta")
         return ImagePreprocessor.for_model(model)
 
-    def load_data(self, cfg: Any) -> Any:
-        """`--task imagefolder --data DIR` (see `instatune_cli.images`), with a validation split carved from
-        training (`--val-split`) or read from a folder of the same classes (`--val-data`)."""
-        from instatune_cli.images import load_image_task
-
-        return load_image_task(cfg, getattr(cfg, "model", "the model"))
-
     def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -528,16 +520,6 @@ class TimmVitAdapter(FamilyAdapter):
         save_config_for_hf(model, str(out / "config.json"), model_config={"label_names": names, OWN_KEY: own})
 
     # ---- data and forward -----------------------------------------------------------------------------
-
-    def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
-        from instatune_cli.images import encode_images
-
-        return encode_images(split, preprocessor, train)
-
-    def eval_batches(self, encoded: Any, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-        from instatune_cli.images import image_eval_batches
-
-        return image_eval_batches(encoded, batch_size)
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
