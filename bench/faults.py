@@ -397,6 +397,13 @@ def steps(*fns: Callable[[Path], Any]) -> Callable[[Path], Callable[[], None] | 
     return fn
 
 
+def rename(src: str, dst: str) -> Callable[[Path], None]:
+    def fn(d: Path) -> None:
+        (d / src).rename(d / dst)
+
+    return fn
+
+
 def write(rel: str, content: str | bytes) -> Callable[[Path], None]:
     def fn(d: Path) -> None:
         p = d / rel
@@ -687,7 +694,7 @@ def cases() -> list[Case]:
              setup=steps(write("empty/train/README", "no classes here\n"), write("empty/val/README", "none\n"))),
         Case("img-class-mismatch", "val/ has other classes than train/", image_tune("../vit", "imgs"),
              "imgs/ is a copy of the shared image folder with val/c3 renamed val/c9", fragment="class",
-             setup=steps(copy("../imgs", "imgs"), lambda d: (d / "imgs/val/c3").rename(d / "imgs/val/c9"))),
+             setup=steps(copy("../imgs", "imgs"), rename("imgs/val/c3", "imgs/val/c9"))),
         Case("img-unreadable", "an unreadable image among the training images", image_tune("../vit", "imgs"),
              "imgs/ is a copy of the shared image folder plus imgs/train/c0/broken.jpg (not an image)",
              expect="ok", fragment="skipped 1 unreadable image", allow=("run", "imgs"),
@@ -882,6 +889,9 @@ def run_all(todo: list[Case], root: Path, jobs: int) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    # A background job of a non-interactive shell (`nohup python bench/faults.py &`) starts with SIGINT ignored,
+    # and its children would inherit that, so Ctrl-C cases would test nothing: give them the default again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated case keys (plus the follow-ups they need)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory and print it")
