@@ -30,7 +30,8 @@ instatune_cli tune ...` (checked with 2 CPU processes, tests/tune/test_ddp.py); 
 batch, every process draws the same sub-networks, the gradients are averaged once per step, and a checkpoint
 resumes with any number of processes (loop.py's module docstring).
 
-`model/` loads with stock `AutoModelForSequenceClassification.from_pretrained(run / "model")`;
+`model/` loads with the family's stock loader (`AutoModelForSequenceClassification.from_pretrained(run / "model")`,
+`timm.create_model("local-dir:" + str(run / "model"), pretrained=True)`);
 `load_tuned(run)` returns it made elastic, ready for `adapter_of(model).activate(model, sub)`.
 """
 
