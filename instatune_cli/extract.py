@@ -108,11 +108,6 @@ def random_batch(config: Any, batch: int, seq_len: int, seed: int = 0,
     return out
 
 
-def default_batches(config: Any, shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK_SHAPES,
-                    seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    return [random_batch(config, b, s, seed=seed + i) for i, (b, s) in enumerate(shapes)]
-
-
 def family_batches(model: Any, shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK_SHAPES,
                    seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Random check batches of any family (its `random_batch`; image families ignore the sequence length)."""
@@ -120,13 +115,6 @@ def family_batches(model: Any, shapes: Sequence[tuple[int, int]] = DEFAULT_CHECK
 
     fam = adapter_of(model)
     return [fam.random_batch(model, b, s, seed=seed + i) for i, (b, s) in enumerate(shapes)]
-
-
-def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """The classifier's inputs (a tokenizer's extra keys, labels, ... dropped), on the model's device."""
-    keep = set(input_names(model))
-    device = next(model.parameters()).device
-    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items() if k in keep}
 
 
 # ---- checks on the sub-network ----------------------------------------------------------------------
