@@ -99,3 +99,31 @@ def test_vit_base_paper_preset_fits_vit_b16() -> None:
     assert space.seq_len == dims.image_tokens == fam.seq_len(dims, 128) == 197
     lo, hi = fam.macs(dims, space.smallest(), 197), fam.macs(dims, space.largest(), 197)
     assert hi == 17_563_828_224 and 0.5 < lo / hi < 0.7
+
+
+def test_a_strong_teacher_for_an_image_model(vit_run: Path, tmp_path: Path) -> None:
+    """`--teacher RUN` works for images: the teacher (here the fixture's tuned run) scores every training image
+    once, un-augmented, through its family; a teacher at another image size is refused before any work."""
+    from safetensors.torch import load_file
+
+    from instatune_cli.adapters.vit import TimmVitAdapter
+    from instatune_cli.errors import InstatuneError
+    from instatune_cli.images import ImagePreprocessor
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    base = vit_run.parent / "base"
+    opts = dict(model=str(base), task="imagefolder", data=str(CIFAR), limit_train=120, limit_eval=40,
+                val_split="20", max_steps=3, batch_size=16, quiet=True)
+    res = run_tune(TuneConfig(**opts, output=str(tmp_path / "student"), teacher=str(vit_run)))
+    assert res.teacher_cache == "built"
+    logits = load_file(str(tmp_path / "student" / "teacher_logits.safetensors"))["logits"]
+    assert tuple(logits.shape) == (100, 10) and logits.std() > 0
+
+    fam = TimmVitAdapter()
+    labels = {i: c for i, c in enumerate(sorted(p.name for p in (CIFAR / "train").iterdir()))}
+    big = fam.prepare(tiny_timm("vit_tiny_patch16_224", img_size=48), labels)
+    fam.save(big, ImagePreprocessor.for_model(big), tmp_path / "big-teacher")
+    with pytest.raises(InstatuneError, match="48 px images but the student takes 32 px"):
+        run_tune(TuneConfig(**opts, output=str(tmp_path / "refused"), teacher=str(tmp_path / "big-teacher")))
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()

@@ -367,11 +367,12 @@ def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
     adapter = family_of(model_src)
     hf_config = adapter.load_config(model_src)
     dims0 = adapter.dims(hf_config)
-    if adapter.modality != "text" and (cfg.hidden_distill or cfg.tokenizer or cfg.teacher):
-        flag = "--hidden-distill" if cfg.hidden_distill else "--tokenizer" if cfg.tokenizer else "--teacher"
+    if adapter.modality != "text" and (cfg.hidden_distill or cfg.tokenizer):
+        flag = "--hidden-distill" if cfg.hidden_distill else "--tokenizer"
         raise InstatuneError(f"{flag} is for text models; {cfg.model} is a {adapter.family} ({adapter.modality}) "
                              "model: drop the option")
-    teacher_dir, teacher_cfg = teacher_config(cfg.teacher, adapter.family, dims0.vocab_size) if cfg.teacher \
+    teacher_dir, teacher_cfg = teacher_config(cfg.teacher, adapter.family, dims0.vocab_size,
+                                              dims0.image_size) if cfg.teacher \
         else (None, None)
     space = SearchSpace.resolve(cfg.space, dims0)
     space.check_model(dims0)

@@ -44,13 +44,14 @@ def check_teacher(src: str, family: str, labels: list[str], vocab_size: int) -> 
     return path
 
 
-def teacher_config(src: str, family: str, vocab_size: int) -> tuple[str, dict[str, Any]]:
-    """(model dir, config) of a teacher whose weights are readable, family and vocabulary the student's: what
-    can be checked before the data is loaded."""
-    from instatune_cli.adapters import adapter_for, check_model_source
+def teacher_config(src: str, family: str, vocab_size: int, image_size: int = 0) -> tuple[str, dict[str, Any]]:
+    """(model dir, config) of a teacher whose weights are readable, family and vocabulary (or image size) the
+    student's: what can be checked before the data is loaded."""
+    from instatune_cli.adapters import check_model_source, family_of
 
     path, _ = resolve_model_dir(src)
     path = check_model_source(path)  # weights present and readable (adapters.check_weights)
+    fam = family_of(path)
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():  # a hub id (online); let transformers fetch the config
         from transformers import AutoConfig
@@ -61,10 +62,9 @@ def teacher_config(src: str, family: str, vocab_size: int) -> tuple[str, dict[st
             raise InstatuneError(f"cannot load teacher {src!r}: {str(e).strip().splitlines()[0]}") from None
     else:
         cfg = json.loads(cfg_file.read_text())
-    tfam = adapter_for(str(cfg.get("model_type"))).family
-    if tfam != family:
+    if fam.family != family:
         raise InstatuneError(
-            f"teacher {src} is a {tfam} model but the student is {family}; use a teacher of the same family"
+            f"teacher {src} is a {fam.family} model but the student is {family}; use a teacher of the same family"
         )
     tv = int(cfg.get("vocab_size", 0) or 0)
     if tv and vocab_size and tv != vocab_size:
@@ -72,6 +72,11 @@ def teacher_config(src: str, family: str, vocab_size: int) -> tuple[str, dict[st
             f"teacher {src} has a vocabulary of {tv} tokens but the student has {vocab_size}; the teacher must "
             "share the student's tokenizer"
         )
+    if image_size:  # it scores the student's preprocessed images
+        t_size = fam.dims(fam.load_config(path)).image_size
+        if t_size != image_size:
+            raise InstatuneError(f"teacher {src} takes {t_size} px images but the student takes {image_size} px; "
+                                 "use a teacher at the student's image size")
     return path, cfg
 
 
@@ -79,7 +84,8 @@ def check_teacher_labels(src: str, cfg: dict[str, Any], labels: list[str]) -> No
     """The teacher's classes are the task's (count, and names when both have real ones)."""
     id2label = cfg.get("id2label") or {}
     t_names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))] if id2label else []
-    n = len(t_names) or int(cfg.get("num_labels", 2))
+    t_names = t_names or [str(x) for x in cfg.get("label_names") or []]  # timm's config.json
+    n = len(t_names) or int(cfg.get("num_labels", cfg.get("num_classes", 2)))
     if n != len(labels):
         raise InstatuneError(
             f"teacher {src} has {n} classes but the task has {len(labels)} ({labels}); use a teacher tuned on this task"
@@ -158,23 +164,25 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
             group.broadcast_([moved])
             out = moved.cpu()
         return out, False
-    from transformers import AutoModelForSequenceClassification
+    from instatune_cli.adapters import family_of
 
+    fam = family_of(teacher_dir)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+        model = fam.load(teacher_dir)
     except (OSError, ValueError, RuntimeError) as e:
         raise InstatuneError(f"cannot load teacher {teacher_dir}: {str(e).strip().splitlines()[0]}") from None
     device = device or torch.device("cpu")
     model.to(device).eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
+    # images: the teacher scores each training image once, without the training augmentation
+    encoded = encoded.as_eval() if hasattr(encoded, "as_eval") else encoded
+    lengths = encoded.lengths()
+    order = sorted(range(len(encoded)), key=lambda i: lengths[i])
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     mine: list[int] = []
     rows: list[torch.Tensor] = []
     with torch.inference_mode():
         for idx in batches[group.rank :: group.world]:
-            b = encoded.collate(idx)
-            b.pop("labels")
-            rows.append(model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu())
+            rows.append(fam.logits(model, encoded.collate(idx)).float().cpu())
             mine += idx
             if progress is not None:
                 progress(len(idx) * group.world)
