@@ -66,6 +66,12 @@ def register(app: typer.Typer) -> None:
                                      rich_help_panel=METHOD),
         alpha: float = typer.Option(0.3, "--alpha", help="Cross-entropy weight α of the InstaTune loss.",
                                     rich_help_panel=METHOD),
+        super_ce: Optional[float] = typer.Option(None, "--super-ce", help="Cross-entropy weight of the "
+                                                 "super-network's own term [α, as in the paper].",
+                                                 rich_help_panel=METHOD),
+        super_warmup: float = typer.Option(0.0, "--super-warmup", help="Fraction of steps that train the "
+                                           "super-network alone before sub-networks are sampled.",
+                                           rich_help_panel=METHOD),
         temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature ρ.",
                                           rich_help_panel=METHOD),
         hidden_distill: float = typer.Option(0.0, "--hidden-distill", help="β of DynaBERT's hidden-state "
@@ -136,6 +142,7 @@ def register(app: typer.Typer) -> None:
             limit_eval=limit_eval, val_split=val_split, val_data=val_data, metric=metric, max_length=max_length,
             tokenizer=tokenizer, output=output, force=force,
             resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
+            super_ce=super_ce, super_warmup=super_warmup,
             temperature=temperature, hidden_distill=hidden_distill, teacher=teacher, teacher_epochs=teacher_epochs,
             reorder=reorder,
             reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,

@@ -45,6 +45,8 @@ class TuneConfig:
     num_subnets: int = 1
     sampling: str = "uniform"
     alpha: float = 0.3
+    super_ce: float | None = None  # CE weight of the super-network's own term; None: α (paper Eq. 1)
+    super_warmup: float = 0.0      # fraction of steps that train the super-network alone before sampling
     temperature: float = 1.0
     hidden_distill: float = 0.0  # β of DynaBERT's hidden-state distillation super -> sub (tune/loss.py); 0 = off
     teacher: str | None = None
@@ -124,6 +126,8 @@ class TuneConfig:
         need(self.num_subnets >= 1, f"--num-subnets must be at least 1, got {self.num_subnets}")
         need(self.sampling in SAMPLING, f"unknown --sampling {self.sampling!r}; use {' or '.join(SAMPLING)}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        need(self.super_ce is None or self.super_ce > 0, f"--super-ce must be positive, got {self.super_ce}")
+        need(0.0 <= self.super_warmup < 1.0, f"--super-warmup must be in [0, 1), got {self.super_warmup}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         need(self.hidden_distill >= 0, f"--hidden-distill must be >= 0, got {self.hidden_distill}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")

@@ -419,6 +419,8 @@ class Trainer:
             )
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.micro_per_epoch / self.A))
         self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        # super-network warm-up (OFA's progressive shrinking, first phase): no sub-network before this step
+        self.super_warmup_steps = math.ceil(cfg.super_warmup * self.total_steps) if cfg.elastic else 0
         self.steps_per_epoch = self.micro_per_epoch / self.A
         self.say = _Say(console, self.main and not cfg.quiet)
         self.console = console
@@ -638,9 +640,10 @@ class Trainer:
         torch.manual_seed(seed_int("dropout", cfg.seed, step, self.rank))
         epoch_now = (step * self.A) // self.micro_per_epoch
         gamma = 1.0 if self.inp.teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
-        w = L.LossWeights(cfg.alpha, cfg.temperature, gamma)
+        w = L.LossWeights(cfg.alpha, cfg.temperature, gamma, cfg.super_ce)
+        sampling = cfg.elastic and step >= self.super_warmup_steps
         subs = self.space.sample_many(random.Random(seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
-                                      cfg.sampling) if cfg.elastic else []
+                                      cfg.sampling) if sampling else []
         losses: list[Any] = []
         step_samples = 0
         for a in range(self.A):
@@ -911,6 +914,7 @@ class Trainer:
                      "calib_file": "calib.jsonl", "calib_examples": min(CALIB_EXAMPLES, self.n_train)},
             "training": {"mode": "plain" if cfg.plain else "elastic", "num_subnets": cfg.num_subnets,
                          "sampling": cfg.sampling, "alpha": cfg.alpha, "temperature": cfg.temperature,
+                         "super_ce": cfg.super_ce, "super_warmup_steps": self.super_warmup_steps,
                          "hidden_distill": cfg.hidden_distill,
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
                          "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,

@@ -27,11 +27,13 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class LossWeights:
-    """α = CE weight, ρ = temperature, γ = weight of the strong teacher (1 with a teacher, else 0)."""
+    """α = CE weight, ρ = temperature, γ = weight of the strong teacher (1 with a teacher, else 0);
+    `super_ce` = the CE weight of the super-network's own term (None: α, as in Eq. 1)."""
 
     alpha: float = 0.3
     rho: float = 1.0
     gamma: float = 0.0
+    super_ce: float | None = None
 
 
 def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,8 +49,8 @@ def kd(student: torch.Tensor, teacher: torch.Tensor, rho: float) -> torch.Tensor
 
 def super_term(logits: torch.Tensor, labels: torch.Tensor, w: LossWeights,
                teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """α·CE(Φ_S) + (1−α)·γ·KL(Φ_S‖Φ_T; ρ)."""
-    loss = w.alpha * ce(logits, labels)
+    """α·CE(Φ_S) + (1−α)·γ·KL(Φ_S‖Φ_T; ρ) (`w.super_ce` in place of the first α when set)."""
+    loss = (w.alpha if w.super_ce is None else w.super_ce) * ce(logits, labels)
     if w.gamma:
         if teacher is None:
             raise ValueError("gamma > 0 needs teacher logits")
