@@ -9,6 +9,9 @@ import typer
 
 from instatune_cli import __version__
 from instatune_cli.cli import env, export, extract, quantize, search, tune
+from instatune_cli.cli.common import plain_flag_labels
+
+plain_flag_labels()
 
 app = typer.Typer(
     name="instatune",

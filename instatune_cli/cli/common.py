@@ -13,6 +13,24 @@ from instatune_cli.errors import InstatuneError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: the default every --threads / --latency-threads shows (`measure.latency.default_threads` decides it)
+THREADS_DEFAULT = "$OMP_NUM_THREADS if set, else every CPU this process may use"
+
+
+def plain_flag_labels() -> None:
+    """typer labels every flag `<bool>` in help, though a flag takes no value; show no type for flags."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_instatune", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._instatune = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
 
 def console(stderr: bool = False) -> Any:
     from rich.console import Console

@@ -7,28 +7,44 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import console, quiet_libraries, user_errors
+from instatune_cli.cli.common import THREADS_DEFAULT, console, quiet_libraries, user_errors
+
+# ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
+
+SOURCE = "Source"
+MEASURE = "Measuring"
+OUT = "Output"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
     @user_errors
     def export(
-        source: Optional[Path] = typer.Argument(  # noqa: UP045
-            None, help="An extract directory, or a search dir (+ --subnet) / tune run (+ --config). "
-                       "Default: ./run-search, the search's default output."),
-        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", help="Number of a sub-network on the front."),  # noqa: UP045
-        config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
-        int8: bool = typer.Option(False, "--int8", help="Also write an INT8 model.int8.onnx."),
-        batch: int = typer.Option(1, help="Batch size for the latency measurement."),
-        seq_len: Optional[int] = typer.Option(  # noqa: UP045
-            None, help="Sequence length for the latency measurement [128, or the model's maximum if shorter]."),
-        threads: Optional[int] = typer.Option(None, help="ORT intra-op threads [all CPUs]."),  # noqa: UP045
-        runs: int = typer.Option(20, help="Timed runs per latency measurement (after warm-up)."),
-        atol: float = typer.Option(1e-4, help="Max |ONNX - PyTorch| logit difference allowed."),
-        no_compare: bool = typer.Option(False, "--no-compare", help="Skip timing the full super-network."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-onnx]."),  # noqa: UP045
-        force: bool = typer.Option(False, help="Replace existing output directories."),
+        source: Optional[Path] = typer.Argument(
+            None, help="An extract directory, or a search dir (+ --subnet) / tune run (+ --config).",
+            show_default="./run-search, the search's default output"),
+        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", rich_help_panel=SOURCE, show_default="none",
+                                             help="Number of a sub-network on the front (with a search dir)."),
+        config: Optional[str] = typer.Option(None, "--config", rich_help_panel=SOURCE, show_default="none",
+                                             help="L10-h10-f2048, a JSON file or inline JSON (with a tune run)."),
+        int8: bool = typer.Option(False, "--int8", rich_help_panel=SOURCE,
+                                  help="Also write model.int8.onnx and score it on the eval split."),
+        batch: int = typer.Option(1, "--batch", rich_help_panel=MEASURE,
+                                  help="Batch size for the latency measurement."),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", rich_help_panel=MEASURE,
+                                              show_default="128, or the model's maximum if shorter",
+                                              help="Sequence length for the latency measurement."),
+        threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=MEASURE, show_default=THREADS_DEFAULT,
+                                              help="ONNX Runtime intra-op threads for every latency figure."),
+        runs: int = typer.Option(20, "--runs", rich_help_panel=MEASURE,
+                                 help="Timed runs per latency measurement (after warm-up)."),
+        atol: float = typer.Option(1e-4, "--atol", rich_help_panel=MEASURE,
+                                   help="Max |ONNX - PyTorch| logit difference allowed."),
+        no_compare: bool = typer.Option(False, "--no-compare", rich_help_panel=MEASURE,
+                                        help="Skip timing the full super-network."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", rich_help_panel=OUT, show_default="SOURCE-onnx",
+                                              help="Output directory."),
+        force: bool = typer.Option(False, "--force", rich_help_panel=OUT, help="Replace existing output directories."),
     ) -> None:
         """Write model.onnx (dynamic batch/sequence), check it against PyTorch, measure ORT latency."""
         quiet_libraries()

@@ -9,16 +9,21 @@ import typer
 
 from instatune_cli.cli.common import console, quiet_libraries, user_errors
 
+# ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
+
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     @user_errors
     def extract(
         source: Path = typer.Argument(..., help="A search directory (with --subnet) or a tune run (with --config)."),
-        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", help="Number of a sub-network on the front."),  # noqa: UP045
-        config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-subnetN]."),  # noqa: UP045
-        force: bool = typer.Option(False, help="Replace an existing output directory."),
+        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", show_default="none",
+                                             help="Number of a sub-network on the front (with a search dir)."),
+        config: Optional[str] = typer.Option(None, "--config", show_default="none",
+                                             help="L10-h10-f2048, a JSON file or inline JSON (with a tune run)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", show_default="SOURCE-subnetN",
+                                              help="Output directory."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     ) -> None:
         """Write only the sliced weights (+ tokenizer) as a model that loads back with stock transformers."""
         quiet_libraries()

@@ -8,7 +8,14 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import console, quiet_libraries, user_errors
+from instatune_cli.cli.common import THREADS_DEFAULT, console, quiet_libraries, user_errors
+
+# ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
+
+SOURCE = "Source"
+POLICY = "Policy"
+MEASURE = "Measuring"
+OUT = "Output"
 
 
 def register(app: typer.Typer) -> None:
@@ -17,24 +24,39 @@ def register(app: typer.Typer) -> None:
     def quantize(
         source: Path = typer.Argument(..., help="An extract directory, or a search dir (+ --subnet) / tune run "
                                                  "(+ --config)."),
-        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", help="Number of a sub-network on the front."),  # noqa: UP045
-        config: Optional[str] = typer.Option(None, "--config", help="L10-h10-f2048, a JSON file or inline JSON."),  # noqa: UP045
-        policy: Optional[Path] = typer.Option(None, "--policy", help="policy.json: int8/fp32 per layer."),  # noqa: UP045
-        all_int8: bool = typer.Option(False, "--all-int8", help="Quantize every layer (ignore a searched policy)."),
-        engine: str = typer.Option("ort", "--engine", help="ort: INT8 ONNX (deploy with ONNX Runtime); inc: Intel "
-                                                           "Neural Compressor PT2E (deploy with PyTorch)."),
-        calibration_samples: int = typer.Option(256, help="Training examples (the run's calib.jsonl) to calibrate on."),
-        max_drop: float = typer.Option(1.0, help="Warn (and mark the manifest) when INT8 loses more points."),
-        batch: int = typer.Option(1, help="Batch size for the latency measurement."),
-        seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [128 or the model's max]."),  # noqa: UP045
-        threads: Optional[int] = typer.Option(None, help="Intra-op threads for latency [all CPUs]."),  # noqa: UP045
-        runs: int = typer.Option(20, help="Timed runs per latency measurement."),
-        trim_vocab: bool = typer.Option(False, "--trim-vocab", help="ort: keep only the embedding rows of tokens "
-                                        "in the tune run's training data (others read as [UNK])."),
-        strict_fp32: bool = typer.Option(False, "--strict-fp32", help="ort: FP32 layers read unrounded "
-                                         "activations (exact mixed precision, but ORT cannot fuse it: slower)."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [SOURCE-int8]."),  # noqa: UP045
-        force: bool = typer.Option(False, help="Replace existing output directories."),
+        subnet: Optional[int] = typer.Option(None, "--subnet", "-n", rich_help_panel=SOURCE, show_default="none",
+                                             help="Number of a sub-network on the front (with a search dir)."),
+        config: Optional[str] = typer.Option(None, "--config", rich_help_panel=SOURCE, show_default="none",
+                                             help="L10-h10-f2048, a JSON file or inline JSON (with a tune run)."),
+        policy: Optional[Path] = typer.Option(None, "--policy", rich_help_panel=POLICY,
+                                              show_default="the joint search's, else every layer INT8",
+                                              help="policy.json: int8/fp32 per layer."),
+        all_int8: bool = typer.Option(False, "--all-int8", rich_help_panel=POLICY,
+                                      help="Quantize every layer (ignore a searched policy)."),
+        engine: str = typer.Option("ort", "--engine", rich_help_panel=POLICY,
+                                   help="ort: INT8 ONNX (deploy with ONNX Runtime); inc: Intel Neural Compressor "
+                                   "PT2E (deploy with PyTorch)."),
+        calibration_samples: int = typer.Option(256, "--calibration-samples", rich_help_panel=POLICY,
+                                                help="Training examples (the run's calib.jsonl) to calibrate on."),
+        trim_vocab: bool = typer.Option(False, "--trim-vocab", rich_help_panel=POLICY,
+                                        help="ort: keep only the embedding rows of tokens in the tune run's training "
+                                        "data (others read as [UNK])."),
+        strict_fp32: bool = typer.Option(False, "--strict-fp32", rich_help_panel=POLICY,
+                                         help="ort: FP32 layers read unrounded activations (exact mixed precision, "
+                                         "but ORT cannot fuse it: slower)."),
+        max_drop: float = typer.Option(1.0, "--max-drop", rich_help_panel=MEASURE,
+                                       help="Warn (and mark the manifest) when INT8 loses more points."),
+        batch: int = typer.Option(1, "--batch", rich_help_panel=MEASURE,
+                                  help="Batch size for the latency measurement."),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", rich_help_panel=MEASURE,
+                                              show_default="128, or the model's maximum if shorter",
+                                              help="Sequence length for the latency measurement."),
+        threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=MEASURE, show_default=THREADS_DEFAULT,
+                                              help="Intra-op threads for every latency figure."),
+        runs: int = typer.Option(20, "--runs", rich_help_panel=MEASURE, help="Timed runs per latency measurement."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", rich_help_panel=OUT, show_default="SOURCE-int8",
+                                              help="Output directory."),
+        force: bool = typer.Option(False, "--force", rich_help_panel=OUT, help="Replace existing output directories."),
     ) -> None:
         """Post-training static INT8 of an extracted sub-network under a per-layer INT8/FP32 policy."""
         quiet_libraries()

@@ -8,7 +8,14 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import console, quiet_libraries, user_errors
+from instatune_cli.cli.common import THREADS_DEFAULT, console, quiet_libraries, user_errors
+
+# ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
+
+WHAT = "What to find"
+HOW = "How to search"
+MEASURE = "Measuring"
+OUT = "Output"
 
 
 def _fmt(name: str, v: object, metric: str = "accuracy") -> str:
@@ -50,42 +57,64 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def search(
         run_dir: Path = typer.Argument(..., help="A tune run directory (what `instatune tune` wrote)."),
-        objectives: str = typer.Option("acc,macs", "--objectives", "-O",
+        objectives: str = typer.Option("acc,macs", "--objectives", "-O", rich_help_panel=WHAT,
                                        help="2 or 3 of acc, macs, params, latency, size (comma-separated)."),
-        algorithm: str = typer.Option("linas", help="linas (predictor-guided NSGA-II), nsga2 or random."),
-        evals: int = typer.Option(50, help="Budget of real evaluations."),
-        population: int = typer.Option(10, help="Random start size (and NSGA-II population)."),
-        batch: Optional[int] = typer.Option(None, help="LINAS: proposals measured per iteration [population/2]."),  # noqa: UP045
-        seed: int = typer.Option(0, help="Random seed."),
-        constraint: list[str] = typer.Option([], "--constraint", "-c",
+        constraint: list[str] = typer.Option([], "--constraint", "-c", rich_help_panel=WHAT, show_default="none",
                                              help="Repeatable, e.g. max-macs=6G, min-acc=0.9, max-latency=20 "
                                              "(acc: the metric on the validation split)."),
-        max_macs: Optional[str] = typer.Option(None, help="Shorthand for --constraint max-macs=VALUE (e.g. 6G)."),  # noqa: UP045
-        min_acc: Optional[float] = typer.Option(None, help="Shorthand for --constraint min-acc=VALUE (0..1)."),  # noqa: UP045
-        pick: Optional[str] = typer.Option(None, help="Mark the cheapest front member within N points of the "  # noqa: UP045
+        max_macs: Optional[str] = typer.Option(None, "--max-macs", rich_help_panel=WHAT, show_default="none",
+                                               help="Shorthand for --constraint max-macs=VALUE (e.g. 6G)."),
+        min_acc: Optional[float] = typer.Option(None, "--min-acc", rich_help_panel=WHAT, show_default="none",
+                                                help="Shorthand for --constraint min-acc=VALUE (0..1)."),
+        metric: Optional[str] = typer.Option(None, "--metric", rich_help_panel=WHAT,
+                                             show_default="the tune run's: mcc for CoLA, f1 for MRPC/QQP, else "
+                                             "accuracy", help="What acc measures: accuracy, f1 or mcc."),
+        quant: bool = typer.Option(False, "--quant", rich_help_panel=WHAT,
+                                   help="Joint search: an INT8/FP32 gene per linear layer and the embeddings (needs "
+                                   "the size objective)."),
+        pick: Optional[str] = typer.Option(None, "--pick", rich_help_panel=WHAT, show_default="none",
+                                           help="Mark the cheapest front member within N points of the "
                                            "super-network's score, both on the validation split: max-drop=0.5"),
-        metric: Optional[str] = typer.Option(None, help="What acc measures: accuracy, f1 or mcc [the tune run's: "  # noqa: UP045
-                                             "mcc for CoLA, f1 for MRPC/QQP, else accuracy]."),
-        limit_val: Optional[int] = typer.Option(None, help="Select on the first N validation examples (the "  # noqa: UP045
-                                                "front is scored on the whole eval split)."),
-        limit_eval: Optional[int] = typer.Option(None, hidden=True, help="Old name of --limit-val."),  # noqa: UP045
-        quant: bool = typer.Option(False, "--quant", help="Joint search: an INT8/FP32 gene per linear layer and the "
-                                                         "embeddings (needs the size objective)."),
-        calibration_samples: int = typer.Option(128, help="--quant: training examples to calibrate INT8 on."),
-        eval_batch_size: int = typer.Option(64, help="Batch size for scoring (validation and eval splits)."),
-        latency_batch: int = typer.Option(1, help="Batch size the latency objective is measured at."),
-        latency_seq_len: Optional[int] = typer.Option(None, help="Sequence length for latency [space's]."),  # noqa: UP045
-        latency_threads: Optional[int] = typer.Option(None, help="ORT intra-op threads [all CPUs]."),  # noqa: UP045
-        baseline: Optional[Path] = typer.Option(None, help="A plain tune run to mark on the plot."),  # noqa: UP045
-        ref_point: Optional[str] = typer.Option(  # noqa: UP045
-            None, help="Hypervolume reference, one value per objective, e.g. acc=0.5,macs=1.5G; fix it to "
-            "compare searches [derived from this archive]."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Result directory [RUN_DIR-search]."),  # noqa: UP045
-        resume: bool = typer.Option(False, help="Continue a killed search; nothing in its archive is re-evaluated."),
-        force: bool = typer.Option(False, help="Replace an existing result directory."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
-        progress_every: float = typer.Option(30.0, help="Seconds between plain progress lines on stderr when it is "
-                                             "not a terminal (a log, nohup, CI)."),
+        algorithm: str = typer.Option("linas", "--algorithm", rich_help_panel=HOW,
+                                      help="linas (predictor-guided NSGA-II), nsga2 or random."),
+        evals: int = typer.Option(50, "--evals", rich_help_panel=HOW, help="Budget of real evaluations."),
+        population: int = typer.Option(10, "--population", rich_help_panel=HOW,
+                                       help="Random start size (and NSGA-II population)."),
+        batch: Optional[int] = typer.Option(None, "--batch", rich_help_panel=HOW, show_default="population / 2",
+                                            help="LINAS: proposals measured per iteration."),
+        seed: int = typer.Option(0, "--seed", rich_help_panel=HOW, help="Random seed."),
+        ref_point: Optional[str] = typer.Option(None, "--ref-point", rich_help_panel=HOW,
+                                                show_default="derived from this archive",
+                                                help="Hypervolume reference, one value per objective, e.g. "
+                                                "acc=0.5,macs=1.5G; fix it to compare searches."),
+        limit_val: Optional[int] = typer.Option(None, "--limit-val", rich_help_panel=MEASURE, show_default="all",
+                                                help="Select on the first N validation examples (the front is "
+                                                "scored on the whole eval split)."),
+        limit_eval: Optional[int] = typer.Option(None, hidden=True, help="Old name of --limit-val."),
+        calibration_samples: int = typer.Option(128, "--calibration-samples", rich_help_panel=MEASURE,
+                                                help="--quant: training examples to calibrate INT8 on."),
+        eval_batch_size: int = typer.Option(64, "--eval-batch-size", rich_help_panel=MEASURE,
+                                            help="Batch size for scoring (validation and eval splits)."),
+        latency_batch: int = typer.Option(1, "--latency-batch", rich_help_panel=MEASURE,
+                                          help="Batch size the latency objective is measured at."),
+        latency_seq_len: Optional[int] = typer.Option(None, "--latency-seq-len", rich_help_panel=MEASURE,
+                                                      show_default="the space's seq_len",
+                                                      help="Sequence length the latency objective is measured at."),
+        latency_threads: Optional[int] = typer.Option(None, "--latency-threads", rich_help_panel=MEASURE,
+                                                      show_default=THREADS_DEFAULT,
+                                                      help="ONNX Runtime intra-op threads for the latency objective."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", rich_help_panel=OUT,
+                                              show_default="RUN_DIR-search", help="Result directory."),
+        resume: bool = typer.Option(False, "--resume", rich_help_panel=OUT,
+                                    help="Continue a killed search; nothing in its archive is re-evaluated."),
+        force: bool = typer.Option(False, "--force", rich_help_panel=OUT, help="Replace an existing result directory."),
+        baseline: Optional[Path] = typer.Option(None, "--baseline", rich_help_panel=OUT, show_default="none",
+                                                help="A plain tune run to mark on the plot."),
+        as_json: bool = typer.Option(False, "--json", rich_help_panel=OUT,
+                                     help="Print the result as JSON instead of a table."),
+        progress_every: float = typer.Option(30.0, "--progress-every", rich_help_panel=OUT,
+                                             help="Seconds between plain progress lines on stderr when it is not a "
+                                             "terminal (a log, nohup, CI)."),
     ) -> None:
         """Find the Pareto-optimal sub-networks (LINAS by default) and number them 1..K.
 
