@@ -196,6 +196,16 @@ class Provenance:
         d["top"] = str(self.top)
         return d
 
+    def stage(self) -> dict[str, Any]:
+        """What one invocation of a multi-invocation bench (a tune stage run apart from the report) ran from."""
+        return {k: v for k, v in (("commit", self.commit), ("clean", self.clean), ("date", self.date),
+                                  ("command", self.command), ("diff", self.diff)) if v is not None}
+
+    def save_stage(self, path: Path) -> None:
+        """Leave this invocation's `stage()` in `path` (beside a run directory it made), for the report's record."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.stage(), indent=1) + "\n")
+
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--allow-dirty", action="store_true",
@@ -282,6 +292,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def stage_records(paths: Iterable[Path]) -> dict[str, Any]:
+    """The saved `stage()` records that exist, by file name, and whether all (and this run) share one clean commit;
+    a report embeds this so the figures name every invocation that made their inputs."""
+    found = {p.name: json.loads(p.read_text()) for p in paths if p.exists()}
+    return {"stages": found, "commits": sorted({s.get("commit", "?") for s in found.values()}),
+            "all_clean": all(s.get("clean") is True for s in found.values())}
+
+
+def tagged_rows(path: Path, **tags: Any) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (a search's archive.jsonl) with `tags` added to each; [] when it is absent."""
+    if not path.exists() and not path.with_name(path.name + ".gz").exists():
+        return []
+    return [{**tags, **r} for r in read_jsonl(path)]
+
+
 # ---- history -------------------------------------------------------------------------------------------------
 def history_path(bench: str, results: Path | None = None) -> Path:
     return (results if results is not None else REPO / RESULTS_REL) / f"{bench}.history.jsonl"
@@ -305,6 +330,20 @@ def imported_record(bench: str, summary: Mapping[str, Any], result_file: str, co
     recorded (None when it recorded none), `committed_in` the commit that added the result file, `clean` unknown."""
     return {"bench": bench, "imported": True, "commit": commit, "committed_in": committed_in, "clean": None,
             "date": date, "command": None, "summary": dict(summary), "result": result_file, "note": note}
+
+
+def import_result(bench: str, result_file: Path, summary: Mapping[str, Any], commit: str | None, note: str,
+                  results: Path | None = None) -> dict[str, Any] | None:
+    """Append an `imported_record` for a result committed before the history existed, once (a second call for
+    the same file does nothing and returns None). `committed_in` and `date`: the last commit that changed it."""
+    top = work_tree(result_file)
+    rel = result_file.resolve().relative_to(top).as_posix()
+    if any(r.get("imported") and r.get("result") == rel for r in read_history(bench, results)):
+        return None
+    log = git(top, "log", "-1", "--format=%H %cI", "--", rel).split()
+    rec = imported_record(bench, summary, rel, commit, log[0] if log else None, log[1] if log else None, note)
+    append_history(history_path(bench, results), rec)
+    return rec
 
 
 def lookup(summary: Mapping[str, Any], key: str) -> Any:

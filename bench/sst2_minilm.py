@@ -41,6 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.provenance import add_arguments, stage_records, start, tagged_rows  # noqa: E402
+
 RUNS = ("plain", "elastic", "elastic_teacher")
 WITHIN = 0.5  # accuracy points: the paper's "same accuracy" margin for the Table-1 headline
 
@@ -204,7 +206,9 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--stages", default="tune,search,report")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sst2_minilm.json")
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = start("sst2_minilm", __file__, allow_dirty=args.allow_dirty)
 
     import torch
 
@@ -226,9 +230,15 @@ def main() -> None:
         if name not in wanted:
             continue
         if "tune" in stages:
+            fresh = not (runs_dir / name / "manifest.json").exists()
             tune(name, runs_dir / name, args, model)
+            if fresh:  # the report names every invocation that made its inputs
+                prov.save_stage(runs_dir / f"{name}.tune.provenance.json")
         if "search" in stages and (runs_dir / name / "manifest.json").exists():
+            fresh = not (runs_dir / f"{name}-search" / "manifest.json").exists()
             search(name, runs_dir / name, args)
+            if fresh:
+                prov.save_stage(runs_dir / f"{name}.search.provenance.json")
     if "report" not in stages:
         return
 
@@ -247,10 +257,32 @@ def main() -> None:
                "options": {k: str(v) for k, v in vars(args).items() if k not in ("out",)},
                "threads": torch.get_num_threads(), "baseline_dev_acc": baseline_dev, "baseline_val_acc": baseline_val,
                "within_pts": WITHIN, "results": results}
+    # raw rows: every real evaluation of every run's search (validation), beside the dev scores in the JSON
+    prov.write_rows([r for name in results for r in tagged_rows(runs_dir / f"{name}-search" / "archive.jsonl",
+                                                                 run=name)], suffix="archive")
+    made = stage_records(runs_dir / f"{name}.{stage}.provenance.json" for name in results
+                         for stage in ("tune", "search"))
+    summary["provenance"] = prov.finish(summary_figures(summary), result_file=args.out, extra=made)
     args.out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot(results, baseline_dev, args.out.with_suffix(".png"))
     print_table(summary)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def summary_figures(summary: dict) -> dict:
+    """The figures the README quotes, flat (`RUN.FIGURE`), for the history and its medians."""
+    out: dict = {"baseline_dev_acc": summary.get("baseline_dev_acc")}
+    for name, r in summary["results"].items():
+        out[f"{name}.super_dev_acc"] = r["super"]["dev_acc"]
+        out[f"{name}.super_val_acc"] = r["super"].get("val_acc")
+        out[f"{name}.tune_wall_s"] = (r.get("tune_metrics") or {}).get("wall_time_s")
+        for key in ("picked_by_val", "largest_reduction_within_dev"):
+            if r.get(key):
+                out[f"{name}.{key}.macs_reduction_pct"] = r[key]["macs_reduction_pct"]
+                out[f"{name}.{key}.dev_acc"] = r[key]["dev_acc"]
+        for d, x in (r.get("best_per_depth") or {}).items():
+            out[f"{name}.best_L{d}_dev_acc"] = x["dev_acc"]
+    return out
 
 
 def print_table(summary: dict) -> None:
