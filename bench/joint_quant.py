@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
+from bench.provenance import add_arguments, stage_records, start, tagged_rows  # noqa: E402
+
 
 def search(run: Path, out: Path, args: argparse.Namespace) -> None:
     from instatune_cli.search.stage import SearchOptions, run_stage
@@ -170,6 +172,23 @@ def plot(sdir: Path, out: dict[str, Any], png: Path) -> None:
     plt.close(fig)
 
 
+def summary_figures(result: dict) -> dict:
+    """The figures the README quotes (dev accuracy, MB on disk, x smaller), flat, for the history."""
+    out: dict = {"supernet_fp32.eval_acc": result["supernet_fp32"]["eval_acc"],
+                 "supernet_fp32.mb": result["supernet_fp32"]["bytes"] / 1e6,
+                 "supernet_all_int8.eval_acc": result["supernet_all_int8"]["eval_acc"],
+                 "supernet_all_int8.mb": result["supernet_all_int8"]["bytes"] / 1e6,
+                 "supernet_all_int8.latency_ms": result["supernet_all_int8"].get("latency_ms")}
+    for key in ("picked", "picked_trimmed_vocab"):
+        p = result.get(key)
+        if p:
+            out |= {f"{key}.eval_acc_int8": p["eval_acc_int8"], f"{key}.mb_int8": p["bytes_int8"] / 1e6,
+                    f"{key}.drop_points": p["drop_points_vs_fp32_supernet"],
+                    f"{key}.smaller_than_fp32_x": p["smaller_than_fp32_x"],
+                    f"{key}.latency_ms_int8": p.get("latency_ms_int8")}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=RESULTS / "sst2_minilm" / "elastic", help="a tune run")
@@ -183,7 +202,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="timed runs per latency measurement")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "joint_quant.json")
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = start("joint_quant", __file__, allow_dirty=args.allow_dirty)
     if args.threads:
         import torch
 
@@ -194,6 +215,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     search(args.run, work / "search", args)
     result = report(args.run, work, args)
+    prov.write_rows(tagged_rows(work / "search" / "archive.jsonl"), suffix="archive")  # every candidate, validation
+    # the tune run judged here came from another bench invocation (bench/sst2_minilm.py): name it too
+    made = stage_records([args.run.parent / f"{args.run.name}.tune.provenance.json"])
+    result["provenance"] = prov.finish(summary_figures(result), result_file=args.out, extra=made)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result.get(k) for k in ("supernet_fp32", "supernet_all_int8", "targets",
                                                   "targets_trimmed_vocab")}, indent=1))

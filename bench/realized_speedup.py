@@ -41,6 +41,11 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.provenance import add_arguments, start  # noqa: E402
+
 SEQ = 128
 BATCHES = (1, 8)
 TARGET = 0.9
@@ -216,6 +221,16 @@ def comparison_table(comp: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_figures(result: dict) -> dict:
+    """Per cell (family/sub-network/batch): latency before and after the fusions and realized / MAC speedup."""
+    out: dict = {"all_after_cells_meet_target": result["all_after_cells_meet_target"]}
+    for c in result["comparison"]:
+        cell = f"{c['family']}/{c['label']}/b{c['batch']}"
+        out |= {f"{cell}.ms_before": c["ms_before"], f"{cell}.ms_after": c["ms_after"],
+                f"{cell}.ratio_before": c["ratio_before"], f"{cell}.ratio_after": c["ratio_after"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", nargs="+", default=list(SUBNETS), choices=list(SUBNETS))
@@ -227,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="wall: wall clock, --threads threads; cpu: 1 thread, the thread's CPU time")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    add_arguments(ap)
     args = ap.parse_args(argv)
+    prov = start("realized_speedup", __file__, allow_dirty=args.allow_dirty,
+                 argv=None if argv is None else [__file__, *argv])
 
     from instatune_cli.cli.common import quiet_libraries
     from instatune_cli.measure.latency import default_threads
@@ -269,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": comparison(rows),
         "rows": rows,
     }
+    result["provenance"] = prov.finish(summary_figures(result), result_file=args.out)  # rows: in the JSON itself
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(rows))
