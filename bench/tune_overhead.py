@@ -32,6 +32,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import provenance  # noqa: E402
+
 
 def long_examples(src: Path, out: Path, n: int, words: int) -> Path:
     """n examples of >= `words` words each (consecutive SST-2 sentences joined), GLUE TSV layout."""
@@ -67,7 +69,21 @@ def timed_run(cfg, warmup: int) -> dict:
             "wall_s_per_step_mean": round(statistics.fmean(w), 4), "cpu_s_per_step_mean": round(statistics.fmean(c), 4),
             "samples_per_s_wall": round(cfg.batch_size / statistics.median(w), 2), "timed_steps": len(w),
             "run_wall_s": round(total, 2), "teacher_cache": res.teacher_cache,
-            "super_accuracy": res.metrics.get("super_accuracy")}
+            "super_accuracy": res.metrics.get("super_accuracy"),
+            # raw rows (taken out by main): every step's wall and CPU seconds, warm-up steps flagged
+            "_steps": [{"step": i + 1, "wall_s": round(wall[i] - wall[i - 1], 5),
+                        "cpu_s": round(cpu[i] - cpu[i - 1], 5), "timed": i >= max(1, warmup)}
+                       for i in range(1, len(wall))]}
+
+
+def summary_figures(result: dict) -> dict:
+    """Seconds per step of each run and its ratio to plain, on both clocks."""
+    out: dict = {}
+    for k, v in result["runs"].items():
+        out |= {f"{k}.wall_s_per_step": v["wall_s_per_step"], f"{k}.cpu_s_per_step": v["cpu_s_per_step"]}
+    for clock, ratios in result["ratio_to_plain"].items():
+        out |= {f"{k}.x_plain_{clock}": r for k, r in ratios.items() if k != "plain"}
+    return out
 
 
 def main() -> None:
@@ -82,7 +98,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="which time the targets are judged on (cpu: robust on a shared machine)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tune_overhead.json")
+    provenance.add_arguments(ap)
     args = ap.parse_args()
+    prov = provenance.start("tune_overhead", __file__, allow_dirty=args.allow_dirty)
 
     import torch
 
@@ -114,6 +132,7 @@ def main() -> None:
                                                        **common), args.warmup)
         runs["elastic_teacher"]["incl_teacher_pass_wall_s"] = round(time.perf_counter() - t, 2)
 
+    steps = [{"run": k, **x} for k, v in runs.items() for x in v.pop("_steps")]
     ratios = {clock: {k: round(v[f"{clock}_s_per_step"] / runs["plain"][f"{clock}_s_per_step"], 3)
                       for k, v in runs.items()} for clock in ("wall", "cpu")}
     basis = args.clock
@@ -127,6 +146,8 @@ def main() -> None:
         "meets_targets": {"elastic": ratios[basis]["elastic"] <= 1.6,
                           "elastic_teacher": ratios[basis]["elastic_teacher"] <= 1.7},
     }
+    prov.write_rows(steps, suffix="steps")
+    result["provenance"] = prov.finish(summary_figures(result), result_file=args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'run':<18}{'wall s/step':>12}{'cpu s/step':>11}{'x plain wall':>13}{'x plain cpu':>12}{'target':>8}")
