@@ -17,7 +17,9 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +35,10 @@ SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 MARKER = ".stage"  # names the stage of an unfinished `<out>.partial`; never part of a committed directory
+OWN = ".instatune"  # names what a sibling directory instatune made is (`<out>.old`: "old", `<out>.checkpoints`)
 STAGES = ("tune", "search", "extract", "quantize", "export")
+RESUMABLE = ("tune", "search")  # the stages with --resume; the others' partials are only ever removed
+LONGEST_SUFFIX = ".checkpoints"  # the longest name instatune appends to an output (docs/architecture.md)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -75,6 +80,59 @@ def fsync_tree(root: Path) -> None:
         if p.is_file() or p.is_dir():
             _fsync_path(p)
     _fsync_path(root)
+
+
+# ---- sibling paths: `<out>.partial`, `.lock`, `.old`, `.checkpoints` (docs/architecture.md, "Faults and resume")
+
+def lexists(p: Path) -> bool:
+    """Whether anything (a dangling link included) sits at `p`; never follows a link."""
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def refuse_link(p: Path, what: str) -> None:
+    """Instatune never writes, removes or resumes through a symbolic link where it keeps its own files."""
+    if p.is_symlink():
+        raise InstatuneError(f"{p} is a symbolic link where instatune keeps {what}; instatune never writes through "
+                             "a link: remove the link (its target is untouched) and rerun")
+
+
+def own_kind(p: Path) -> str | None:
+    """What a directory instatune made beside an output is (its `.instatune` marker), or None."""
+    try:
+        return (p / OWN).read_text().strip() if not p.is_symlink() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def mark_own(p: Path, kind: str) -> None:
+    (p / OWN).write_text(kind)
+
+
+def check_own_dir(p: Path, kind: str, what: str) -> bool:
+    """Whether `p` holds instatune's own `kind` directory (True) or nothing (False); anything else (a link, a
+    file, a directory someone else made, an empty one aside) is refused in one line and never touched."""
+    if not lexists(p):
+        return False
+    refuse_link(p, what)
+    if p.is_dir() and own_kind(p) == kind:
+        return True
+    if p.is_dir() and not any(p.iterdir()):
+        return False  # an empty directory holds nothing to lose; it is simply reused
+    raise InstatuneError(f"{p} is in the way ({what}) and instatune did not make it; move it away and rerun")
+
+
+def remove_own(p: Path, kind: str) -> None:
+    """Remove `p` only if it is instatune's own `kind` directory (or an empty one)."""
+    if not lexists(p) or p.is_symlink():
+        return
+    if p.is_dir() and own_kind(p) == kind:
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.is_dir() and not any(p.iterdir()):
+        p.rmdir()
 
 
 # ---- faults: disk full, permission denied (docs/architecture.md, "Faults and resume") ---------------------
@@ -288,8 +346,11 @@ class OutputLock:
 
     `fcntl.flock` is released by the OS when its holder dies, so a lock can never outlive its process; the file
     names the holder (pid, host, stage, start) for the one-line refusal a second writer gets, and is removed
-    on release. A lock file that is present but not locked was left by a process that died: it is taken over
-    and `notice` says so. Where `fcntl` does not exist (Windows) locking is skipped.
+    on release (only if it is still the file this process locked). A lock file that is present but not locked
+    was left by a process that died: it is taken over and `notice` says so; one written on another host is
+    refused instead (its holder may be alive there). A `<out>.lock` that is not an instatune lock (a project's
+    `uv.lock`, any other file) or that is a link is refused and never opened for writing (O_NOFOLLOW). Where
+    `fcntl` does not exist (Windows) locking is skipped.
     """
 
     def __init__(self, out: Path, stage: str) -> None:
@@ -300,22 +361,47 @@ class OutputLock:
 
     def holder_error(self, fd: int) -> InstatuneError:
         h = _read_holder(fd)
-        who = (f"instatune {h.get('stage', '?')} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since "
-               f"{h.get('since', '?')})") if h else "instatune process"
+        who = (f"instatune {_shown(h.get('stage'))} (pid {_shown(h.get('pid'))} on {_shown(h.get('host'))}, since "
+               f"{_shown(h.get('since'))})") if h else "instatune process"
         return InstatuneError(f"{self.out} is being written by another {who}; wait for it to finish or choose "
                               "another --output")
 
+    def foreign_error(self) -> InstatuneError:
+        return InstatuneError(f"{self.path} is in the way (instatune's lock for {self.out}) and is not an instatune "
+                              "lock; move it away or choose another --output")
+
+    def _open(self, flags: int) -> int:
+        """Open the lock file without following a link or blocking on a FIFO; refuse anything but a file."""
+        refuse_link(self.path, f"the lock of {self.out}")
+        try:
+            fd = os.open(self.path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                refuse_link(self.path, f"the lock of {self.out}")
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self.foreign_error()
+        return fd
+
     def probe(self) -> None:
-        """Raise the holder's one-line error if a live process holds the lock; change nothing."""
+        """Raise the holder's one-line error if a live process holds the lock, or refuse a lock path instatune
+        cannot use (a link, someone's file); change nothing."""
         try:
             import fcntl
         except ImportError:
             return
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
+        if not lexists(self.path):
             return
         try:
+            fd = self._open(os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError:
+            return  # unreadable here: acquire() says why
+        try:
+            if _read_holder(fd, raw=True) is None:
+                raise self.foreign_error()
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise self.holder_error(fd) from None
@@ -332,7 +418,7 @@ class OutputLock:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = self._open(os.O_RDWR | os.O_CREAT)
             except OSError as e:
                 raise InstatuneError(f"cannot create the lock file {self.path} ({e.strerror}); choose an --output "
                                      "in a directory you can write") from None
@@ -343,18 +429,29 @@ class OutputLock:
                 os.close(fd)
                 raise err from None
             try:  # the previous holder may have removed the file between our open and our lock: retry
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
                 break
             os.close(fd)
-        old = _read_holder(fd)
+        old = _read_holder(fd, raw=True)
+        host = socket.gethostname()
+        if old is None or (old and str(old.get("host", host)) != host):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            if old is None:
+                raise self.foreign_error()
+            raise InstatuneError(
+                f"{self.path} names instatune {_shown(old.get('stage'))} pid {_shown(old.get('pid'))} on host "
+                f"{_shown(old.get('host'))}, which instatune cannot check from {host}: if it is no longer running "
+                f"there, delete {self.path} and rerun")
         if old:
-            self.notice = (f"took over {self.path}, left by {old.get('stage', '?')} pid {old.get('pid', '?')} on "
-                           f"{old.get('host', '?')}, which is no longer running")
+            self.notice = f"took over {self.path}, left by {_shown(old.get('stage'))} pid {_shown(old.get('pid'))}"
+            self.notice += (", which is no longer running" if not _pid_alive(old.get("pid")) else
+                            ", which no longer holds it (that pid is now another process)")
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "stage": self.stage,
                                  "since": _utc_now()}).encode())
         self.fd = fd
 
@@ -363,8 +460,9 @@ class OutputLock:
             return
         import fcntl
 
-        try:
-            os.unlink(self.path)  # while still holding it, so nobody locks a file that is about to vanish
+        try:  # while still holding it, so nobody locks a file that is about to vanish; never someone else's file
+            if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -372,29 +470,97 @@ class OutputLock:
         self.fd = None
 
 
-def _read_holder(fd: int) -> dict[str, Any]:
+def _read_holder(fd: int, raw: bool = False) -> dict[str, Any] | None:
+    """The holder a lock file names ({} when empty or unreadable). With `raw`, None when the file holds
+    something else than an instatune lock (someone's file of that name)."""
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        data = json.loads(os.read(fd, 4096).decode() or "{}")
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        text = os.read(fd, 4096).decode()
+    except (OSError, UnicodeDecodeError):
+        return None if raw else {}
+    if not text.strip():
+        return {}  # an instatune process that died between creating and writing it, or ours just created
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and {"pid", "stage"} <= set(data):
+        return data
+    return None if raw else {}
 
 
-def check_output(out: str | Path, force: bool) -> Path:
+def _shown(v: Any, limit: int = 60) -> str:
+    """A value read from a lock file, safe for a terminal: escape sequences and newlines escaped, bounded."""
+    text = "?" if v is None else str(v)
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, TypeError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output(out: str | Path, force: bool, stage: str | None = None, resume: bool = False,
+                 inputs: Iterable[str | Path | None] = ()) -> Path:
     """Refuse an output a stage must not write or replace; returns it as a Path.
 
     `--force` replaces only what instatune made: an existing directory whose manifest says it is an instatune
     stage output, or an empty directory. Anything else (a data folder, a home directory, a file) is refused
-    with one line, and so is an output that is the current directory or one of its parents (`-o .`).
+    with one line, and so is an output that is the current directory or one of its parents (`-o .`), one that
+    is, holds or lies inside one of the stage's `inputs`, and one whose sibling paths (`.lock`, `.partial`,
+    `.old`) hold something instatune did not make. With `stage`, the `.partial` rules are checked too.
     """
     p = _named_output(out)
+    check_not_input(p, inputs)
     OutputLock(p, "").probe()
-    return _check_replaceable(p, force)
+    _check_replaceable(p, force)
+    if force and p.is_dir():
+        check_own_dir(p.with_name(p.name + ".old"), "old", f"the previous {p} while it is replaced")
+    tmp = p.with_name(p.name + ".partial")
+    if stage is not None and lexists(tmp):
+        check_existing_partial(tmp, stage, resume, force)
+    return p
+
+
+def check_not_input(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """A stage never writes over what it reads: refuse an output that is an input, holds one or lies inside one
+    (`extract run-search -o run-search --force` would delete the search and record itself as its parent)."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        if i is None or not lexists(Path(i).expanduser()):
+            continue  # a hub id, an option left out
+        r = Path(i).expanduser().resolve()
+        how = ("is" if o == r else "holds" if r.is_relative_to(o) else "is inside" if o.is_relative_to(r) else "")
+        if how:
+            raise InstatuneError(f"--output {out} {how} the input {i}; a stage never writes over what it reads: "
+                                 "choose an --output outside it")
+
+
+def lineage(art: Artifact | None, depth: int = 8) -> list[Path]:
+    """An artifact and the ancestors its manifest names (paths only, nothing loaded): everything a child reads."""
+    out: list[Path] = []
+    while art is not None and len(out) < depth:
+        out.append(art.path)
+        par = art.manifest.get("parent")
+        if not isinstance(par, dict) or not isinstance(par.get("path"), str):
+            break
+        ppath = (art.path / par["path"]).resolve()
+        try:
+            art = Artifact(ppath, json.loads((ppath / MANIFEST).read_text()))
+        except (OSError, ValueError):
+            out.append(ppath)
+            break
+    return out
 
 
 def _check_replaceable(p: Path, force: bool) -> Path:
-    if not p.exists() and not p.is_symlink():
+    if not lexists(p):
         return p
     if not force:
         raise InstatuneError(f"{p} already exists; pass --force to replace it or choose another --output")
@@ -411,12 +577,30 @@ def _named_output(out: str | Path) -> Path:
     p = Path(out).expanduser()
     if p.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(p.resolve()):
         raise InstatuneError(f"--output {out} is the current directory or above it; give a new directory name")
+    try:
+        limit = os.pathconf(p.parent if p.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if len(os.fsencode(p.name)) + len(LONGEST_SUFFIX) > limit:
+        raise InstatuneError(f"--output name {p.name[:40]}... is too long ({len(os.fsencode(p.name))} bytes): "
+                             f"instatune adds {LONGEST_SUFFIX} beside it and the file system allows {limit}; give a "
+                             f"name of at most {limit - len(LONGEST_SUFFIX)} bytes")
     return p
+
+
+def _marker_stage(tmp: Path) -> str:
+    try:
+        return _shown((tmp / MARKER).read_text(errors="replace").strip(), 20)
+    except OSError:
+        return "?"
 
 
 def check_existing_partial(tmp: Path, stage: str, resume: bool, force: bool) -> None:
     """What an existing `<out>.partial` allows: `--resume` continues a `stage` partial, `--force` removes one
-    instatune made (its `.stage` marker); a directory without the marker is someone's and is never touched."""
+    instatune made (its `.stage` marker); a directory without the marker, or a link, is someone's and is never
+    touched. A partial that an interrupted extract, quantize or export left (no `--resume` there) is removed
+    by the next run of that stage (`StageWriter.open` says so)."""
+    refuse_link(tmp, "an unfinished stage")
     marker = tmp / MARKER
     if not marker.is_file():
         if resume:
@@ -426,15 +610,21 @@ def check_existing_partial(tmp: Path, stage: str, resume: bool, force: bool) -> 
             raise InstatuneError(f"{tmp} is in the way and is not an unfinished instatune stage (no .stage marker); "
                                  "move it away or choose another --output")
         check_partial(tmp)
-    if resume and marker.read_text().strip() != stage:
-        raise InstatuneError(f"{tmp} holds a {marker.read_text().strip()!r} run, not {stage!r}; cannot resume it")
-    if not resume and not force:
-        raise InstatuneError(f"an unfinished {stage} run is in {tmp}; pass --resume to continue it or --force to "
-                             "start over")
+    held = _marker_stage(tmp)
+    if resume and held != stage:
+        raise InstatuneError(f"{tmp} holds a {held!r} run, not {stage!r}; cannot resume it")
+    if resume or force or (held == stage and stage not in RESUMABLE):
+        return
+    if held != stage:
+        raise InstatuneError(f"{tmp} holds an unfinished {held} run (not {stage}); pass --force to remove it or "
+                             "choose another --output")
+    raise InstatuneError(f"an unfinished {stage} run is in {tmp}; pass --resume to continue it or --force to "
+                         "start over")
 
 
 def check_partial(tmp: Path) -> None:
     """`--force` removes a `<out>.partial` directory only if a stage made it (its `.stage` marker)."""
+    refuse_link(tmp, "an unfinished stage")
     if not (tmp / MARKER).is_file():
         raise InstatuneError(f"{tmp} is not an unfinished instatune stage (no .stage marker); --force removes only "
                              "those, so move it away or choose another --output")
@@ -466,6 +656,7 @@ class StageWriter:
     resume: bool = False
     cleanup_on_error: bool = True
     manifest: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[Any, ...] = ()  # paths the stage reads besides the parent's lineage: never its output
     _complete: bool = field(default=False, init=False)  # a finished result that could not be moved: keep it
 
     def __post_init__(self) -> None:
@@ -524,7 +715,7 @@ class StageWriter:
     # ---- open ---------------------------------------------------------------------------------------------
     def open(self) -> Path:
         """Check the output, take its lock (held until `commit` or `release`), create or reopen the partial."""
-        check_output(self.out, self.force)
+        check_output(self.out, self.force, inputs=(*self.inputs, *lineage(self.parent)))
         if self.force and self.out.exists():
             self._old(clear=False)  # refuse now, not after the whole stage ran
         self.lock.acquire()
@@ -538,14 +729,23 @@ class StageWriter:
             raise
 
     def _open_partial(self) -> Path:
-        if self.tmp.exists():
+        if lexists(self.tmp):
             check_existing_partial(self.tmp, self.stage, self.resume, self.force)
             if self.resume:
                 return self.tmp
+            if not self.force:  # check_existing_partial let it pass: an interrupted run of this stage left it
+                print(f"notice: removed {self.tmp}, left by an interrupted {self.stage}", file=sys.stderr)
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         (self.tmp / MARKER).write_text(self.stage)
         return self.tmp
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str) -> Iterator[Path]:
+        """A temporary directory inside `<out>.partial`, removed on leaving the block: a kill leaves it only in
+        the partial, which the next run of the stage removes (never a stray directory beside the output)."""
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=self.tmp) as td:
+            yield Path(td)
 
     @property
     def path(self) -> Path:
@@ -591,9 +791,10 @@ class StageWriter:
     def _publish(self) -> None:
         """Rename the partial into place. With force the previous output moves to `<out>.old` first and is put
         back if the rename fails, so it is never left only under that name (else the error says where it is)."""
-        if self.out.exists() or self.out.is_symlink():
+        if lexists(self.out):
             _check_replaceable(self.out, True)  # it may have changed since open()
             old = self._old()
+            mark_own(self.out, "old")  # so a `<out>.old` a crash leaves is known as instatune's (a user's is not)
             os.replace(self.out, old)
             try:
                 os.replace(self.tmp, self.out)
@@ -606,21 +807,20 @@ class StageWriter:
         _fsync_path(self.out.parent)
 
     def _old(self, clear: bool = True) -> Path:
-        """`<out>.old`, cleared first (with `clear`) only if it is an output instatune left there (never someone's
-        data)."""
+        """`<out>.old`, cleared first (with `clear`) only if instatune left it there (its `.instatune` marker says
+        "old"): never someone's backup, not even a copy of an instatune output."""
         old = self.out.with_name(self.out.name + ".old")
-        if old.exists() or old.is_symlink():
-            if old.is_symlink() or not old.is_dir() or (any(old.iterdir()) and not _is_stage_output(old)):
-                raise InstatuneError(f"{old} is in the way of replacing {self.out} and is not an instatune output; "
-                                     "move it away and rerun")
-            if clear:
-                shutil.rmtree(old)
+        if check_own_dir(old, "old", f"the previous {self.out} while it is replaced") and clear:
+            shutil.rmtree(old)
+        elif clear and lexists(old):
+            old.rmdir()  # empty
         return old
 
     def _restore(self, old: Path, e: OSError) -> InstatuneError:
         why = e.strerror or str(e)
         try:
             os.replace(old, self.out)
+            (self.out / OWN).unlink(missing_ok=True)
         except OSError:
             return InstatuneError(f"could not move {self.tmp} to {self.out} ({why}) nor put the previous output back: "
                                   f"the previous output is in {old} and the new result in {self.tmp}; move one of "

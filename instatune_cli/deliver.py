@@ -12,7 +12,6 @@ there is one (as `quantize` does), else ONNX Runtime dynamic INT8, and says whic
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,7 @@ def _real_batches(tune: artifacts.Artifact, tok: Any, n: int = 16) -> list[dict[
 def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | None = None,
                   config: str | None = None, force: bool = False) -> artifacts.Artifact:
     from instatune_cli.adapters import adapter_of
-    from instatune_cli.extract import save_extracted
+    from instatune_cli.extract import full_subnet, save_extracted
     from instatune_cli.tune import load_tuned
 
     s = resolve_source(src, subnet, config)
@@ -101,7 +100,7 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
         fam = adapter_of(model)
         dims = fam.dims_of(model)
         seq = fam.seq_len(dims, space.seq_len)
-        full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)
+        full = full_subnet(model)
         info["macs"] = fam.macs(dims, s.sub, seq)
         info["macs_supernet"] = fam.macs(dims, full, seq)
         info["macs_reduction"] = 1 - info["macs"] / info["macs_supernet"]
@@ -171,24 +170,26 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
         info["weights_bytes"] = weights_bytes(art.path)
         if int8:
             q = w.path / "model.int8.onnx"
-            info["int8"] = _int8(art, tune, model, tok, onnx, q)
+            with w.scratch(".int8-") as td:
+                info["int8"] = _int8(art, tune, model, tok, onnx, q, td)
             info["int8"]["agreement"] = _agreement(q, model, tune, tok, fam)
+            info["int8"]["accuracy"] = _int8_accuracy(onnx, q, tune, tok, model)
             info["int8"]["latency"] = _latency(q, batch, seq_len, threads, runs)
             say(info["int8"]["note"])
         if compare_full:
             full_model, _, _, _ = load_tuned(tune.path, verify=False)
-            with tempfile.TemporaryDirectory(prefix="instatune-full-") as td:
+            with w.scratch(".full-") as td:  # inside the partial, removed with it
                 fam.save(full_model, None, td)
-                fo = Path(td) / "full.onnx"
+                fo = td / "full.onnx"
                 export_onnx(td, fo)
                 info["latency_supernet"] = _latency(fo, batch, seq_len, threads, runs)
             info["speedup"] = info["latency_supernet"]["median_ms"] / info["latency"]["median_ms"]
         model_info = {k: v for k, v in art.model.items()}
-        return w.commit(model=model_info, metrics=info)
+        return w.commit(model=model_info, metrics=in_directory(info, w.path))
 
 
 def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: Any, onnx: Path,
-          q: Path) -> dict[str, Any]:
+          q: Path, scratch: Path) -> dict[str, Any]:
     """`model.int8.onnx`: the joint search's policy for this sub-network (calibrated static QDQ, as `quantize`
     does), or, without one, ONNX Runtime dynamic INT8 of every linear; the note says which."""
     from instatune_cli.export import export_onnx, quantize_dynamic_int8
@@ -207,13 +208,46 @@ def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: An
     policy.check_for(architecture_of(model))
     calib = [{k: v for k, v in b.items() if k != "labels"}
              for b in load_eval_batches(tune, tok, batch_size=16, limit=256, which="calib")]
-    with tempfile.TemporaryDirectory(prefix="instatune-int8-") as td:
-        plain = Path(td) / "plain.onnx"
-        export_onnx(art.path, plain, optimize=False)  # every linear its own node, as the policy names them
-        info = quantize_onnx(plain, q, policy, torch_targets(model), calib)
+    plain = scratch / "plain.onnx"
+    export_onnx(art.path, plain, optimize=False)  # every linear its own node, as the policy names them
+    info = quantize_onnx(plain, q, policy, torch_targets(model), calib)
     info["policy"] = policy.to_dict()
     info["note"] = f"INT8 via the joint search's policy for this sub-network ({policy.summary()}), static QDQ"
     return info
+
+
+def in_directory(value: Any, work: Path) -> Any:
+    """`value` with every path inside the stage's work directory (`<out>.partial`, renamed at commit) written
+    relative to it, so a manifest names files that exist after the rename (`model.onnx`, not
+    `x-onnx.partial/model.onnx`)."""
+    root = str(Path(work))
+    if isinstance(value, dict):
+        return {k: in_directory(v, work) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [in_directory(v, work) for v in value]
+    if isinstance(value, (str, Path)) and str(value).startswith(root + "/"):
+        return str(value)[len(root) + 1:]
+    return value
+
+
+def _int8_accuracy(fp32: Path, q: Path, tune: artifacts.Artifact, tok: Any, model: Any) -> dict[str, Any]:
+    """The run's metric on the whole eval split for model.onnx and model.int8.onnx (as `quantize` reports it),
+    and the change in points (negative: INT8 lost)."""
+    from instatune_cli.export import ort_feed, ort_session
+    from instatune_cli.quantize.stage import eval_score
+    from instatune_cli.tune import load_eval_batches, run_metric
+
+    batches = load_eval_batches(tune, tok, batch_size=32, which="eval")
+    metric, classes = run_metric(tune), int(tune.model.get("num_labels") or model.config.num_labels)
+    out: dict[str, Any] = {}
+    for key, path in (("fp32", fp32), ("int8", q)):
+        sess = ort_session(path)
+        names = [i.name for i in sess.get_inputs()]
+        out[key] = eval_score(batches, lambda b, s=sess, n=names: s.run(["logits"], {k: ort_feed(b[k]) for k in n})[0],
+                              metric, classes)
+        out[key]["model"] = path.name
+    out["change_points"] = 100 * (out["int8"]["score"] - out["fp32"]["score"])
+    return out
 
 
 def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, fam: Any, n: int = 64
@@ -238,4 +272,5 @@ def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, fam: 
         same += int((q.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ref)
         worst = max(worst, float(np.abs(q - ref).max()))
-    return {"same_prediction": same / total if total else None, "n": total, "max_abs_diff": worst}
+    regressor = int(getattr(model.config, "num_labels", 2)) == 1  # one output: no class to agree on
+    return {"same_prediction": same / total if total and not regressor else None, "n": total, "max_abs_diff": worst}

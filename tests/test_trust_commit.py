@@ -92,6 +92,7 @@ def test_checkpoints_parked_by_another_run_are_never_resumed(tiny_bert_dir: Path
     stale = parked_dir(out.with_name("run.partial")) / "step-000008"
     stale.mkdir(parents=True)
     (stale / "state.json").write_text(json.dumps({"fingerprint": "another run"}))
+    artifacts.mark_own(stale.parent, "checkpoints")  # parked by instatune (an unmarked one is refused)
     res = run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, resume=True, max_steps=2))
     assert res.resumed_from is None and not stale.parent.exists()
 

@@ -10,7 +10,6 @@ accuracy is reported on. Writes `model.int8.onnx` (engine `ort`) or Neural Compr
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,9 +151,9 @@ class QuantizeStage:
         with artifacts.StageWriter(self.out, "quantize", opts, parent=self.art, force=self.force) as w:
             self.fam.save_preprocessor(self.tok, w.path)
             self.policy.save(w.path / "policy.json")
-            with tempfile.TemporaryDirectory(prefix="instatune-quant-", dir=w.path.parent) as td:
-                metrics = (self._ort(w.path, Path(td), calib) if self.opts.engine == "ort"
-                           else self._inc(w.path, Path(td), calib))
+            with w.scratch(".quant-") as td:  # inside the partial: a kill leaves nothing beside the output
+                metrics = (self._ort(w.path, td, calib) if self.opts.engine == "ort"
+                           else self._inc(w.path, td, calib))
             metrics.update(self._verdict(metrics))
             model_info = {**self.art.model, "policy": self.policy.summary()}
             return w.commit(model=model_info, metrics=metrics)
@@ -232,18 +231,7 @@ class QuantizeStage:
         return run_metric(self.tune)
 
     def _score(self, logits_of: Any) -> dict[str, Any]:
-        import numpy as np
-
-        from instatune_cli.measure.metrics import score
-
-        preds, labels = [], []
-        for b in self._eval_batches():
-            preds.append(np.asarray(logits_of(b)).argmax(-1))
-            labels.append(b["labels"].numpy())
-        p, y = np.concatenate(preds), np.concatenate(labels)
-        metric = self._metric()
-        return {"metric": metric, "score": score(metric, p, y, int(self.model.config.num_labels)), "n": int(len(y)),
-                "split": "eval"}
+        return eval_score(self._eval_batches(), logits_of, self._metric(), int(self.model.config.num_labels))
 
     def _score_torch(self, model: Any, positional: bool = False) -> dict[str, Any]:
         import torch
@@ -269,6 +257,24 @@ class QuantizeStage:
                      "marked in the manifest: try a policy with more FP32 layers (search --quant)")
         return {"accuracy_drop_points": drop, "over_max_drop": over,
                 "size_ratio": m["size_bytes"]["fp32"] / m["size_bytes"]["int8"]}
+
+
+def eval_score(batches: list[dict[str, Any]], logits_of: Any, metric: str, num_labels: int) -> dict[str, Any]:
+    """The run's metric of `logits_of(batch)` over the eval split's labelled `batches` (what `quantize` and
+    `export --int8` report before and after INT8)."""
+    import numpy as np
+
+    from instatune_cli.measure.metrics import score
+
+    from instatune_cli.measure.metrics import is_regression
+
+    preds, labels = [], []
+    for b in batches:
+        out = np.asarray(logits_of(b))
+        preds.append(out[:, 0] if is_regression(metric) else out.argmax(-1))  # a regressor's one output
+        labels.append(b["labels"].numpy())
+    p, y = np.concatenate(preds), np.concatenate(labels)
+    return {"metric": metric, "score": score(metric, p, y, num_labels), "n": int(len(y)), "split": "eval"}
 
 
 def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: QuantizeOptions, seq: int,

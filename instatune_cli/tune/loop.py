@@ -44,14 +44,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.artifacts import Heartbeat, fmt_seconds, fsync_tree, writing
+from instatune_cli.artifacts import Heartbeat, fmt_seconds, fsync_tree, remove_own, writing
 from instatune_cli.distributed import RankError, env_rank, env_world_size, from_accelerator, rank0_reports
 from instatune_cli.errors import InstatuneError
 from instatune_cli.seeds import seed_int
+from instatune_cli.tune import recover
 from instatune_cli.tune.config import TuneConfig
 
 CKPT_DIR = "checkpoints"
 PARKED = ".checkpoints"  # suffix of the sibling `<output>.checkpoints/` holding them during the commit
+PARKED_KIND = "checkpoints"  # its `.instatune` marker: only a directory so marked is ever emptied or removed
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 MODEL_DIR = "model"
@@ -84,12 +86,15 @@ def _first_line(e: BaseException) -> str:
 
 def precheck_output(cfg: TuneConfig) -> None:
     """The StageWriter rules, checked before any heavy work so a refused run costs nothing."""
-    from instatune_cli.artifacts import check_existing_partial, check_output
+    from instatune_cli.artifacts import check_output, check_own_dir
 
-    out = check_output(cfg.output, cfg.force)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        check_existing_partial(tmp, "tune", cfg.resume, cfg.force)
+    out = check_output(cfg.output, cfg.force, "tune", cfg.resume, tune_inputs(cfg))
+    check_own_dir(parked_dir(out.with_name(out.name + ".partial")), PARKED_KIND, "the checkpoints of a commit")
+
+
+def tune_inputs(cfg: TuneConfig) -> tuple[str | None, ...]:
+    """What a tune run reads: never its output, nor inside it, nor around it (artifacts.check_not_input)."""
+    return (cfg.model, cfg.data, cfg.eval_data, cfg.val_data, cfg.tokenizer, cfg.teacher, cfg.space)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -101,8 +106,10 @@ def parked_dir(partial: Path) -> Path:
 
 def unpark_checkpoints(partial: Path, fingerprint: str, resume: bool) -> None:
     """Bring back checkpoints an interrupted commit parked: those of this run when resuming, none otherwise."""
+    from instatune_cli.artifacts import check_own_dir
+
     aside, live = parked_dir(partial), partial / CKPT_DIR
-    if not aside.is_dir():
+    if not check_own_dir(aside, PARKED_KIND, "the checkpoints of a commit"):
         return
     if resume:
         live.mkdir(exist_ok=True)
@@ -280,6 +287,7 @@ class TuneInputs:
     teacher_dir: str | None
     hf_config: Any
     metric: str
+    source: Any = None        # tune/recover.ExtractSource when MODEL is an extract (recovery fine-tuning)
 
 
 def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None] | None = None) -> TuneResult:
@@ -287,12 +295,13 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
     every optimizer step (and after a checkpoint of that step), e.g. to stop a run in tests."""
     t_session = time.perf_counter()
     with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
+        source = recover.from_extract(cfg)  # MODEL an extract: checked; data / --teacher parent from its run
         cfg.validate()
         cfg.per_process_batch(env_world_size())  # before any heavy work: the global batch must split evenly
         launcher_precision(cfg)
         if env_rank() == 0:  # only rank 0 touches the output: another rank's probe of the lock would race its take
             precheck_output(cfg)
-        inputs = _resolve_inputs(cfg)
+        inputs = _resolve_inputs(cfg, source)
 
         from datetime import timedelta
 
@@ -354,12 +363,11 @@ def launcher_precision(cfg: TuneConfig) -> None:
                          f"{cfg.mixed_precision}; make them agree (or drop one)")
 
 
-def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
+def _resolve_inputs(cfg: TuneConfig, source: Any = None) -> TuneInputs:
     """Every input check that needs no training, cheapest first, so a bad teacher, space or tokenizer fails before
     the data is loaded and tokenized: model, teacher, space, tokenizer, data and validation split, labels."""
     from instatune_cli.adapters import check_model_source, family_of
-    from instatune_cli.measure.metrics import default_metric
-    from instatune_cli.space import SearchSpace
+    from instatune_cli.measure.metrics import check_metric_kind, default_metric
     from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config
 
     model_src, _ = resolve_model_dir(cfg.model)
@@ -374,22 +382,26 @@ def _resolve_inputs(cfg: TuneConfig) -> TuneInputs:
     teacher_dir, teacher_cfg = teacher_config(cfg.teacher, adapter.family, dims0.vocab_size,
                                               dims0.image_size) if cfg.teacher \
         else (None, None)
-    space = SearchSpace.resolve(cfg.space, dims0)
+    space = recover.space_for(cfg.space, dims0, hf_config)  # SearchSpace.resolve, or a per-layer model's own
     space.check_model(dims0)
     tok_src = resolve_model_dir(cfg.tokenizer)[0] if cfg.tokenizer else model_src
     tok = adapter.load_preprocessor(tok_src)
     max_length = adapter.max_length(cfg.max_length, tok, hf_config, dims0)
 
-    data = adapter.load_data(cfg)
+    data = adapter.load_data(source.data_config(cfg) if source else cfg)
+    if source:
+        source.check_labels(data.labels)
     if teacher_cfg is not None:
         check_teacher_labels(str(cfg.teacher), teacher_cfg, data.labels)
     has_val = data.val is not None and len(data.val)
+    metric = check_metric_kind(cfg.metric or default_metric(data.task, data.regression), data.regression,
+                               f"the data of {data.task}")
     return TuneInputs(
         data=data, tok=tok, max_length=max_length, model_src=model_src, adapter=adapter, space=space,
         train_enc=adapter.encode(tok, data.train, max_length, train=True),
         eval_enc=adapter.encode(tok, data.eval, max_length),
         val_enc=adapter.encode(tok, data.val, max_length) if has_val else None,
-        teacher_dir=teacher_dir, hf_config=hf_config, metric=cfg.metric or default_metric(data.task),
+        teacher_dir=teacher_dir, hf_config=hf_config, metric=metric, source=source,
     )
 
 
@@ -436,7 +448,7 @@ class Trainer:
 
         # only the main process opens it, and so holds the output's lock (artifacts.OutputLock)
         self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
-                                  cleanup_on_error=False)
+                                  cleanup_on_error=False, inputs=tune_inputs(cfg))
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def open_partial(self) -> None:
@@ -457,6 +469,8 @@ class Trainer:
                     "teacher": self.tkey, "processes": 1}
         if inp.val_enc is not None:
             fp_extra["val"] = inp.val_enc.digest()
+        if inp.source is not None:
+            fp_extra["extract"] = inp.source.digest
         self.fingerprint = cfg.fingerprint(fp_extra)
         partial, self.run_info, ckpt = self.group.agree(lambda: self._open_partial_main(fp_extra))
         self.partial = Path(partial)
@@ -542,12 +556,14 @@ class Trainer:
         cfg = self.cfg
         set_seed(cfg.seed)
         model = load_model(self.inp.model_src, id2label=self.inp.data.id2label)
+        if self.inp.data.regression:  # one output; stock loaders and pipelines then read it as a score
+            model.config.problem_type = "regression"
         self.adapter.make_elastic(model, self.space.depth)
         self.dims = self.adapter.dims_of(model)
         model.to(self.acc.device)
         self.reorder_info = self.run_info.get("reorder")
-        if cfg.use_reorder and self.ckpt is None:
-            self._reorder(model)
+        if cfg.use_reorder and cfg.elastic and self.ckpt is None:
+            self._reorder(model, "before training")
         decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -560,19 +576,26 @@ class Trainer:
         self.model = self.raw = model
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def _reorder(self, model: Any) -> None:
+    def _reorder(self, model: Any, when: str) -> None:
+        """Sort heads and neurons by importance (docs/architecture.md, "Activating a sub-network"). An elastic run
+        does it `before training`, so that every prefix it trains is the best one; a --plain run `after training`,
+        on the fine-tuned weights (prune-after-fine-tuning: its search cuts the fine-tuned model's most important
+        units, as any pruning method would). Either way the full network computes the same function, and the
+        saved weights are in that order, so search, extract and export need nothing else."""
         # the first global batches, whole, on every rank: the importance a single process would compute (the
-        # weights are then broadcast from rank 0 in `resume`, so ranks need not agree to the bit)
+        # weights are then broadcast from rank 0, so ranks need not agree to the bit)
         nb = min(self.cfg.reorder_batches, self.micro_per_epoch)
         order0 = self.epoch_order(0)
         G = self.G
         batches = [{k: v.to(self.acc.device) for k, v in self.inp.train_enc.collate(order0[i * G:(i + 1) * G]).items()}
                    for i in range(nb)]
         info = self.adapter.reorder_by_importance(model, batches)
-        self.reorder_info = {"method": info.get("method"), "batches": nb, "head_orders": info.get("head_orders")}
+        model.zero_grad(set_to_none=True)
+        self.reorder_info = {"method": info.get("method"), "batches": nb, "when": when,
+                             "head_orders": info.get("head_orders")}
         self.run_info["reorder"] = self.reorder_info
         self._write_run_info()
-        self.say(f"reordered heads and neurons by importance ({self.reorder_info['method']}, {nb} batches)")
+        self.say(f"reordered heads and neurons by importance {when} ({self.reorder_info['method']}, {nb} batches)")
 
     def resume(self) -> None:
         if self.ckpt is not None:
@@ -745,7 +768,9 @@ class Trainer:
     # ---- evaluation and checkpoints ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         """Super-network and smallest sub-network on the eval split (and the validation split if any): accuracy,
-        and the task's metric as `super_[val_]<metric>` when it is not accuracy (e.g. `super_mcc`)."""
+        and the task's metric as `super_[val_]<metric>` when it is not accuracy (e.g. `super_mcc`); a regressor
+        has no accuracy and reports `super_[val_]mse` beside its correlation. `super_[val_]collapsed`: no better
+        than a constant predictor (measure.metrics)."""
         out: dict[str, Any] = {}
         metric = self.inp.metric
         for split, ev in self.evaluators.items():
@@ -753,13 +778,32 @@ class Trainer:
             with self.acc.autocast():  # what a prepared model's forward did (a no-op without mixed precision)
                 sup = ev.evaluate(None)
                 small = ev.evaluate(self.smallest)
-            out.update({f"super_{pre}accuracy": sup.accuracy, f"smallest_{pre}accuracy": small.accuracy})
+            beside = "mse" if self.inp.data.regression else "accuracy"
+            out.update({f"super_{pre}{beside}": getattr(sup, beside),
+                        f"smallest_{pre}{beside}": getattr(small, beside)})
             if metric != "accuracy":
                 out.update({f"super_{pre}{metric}": sup.score, f"smallest_{pre}{metric}": small.score})
+            out.update({f"super_{pre}collapsed": sup.collapsed, f"smallest_{pre}collapsed": small.collapsed})
             if split == "eval":
                 out.update({"eval_loss": sup.loss, "smallest_eval_loss": small.loss})
         self.adapter.activate(self.raw, None)
         return out
+
+    def scores_line(self, ev: dict[str, Any]) -> str:
+        """`super mcc 0.4120 (acc 0.8013), smallest L3-h4-f384 mcc 0.1034 (acc 0.7120)`: the task's metric first,
+        accuracy (a regressor: mse) beside it, `collapsed` where no better than a constant predictor."""
+        metric = self.inp.metric
+        beside = "mse" if self.inp.data.regression else ("acc" if metric != "accuracy" else "")
+        key = {"mse": "mse", "acc": "accuracy"}.get(beside, "")
+
+        def one(who: str) -> str:
+            shown = "acc" if metric == "accuracy" else metric
+            text = f"{shown} {ev[f'{who}_{metric}']:.4f}"
+            if beside:
+                text += f" ({beside} {ev[f'{who}_{key}']:.4f})"
+            return text + (" collapsed" if ev.get(f"{who}_collapsed") else "")
+
+        return f"super {one('super')}, smallest {self.smallest.name} {one('smallest')}"
 
     def checkpoint(self, done: int) -> None:
         """Rank 0 writes it (every rank holds the same state); the others wait for it (`Group.agree`), and
@@ -788,8 +832,11 @@ class Trainer:
         val_n = len(inp.val_enc) if inp.val_enc is not None else 0
         self.say(f"[bold]tune[/] {cfg.model} ({model_family(inp.hf_config.model_type)}, "
                  f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.n_train} train "
-                 f"/ {val_n} val / {len(inp.eval_enc)} eval, {len(inp.data.labels)} classes, {self.mode}"
+                 f"/ {val_n} val / {len(inp.eval_enc)} eval, "
+                 f"{'regression' if inp.data.regression else f'{len(inp.data.labels)} classes'}, {self.mode}"
                  f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.total_steps} steps -> {cfg.output}")
+        if inp.source is not None:
+            self.say(inp.source.summary())
         if self.main:  # what the data loader had to say (e.g. images skipped as unreadable), even with --quiet
             for note in inp.data.source.get("notes", []):
                 print(f"notice: {note}", file=sys.stderr)
@@ -798,6 +845,9 @@ class Trainer:
         self.resume()
         self.make_evaluators()
         self.train_loop()
+        if cfg.plain and cfg.use_reorder:
+            self._reorder(self.raw, "after training")
+            self.group.broadcast_([*self.raw.parameters(), *self.raw.buffers()])
         return self.commit()
 
     def train_loop(self) -> None:
@@ -839,8 +889,7 @@ class Trainer:
     def _eval_note(self, done: int, progress: _Progress) -> None:
         ev = self.evaluate()
         self.log.write({"event": "eval", "step": done, **ev})
-        progress.note(f"step {done}: super acc {ev['super_accuracy']:.4f}, smallest {self.smallest.name} acc "
-                      f"{ev['smallest_accuracy']:.4f}, eval loss {ev['eval_loss']:.4f}")
+        progress.note(f"step {done}: {self.scores_line(ev)}, eval loss {ev['eval_loss']:.4f}")
 
     def commit(self) -> TuneResult:
         """Final evaluation, then the run directory (model, space, splits, calibration sample, manifest), by rank 0;
@@ -864,9 +913,8 @@ class Trainer:
         self._write_outputs(n_val)
         self._park_checkpoints()
         self.artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
-        shutil.rmtree(parked_dir(partial), ignore_errors=True)  # only now: the run directory is in place
-        self.say(f"[green]done[/] {cfg.output}: super acc {metrics['super_accuracy']:.4f}, smallest "
-                 f"{self.smallest.name} acc {metrics['smallest_accuracy']:.4f}, {metrics['samples_per_s']} "
+        remove_own(parked_dir(partial), PARKED_KIND)  # only now: the run directory is in place
+        self.say(f"[green]done[/] {cfg.output}: {self.scores_line(metrics)}, {metrics['samples_per_s']} "
                  f"samples/s, {metrics['wall_time_s']} s")
         return metrics
 
@@ -889,9 +937,13 @@ class Trainer:
     def _park_checkpoints(self) -> None:
         """Move the checkpoints out of the directory the manifest describes, but keep them until it is in place:
         a kill or a full disk during the commit then resumes from the last one, not from step 0."""
+        from instatune_cli.artifacts import check_own_dir, mark_own
+
         live, aside = self.partial / CKPT_DIR, parked_dir(self.partial)
         if live.is_dir():
-            shutil.rmtree(aside, ignore_errors=True)
+            if check_own_dir(aside, PARKED_KIND, "the checkpoints of a commit"):
+                shutil.rmtree(aside)
+            mark_own(live, PARKED_KIND)  # before the move: a parked directory is never without its marker
             os.replace(live, aside)
 
     def _model_info(self) -> dict[str, Any]:
@@ -901,8 +953,10 @@ class Trainer:
             "model_type": inp.hf_config.model_type, "base_checkpoint": self.cfg.model,
             "base_resolved": self.model_id, "task": inp.data.task, "labels": inp.data.labels,
             "num_labels": len(inp.data.labels), "dims": self.dims.to_dict(), "max_length": inp.max_length,
+            "problem_type": "regression" if inp.data.regression else "single_label_classification",
             "text_pair": inp.data.eval.pairs is not None, "model_dir": MODEL_DIR, "elastic": self.cfg.elastic,
             "reorder": self.reorder_info, "metric": inp.metric, "depth_rule": self.space.depth,
+            **({"source_extract": inp.source.record()} if inp.source is not None else {}),
         }
 
     def _extra(self, n_val: int) -> dict[str, Any]:

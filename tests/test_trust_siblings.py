@@ -1,0 +1,232 @@
+"""Issue 19, the artifact layer: instatune deletes or overwrites only the sibling paths it made (`<out>.partial`,
+`.lock`, `.old`, `.checkpoints`, scratch directories), never follows a planted link, never writes over its own
+input, and records the parent it read (docs/architecture.md, "Faults and resume")."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_cli_error, run_cli, tiny_tune_args, tiny_tune_config
+
+from instatune_cli import artifacts
+from instatune_cli.errors import InstatuneError
+from instatune_cli.tune.loop import PARKED_KIND, parked_dir, precheck_output, unpark_checkpoints
+
+fcntl = pytest.importorskip("fcntl")
+
+
+def write_stage(out: Path, value: str, force: bool = False, stage: str = "extract",
+                parent: artifacts.Artifact | None = None) -> artifacts.Artifact:
+    with artifacts.StageWriter(out, stage, {"v": value}, force=force, parent=parent) as w:
+        (w.path / "weights.txt").write_text(value)
+        return w.commit()
+
+
+# ---- class 1: only instatune's own siblings are removed ----------------------------------------------------
+
+def test_a_users_lock_file_is_refused_and_kept(tmp_path: Path) -> None:
+    (tmp_path / "uv.lock").write_text("version = 1\n[[package]]\nname = 'x'\n")
+    with pytest.raises(InstatuneError, match="uv.lock is in the way .* not an instatune lock"):
+        write_stage(tmp_path / "uv", "a")
+    with pytest.raises(InstatuneError, match="not an instatune lock"):
+        artifacts.check_output(tmp_path / "uv", False)  # the pre-check of tune refuses it before any work
+    assert (tmp_path / "uv.lock").read_text().startswith("version = 1")
+    assert not (tmp_path / "uv").exists() and not (tmp_path / "uv.partial").exists()
+
+
+def test_a_backup_copy_of_an_output_named_old_is_never_deleted(tmp_path: Path) -> None:
+    """A user's `cp -r run run.old` is an instatune output, but instatune did not put it there."""
+    out = tmp_path / "x"
+    write_stage(out, "a")
+    backup = tmp_path / "x.old"
+    write_stage(backup, "my backup")
+    with pytest.raises(InstatuneError, match="x.old is in the way .* instatune did not make it"):
+        write_stage(out, "b", force=True)
+    assert (backup / "weights.txt").read_text() == "my backup" and (out / "weights.txt").read_text() == "a"
+
+
+def test_an_old_instatune_left_after_a_crash_is_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "x"
+    write_stage(out, "a")
+    real = artifacts.shutil.rmtree
+    monkeypatch.setattr(artifacts.shutil, "rmtree", lambda p, **k: None if Path(p).name == "x.old" else real(p, **k))
+    write_stage(out, "b", force=True)  # "crashes" before removing x.old: it is left, marked as instatune's
+    monkeypatch.undo()
+    assert artifacts.own_kind(tmp_path / "x.old") == "old" and (out / "weights.txt").read_text() == "b"
+    assert not (out / artifacts.OWN).exists()
+    write_stage(out, "c", force=True)
+    assert not (tmp_path / "x.old").exists() and (out / "weights.txt").read_text() == "c"
+
+
+def test_a_users_checkpoints_folder_is_refused_before_any_work(tiny_bert_dir: Path, tiny_data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    notes = tmp_path / "run.checkpoints" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    with pytest.raises(InstatuneError, match="run.checkpoints is in the way"):
+        precheck_output(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out))
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    with pytest.raises(InstatuneError, match="instatune did not make it"):
+        unpark_checkpoints(partial, "fp", resume=True)
+    assert notes.read_text() == "mine"
+
+
+def test_parked_checkpoints_carry_their_marker(tmp_path: Path) -> None:
+    partial = tmp_path / "run.partial"
+    step = parked_dir(partial) / "step-000002"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"fingerprint": "fp"}))
+    artifacts.mark_own(parked_dir(partial), PARKED_KIND)
+    partial.mkdir()
+    unpark_checkpoints(partial, "fp", resume=True)
+    assert (partial / "checkpoints" / "step-000002" / "state.json").is_file() and not parked_dir(partial).exists()
+
+
+def test_an_interrupted_extract_partial_is_removed_with_a_notice_not_resume_advice(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    part = tmp_path / "x.partial"
+    part.mkdir()
+    (part / artifacts.MARKER).write_text("extract")
+    (part / "half.bin").write_bytes(b"0" * 10)
+    art = write_stage(tmp_path / "x", "a")
+    assert art.path.is_dir() and not part.exists()
+    assert "removed" in capsys.readouterr().err
+    # a tune run's partial at an extract's output is someone's resumable work: refused, not removed
+    other = tmp_path / "y.partial"
+    other.mkdir()
+    (other / artifacts.MARKER).write_text("tune")
+    with pytest.raises(InstatuneError, match=r"holds an unfinished tune run \(not extract\); pass --force") as e:
+        write_stage(tmp_path / "y", "b")
+    assert "--resume" not in str(e.value) and (other / artifacts.MARKER).is_file()
+
+
+def test_scratch_directories_live_inside_the_partial(tmp_path: Path) -> None:
+    with artifacts.StageWriter(tmp_path / "q", "quantize", {}) as w:
+        with w.scratch(".quant-") as td:
+            assert td.parent == w.path
+            (td / "big.onnx").write_bytes(b"1")
+        w.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+# ---- class 2: links and outputs that are their own input -------------------------------------------------
+
+def test_a_lock_that_is_a_link_never_writes_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "run.lock").symlink_to(target)
+    with pytest.raises(InstatuneError, match="symbolic link"):
+        write_stage(tmp_path / "run", "a")
+    assert target.read_text() == "keep me" and (tmp_path / "run.lock").is_symlink()
+
+
+@pytest.mark.parametrize("kw", [{}, {"resume": True}, {"force": True}])
+def test_a_partial_that_is_a_link_is_refused(tmp_path: Path, kw: dict) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / artifacts.MARKER).write_text("search")  # even one that looks like instatune's
+    (elsewhere / "mine.txt").write_text("mine")
+    (tmp_path / "s.partial").symlink_to(elsewhere)
+    w = artifacts.StageWriter(tmp_path / "s", "search", {}, cleanup_on_error=False, **kw)
+    with pytest.raises(InstatuneError, match="symbolic link") as e:
+        w.open()
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in elsewhere.iterdir()) == [artifacts.MARKER, "mine.txt"]
+    assert not (tmp_path / "s.lock").exists()
+
+
+def test_a_dangling_partial_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s.partial").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InstatuneError, match="symbolic link"):
+        write_stage(tmp_path / "s", "a", force=True)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_old_and_checkpoints_links_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    write_stage(out, "a")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "x.old").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InstatuneError, match="symbolic link"):
+        write_stage(out, "b", force=True)
+    (tmp_path / "run.checkpoints").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "run.partial").mkdir()
+    with pytest.raises(InstatuneError, match="symbolic link"):
+        unpark_checkpoints(tmp_path / "run.partial", "fp", resume=True)
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_output_equal_to_holding_or_inside_its_input_is_refused(tmp_path: Path) -> None:
+    tune = write_stage(tmp_path / "run", "t", stage="tune")
+    search = write_stage(tmp_path / "run-search", "s", stage="search", parent=tune)
+    for out, how in ((tmp_path / "run-search", "is"), (tmp_path / "run", "is"), (tmp_path, "holds"),
+                     (tmp_path / "run-search" / "x", "is inside"), (tmp_path / "run" / "x", "is inside")):
+        if out == tmp_path:
+            continue  # the current directory rule covers `-o .`; a parent directory is covered below
+        with pytest.raises(InstatuneError, match=f"{how} the input") as e:
+            write_stage(out, "x", force=True, parent=search)
+        assert "\n" not in str(e.value)
+    with pytest.raises(InstatuneError, match="holds the input"):
+        artifacts.check_output(tmp_path, True, inputs=artifacts.lineage(search))
+    assert (search.path / "weights.txt").read_text() == "s" and (tune.path / "weights.txt").read_text() == "t"
+
+
+def test_cli_extract_onto_its_own_run_is_one_line(tiny_tune_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_tune_run, run)
+    res = run_cli("extract", run, "--config", "L2-h2-f25", "-o", run, "--force")
+    assert_cli_error(res, "is the input")
+    artifacts.load(run, "tune")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_tune_output_inside_its_data_is_refused(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    res = run_cli(*tiny_tune_args(tiny_bert_dir, tiny_data_dir, tiny_data_dir / "run"))
+    assert_cli_error(res, "is inside the input")
+    assert not (tiny_data_dir / "run.partial").exists() and not (tiny_data_dir / "run").exists()
+
+
+def test_an_output_name_too_long_for_its_siblings_is_one_line(tmp_path: Path) -> None:
+    name = "r" * 250
+    with pytest.raises(InstatuneError, match="too long"):
+        write_stage(tmp_path / name, "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_text_is_escaped_and_bounded(tmp_path: Path) -> None:
+    lock = artifacts.OutputLock(tmp_path / "run", "tune")
+    lock.path.write_text(json.dumps({"pid": "1\x1b[31m\nhacked", "stage": "x" * 500, "host": "h", "since": "s"}))
+    fd = os.open(lock.path, os.O_RDONLY)
+    try:
+        msg = str(lock.holder_error(fd))
+    finally:
+        os.close(fd)
+    assert "\x1b" not in msg and "\n" not in msg and "\\x1b" in msg and len(msg) < 400
+
+
+def test_a_lock_from_another_host_is_not_called_dead(tmp_path: Path) -> None:
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "stage": "tune",
+                                                   "since": "t"}))
+    with pytest.raises(InstatuneError, match="on host elsewhere.example, which instatune cannot check"):
+        write_stage(tmp_path / "run", "a")
+    assert (tmp_path / "run.lock").is_file()
+
+
+def test_a_live_pid_that_no_longer_holds_the_lock_is_not_called_dead(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "stage": "tune", "since": "t"}))
+    lock = artifacts.OutputLock(tmp_path / "run", "tune")
+    lock.acquire()
+    try:
+        assert lock.notice is not None and "no longer holds it" in lock.notice
+        assert "no longer running" not in lock.notice
+    finally:
+        lock.release()
