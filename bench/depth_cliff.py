@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "depth_cliff.json")
     add_arguments(ap)
     args = ap.parse_args()
-    prov = start("depth_family" if args.phase == "family" else "depth_cliff", __file__, allow_dirty=args.allow_dirty)
+    prov = start("depth_family" if args.phase == "family" else "depth_cliff", __file__, allow_dirty=args.allow_dirty,
+                 out=args.out)
     if args.phase == "family":
         if args.train == 3200:
             args.train = 10000

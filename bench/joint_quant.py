@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "joint_quant.json")
     add_arguments(ap)
     args = ap.parse_args()
-    prov = start("joint_quant", __file__, allow_dirty=args.allow_dirty)
+    prov = start("joint_quant", __file__, allow_dirty=args.allow_dirty, out=args.out)
     if args.threads:
         import torch
 

@@ -7,7 +7,7 @@ root) does:
 
     from bench.provenance import add_arguments, start   # after putting the repository root on sys.path
     add_arguments(ap)                                    # --allow-dirty
-    prov = start("NAME", __file__, allow_dirty=args.allow_dirty)   # refuses a dirty tree / a copy elsewhere
+    prov = start("NAME", __file__, allow_dirty=args.allow_dirty, out=args.out)   # refuses a dirty tree / a copy
     prov.write_rows(rows)                                # bench/results/NAME.rows.jsonl (.gz when large)
     result["provenance"] = prov.finish({"figure": 1.23}, result_file=args.out)   # appends the history
 
@@ -138,14 +138,19 @@ class Provenance:
     python: str = field(default_factory=_platform.python_version)
     platform: str = field(default_factory=_platform.platform)
     rows: list[dict[str, Any]] = field(default_factory=list)  # raw-row files written by this run
+    out_dir: Path | None = None  # where history, rows and diff go (default: bench/results/ of `top`)
 
     @property
     def results(self) -> Path:
-        return self.top / RESULTS_REL
+        return self.out_dir if self.out_dir is not None else self.top / RESULTS_REL
 
     @property
     def history_file(self) -> Path:
         return history_path(self.bench, self.results)
+
+    def _rel(self, path: Path) -> str:
+        p = path.resolve()
+        return p.relative_to(self.top).as_posix() if p.is_relative_to(self.top) else str(p)
 
     def stamp(self) -> str:
         return self.date.replace("-", "").replace(":", "").replace("+0000", "Z").replace("+00:00", "Z")
@@ -156,18 +161,20 @@ class Provenance:
         COMPRESS_ABOVE (or `compress`); the other variant, if an earlier run left one, is removed. The record of
         this run names the file and its sha256, so an older run's rows can be found in git history."""
         path, digest = write_jsonl(self.results / f"{self.bench}.{suffix}.jsonl", rows, compress)
-        self.rows.append({"file": path.relative_to(self.top).as_posix(), "sha256": digest})
+        self.rows.append({"file": self._rel(path), "sha256": digest})
         return path
 
     def finish(self, summary: Mapping[str, Any], result_file: Path | str | None = None,
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Append this run (with its summary figures) to the history and return the record, to embed in the
         result JSON. Warns, and records it, when the tree's commit or state changed while the bench ran."""
-        rec = self.record(summary, result_file, extra)
+        rec = self.record(summary, result_file, extra)  # paths relative to `top` when inside it
         now_commit = git(self.top, "rev-parse", "HEAD").strip()
         now_dirty = dirty_paths(self.top)
         if now_commit != self.commit or now_dirty != self.dirty:
-            rec["changed_during_run"] = {"commit": now_commit, "dirty": now_dirty}
+            rec["changed_during_run"] = {"commit": now_commit,
+                                         "dirty_since": sorted(set(now_dirty) - set(self.dirty)),
+                                         "no_longer_dirty": sorted(set(self.dirty) - set(now_dirty))}
             print(f"warning: the tree changed while {self.bench} ran (started at {self.commit[:12]}, now "
                   f"{now_commit[:12]}{', dirty' if now_dirty else ''}); the record says so", file=sys.stderr)
         append_history(self.history_file, rec)
@@ -183,8 +190,7 @@ class Provenance:
         if self.diff:
             rec["diff"] = self.diff
         if result_file is not None:
-            p = Path(result_file).resolve()
-            rec["result"] = p.relative_to(self.top).as_posix() if p.is_relative_to(self.top) else str(p)
+            rec["result"] = self._rel(Path(result_file))
         if self.rows:
             rec["rows"] = list(self.rows)
         if extra:
@@ -214,14 +220,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def start(bench: str, script: str | Path, allow_dirty: bool = False, package: Path | None = None,
-          subprocess_cli: bool = False, argv: Sequence[str] | None = None) -> Provenance:
+          subprocess_cli: bool = False, argv: Sequence[str] | None = None, out: Path | None = None) -> Provenance:
     """Check where this bench runs from and record it; call before any work.
 
     Refuses (one `error:` line, non-zero exit): a script outside a git work tree or not tracked there (a copy);
     an `instatune_cli` package (`package`, default: the one this process imports; with `subprocess_cli` also the
     one a child `instatune` process imports) that is not the tracked one of the same work tree; a tree with
     uncommitted changes or untracked files outside bench/results/, unless `allow_dirty` (then the diff is stored
-    as bench/results/BENCH.STAMP.diff, gzipped when large)."""
+    as bench/results/BENCH.STAMP.diff, gzipped when large). `out`: the result file; history, rows and diff go
+    beside it (a smoke run with `--out /tmp/x.json` leaves the committed history alone)."""
     script = Path(script).resolve()
     top = work_tree(script)
     if not tracked(top, script):
@@ -245,10 +252,11 @@ def start(bench: str, script: str | Path, allow_dirty: bool = False, package: Pa
     cmd = shlex.join(["python", *([Path(args[0]).resolve().relative_to(top).as_posix()]
                                   if args and Path(args[0]).resolve().is_relative_to(top) else args[:1]), *args[1:]])
     prov = Provenance(bench=bench, top=top, commit=commit, clean=not dirty,
-                      date=utc_now().isoformat(timespec="seconds"), command=cmd, dirty=dirty)
+                      date=utc_now().isoformat(timespec="seconds"), command=cmd, dirty=dirty,
+                      out_dir=Path(out).resolve().parent if out is not None else None)
     if dirty:
         path, _ = write_text(prov.results / f"{bench}.{prov.stamp()}.diff", tree_diff(top))
-        prov.diff = path.relative_to(top).as_posix()
+        prov.diff = prov._rel(path)
         print(f"warning: running on a dirty tree (--allow-dirty); its diff is stored in {prov.diff}", file=sys.stderr)
     return prov
 

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     add_arguments(ap)
     args = ap.parse_args(argv)
-    prov = start("realized_speedup", __file__, allow_dirty=args.allow_dirty,
+    prov = start("realized_speedup", __file__, allow_dirty=args.allow_dirty, out=args.out,
                  argv=None if argv is None else [__file__, *argv])
 
     from instatune_cli.cli.common import quiet_libraries

@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sst2_minilm.json")
     add_arguments(ap)
     args = ap.parse_args()
-    prov = start("sst2_minilm", __file__, allow_dirty=args.allow_dirty)
+    prov = start("sst2_minilm", __file__, allow_dirty=args.allow_dirty, out=args.out)
 
     import torch
 

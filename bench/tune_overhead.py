@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tune_overhead.json")
     provenance.add_arguments(ap)
     args = ap.parse_args()
-    prov = provenance.start("tune_overhead", __file__, allow_dirty=args.allow_dirty)
+    prov = provenance.start("tune_overhead", __file__, allow_dirty=args.allow_dirty, out=args.out)
 
     import torch
 

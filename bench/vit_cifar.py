@@ -40,8 +40,12 @@ the cheapest is picked, and its test accuracy and MAC reduction reported. Test a
 Full run (54 min of commands measured on 2 CPU cores shared with other jobs, 20 of them the pretraining;
 roughly half that on 2 free cores), and a smoke run (~5 min):
 
-    PYTHONPATH=/tmp/bench-vit nohup python bench/vit_cifar.py > /work/runs/vit_cifar.log 2>&1 &
-    PYTHONPATH=/tmp/bench-vit python bench/vit_cifar.py --smoke --work /tmp/vit_smoke --out /tmp/vit_smoke.json
+    nohup python bench/vit_cifar.py > /work/runs/vit_cifar.log 2>&1 &
+    python bench/vit_cifar.py --smoke --work /tmp/vit_smoke --out /tmp/vit_smoke.json --allow-dirty
+
+To keep working while it runs, run it from a clean checkout of the commit (`git worktree add /tmp/bench-vit HEAD`,
+then `python bench/vit_cifar.py` there): the bench refuses a dirty tree and any instatune_cli other than its own
+checkout's (bench/provenance.py), and every command it launches imports that same checkout.
 
 Writes bench/results/vit_cifar.json, .png and .md; run directories, logs and the command list stay in --work.
 """
@@ -49,7 +53,6 @@ Writes bench/results/vit_cifar.json, .png and .md; run directories, logs and the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -65,8 +68,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("instatune_cli") is None:  # PYTHONPATH (e.g. a frozen worktree) wins when given
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # this checkout's instatune_cli, never another copy (bench/provenance.py checks)
+
+from bench import provenance  # noqa: E402
 
 WITHIN = 1.0  # accuracy points below the same seed's plain baseline (validation) that still "match" it
 SPLIT_SEED = "vit_cifar-split"
@@ -557,6 +561,16 @@ def markdown(out: dict) -> str:
 
 # ---- main ---------------------------------------------------------------------------------------------------
 
+def summary_figures(out: dict) -> dict:
+    """The README's figures: the summary's means (and spreads) over seeds, the chosen lr, wall time."""
+    summ = out["results"]["summary"]
+    fig: dict = {"chosen_lr": out["results"].get("chosen_lr"), "total_wall_s": out["timing"]["total_wall_s"]}
+    for k, v in summ.items():
+        if isinstance(v, dict) and "mean" in v:
+            fig |= {f"{k}.mean": v["mean"], f"{k}.half_range": v["half_range"], f"{k}.n": v["n"]}
+    return fig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data/cifar10"))
@@ -591,7 +605,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny everything: --per-class 40 --pretrain-max-steps 6 --max-steps 5 --val-split 40 "
                          "--evals 12 --population 6 --lrs 3e-4,1e-3")
+    provenance.add_arguments(ap)
     args = ap.parse_args()
+    prov = provenance.start("vit_cifar", __file__, allow_dirty=args.allow_dirty, out=args.out)
     if args.smoke:
         args.per_class, args.pretrain_max_steps, args.max_steps = 40, 6, 5
         args.val_split, args.evals, args.population, args.lrs = "40", 12, 6, "3e-4,1e-3"
@@ -602,6 +618,7 @@ def main() -> None:
     t0 = time.perf_counter()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    provenance.append_history(work / "invocations.jsonl", prov.stage())  # the report names every invocation
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()] if args.sweep_seeds else seeds[:1]
@@ -717,6 +734,14 @@ def main() -> None:
                    "commands": len(commands), "failed_commands": sum(1 for c in commands if c["rc"])},
         "results": res,
     }
+    # raw rows: every command (wall time, exit status) and every search's archive (validation, per sub-network)
+    prov.write_rows(commands, suffix="commands")
+    prov.write_rows([r for a in sorted(work.glob("*-search/archive.jsonl"))
+                     for r in provenance.tagged_rows(a, search=a.parent.name)], suffix="archive")
+    invocations = provenance.read_jsonl(work / "invocations.jsonl")
+    out["provenance"] = prov.finish(summary_figures(out), result_file=args.out, extra={
+        "invocations": invocations, "commits": sorted({i.get("commit") for i in invocations}),
+        "all_clean": all(i.get("clean") is True for i in invocations)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
     kw = model_info["timm_kwargs"]

@@ -179,3 +179,15 @@ def test_imported_records_count_in_the_median_and_say_so():
     assert hist[0]["imported"] is True and hist[0]["clean"] is None and hist[0]["commit"] is None
     assert prov.figure_stats("demo", "figure", history=hist)["median"] == 2.0
     assert prov.figure_stats("demo", "figure", history=hist, clean_only=True)["median"] == 1.5
+
+
+def test_a_result_written_elsewhere_keeps_its_history_beside_it(repo, tmp_path):
+    """A smoke run (`--out /tmp/x.json`) leaves the committed history alone."""
+    out = tmp_path / "smoke" / "demo.json"
+    p = prov.start("demo", repo / "bench" / "demo.py", package=repo / "instatune_cli", argv=["bench/demo.py"],
+                   out=out)
+    rows = p.write_rows([{"i": 1}])
+    rec = p.finish({"figure": 1.0}, result_file=out)
+    assert rows.parent == out.parent and rec["result"] == str(out)
+    assert prov.read_history("demo", out.parent)[0]["summary"] == {"figure": 1.0}
+    assert not (repo / "bench" / "results" / "demo.history.jsonl").exists()
