@@ -42,6 +42,10 @@ os.environ.update(ENV)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+ENV["PYTHONPATH"] = str(REPO)  # every CLI run imports this checkout, whatever is installed (bench/provenance.py)
+os.environ.update(ENV)
+
+from bench.provenance import add_arguments, start  # noqa: E402
 
 # the quick tiny run of tests/conftest.py (`tiny_tune_args`), 2 steps; shown as [tiny] in the table
 TINY = ["--batch-size", "8", "--max-steps", "2", "--lr", "3e-3", "--save-every", "0", "--eval-batch-size", "16",
@@ -888,6 +892,13 @@ def run_all(todo: list[Case], root: Path, jobs: int) -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: r["n"])
 
 
+def summary_figures(out: dict) -> dict:
+    """Cases run, findings, and each case's exit code (keyed by case key)."""
+    cases = out["cases"]
+    return {"cases": len(cases), "findings": sum(1 for r in cases if r["verdict"] != "ok"),
+            "wall_seconds": out["meta"].get("wall_seconds"), **{f"exit.{r['key']}": r["exit"] for r in cases}}
+
+
 def main() -> None:
     # A background job of a non-interactive shell (`nohup python bench/faults.py &`) starts with SIGINT ignored,
     # and its children would inherit that, so Ctrl-C cases would test nothing: give them the default again.
@@ -899,7 +910,9 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the outputs even with --only")
     ap.add_argument("--md", default=str(REPO / "docs" / "faults.md"))
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "faults.json"))
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = start("faults", __file__, allow_dirty=args.allow_dirty, subprocess_cli=True, out=Path(args.json))
 
     import instatune_cli
 
@@ -943,7 +956,9 @@ def main() -> None:
         return
     Path(args.md).write_text(markdown(meta, results))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"meta": meta, "cases": results}, indent=1) + "\n")
+    out = {"meta": meta, "cases": results}  # every case's command, exit, message and what it left: the raw rows
+    out["provenance"] = prov.finish(summary_figures(out), result_file=args.json)
+    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.md} and {args.json}", file=sys.stderr)
 
 
