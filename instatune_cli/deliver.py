@@ -91,7 +91,7 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
     from instatune_cli.tune import load_tuned
 
     s = resolve_source(src, subnet, config)
-    out = Path(output) if output else s.parent.path.resolve().parent / f"{s.parent.path.resolve().name}-{s.label}"
+    out = Path(output) if output else default_extract_output(s)
     model, tok, space, tune = load_tuned(s.tune.path)
     space.check(s.sub)
     with artifacts.StageWriter(out, "extract", {"source": str(src), "subnet": subnet, "config": config},
@@ -110,6 +110,37 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
         model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name,
                       "depth_rule": info["depth_rule"], "kept_layers": info["kept_layers"]}
         return w.commit(model=model_info, metrics=info)
+
+
+def chained_extract(art: artifacts.Artifact, subnet: int | None, config: str | None, force: bool,
+                    say: Any) -> artifacts.Artifact:
+    """The extract a chained `export`/`quantize` of a search or tune directory works from: the one already at
+    the default place when it is this sub-network of this very parent (the README's `quantize run-search
+    --subnet 3` then `export run-search --subnet 3 --int8`), else a new one; a different extract there is
+    remade only with --force (one line otherwise)."""
+    s = resolve_source(art.path, subnet, config)
+    out = default_extract_output(s)
+    if artifacts.lexists(out) and not artifacts.lexists(out.with_name(out.name + ".partial")):
+        try:
+            have = artifacts.load(out, "extract")
+        except InstatuneError:
+            have = None
+        par = (have.manifest.get("parent") or {}) if have is not None else {}
+        same_sub = have is not None and have.model.get("subnet") == json.loads(json.dumps(s.sub.to_dict()))
+        if same_sub and par.get("digest") == s.parent.digest:
+            say(f"using the extract of {s.sub.name} already in {out}")
+            return have
+        if not force:
+            what = "another sub-network or parent" if have is not None else "something that is not a usable extract"
+            raise InstatuneError(f"{out} holds {what} (not {s.sub.name} of {art.path}); pass --force to remake it, "
+                                 "or extract it yourself with -o and export or quantize that directory")
+    made = extract_stage(art.path, out, subnet=subnet, config=config, force=force)
+    say(f"extracted {made.model['subnet_name']} to {made.path}")
+    return made
+
+
+def default_extract_output(s: Source) -> Path:
+    return s.parent.path.resolve().parent / f"{s.parent.path.resolve().name}-{s.label}"
 
 
 def tune_of(art: artifacts.Artifact) -> artifacts.Artifact:
@@ -141,9 +172,10 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
         src = DEFAULT_SEARCH_DIR
         say(f"using the search result in {Path(src).resolve()}")
     art = artifacts.load(src, ("extract", "search", "tune"))
+    if output is not None:  # before a chained extract runs: never over what this stage reads
+        artifacts.check_not_input(Path(output), artifacts.lineage(art))
     if art.stage != "extract":
-        art = extract_stage(art.path, None, subnet=subnet, config=config, force=force)
-        say(f"extracted {art.model['subnet_name']} to {art.path}")
+        art = chained_extract(art, subnet, config, force, say)
     elif subnet is not None or config is not None:
         raise InstatuneError(f"{art.path} is already an extracted model; drop --subnet/--config")
     out = Path(output) if output else art.path.resolve().parent / f"{art.path.resolve().name}-onnx"

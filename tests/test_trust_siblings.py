@@ -230,3 +230,41 @@ def test_a_live_pid_that_no_longer_holds_the_lock_is_not_called_dead(tmp_path: P
         assert "no longer running" not in lock.notice
     finally:
         lock.release()
+
+
+# ---- class 7: chained stages reuse the extract they made ----------------------------------------------------
+
+CHAIN = "L2-h2.4-f25.37"
+
+
+def test_quantize_then_export_of_the_same_subnetwork_reuse_one_extract(tiny_tune_run: Path, tmp_path: Path) -> None:
+    """The README's order: `quantize run --config C` then `export run --config C --int8` (run-search --subnet N
+    goes through the same code), then a second export; one extract, made once, is the parent of all."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_tune_run, run)
+    r = run_cli("quantize", run, "--config", CHAIN, "-o", tmp_path / "q", "--calibration-samples", "8", "--runs", "1")
+    assert r.exit_code == 0, r.output
+    ext = tmp_path / f"run-{CHAIN}"
+    made = artifacts.load(ext, "extract")
+    for out in ("e1", "e2"):
+        r = run_cli("export", run, "--config", CHAIN, "-o", tmp_path / out, "--no-compare", "--runs", "1")
+        assert r.exit_code == 0, r.output
+        assert "using the extract" in r.output
+        assert artifacts.load(tmp_path / out, "export").parent("extract").path.resolve() == ext.resolve()
+    assert artifacts.load(ext, "extract").digest == made.digest  # never remade
+    artifacts.load(tmp_path / "q", "quantize").parent("extract")  # still its parent: digest unchanged
+
+
+def test_a_different_extract_in_the_chained_place_needs_force(tiny_tune_run: Path, tmp_path: Path) -> None:
+    from instatune_cli.deliver import chained_extract, extract_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_tune_run, run)
+    other = "L2-h4-f37"
+    extract_stage(run, tmp_path / f"run-{CHAIN}", config=other)  # another sub-network where CHAIN's would go
+    art = artifacts.load(run, "tune")
+    with pytest.raises(InstatuneError, match="another sub-network or parent.*pass --force to remake it"):
+        chained_extract(art, None, CHAIN, False, print)
+    made = chained_extract(art, None, CHAIN, True, print)
+    assert made.model["subnet_name"] == artifacts.load(tmp_path / f"run-{CHAIN}").model["subnet_name"]
+    assert made.model["subnet_name"] != other

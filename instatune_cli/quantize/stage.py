@@ -87,13 +87,14 @@ class QuantizeStage:
 
     # -- inputs ----------------------------------------------------------------------------------
     def resolve(self) -> None:
-        from instatune_cli.deliver import extract_stage, tune_of
+        from instatune_cli.deliver import chained_extract, tune_of
 
         given = QuantPolicy.load(self.opts.policy) if self.opts.policy else None  # before anything is written
         art = artifacts.load(self.src, ("extract", "search", "tune"))
+        if self.output is not None:  # before a chained extract runs: never over what this stage reads
+            artifacts.check_not_input(Path(self.output), artifacts.lineage(art))
         if art.stage != "extract":
-            art = extract_stage(art.path, None, subnet=self.opts.subnet, config=self.opts.config, force=self.force)
-            self.say(f"extracted {art.model['subnet_name']} to {art.path}")
+            art = chained_extract(art, self.opts.subnet, self.opts.config, self.force, self.say)
         elif self.opts.subnet is not None or self.opts.config is not None:
             raise InstatuneError(f"{art.path} is already an extracted model; drop --subnet/--config")
         self.art, self.tune = art, tune_of(art)
