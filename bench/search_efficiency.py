@@ -13,11 +13,16 @@ Method (what makes the comparison fair):
 - NSGA-II runs at every population of `--populations` (default 10, 20, 50); each is reported, and the best
   (fewest median evaluations to 98 %, then to 95 %, then highest median final hypervolume) is the one LINAS is
   compared with. The choice is made on the same runs, which favours NSGA-II.
-- The reference front of a super-network is the non-dominated set of a FIXED set: the union of every run of
-  every algorithm plus `--ref-sample` (1,000) uniformly drawn sub-networks (own seed). It is computed once
-  (`--build-reference`) and kept in bench/results/search_efficiency_reference.json; later invocations score
-  against it and refuse to recompute it silently, so adding a run or a seed never moves the bar (a run that
-  beats it is reported, and the bar stays).
+- The reference front of a super-network is fixed before, and apart from, the runs it judges: the non-dominated
+  set of `--ref-sample` (1,000) uniformly drawn sub-networks (own seed), measured before any run and never
+  mixed with them. It is computed once (`--build-reference`) and kept in
+  bench/results/search_efficiency_reference.json; later invocations score against it and refuse to recompute it
+  silently, so adding a run or a seed never moves the bar (runs that beat it are reported, and the bar stays).
+  Reference schema 1 (the union of every run plus the sample: a bar built from what it judged) is refused.
+- Accuracy-at-MACs targets, fixed in this script (TARGETS) and resolved from the reference sample: for each
+  MACs budget (75 %, 50 %, 33 % of the full network), the best accuracy the sample found within it, less 1
+  point. Reported: the real evaluations each algorithm needs until it has measured a sub-network that meets a
+  target (censored as below), besides hypervolume, which the cheapest accurate sub-networks dominate.
 - Evaluations to reach 95 % / 98 % of the reference hypervolume: median [min-max] over seeds; a run that never
   reaches it within the budget is censored and shown as ">budget", never counted as the budget. A ratio of
   medians is given only when both medians are uncensored.
@@ -66,6 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.provenance import add_arguments, start  # noqa: E402
 from instatune_cli.search.objectives import resolve_objectives  # noqa: E402
 from instatune_cli.search.pareto import (  # noqa: E402
     hypervolume,
@@ -79,7 +85,10 @@ RESULTS = REPO / "bench" / "results"
 ALGOS = ("linas", "nsga2", "random")
 LABELS = {"linas": "LINAS", "nsga2": "NSGA-II", "random": "random"}
 FRACTIONS = (0.95, 0.98)
-REFERENCE_SCHEMA = 1
+REFERENCE_SCHEMA = 2  # 2: the reference is the random sample alone (1 was the union of the runs it judged)
+# accuracy-at-MACs targets, fixed before any run: (MACs at most this share of the full network's, accuracy at most
+# this many points below the best the reference sample measured within those MACs)
+TARGETS = ((0.75, 1.0), (0.50, 1.0), (0.33, 1.0))
 ANCHOR = {"source": "DyNAS-T LINAS (InstaTune paper Fig. 2)", "fraction": 0.98, "nsga2_over_linas": 2.3,
           "note": "context only: the paper's setup (population, reference front) differs from this one"}
 # what decides a search's trajectory (run.py and archive.py only orchestrate and store; the bench pins the batch)
@@ -320,12 +329,55 @@ def build_reference(sources: Mapping[str, Sequence[Mapping[str, Any]]], ref_poin
     return out
 
 
+def target_key(macs_fraction: float, points: float) -> str:
+    return f"macs<={macs_fraction:.0%}/acc>=best-{points:g}pt"
+
+
+def reference_targets(sample: Sequence[Mapping[str, Any]], full_macs: float,
+                      targets: Sequence[tuple[float, float]] = TARGETS) -> list[dict[str, Any]]:
+    """Each target of TARGETS made concrete on the reference sample: MACs at most `fraction` x `full_macs` and
+    accuracy at least the best non-collapsed sample member within those MACs less `points` (acc_min None when no
+    sample member fits)."""
+    out = []
+    for frac, pts in targets:
+        macs_max = frac * float(full_macs)
+        fit = [float(r["acc"]) for r in sample if float(r["macs"]) <= macs_max and not r.get("collapsed")]
+        best = max(fit) if fit else None
+        out.append({"key": target_key(frac, pts), "macs_fraction": frac, "points": pts, "macs_max": macs_max,
+                    "sample_best_acc": best, "acc_min": None if best is None else best - pts / 100})
+    return out
+
+
+def evals_to_target(rows: Sequence[Mapping[str, Any]], macs_max: float, acc_min: float | None) -> int | None:
+    """First evaluation (1-based) of a sub-network with MACs <= macs_max and accuracy >= acc_min (a small
+    tolerance for float noise); None (censored) when the run never measures one."""
+    if acc_min is None:
+        return None
+    for i, r in enumerate(rows):
+        if float(r["macs"]) <= macs_max and float(r["acc"]) >= acc_min - 1e-9 and not r.get("collapsed"):
+            return i + 1
+    return None
+
+
+def reference_entry(m: Mapping[str, Any], ref_point: Mapping[str, float], objectives: Sequence[Any],
+                    sample_seed: int) -> dict[str, Any]:
+    """The reference of one measured super-network: the front, hypervolume and targets of its random sample
+    ALONE. `m["runs"]` (the searches being judged) is never read."""
+    sample = list(m["sample"])
+    return {**build_reference({f"random-sample-seed{sample_seed}": sample}, ref_point, objectives),
+            "built_from": "random sample only, measured apart from the runs",
+            "sample_size": len(sample), "sample_seed": sample_seed, "sample_stats": sample_summary(sample),
+            "targets": reference_targets(sample, float(m["reference_net"]["macs"]))}
+
+
 def read_references(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"schema": REFERENCE_SCHEMA, "supernets": {}}
     data = json.loads(path.read_text())
     if data.get("schema") != REFERENCE_SCHEMA:
-        raise SystemExit(f"{path}: reference schema {data.get('schema')!r}, expected {REFERENCE_SCHEMA}")
+        raise SystemExit(f"{path}: reference schema {data.get('schema')!r}, expected {REFERENCE_SCHEMA} (schema 1 "
+                         "was built from the runs it judged); rebuild it from the random sample with "
+                         "--build-reference")
     return data
 
 
@@ -344,8 +396,8 @@ def resolve_reference(path: Path, key: str, ref_point: Mapping[str, float], rebu
                              f"invocation scores with {dict(ref_point)}; pass the same one, or --build-reference")
         return entry, False
     if entry is None and not rebuild:
-        raise SystemExit(f"{path} holds no reference front for {key}; it is built once, from every run plus a "
-                         "random sample, with --build-reference (never silently)")
+        raise SystemExit(f"{path} holds no reference front for {key}; it is built once, from a random sample "
+                         "measured apart from the runs, with --build-reference (never silently)")
     entry = {**make(), **dict(meta or {}), "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     data = read_references(path)  # re-read: another super-network's entry may have been written meanwhile
     data["supernets"][key] = entry
@@ -460,6 +512,24 @@ def measure_supernet(args: argparse.Namespace, label: str, run_dir: Path, varian
             for k, val in load_cache(args.cache, key).items():
                 cache.setdefault(k, val)
 
+    # the reference sample first: the reference is fixed before, and apart from, the runs it judges
+    sample: list[dict[str, Any]] = []
+    if with_sample:
+        rng = random.Random(args.ref_sample_seed)
+        subs: dict[str, Any] = {}
+        tries = 0
+        while len(subs) < min(args.ref_sample, sn.space.cardinality()) and tries < 100 * args.ref_sample:
+            tries += 1
+            sub = sn.space.sample(rng)
+            subs.setdefault(sub.id, sub)
+        # a --skip-runs helper walks the sample from the other end, so two processes meet in the middle
+        for k, sub in enumerate(reversed(list(subs.values())) if args.skip_runs else subs.values()):
+            if sub.id not in cache:
+                refresh()
+            vals = evaluate(sub)
+            sample.append(_slim({"id": sub.id, "name": sub.name, **vals, "macs": sn.exact["macs"](sub)}))
+            if (k + 1) % 100 == 0:
+                print(f"[{label}] reference sample: {k + 1}/{len(subs)}", flush=True)
     for seed in [] if args.skip_runs else args.seed_list:
         for v in variants:
             adir = root / f"{v.name}-s{seed}"
@@ -489,23 +559,6 @@ def measure_supernet(args: argparse.Namespace, label: str, run_dir: Path, varian
             runs.append(rec)
             print(f"[{label}] {v.name:10s} seed {seed}: {len(res.rows)} evals, {rec['computed_here']} computed, "
                   f"{res.seconds:.0f} s (overhead {rec['search_overhead_seconds']:.0f} s)", flush=True)
-    sample: list[dict[str, Any]] = []
-    if with_sample:
-        rng = random.Random(args.ref_sample_seed)
-        subs: dict[str, Any] = {}
-        tries = 0
-        while len(subs) < min(args.ref_sample, sn.space.cardinality()) and tries < 100 * args.ref_sample:
-            tries += 1
-            sub = sn.space.sample(rng)
-            subs.setdefault(sub.id, sub)
-        # a --skip-runs helper walks the sample from the other end, so two processes meet in the middle
-        for k, sub in enumerate(reversed(list(subs.values())) if args.skip_runs else subs.values()):
-            if sub.id not in cache:
-                refresh()
-            vals = evaluate(sub)
-            sample.append(_slim({"id": sub.id, "name": sub.name, **vals, "macs": sn.exact["macs"](sub)}))
-            if (k + 1) % 100 == 0:
-                print(f"[{label}] reference sample: {k + 1}/{len(subs)}", flush=True)
     maj = majority_rate(Path(art.path) / f"{split}.jsonl", args.limit_val) if split else None
     base = Path(str(art.model.get("base_checkpoint") or (art.manifest.get("options") or {}).get("model") or "?"))
     return {"label": label, "run_dir": str(run_dir), "digest": art.digest, "cache_key": key, "split": split,
@@ -534,6 +587,7 @@ def score_supernet(m: Mapping[str, Any], ref_entry: Mapping[str, Any], variants:
         warnings.append("reference hypervolume is 0: nothing beats the reference point")
     curves: dict[str, list[list[float]]] = {v.name: [] for v in variants}
     per_run: list[dict[str, Any]] = []
+    targets = list(ref_entry.get("targets") or [])
     for r in m["runs"]:
         if r["variant"] not in curves:
             continue
@@ -542,6 +596,8 @@ def score_supernet(m: Mapping[str, Any], ref_entry: Mapping[str, Any], variants:
         reach = {f"{f:.2f}": evals_to_reach(c, f) for f in FRACTIONS}
         per_run.append({"variant": r["variant"], "seed": r["seed"], "evaluations": r["evaluations"],
                         "final_fraction": c[-1] if c else 0.0, "reach": reach,
+                        "targets": {t["key"]: evals_to_target(r["rows"], t["macs_max"], t["acc_min"])
+                                    for t in targets},
                         "curve": [round(x, 5) for x in c]})
         if c and c[-1] > 1 + 1e-9:
             warnings.append(f"{r['variant']} seed {r['seed']} reaches {c[-1]:.4f} of the reference hypervolume: "
@@ -554,7 +610,9 @@ def score_supernet(m: Mapping[str, Any], ref_entry: Mapping[str, Any], variants:
             continue
         table[v.name] = {"algorithm": v.algorithm, "population": v.population, "label": v.label,
                          **{f"{f:.2f}": reach_summary([p["reach"][f"{f:.2f}"] for p in rs], budget) for f in FRACTIONS},
-                         "final": value_summary([p["final_fraction"] for p in rs])}
+                         "final": value_summary([p["final_fraction"] for p in rs]),
+                         "targets": {t["key"]: reach_summary([p["targets"][t["key"]] for p in rs], budget)
+                                     for t in targets}}
     nsga = {v.population: table[v.name] for v in variants if v.algorithm == "nsga2" and v.name in table}
     best_pop = choose_population(nsga) if nsga else None
     ratios: dict[str, Any] = {}
@@ -566,7 +624,7 @@ def score_supernet(m: Mapping[str, Any], ref_entry: Mapping[str, Any], variants:
                                        for f in FRACTIONS}
     sample = m.get("sample") or []
     sample_stats = ref_entry.get("sample_stats") or sample_summary(sample)
-    return {"reference_hypervolume": ref_hv, "table": table, "nsga2_best_population": best_pop,
+    return {"reference_hypervolume": ref_hv, "targets": targets, "table": table, "nsga2_best_population": best_pop,
             "nsga2_best": f"nsga2-p{best_pop}" if best_pop is not None else None, "ratios": ratios,
             "runs": per_run, "curves": curves, "warnings": warnings, "sample_stats": sample_stats}
 
@@ -657,7 +715,28 @@ def score_table(sc: Mapping[str, Any]) -> list[str]:
     for w in sc["warnings"]:
         lines.append(f"- warning: {w}")
     lines.append("")
+    lines += target_table(sc)
     return lines
+
+
+def target_table(sc: Mapping[str, Any]) -> list[str]:
+    """Evaluations until a run has measured a sub-network meeting each accuracy-at-MACs target (TARGETS)."""
+    targets = sc.get("targets") or []
+    if not targets:
+        return []
+    head = " | ".join(f"MACs <= {t['macs_fraction']:.0%}, acc >= {_pct(t['acc_min'])}" for t in targets)
+    lines = ["Evaluations to the accuracy-at-MACs targets (the reference sample's best accuracy within the MACs, "
+             "less the points shown in the key), median [min–max]:", "",
+             f"| algorithm | {head} |", "| --- |" + " --- |" * len(targets)]
+    for name, row in sc["table"].items():
+        lab = row["label"] + (" **best NSGA-II**" if name == sc["nsga2_best"] else "")
+        lines.append(f"| {lab} | " + " | ".join(fmt_reach(row["targets"][t["key"]]) for t in targets) + " |")
+    lines.append("")
+    return lines
+
+
+def _pct(acc: float | None) -> str:
+    return "n/a (no sample member fits)" if acc is None else f"{100 * acc:.2f} %"
 
 
 def markdown(out: Mapping[str, Any]) -> str:
@@ -684,8 +763,8 @@ def markdown(out: Mapping[str, Any]) -> str:
                   f"limit_train {o.get('limit_train') or 'all'}, {length}, seed {o.get('seed')}; super-network "
                   f"{sn['reference_net']['acc']:.4f} on {sn['sentences']} {sn['split']} sentences (majority class "
                   f"{maj}); reference front "
-                  f"{sn['reference']['front_size']} sub-networks from {sn['reference']['union_size']} "
-                  f"(every run + {sn['reference']['sample_size']} random).", ""]
+                  f"{sn['reference']['front_size']} sub-networks of {sn['reference']['union_size']} drawn at "
+                  "random and measured apart from the runs.", ""]
         st = sc.get("sample_stats")
         if st:
             depth = ", ".join(f"L{k} {v['median']:.3f}" for k, v in st["acc_by_layers"].items())
@@ -716,8 +795,9 @@ METHOD = [
     "split's majority-class rate, MACs = super-network x 1.05) is applied afterwards to every run alike.",
     "NSGA-II is run at each listed population; the best one (fewest median evaluations to 98 %, then 95 %, then "
     "highest final HV) is chosen on these same runs, which favours NSGA-II.",
-    "Reference front: non-dominated union of every run of every algorithm plus a uniform random sample of "
-    "sub-networks (own seed), computed once and committed in search_efficiency_reference.json; later runs are "
+    "Reference front: the non-dominated set of a uniform random sample of sub-networks (own seed), measured "
+    "before and apart from the runs it judges (never their union), computed once and committed in "
+    "search_efficiency_reference.json; runs that beat it are reported as such; later runs are "
     "scored against it and never move it.",
     "Censored runs (did not reach the fraction within the budget) are reported as such and never folded into a "
     "number; ratios are given only between uncensored medians.",
@@ -769,7 +849,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--reference", type=Path, default=None,
                    help="reference fronts file (default: beside --out, <out>_reference.json)")
     r.add_argument("--build-reference", action="store_true",
-                   help="(re)build the reference front of each super-network from every run + the random sample")
+                   help="(re)build the reference front of each super-network from the random sample alone")
     r.add_argument("--ref-sample", type=int, default=1000, help="random sub-networks in the reference set")
     r.add_argument("--ref-sample-seed", type=int, default=2024)
     ap.add_argument("--jobs", type=int, default=1, help="measure this many super-networks in parallel processes")
@@ -778,6 +858,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="with --measure-only --build-reference: measure only the reference sample (a second "
                          "process beside one doing the runs; each takes up the other's cached values)")
     ap.add_argument("--out", type=Path, default=RESULTS / "search_efficiency.json")
+    add_arguments(ap)
     args = ap.parse_args(argv)
     if args.reference is None:
         args.reference = args.out.with_name(args.out.stem + "_reference.json")
@@ -807,6 +888,7 @@ def child_argv(args: argparse.Namespace, run_spec: str) -> list[str]:
             a += [flag, str(val)]
     a += ["--build-reference"] if args.build_reference else []
     a += ["--fresh"] if args.fresh else []
+    a += ["--allow-dirty"] if args.allow_dirty else []
     return a
 
 
@@ -815,6 +897,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parse_args(argv)
+    prov = start("search_efficiency", __file__, allow_dirty=args.allow_dirty, subprocess_cli=not args.run,
+                 argv=None if argv is None else [__file__, *argv], out=args.out)
     t_start = time.perf_counter()
     specs = args.run or []
     runs = [parse_run(x) for x in specs] if specs else [("default", ensure_default_run(args))]
@@ -842,18 +926,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     quiet_libraries()
     objs = resolve_objectives(OBJECTIVES)
     supernets: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []  # every evaluation of every run (and the reference sample, when measured)
     for label, run_dir in runs:
         m = measure_supernet(args, label, run_dir, variants, with_sample=args.build_reference)
         if args.measure_only:
             continue
+        raw += [{"supernet": label, "variant": r["variant"], "seed": r["seed"], "eval": i + 1, **row}
+                for r in m["runs"] for i, row in enumerate(r["rows"])]
+        raw += [{"supernet": label, "variant": "reference-sample", "seed": args.ref_sample_seed, "eval": i + 1, **row}
+                for i, row in enumerate(m["sample"])]
         ref_acc = args.ref_acc if args.ref_acc is not None else (m["majority"] if m["majority"] is not None else 0.5)
         ref_point = {"acc": float(ref_acc), "macs": float(m["reference_net"]["macs"]) * args.ref_macs_factor}
 
         def make(m: dict[str, Any] = m, ref_point: dict[str, float] = ref_point) -> dict[str, Any]:
-            sources = {f"{r['variant']}-s{r['seed']}": r["rows"] for r in m["runs"]}
-            sources[f"random-sample-seed{args.ref_sample_seed}"] = m["sample"]
-            return {**build_reference(sources, ref_point, objs), "sample_size": len(m["sample"]),
-                    "sample_seed": args.ref_sample_seed, "sample_stats": sample_summary(m["sample"])}
+            return reference_entry(m, ref_point, objs, args.ref_sample_seed)
 
         meta = {"label": label, "run_dir": str(run_dir), "digest": m["digest"], "split": m["split"],
                 "limit": args.limit_val, "eval_batch_size": args.eval_batch_size, "budget": args.evals,
@@ -914,12 +1000,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         for k in ("score", "score_nadir"):
             if sn[k]:
                 sn[k].pop("curves", None)
+    prov.write_rows(raw)
+    out["provenance"] = prov.finish(summary_figures(out), result_file=args.out)
     args.out.write_text(compact_json(out) + "\n")
     md = args.out.with_suffix(".md")
     md.write_text(markdown(out))
     print_summary(out)
     print(f"wrote {args.out}, {png}, {md}; wall {wall:.0f} s", flush=True)
     return out
+
+
+def summary_figures(out: Mapping[str, Any]) -> dict[str, Any]:
+    """Per super-network and algorithm (LINAS, the best NSGA-II, random): median evaluations to 95 % / 98 % of the
+    reference hypervolume and to each accuracy-at-MACs target (None: censored), and the median final fraction."""
+    fig: dict[str, Any] = {}
+    for sn in out["supernets"]:
+        sc = sn["score"]
+        for name, alias in (("linas", "linas"), (sc.get("nsga2_best"), "nsga2_best"), ("random", "random")):
+            row = sc["table"].get(name) if name else None
+            if row is None:
+                continue
+            k = f"{sn['label']}.{alias}"
+            fig |= {f"{k}.evals_to_95": row["0.95"]["median"], f"{k}.evals_to_98": row["0.98"]["median"],
+                    f"{k}.final_fraction": row["final"]["median"]}
+            fig |= {f"{k}.evals_to[{t}]": v["median"] for t, v in (row.get("targets") or {}).items()}
+    return fig
 
 
 def compact_json(obj: Any) -> str:

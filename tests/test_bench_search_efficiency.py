@@ -202,3 +202,43 @@ def test_reference_file_lives_beside_the_output():
     assert se.parse_args(["--out", "/tmp/x/se.json"]).reference == Path("/tmp/x/se_reference.json")
     with pytest.raises(SystemExit):
         se.parse_args(["--skip-runs"])  # only beside --measure-only --build-reference
+
+
+def test_the_reference_is_the_sample_alone_never_the_runs_it_judges():
+    sample = [row(1, 0.70, 4.0), row(2, 0.60, 2.0), {**row(3, 0.95, 1.0), "collapsed": True}, row(4, 0.80, 9.0)]
+    runs = [("linas", 0, [row(9, 0.99, 1.0)])]  # better than anything in the sample
+    m = {**_measured(runs), "sample": sample, "reference_net": {"macs": 10.0}}
+    entry = se.reference_entry(m, REF, OBJS, sample_seed=2024)
+    alone = se.reference_entry({**m, "runs": []}, REF, OBJS, sample_seed=2024)
+    assert entry == alone and "id9" not in {r["id"] for r in entry["front"]}
+    assert entry["sources"] == {"random-sample-seed2024": 4} and entry["built_from"].startswith("random sample")
+    # targets: best non-collapsed sample accuracy within the MACs, less 1 point
+    t = {x["macs_fraction"]: x for x in entry["targets"]}
+    assert t[0.75]["sample_best_acc"] == 0.70 and t[0.75]["acc_min"] == pytest.approx(0.69)
+    assert t[0.5]["sample_best_acc"] == 0.70 and t[0.5]["macs_max"] == 5.0
+    assert t[0.33]["sample_best_acc"] == 0.60 and t[0.33]["acc_min"] == pytest.approx(0.59)
+    assert se.reference_targets(sample, 10.0, [(0.05, 1.0)])[0]["acc_min"] is None  # only a collapsed one fits
+
+
+def test_evaluations_to_an_accuracy_at_macs_target():
+    rows = [row(1, 0.9, 8.0), row(2, 0.6, 4.0), {**row(3, 0.8, 4.0), "collapsed": True}, row(4, 0.7, 5.0)]
+    assert se.evals_to_target(rows, 5.0, 0.69) == 4  # not 1 (too many MACs), not 3 (collapsed)
+    assert se.evals_to_target(rows, 5.0, 0.6) == 2
+    assert se.evals_to_target(rows, 3.0, 0.5) is None and se.evals_to_target(rows, 9.0, None) is None
+    sample = [row(10, 0.7, 5.0), row(11, 0.6, 3.0)]
+    entry = se.reference_entry({"runs": [], "sample": sample, "reference_net": {"macs": 10.0}}, REF, OBJS, 1)
+    runs = [("linas", 0, rows), ("linas", 1, rows[:2]), ("random", 0, rows[:1])]
+    variants = se.make_variants(["linas", "random"], [], 2, 1)
+    sc = se.score_supernet(_measured(runs), entry, variants, budget=4)
+    half = se.target_key(0.5, 1.0)
+    assert sc["table"]["linas"]["targets"][half]["per_seed"] == [4, None]
+    assert sc["table"]["random"]["targets"][half]["censored"] == 1
+    md = "\n".join(se.target_table(sc))
+    assert "MACs <= 50%, acc >= 69.00 %" in md and "| random | >4 [>4–>4] (1/1 censored)" in md
+
+
+def test_a_reference_built_from_the_runs_is_refused(tmp_path):
+    old = tmp_path / "ref.json"
+    old.write_text(json.dumps({"schema": 1, "supernets": {}}))
+    with pytest.raises(SystemExit, match="built from the runs it judged"):
+        se.read_references(old)
