@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import shutil
 import struct
 from collections.abc import Sequence
@@ -348,6 +349,18 @@ def safetensors_header_bytes(path: str | Path) -> int:
     return 8 + n
 
 
+def readable_files(root: str | Path) -> None:
+    """Give the files under `root` the mode the user's umask gives any new file. safetensors writes its files
+    0600 (owner only) while everything else beside them gets 0644: a model directory meant to be shared or
+    served would otherwise be unreadable for the group and the server's user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o600 and want != 0o600:
+            p.chmod(want)
+
+
 def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str | Path,
                    batches: Sequence[dict[str, Any]] | None = None,
                    atol: float = DEFAULT_ATOL) -> dict[str, Any]:
@@ -373,6 +386,7 @@ def save_extracted(model: nn.Module, sub: SubNet, tokenizer: Any, out_dir: str |
     check = verify_extracted(model, sub, small, batches, atol)
     kept = adapter.kept_layers(model, sub)
     written = adapter.save_extracted(small, model, sub, tokenizer, out)
+    readable_files(out)
 
     reloaded = adapter.load_extracted(out)
     reload_diff = max_logit_diff(small, reloaded, batches)

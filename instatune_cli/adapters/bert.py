@@ -101,6 +101,9 @@ class HFTextAdapter(FamilyAdapter):
         model.save_pretrained(out_dir)
         if preprocessor is not None:
             preprocessor.save_pretrained(out_dir)
+        from instatune_cli.extract import readable_files
+
+        readable_files(out_dir)  # safetensors writes 0600
 
     def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
         from instatune_cli.data import tokenize
