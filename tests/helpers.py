@@ -105,7 +105,8 @@ print(json.dumps({"config": type(cfg).__name__, "model": type(model).__name__,
 def load_without_instatune(model_dir: str | Path, batches: list) -> dict[str, Any]:
     """Load `model_dir` with trust_remote_code in a fresh interpreter that cannot import instatune_cli."""
     payload = json.dumps([{k: v.tolist() for k, v in b.items()} for b in batches])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    # a user's environment: transformers at its default verbosity (instatune's CLI quiets it in-process)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "TRANSFORMERS_VERBOSITY")}
     env["HF_HUB_OFFLINE"] = "1"
     with tempfile.TemporaryDirectory() as cache:
         env["HF_MODULES_CACHE"] = cache
@@ -115,4 +116,5 @@ def load_without_instatune(model_dir: str | Path, batches: list) -> dict[str, An
         raise AssertionError(f"loading without instatune failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["logits"] = [torch.tensor(x) for x in out["logits"]]
+    out["stderr"] = r.stderr
     return out

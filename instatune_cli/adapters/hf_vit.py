@@ -110,6 +110,9 @@ class HFVitAdapter(ImageFamily, HFTextAdapter):
         model.save_pretrained(out_dir)
         if preprocessor is not None:
             self.save_preprocessor(preprocessor, out_dir)
+        from instatune_cli.extract import readable_files
+
+        readable_files(out_dir)  # safetensors writes 0600
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:

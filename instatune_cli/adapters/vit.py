@@ -504,6 +504,9 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         self._write(model, out, {"model_type": model.config.model_type})
         if preprocessor is not None:
             preprocessor.save(out)
+        from instatune_cli.extract import readable_files
+
+        readable_files(out)  # safetensors writes 0600
 
     def _write(self, model: nn.Module, out: Path, own: dict[str, Any]) -> None:
         """timm's `save_for_hf` layout: config.json (timm's own writer, plus our `instatune` key) and

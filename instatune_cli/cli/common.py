@@ -38,6 +38,29 @@ def console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def score_text(metric: str, value: float | None) -> str:
+    """A score as users read it everywhere: shares (accuracy, f1) as percentages, correlations as numbers."""
+    if value is None:
+        return "-"
+    if str(metric).lower() in ("mcc", "pearson", "spearman"):
+        return f"{float(value):+.4f}"
+    return f"{100 * float(value):.2f} %"
+
+
+def accuracy_change(fp32: dict[str, Any], int8: dict[str, Any], change_points: float) -> str:
+    """`accuracy on 300 eval examples: FP32 81.00 % -> INT8 80.33 % (-0.67 points)`: one sign convention, the
+    change INT8 made (negative: lost)."""
+    metric = fp32["metric"]
+    return (f"{metric} on {fp32['n']} {fp32.get('split', 'eval')} examples: FP32 {score_text(metric, fp32['score'])}"
+            f" -> INT8 {score_text(metric, int8['score'])} ({change_points:+.2f} points)")
+
+
+def threads_of(latency: dict[str, Any]) -> str:
+    """`1 thread` / `2 threads`: every latency figure says the thread count it was measured with."""
+    n = int(latency.get("threads") or 0)
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def fail(msg: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
     from rich.markup import escape

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import THREADS_DEFAULT, console, quiet_libraries, user_errors
+from instatune_cli.cli.common import THREADS_DEFAULT, accuracy_change, console, quiet_libraries, threads_of, user_errors
 
 # ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
 
@@ -58,13 +58,16 @@ def register(app: typer.Typer) -> None:
         lat = m["latency"]
         out.print(f"wrote {art.path / 'model.onnx'} ({m['onnx_bytes'] / 1e6:.1f} MB); ORT parity max |Δ| "
                   f"{m['parity']['max_abs_diff']:.2g} (atol {m['parity']['atol']:g})")
-        out.print(f"latency b{lat['batch']} s{lat['seq_len']} ({lat['threads']} threads): median "
-                  f"{lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms")
+        out.print(f"latency b{lat['batch']} s{lat['seq_len']}, {threads_of(lat)}: median {lat['median_ms']:.2f} ms, "
+                  f"p90 {lat['p90_ms']:.2f} ms")
         if "latency_supernet" in m:
-            out.print(f"super-network: median {m['latency_supernet']['median_ms']:.2f} ms -> "
-                      f"{m['speedup']:.2f}x faster")
+            sup = m["latency_supernet"]
+            out.print(f"super-network, {threads_of(sup)}: median {sup['median_ms']:.2f} ms -> {m['speedup']:.2f}x "
+                      "faster")
         if "int8" in m:
             q = m["int8"]
             out.print(f"int8: {art.path / 'model.int8.onnx'} ({q['bytes_out'] / 1e6:.1f} MB), median "
-                      f"{q['latency']['median_ms']:.2f} ms, same prediction on "
-                      f"{100 * q['agreement']['same_prediction']:.1f}% of {q['agreement']['n']} eval examples")
+                      f"{q['latency']['median_ms']:.2f} ms ({threads_of(q['latency'])})")
+            acc = q.get("accuracy")
+            if acc:
+                out.print(f"int8: {accuracy_change(acc['fp32'], acc['int8'], acc['change_points'])}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import THREADS_DEFAULT, console, quiet_libraries, user_errors
+from instatune_cli.cli.common import THREADS_DEFAULT, accuracy_change, console, quiet_libraries, threads_of, user_errors
 
 # ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
 
@@ -71,8 +71,9 @@ def register(app: typer.Typer) -> None:
         m = art.metrics
         acc, size, lat = m["accuracy"], m["size_bytes"], m["latency"]
         out.print(f"wrote {art.path} ({m['quantization']['engine']}): {art.model['policy']}")
-        out.print(f"{acc['fp32']['metric']} on {acc['fp32']['n']} eval examples: FP32 {100 * acc['fp32']['score']:.2f} "
-                  f"-> INT8 {100 * acc['int8']['score']:.2f} ({m['accuracy_drop_points']:+.2f} points lost)")
+        out.print(accuracy_change(acc["fp32"], acc["int8"], -m["accuracy_drop_points"]))
+        li = lat["int8"]
+        where = f", {threads_of(li)}" if "threads" in li else ""
         out.print(f"size {size['fp32'] / 1e6:.1f} MB -> {size['int8'] / 1e6:.1f} MB ({m['size_ratio']:.2f}x smaller); "
-                  f"latency b{lat['int8']['batch']} s{lat['int8']['seq_len']}: {lat['fp32']['median_ms']:.2f} ms -> "
-                  f"{lat['int8']['median_ms']:.2f} ms")
+                  f"latency b{li['batch']} s{li['seq_len']}{where}: {lat['fp32']['median_ms']:.2f} ms -> "
+                  f"{li['median_ms']:.2f} ms")

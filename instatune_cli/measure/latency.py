@@ -35,7 +35,12 @@ SAFE_VOCAB = 100
 
 
 def default_threads() -> int:
-    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    """The one default thread count of every latency figure: `OMP_NUM_THREADS` when it is set to a positive
+    number (the user's word for how many threads a process may use), else the CPUs this process may run on
+    (the affinity mask, not the machine's count)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -136,7 +141,8 @@ def measure_ort_latency(onnx_path: str | Path, batch: int, seq_len: int, threads
                         vocab_size: int | None = None, clock: str = "wall") -> dict[str, Any]:
     """Median / p90 ms per forward of `onnx_path` at (batch, seq_len) with `threads` intra-op threads.
 
-    `threads=None` uses every CPU this process may run on (recorded in the result). For many shapes of one
+    `threads=None` uses `default_threads()` ($OMP_NUM_THREADS, else every CPU this process may run on; recorded
+    in the result). For many shapes of one
     model, keep a `LatencyProbe` instead (one session). `clock="cpu"` needs `threads=1` (see module doc).
     """
     return LatencyProbe(onnx_path, threads, vocab_size).measure(batch, seq_len, warmup, runs, clock=clock)

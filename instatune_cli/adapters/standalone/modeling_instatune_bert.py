@@ -81,9 +81,23 @@ def _distilbert_parts(layer: nn.Module) -> tuple[nn.Module, ...]:
     return (a, a, a, layer.ffn, layer.ffn, ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"))
 
 
+class _ReadsOwnType:
+    """config.json names the family's stock `model_type` (so a stock `AutoTokenizer.from_pretrained(dir)` needs
+    no remote code) and ours under `instatune_model_type`. Reading such a file back as ours is what it is for,
+    so it is read as ours: transformers' "You are using a model of type `bert` to instantiate a model of type
+    `instatune_bert`" warning would only alarm a user loading the directory as documented."""
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("instatune_model_type") == cls.model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+
 # ---- BERT -------------------------------------------------------------------------------------------
 
-class InstatuneBertConfig(BertConfig):
+class InstatuneBertConfig(_ReadsOwnType, BertConfig):
     """BertConfig plus per-layer `layer_heads` and `layer_ffn` (head size: hidden/num_attention_heads)."""
 
     model_type = "instatune_bert"
@@ -110,7 +124,7 @@ class InstatuneBertForSequenceClassification(BertForSequenceClassification):
 
 # ---- RoBERTa (XLM-R, CamemBERT) ----------------------------------------------------------------------
 
-class InstatuneRobertaConfig(RobertaConfig):
+class InstatuneRobertaConfig(_ReadsOwnType, RobertaConfig):
     """RobertaConfig plus per-layer `layer_heads` and `layer_ffn`."""
 
     model_type = "instatune_roberta"
@@ -137,7 +151,7 @@ class InstatuneRobertaForSequenceClassification(RobertaForSequenceClassification
 
 # ---- ELECTRA -----------------------------------------------------------------------------------------
 
-class InstatuneElectraConfig(ElectraConfig):
+class InstatuneElectraConfig(_ReadsOwnType, ElectraConfig):
     """ElectraConfig plus per-layer `layer_heads` and `layer_ffn`."""
 
     model_type = "instatune_electra"
@@ -164,7 +178,7 @@ class InstatuneElectraForSequenceClassification(ElectraForSequenceClassification
 
 # ---- DistilBERT --------------------------------------------------------------------------------------
 
-class InstatuneDistilBertConfig(DistilBertConfig):
+class InstatuneDistilBertConfig(_ReadsOwnType, DistilBertConfig):
     """DistilBertConfig plus per-layer `layer_heads` and `layer_ffn`."""
 
     model_type = "instatune_distilbert"

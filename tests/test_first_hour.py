@@ -1,0 +1,85 @@
+"""What a new user sees (issue 20): the export's INT8 accuracy, thread counts and manifest paths, the file modes
+of what instatune writes, tables that keep names whole when output is not a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from instatune_cli import artifacts
+from instatune_cli.measure.latency import default_threads
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_default_threads_honours_omp_num_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = default_threads()
+    assert cpus == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    for junk in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", junk)
+        assert default_threads() == cpus
+
+
+def test_written_weights_have_the_umask_mode(tiny_tune_run, tmp_path):
+    want = _umask_mode()
+    run_modes = _modes(Path(tiny_tune_run) / "model")
+    assert any(k.endswith(".safetensors") for k in run_modes)
+    assert set(run_modes.values()) == {want}, run_modes
+    r = run_cli("extract", tiny_tune_run, "--config", "L3-h4.2.3-f12.37.25", "--output", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    modes = _modes(tmp_path / "e")
+    assert "model.safetensors" in modes and set(modes.values()) == {want}, modes
+
+
+def test_export_int8_reports_accuracy_threads_and_existing_paths(tiny_tune_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    r = run_cli("extract", tiny_tune_run, "--config", "L3-h4.2.3-f12.37.25", "--output", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    r = run_cli("export", tmp_path / "e", "--int8", "--runs", "2", "--output", tmp_path / "x")
+    assert r.exit_code == 0, r.output
+    m = artifacts.load(tmp_path / "x", "export").metrics
+    # one default thread count, from the environment, on every figure, and said with every figure
+    figures = [m["latency"], m["latency_supernet"], m["int8"]["latency"]]
+    assert [f["threads"] for f in figures] == [1, 1, 1]
+    timing_lines = [ln for ln in r.stdout.splitlines() if " ms" in ln]
+    assert len(timing_lines) == 3 and all("1 thread" in ln for ln in timing_lines), r.stdout
+    # INT8 accuracy on the whole eval split, as quantize reports it
+    acc = m["int8"]["accuracy"]
+    n_eval = len((Path(tiny_tune_run) / "eval.jsonl").read_text().splitlines())
+    assert acc["fp32"]["n"] == acc["int8"]["n"] == n_eval and acc["int8"]["split"] == "eval"
+    assert 0 <= acc["int8"]["score"] <= 1 and acc["fp32"]["metric"] == "accuracy"
+    assert acc["change_points"] == pytest.approx(100 * (acc["int8"]["score"] - acc["fp32"]["score"]))
+    line = next(ln for ln in r.stdout.splitlines() if "-> INT8" in ln)
+    assert f"{n_eval} eval examples" in line and f"({acc['change_points']:+.2f} points)" in line
+    # every path the manifest names exists after the rename; none names the work directory
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    strings = _strings(manifest)
+    assert not [s for s in strings if ".partial" in s]
+    named = [s for s in strings if s.endswith(".onnx")]
+    assert {"model.onnx", "model.int8.onnx"} <= set(named)
+    assert all((tmp_path / "x" / s).is_file() for s in named), named
