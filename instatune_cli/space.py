@@ -430,6 +430,19 @@ class SearchSpace:
         n = self.layers[0]
         return SubNet.make(n, [self.heads[i][0] for i in range(n)], [self.ffn[i][0] for i in range(n)])
 
+    def anchors(self) -> list[SubNet]:
+        """The members a search measures first, so the family's strongest and cheapest are never left out: the
+        widest sub-network of each depth, deepest first, then the smallest. In a joint (`quant`) space each comes
+        all-INT8, the precision a size-driven search cares about (issue 18: a 40-evaluation search had never
+        measured the widest 5-layer member, which beat its whole front)."""
+        out = []
+        for n in sorted(self.layers, reverse=True):
+            out.append(SubNet.make(n, [self.heads[i][-1] for i in range(n)], [self.ffn[i][-1] for i in range(n)]))
+        out.append(self.smallest())
+        if self.quant:
+            out = [SubNet(s.heads, s.ffn, (1,) * quant_gene_count(s.layers)) for s in out]
+        return list(dict.fromkeys(out))
+
     def sample(self, rng: random.Random) -> SubNet:
         """Uniform sampling as in the paper: L drawn once, then H and D_ffn drawn per layer."""
         n = rng.choice(self.layers)

@@ -244,8 +244,16 @@ def _enumerate(space: SearchSpace) -> list[SubNet]:
 
 
 def initial_population(ctx: SearchContext, rng: random.Random, population: int) -> list[dict[str, Any]]:
-    """`population` unique random configs measured for real (the same draws for every algorithm and seed)."""
+    """`population` unique configs measured for real: the space's anchors (the widest member of each depth and the
+    smallest, `SearchSpace.anchors`), then random draws (the same for every algorithm and seed)."""
     rows: list[dict[str, Any]] = []
+    for sub in ctx.space.anchors()[:population]:
+        if ctx.done or ctx.seen(sub.id):
+            continue
+        row = ctx.measure(sub, "anchor", 0)
+        if row is None:
+            return rows
+        rows.append(row)
     while len(rows) < population and not ctx.done:
         sub = unseen_sample(ctx, rng)
         if sub is None:

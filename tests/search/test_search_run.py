@@ -106,7 +106,19 @@ def test_outputs_written(tmp_path):
     assert sorted({p["iteration"] for p in preds}) == [1, 2, 3, 4]
     assert all(p["objective"] == "acc" and p["cv_mae"] is not None for p in preds)
     origins = [r["origin"] for r in res.rows]
-    assert origins[:8] == ["random"] * 8 and set(origins[8:]) <= {"predicted", "random"}
+    n_anchor = min(8, len(SPACE.anchors()))
+    assert origins[:8] == ["anchor"] * n_anchor + ["random"] * (8 - n_anchor)
+    assert set(origins[8:]) <= {"predicted", "random"}
+
+
+def test_search_starts_from_the_anchors(tmp_path):
+    """The widest member of each depth and the smallest are measured first, by every algorithm (issue 18)."""
+    for algo in ALGOS:
+        res = search(tmp_path / algo, algo)
+        anchors = SPACE.anchors()
+        assert [r["id"] for r in res.rows[: len(anchors)]] == [a.id for a in anchors]
+        assert len({a.layers for a in anchors}) == len(SPACE.layers)
+        assert anchors[-1] == SPACE.smallest()
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
@@ -232,11 +244,12 @@ def test_budget_larger_than_the_space_is_capped(tmp_path):
 
 
 def test_linas_beats_random_at_equal_budget(tmp_path):
-    """Mean final hypervolume over 3 seeds at 30 evaluations (measured margin: ~3570 vs ~3400, and every
-    LINAS seed above every random seed over 8 seeds)."""
+    """Mean final hypervolume over 3 seeds at 30 evaluations. Both start from the space's anchors (widest member
+    of each depth, smallest), which lifts random search too: measured over 8 seeds, random 3490-3524, LINAS
+    3551-3583 (every LINAS seed above every random seed; mean margin 1.8 %)."""
     mean = {}
     for algorithm in ("random", "linas"):
         hv = [search(tmp_path / f"{algorithm}{s}", algorithm, evals=30, population=10, seed=s).hypervolume[-1]
               for s in range(3)]
         mean[algorithm] = sum(hv) / len(hv)
-    assert mean["linas"] > mean["random"] * 1.02
+    assert mean["linas"] > mean["random"] * 1.01
