@@ -23,8 +23,12 @@ byte-order mark is dropped. TSVs are read without quote processing (GLUE sentenc
 
 Labels: integers are class ids and must be 0..C-1 (C = largest training id + 1, or the task's class count);
 strings are mapped to ids in sorted order of the training labels (or the task's order). A label of the
-eval split that is not a training class, real-valued labels (regression) and a single-class training split
-are errors. The eval split is never used for training.
+eval split that is not a training class and a single-class training split are errors. The eval split is
+never used for training.
+
+Regression (`--task stsb`, GLUE's STS-B with its float `score` in [0, 5], or a user's real-valued labels with a
+regression metric, `--metric pearson`): every label must be a number and is kept as a float; the model gets
+one output. Real-valued labels without asking for a regressor are refused in one line that says how to.
 
 Tokenization happens once per run (no padding); batches are padded per batch.
 """
@@ -63,6 +67,7 @@ class GlueTask:
     eval_split: str  # on the hub
     file_columns: tuple[str, str | None, str] | None = None  # (text, pair, label) in GLUE's TSVs, if different
     headerless: tuple[str, ...] = ()  # column names of GLUE's train/dev TSVs when they have no header line
+    regression: bool = False  # real-valued labels, one model output (STS-B); `labels` then names that output
 
     def layouts(self) -> list[tuple[str, str | None, str]]:
         """(text, pair, label) column names this task's data may come with: the hub's, then GLUE's files'."""
@@ -86,7 +91,11 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "wnli": GlueTask("sentence1", "sentence2", ("not_entailment", "entailment"), "validation"),
     "mnli": GlueTask("premise", "hypothesis", ("entailment", "neutral", "contradiction"), "validation_matched",
                      ("sentence1", "sentence2", "gold_label")),
+    # GLUE's STS-B files: index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score
+    "stsb": GlueTask("sentence1", "sentence2", ("score",), "validation", ("sentence1", "sentence2", "score"),
+                     regression=True),
 }
+REGRESSION_LABELS = ["score"]  # a regressor's one output (TaskData.labels, the model's id2label)
 
 _PAIR_GUESSES = (("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
                  ("premise", "hypothesis"), ("#1 String", "#2 String"))
@@ -98,10 +107,11 @@ _FLOAT_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
 
 @dataclass
 class Split:
-    """One split as parallel columns: texts, optional second texts, integer labels."""
+    """One split as parallel columns: texts, optional second texts, labels (class ids, or floats for a
+    regression task)."""
 
     texts: list[str]
-    labels: list[int]
+    labels: list[Any]
     pairs: list[str] | None = None
 
     def __len__(self) -> int:
@@ -135,6 +145,11 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def regression(self) -> bool:
+        """Real-valued labels (a regressor with one output): regression labels are always floats."""
+        return any(isinstance(x, float) for x in self.train.labels[:1])
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -394,7 +409,7 @@ def _task_columns(task: str, cols: list[str], where: str, text: str | None, pair
     if fit is not None:
         text = text or fit[0]
         pair = pair or (fit[1] if fit[0] == text else None)
-        label = label or (fit[2] if fit[2] in have else None)
+        label = label or next((lay[2] for lay in (fit, *t.layouts()) if lay[2] in have), None)
     if t.pair is not None and pair is None:
         raise InstatuneError(
             f"{where}: --task {task} classifies pairs of texts but no second text column was found among {cols}; "
@@ -450,15 +465,22 @@ def _extract(rows: list[dict[str, Any]], cols: Columns, where: str) -> tuple[lis
 
 def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None = None,
                where: tuple[str, str] = ("train split", "eval split"),
-               task: str | None = None) -> tuple[list[int], list[int], list[str]]:
-    """Raw labels -> (train ids, eval ids, names). See the module docstring for the rules."""
+               task: str | None = None, regression: bool = False) -> tuple[list[Any], list[Any], list[str]]:
+    """Raw labels -> (train ids, eval ids, names), or (train floats, eval floats, REGRESSION_LABELS) for a
+    regression task. See the module docstring for the rules."""
     wt, we = where
+    if regression:
+        tr = regression_labels(train, wt)
+        if len(set(tr)) < 2:
+            raise InstatuneError(f"{wt} has one label value ({tr[0] if tr else 'none'}) for every row; a regressor "
+                                 "needs labels that vary")
+        return tr, regression_labels(evals, we), list(REGRESSION_LABELS)
     for lst, w in ((train, wt), (evals, we)):
         bad = next((x for x in lst if isinstance(x, float)), None)
         if bad is not None:
             raise InstatuneError(
-                f"{w} has the real-valued label {bad}; instatune tunes classifiers, labels must be class ids or names"
-            )
+                f"{w} has the real-valued label {bad}; to train a regressor pass --metric pearson (or spearman; "
+                "--task stsb for GLUE's STS-B), for a classifier give class ids or names")
     if names is not None:
         return _task_labels(train, evals, list(names), where, task or "the task")
 
@@ -491,6 +513,17 @@ def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None =
     return [ix[str(x)] for x in train], ev, strs
 
 
+def regression_labels(raw: list[Any], where: str) -> list[float]:
+    """Real-valued labels as floats; a label that is not a number is one line naming its row."""
+    out = []
+    for row, x in enumerate(raw, start=1):
+        if isinstance(x, str) or not isinstance(x, (int, float)):
+            raise InstatuneError(f"{where} row {row} has label {x!r}, not a number; a regression task needs "
+                                 "real-valued labels (drop --metric pearson/spearman to train a classifier)")
+        out.append(float(x))
+    return out
+
+
 def _task_labels(train: list[Any], evals: list[Any], names: list[str], where: tuple[str, str],
                  task: str) -> tuple[list[int], list[int], list[str]]:
     """Labels of a named task: its class ids 0..C-1 or its class names, nothing else (a file of another task
@@ -521,8 +554,9 @@ def _task_labels(train: list[Any], evals: list[Any], names: list[str], where: tu
 def load_task_data(task: str | None = None, data: str | Path | None = None, eval_data: str | Path | None = None,
                    text_column: str | None = None, text_pair_column: str | None = None,
                    label_column: str | None = None, limit_train: int | None = None,
-                   limit_eval: int | None = None) -> TaskData:
-    """Train and eval splits from a GLUE task name and/or local files (see the module docstring)."""
+                   limit_eval: int | None = None, regression: bool = False) -> TaskData:
+    """Train and eval splits from a GLUE task name and/or local files (see the module docstring).
+    `regression`: real-valued labels (a regression task such as stsb is one whatever this says)."""
     if task is not None:
         task = task.lower().replace("-", "")
         if task not in GLUE_TASKS:
@@ -538,6 +572,7 @@ def load_task_data(task: str | None = None, data: str | Path | None = None, eval
         if task is None:
             raise InstatuneError("no data: pass --task (e.g. sst2) or --data DIR with train and dev files")
         return _load_hub_glue(task, text_column, text_pair_column, label_column, limit_train, limit_eval)
+    regression = regression or (task is not None and GLUE_TASKS[task].regression)
     train_f, eval_f = _split_files(Path(data).expanduser(), eval_data)
     tcols, trows = read_records(train_f, task)
     ecols, erows = read_records(eval_f, task)
@@ -552,7 +587,7 @@ def load_task_data(task: str | None = None, data: str | Path | None = None, eval
     tt, tp, tl = _extract(trows, cols, str(train_f))
     et, ep, el = _extract(erows, cols, str(eval_f))
     names = GLUE_TASKS[task].labels if task is not None else None
-    tl_ids, el_ids, labels = map_labels(tl, el, names, (str(train_f), str(eval_f)), task)
+    tl_ids, el_ids, labels = map_labels(tl, el, names, (str(train_f), str(eval_f)), task, regression)
     source = {"kind": "files", "train": str(train_f.resolve()), "eval": str(eval_f.resolve()),
               "columns": cols.to_dict()}
     return TaskData(task or "custom", Split(tt, tl_ids, tp), Split(et, el_ids, ep), labels, source)
@@ -611,7 +646,8 @@ def _load_hub_glue(task: str, text_column: str | None, pair_column: str | None, 
 
     tt, tp, tl = split("train", limit_train)
     et, ep, el = split(eval_split, limit_eval)
-    tl_ids, el_ids, labels = map_labels(tl, el, names, (f"GLUE {task} train", f"GLUE {task} {eval_split}"), task)
+    tl_ids, el_ids, labels = map_labels(tl, el, names, (f"GLUE {task} train", f"GLUE {task} {eval_split}"), task,
+                                        t.regression)
     source = {"kind": "hub", "dataset": "nyu-mll/glue", "config": task, "eval_split": eval_split,
               "columns": cols.to_dict()}
     return TaskData(task, Split(tt, tl_ids, tp), Split(et, el_ids, ep), labels, source)
@@ -620,7 +656,8 @@ def _load_hub_glue(task: str, text_column: str | None, pair_column: str | None, 
 # ---- examples stored in a run directory ---------------------------------------------------------------
 
 def write_jsonl(path: str | Path, split: Split) -> None:
-    """One JSON object per example: text, (text_pair), label (class id)."""
+    """One JSON object per example: text, (text_pair), label (class id, or a float for regression: written
+    with its decimal point, which is how `read_jsonl` tells the kinds apart)."""
     with open(path, "w", encoding="utf-8") as f:
         for i in range(len(split)):
             rec: dict[str, Any] = {"text": split.texts[i]}
@@ -637,6 +674,8 @@ def read_jsonl(path: str | Path) -> Split:
         return Split([], [], None)
     pair = Columns("text", "label", "text_pair" if "text_pair" in rows[0] else None)
     texts, pairs, labels = _extract(rows, pair, str(path))
+    if any(isinstance(r.get("label"), float) for r in rows):  # a regression split (see write_jsonl)
+        return Split(texts, [float(x) for x in labels], pairs)
     return Split(texts, [int(x) for x in labels], pairs)
 
 
@@ -647,7 +686,7 @@ class Encoded:
     """A pre-tokenized split: unpadded token ids per example (and token types when the model uses them)."""
 
     input_ids: list[list[int]]
-    labels: list[int]
+    labels: list[Any]  # class ids, or floats (regression)
     token_type_ids: list[list[int]] | None = None
     pad_id: int = 0
 
@@ -675,7 +714,8 @@ class Encoded:
         out = {"input_ids": ids, "attention_mask": mask}
         if tt is not None:
             out["token_type_ids"] = tt
-        out["labels"] = torch.tensor([self.labels[i] for i in idx], dtype=torch.long)
+        real = any(isinstance(x, float) for x in self.labels[:1])  # regression: float targets
+        out["labels"] = torch.tensor([self.labels[i] for i in idx], dtype=torch.float32 if real else torch.long)
         return out
 
     def digest(self) -> str:
@@ -798,6 +838,10 @@ def _val_from_file(data: TaskData, path: Path, columns: Columns | None) -> TaskD
     cols = columns or choose_columns(cols_in, str(path), task=data.task)
     choose_columns(cols_in, str(path), cols.text, cols.pair, cols.label)
     texts, pairs, raw = _extract(rows, cols, str(path))
+    if data.regression:
+        source = {**data.source, "val": {"kind": "file", "path": str(path.resolve()), "examples": len(rows)}}
+        return TaskData(data.task, data.train, data.eval, data.labels, source,
+                        Split(texts, regression_labels(raw, f"validation file {path}"), pairs))
     ix = {n: i for i, n in enumerate(data.labels)}
     labels: list[int] = []
     for r, x in enumerate(raw):

@@ -151,18 +151,70 @@ def _standalone_path() -> Path:
     return Path(f)
 
 
-def _extracted_config(model: nn.Module, dims: Any, sub: SubNet) -> tuple[Any, type, str]:
-    """(config, model class, kind) for `sub`."""
+def family_model_type(config: Any) -> str:
+    """The family's stock `model_type` of a config: its own, or for our per-layer config (`instatune_bert`, a
+    subclass of the stock config) that of the stock class it extends (`bert`)."""
+    mt = str(config.model_type)
+    if not mt.startswith("instatune_"):
+        return mt
+    for base in type(config).__mro__[1:]:
+        t = str(getattr(base, "model_type", "") or "")
+        if t and not t.startswith("instatune_"):
+            return t
+    return mt.removeprefix("instatune_")
+
+
+def per_layer_shape(config: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(heads, FFN widths) per layer of a per-layer model (ours: `layer_heads` / `layer_ffn` in its config; also
+    a stock config read from such a directory, which keeps them as plain attributes); None for a uniform one."""
+    heads, ffn = getattr(config, "layer_heads", None), getattr(config, "layer_ffn", None)
+    if not heads or not ffn:
+        return None
+    return tuple(int(h) for h in heads), tuple(int(f) for f in ffn)
+
+
+def full_subnet(model: nn.Module) -> SubNet:
+    """The sub-network that is the whole model: every layer, head and neuron it has (per layer for a per-layer
+    model, e.g. a tune run recovered from a per-layer extract)."""
+    from instatune_cli.adapters import adapter_of
+
+    shape = per_layer_shape(getattr(model, "config", None))
+    if shape is not None:
+        return SubNet(*shape)
+    dims = adapter_of(model).dims_of(model)
+    return SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)
+
+
+def _stock_of(model: nn.Module) -> tuple[Any, type]:
+    """(config, model class) of the stock family for `model`: itself, or for our per-layer model the stock
+    classes it extends, with the per-layer keys dropped (a cut of it that needs no per-layer shape)."""
     src = model.config
-    mt = src.model_type
+    if not str(src.model_type).startswith("instatune_"):
+        return copy.deepcopy(src), type(model)
+    cfg_cls = next(b for b in type(src).__mro__[1:] if not str(getattr(b, "model_type", "")).startswith("instatune_"))
+    d = src.to_dict()
+    for k in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path", "layer_heads",
+              "layer_ffn", OWN_TYPE_KEY):
+        d.pop(k, None)
+    cfg = cfg_cls.from_dict(d)
+    impl = getattr(src, "_attn_implementation", None)
+    if impl:
+        cfg._attn_implementation = impl
+    return cfg, type(model).__mro__[1]
+
+
+def _extracted_config(model: nn.Module, dims: Any, sub: SubNet) -> tuple[Any, type, str]:
+    """(config, model class, kind) for `sub` (of a stock model, or of our per-layer one: a recovered run)."""
+    src = model.config
+    mt = family_model_type(src)
     if is_stock_expressible(dims, sub):
         layers_key, ffn_key = _LAYER_FFN_KEYS.get(mt, ("num_hidden_layers", "intermediate_size"))
-        cfg = copy.deepcopy(src)
+        cfg, cls = _stock_of(model)
         setattr(cfg, layers_key, sub.layers)
         setattr(cfg, ffn_key, sub.ffn[0])
         if "auto_map" in cfg.__dict__:  # a stock result must not point at remote code
             del cfg.__dict__["auto_map"]
-        return cfg, type(model), "stock"
+        return cfg, cls, "stock"
     if mt not in CUSTOM_TYPES:
         raise InstatuneError(
             f"cannot extract per-layer sub-network {sub.name} from a {mt!r} model; per-layer heads/FFN "
@@ -171,7 +223,7 @@ def _extracted_config(model: nn.Module, dims: Any, sub: SubNet) -> tuple[Any, ty
         )
     cfg_cls, model_cls = standalone_module().CLASSES[CUSTOM_TYPES[mt]]
     d = src.to_dict()
-    for k in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
+    for k in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path", OWN_TYPE_KEY):
         d.pop(k, None)
     layers_key, ffn_key = _LAYER_FFN_KEYS.get(mt, ("num_hidden_layers", "intermediate_size"))
     d[layers_key] = sub.layers
@@ -432,17 +484,10 @@ def write_hf_extracted(small: nn.Module, parent: nn.Module, sub: SubNet, tokeniz
     # Which super-network layers these are is otherwise lost in the renumbering; informational only.
     small.config.instatune_kept_layers = adapter_of(parent).kept_layers(parent, sub)
     if kind == "instatune":
-        shutil.copyfile(_standalone_path(), out / STANDALONE_FILE)
-        cfg_cls, model_cls = standalone_module().CLASSES[small.config.model_type]
-        small.config.auto_map = {
-            "AutoConfig": f"{STANDALONE_FILE[:-3]}.{cfg_cls.__name__}",
-            "AutoModelForSequenceClassification": f"{STANDALONE_FILE[:-3]}.{model_cls.__name__}",
-        }
+        save_per_layer(small, out, family_model_type(parent.config))
     else:
         (out / STANDALONE_FILE).unlink(missing_ok=True)  # a stale copy from an earlier save into out_dir
-    small.save_pretrained(out)
-    if kind == "instatune":
-        _name_family_type(out / "config.json", parent.config.model_type)
+        small.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return {
@@ -451,6 +496,21 @@ def write_hf_extracted(small: nn.Module, parent: nn.Module, sub: SubNet, tokeniz
                       "AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True) "
                       "or instatune_cli.extract.load_extracted(dir)"),
     }
+
+
+def save_per_layer(model: nn.Module, out: Path, family_type: str | None = None) -> None:
+    """Write our per-layer model as a directory that loads without instatune: `save_pretrained` layout, the
+    standalone class file beside it and an `auto_map` to it, the family's stock `model_type` in config.json
+    (module docstring). Used for extracts and for the `model/` of a run recovered from one."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_standalone_path(), out / STANDALONE_FILE)
+    cfg_cls, model_cls = standalone_module().CLASSES[model.config.model_type]
+    model.config.auto_map = {
+        "AutoConfig": f"{STANDALONE_FILE[:-3]}.{cfg_cls.__name__}",
+        "AutoModelForSequenceClassification": f"{STANDALONE_FILE[:-3]}.{model_cls.__name__}",
+    }
+    model.save_pretrained(out)
+    _name_family_type(out / "config.json", family_type or family_model_type(model.config))
 
 
 def _name_family_type(cfg_path: Path, family_type: str) -> None:
@@ -477,11 +537,7 @@ def register_custom_classes() -> None:
     _REGISTERED = True
 
 
-def load_extracted(model_dir: str | Path, **kwargs: Any) -> Any:
-    """Load an extracted directory (stock or per-layer) in eval mode, without trust_remote_code."""
-    from transformers import AutoModelForSequenceClassification
-
-    p = Path(model_dir)
+def _config_json(p: Path) -> dict[str, Any]:
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise InstatuneError(f"{p} is not a model directory (no config.json)")
@@ -489,16 +545,61 @@ def load_extracted(model_dir: str | Path, **kwargs: Any) -> Any:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError:
         raise InstatuneError(f"{cfg_path} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise InstatuneError(f"{cfg_path} is not a JSON object")
+    return cfg
+
+
+def _own_type(cfg: dict[str, Any]) -> str | None:
     own = cfg.get(OWN_TYPE_KEY) or cfg.get("model_type")  # older per-layer dirs name ours in model_type
+    return own if isinstance(own, str) and own.startswith("instatune_") else None
+
+
+def is_per_layer_dir(model_dir: str | Path) -> bool:
+    """Whether `model_dir` holds our per-layer model (an extract, or the `model/` of a run recovered from one)."""
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        return False
     try:
-        if isinstance(own, str) and own.startswith("instatune_"):
-            classes = standalone_module().CLASSES
-            if own not in classes:
-                raise InstatuneError(f"{p} has model type {own!r}, unknown to this instatune; upgrade it")
-            register_custom_classes()
-            cfg_cls, model_cls = classes[own]
-            # from the dict without the family's model_type: the config stays ours (config.model_type == own)
-            config = cfg_cls.from_dict({k: v for k, v in cfg.items() if k not in ("model_type", OWN_TYPE_KEY)})
+        return _own_type(_config_json(p)) is not None
+    except InstatuneError:
+        return False
+
+
+def _own_classes(p: Path, cfg: dict[str, Any]) -> tuple[Any, type]:
+    """(config, model class) of a per-layer directory, from its config.json without remote code."""
+    own = _own_type(cfg)
+    classes = standalone_module().CLASSES
+    if own not in classes:
+        raise InstatuneError(f"{p} has model type {own!r}, unknown to this instatune; upgrade it")
+    register_custom_classes()
+    cfg_cls, model_cls = classes[own]
+    # from the dict without the family's model_type: the config stays ours (config.model_type == own)
+    return cfg_cls.from_dict({k: v for k, v in cfg.items() if k not in ("model_type", OWN_TYPE_KEY)}), model_cls
+
+
+def extracted_config(model_dir: str | Path) -> Any:
+    """The config of an extracted directory (ours for a per-layer one, the stock one otherwise), no weights read."""
+    from transformers import AutoConfig
+
+    p = Path(model_dir)
+    cfg = _config_json(p)
+    try:
+        return _own_classes(p, cfg)[0] if _own_type(cfg) else AutoConfig.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InstatuneError(f"cannot read the config of {p}: {first}") from None
+
+
+def load_extracted(model_dir: str | Path, **kwargs: Any) -> Any:
+    """Load an extracted directory (stock or per-layer) in eval mode, without trust_remote_code."""
+    from transformers import AutoModelForSequenceClassification
+
+    p = Path(model_dir)
+    cfg = _config_json(p)
+    try:
+        if _own_type(cfg):
+            config, model_cls = _own_classes(p, cfg)
             model = model_cls.from_pretrained(p, config=config, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(p, **kwargs)

@@ -83,14 +83,18 @@ def test_majority_rate_and_collapse_of_a_constant_predictor():
     assert M.single_class(const) and not M.single_class(PREDS)
     assert M.score("accuracy", const, labels) == 0.75
     assert M.score("mcc", const, labels) == 0.0 and M.score("f1", const, labels) == 0.0
-    for metric in M.METRICS:
+    for metric in M.CLASSIFICATION_METRICS:
         flags = M.collapse_of(metric, M.confusion(const, labels))
-        assert flags == {"single_class": True, "majority": 0.75, "collapsed": True}, metric
-    # a varied predictor at the majority rate is collapsed under accuracy only
-    varied = [0, 0, 1, 0]  # 2 right of 4 -> 0.5 < 0.75
-    assert M.collapse_of("accuracy", M.confusion(varied, labels))["collapsed"]
-    assert not M.collapse_of("mcc", M.confusion(varied, labels))["collapsed"]
-    assert not M.collapse_of("accuracy", M.confusion(PREDS, LABELS))["collapsed"]  # 4/6 > 3/6
+        assert flags == {"single_class": True, "majority": 0.75, "constant": M.constant_score(metric, [3, 1]),
+                         "collapsed": True}, metric
+    # a varied predictor no better than a constant is collapsed under every metric (issue 18: MCC <= 0 too)
+    varied = [0, 0, 1, 0]  # 2 right of 4 -> 0.5 < 0.75; MCC -1/3; F1 0 < always-1's 0.4
+    for metric in M.CLASSIFICATION_METRICS:
+        assert M.collapse_of(metric, M.confusion(varied, labels))["collapsed"], metric
+    assert M.score("mcc", varied, labels) < 0
+    better = ([1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 1, 0])  # 5/6 > 4/6, MCC > 0, F1 0.8 > always-1's 2*0.5/1.5
+    for metric in M.CLASSIFICATION_METRICS:
+        assert not M.collapse_of(metric, M.confusion(*better))["collapsed"], metric
 
 
 class _Fixed(torch.nn.Module):
@@ -113,7 +117,7 @@ def _batches(preds, labels, size=4):
              "labels": y[i:i + size]} for i in range(0, len(labels), size)]
 
 
-@pytest.mark.parametrize("metric", M.METRICS)
+@pytest.mark.parametrize("metric", M.CLASSIFICATION_METRICS)
 def test_evaluator_scores_the_metric_in_one_pass(metric):
     model = _Fixed(torch.tensor([[2.0, -1.0], [-1.0, 2.0]]))  # id k -> predicts class k
     ev = Evaluator(model, _batches(PREDS, LABELS), metric=metric)
@@ -121,14 +125,16 @@ def test_evaluator_scores_the_metric_in_one_pass(metric):
     assert res.metric == metric and res.n == 6
     assert res.accuracy == pytest.approx(4 / 6) == ev.accuracy() == ev()
     assert res.score == pytest.approx(M.score(metric, PREDS, LABELS)) == ev.score()
-    assert not res.single_class and not res.collapsed and res.majority == 0.5
+    assert not res.single_class and res.majority == 0.5
+    # F1 2/3 is exactly what always answering 1 scores on a balanced split: no better than a constant
+    assert res.collapsed == (metric == "f1") and res.constant == M.constant_score(metric, [3, 3])
     assert res.loss > 0 and set(res.to_dict()) >= {"accuracy", "loss", "n", "score", "metric", "collapsed"}
 
 
 def test_evaluator_flags_a_constant_predictor():
     model = _Fixed(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # always class 0
     labels = [0, 0, 0, 1, 0, 1, 0, 0]
-    for metric in M.METRICS:
+    for metric in M.CLASSIFICATION_METRICS:
         res = Evaluator(model, _batches([0, 1] * 4, labels), metric=metric).evaluate()
         assert res.single_class and res.collapsed and res.majority == 0.75, metric
         assert res.accuracy == 0.75
@@ -140,3 +146,28 @@ def test_evaluator_flags_a_constant_predictor():
 def test_eval_result_keeps_its_old_constructor():
     r = EvalResult(0.8, 0.4, 10)
     assert r.score == 0.8 and r.metric == "accuracy" and not r.collapsed
+
+
+def test_evaluator_scores_a_regressor_exactly():
+    from types import SimpleNamespace
+
+    class Reg(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.values = torch.nn.Parameter(torch.tensor(values).view(-1, 1))
+
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=self.values[input_ids[:, 0]])
+
+    y = [0.5, 1.0, 4.0, 2.5, 3.0, 5.0, 0.0]
+    preds = [0.7, 1.5, 3.0, 2.0, 3.5, 4.0, 1.0]
+    ids = torch.arange(7).view(-1, 1)
+    batches = [{"input_ids": ids[i:i + 3], "attention_mask": torch.ones_like(ids[i:i + 3]),
+                "labels": torch.tensor(y[i:i + 3])} for i in range(0, 7, 3)]
+    for metric in M.REGRESSION_METRICS:
+        res = Evaluator(Reg(preds), batches, metric=metric).evaluate()
+        assert res.score == pytest.approx(M.score(metric, preds, y)) and res.accuracy is None
+        assert res.mse == pytest.approx(np.mean((np.array(preds) - np.array(y)) ** 2)) == res.loss
+        assert not res.collapsed and res.constant == 0.0
+    flat = Evaluator(Reg([2.0] * 7), batches, metric="pearson").evaluate()
+    assert flat.collapsed and flat.single_class and flat.score == 0.0

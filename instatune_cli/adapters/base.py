@@ -79,8 +79,11 @@ class FamilyAdapter(ABC):
         if cfg.task == "imagefolder":
             raise InstatuneError(f"--task imagefolder needs an image model (a timm ViT, DeiT or BEiT); {cfg.model} is "
                                  f"a {self.family} text model")
+        from instatune_cli.measure.metrics import is_regression
+
         data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
-                                cfg.label_column, cfg.limit_train, cfg.limit_eval)
+                                cfg.label_column, cfg.limit_train, cfg.limit_eval,
+                                regression=bool(cfg.metric) and is_regression(cfg.metric))
         c = data.source.get("columns") or {}
         columns = D.Columns(c["text"], c["label"], c.get("text_pair")) if c else None
         return D.with_validation(data, cfg.val_split, cfg.val_data, cfg.seed, columns)
@@ -315,7 +318,8 @@ class FamilyAdapter(ABC):
         Without: L2 norm of each unit's weights (data-free fallback).
         """
         import torch
-        from torch.nn import functional as F
+
+        from instatune_cli.tune.loss import ce as task_loss  # cross-entropy, or MSE for a regressor
 
         dh = self.dims_of(model).head_dim
         self.activate(model, None)
@@ -324,7 +328,7 @@ class FamilyAdapter(ABC):
             model.eval()
             model.zero_grad(set_to_none=True)
             for b in batches:
-                F.cross_entropy(self.logits(model, b), b["labels"].to(next(model.parameters()).device)).backward()
+                task_loss(self.logits(model, b), b["labels"].to(next(model.parameters()).device)).backward()
             model.train(was_training)
         heads_out: list[list[float]] = []
         neurons_out: list[list[float]] = []

@@ -41,7 +41,10 @@ class HFTextAdapter(FamilyAdapter):
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from instatune_cli.adapters import adapter_for
+        from instatune_cli.extract import is_per_layer_dir
 
+        if is_per_layer_dir(src):  # an extract (or a run recovered from one): our loader, never its model file
+            return self._load_per_layer(src, id2label, num_labels, eager)
         kw = label_kwargs(id2label, num_labels)
         try:
             config = AutoConfig.from_pretrained(src, **kw)
@@ -57,9 +60,29 @@ class HFTextAdapter(FamilyAdapter):
             raise InstatuneError(f"cannot load model {src!r}{what}: {_first_line(e)[:300]}") from None
         return model
 
+    def _load_per_layer(self, src: str, id2label: dict[int, str] | None, num_labels: int | None,
+                        eager: bool) -> nn.Module:
+        """Our per-layer classifier keeps its classifier: the task must have its number of classes."""
+        from instatune_cli.extract import load_extracted
+
+        model = load_extracted(src, **({"attn_implementation": "eager"} if eager else {}))
+        want = len(id2label) if id2label is not None else num_labels
+        if want is not None and want != model.config.num_labels:
+            raise InstatuneError(f"cannot load model {src!r} as a {want}-class classifier: it is a per-layer "
+                                 f"sub-network with a {model.config.num_labels}-class classifier")
+        if id2label is not None:
+            model.config.id2label = dict(id2label)
+            model.config.label2id = {v: k for k, v in id2label.items()}
+        model._instatune_adapter = self
+        return model
+
     def load_config(self, src: str) -> Any:
         from transformers import AutoConfig
 
+        from instatune_cli.extract import extracted_config, is_per_layer_dir
+
+        if is_per_layer_dir(src):
+            return extracted_config(src)
         try:
             return AutoConfig.from_pretrained(src)
         except (OSError, ValueError) as e:
@@ -83,7 +106,13 @@ class HFTextAdapter(FamilyAdapter):
     def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
+        from instatune_cli.extract import is_per_layer_dir, load_extracted
+
         kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
+        if is_per_layer_dir(model_dir):  # a run recovered from a per-layer extract
+            model = load_extracted(model_dir, **kw)
+            model._instatune_adapter = self
+            return model
         return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)
 
     def load_preprocessor(self, src: str | Path) -> Any:
@@ -98,7 +127,12 @@ class HFTextAdapter(FamilyAdapter):
         return tok
 
     def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
-        model.save_pretrained(out_dir)
+        if str(model.config.model_type).startswith("instatune_"):  # per-layer: the layout of its extract
+            from instatune_cli.extract import save_per_layer
+
+            save_per_layer(model, Path(out_dir))
+        else:
+            model.save_pretrained(out_dir)
         if preprocessor is not None:
             preprocessor.save_pretrained(out_dir)
         from instatune_cli.extract import readable_files

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import THREADS_DEFAULT, console, quiet_libraries, user_errors
+from instatune_cli.cli.common import THREADS_DEFAULT, console, print_table, quiet_libraries, user_errors
 
 # ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
 
@@ -21,14 +21,18 @@ OUT = "Output"
 def _fmt(name: str, v: object, metric: str = "accuracy") -> str:
     if v is None or v == "":
         return "-"
-    if name in ("acc", "eval_acc", "accuracy", "eval_accuracy"):
-        if metric == "mcc" and name in ("acc", "eval_acc"):
-            return f"{float(v):+.4f}"  # a correlation in [-1, 1], not a share
+    if name in ("acc", "eval_acc"):
+        from instatune_cli.measure.metrics import format_score
+
+        return format_score(metric, float(v))  # a correlation (mcc, pearson) as a number, a share as a percent
+    if name in ("accuracy", "eval_accuracy"):
         return f"{100 * float(v):.2f}%"
     if name in ("macs", "params"):
         return f"{float(v) / 1e9:.3f}G" if name == "macs" else f"{float(v) / 1e6:.2f}M"
     if name == "latency":
         return f"{float(v):.2f} ms"
+    if name in ("mse", "eval_mse"):
+        return f"{float(v):.4f}"
     if name == "size":
         return f"{float(v):.1f} MB"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -50,6 +54,27 @@ def _flag(r: dict, split: str | None) -> str:
     """'collapsed' (on which split) when the sub-network learned nothing, else empty."""
     where = [s for s, k in ((split or "val", "collapsed"), ("eval", "eval_collapsed")) if r.get(k)]
     return f"collapsed ({', '.join(dict.fromkeys(where))})" if where else ""
+def next_lines(summary: dict, path: Path) -> list[str]:
+    """What to do next, never pointing at a collapsed member: the picked one (when not collapsed on the eval
+    split either), else any member not flagged; when every member is collapsed, one line saying so instead."""
+    front = summary.get("front") or []
+
+    def ok(r: dict) -> bool:
+        return not (r.get("collapsed") or r.get("eval_collapsed"))
+
+    picked = next((r for r in front if r["subnet"] == summary.get("picked")), None)
+    if picked is not None and ok(picked):
+        return [f"next: instatune export {path} --subnet {picked['subnet']}   (the picked sub-network)"]
+    if front and not any(ok(r) for r in front):
+        return ["[yellow]every front member is collapsed[/] (no better than a constant predictor): nothing here is "
+                "worth exporting; tune longer or with other settings, then search again"]
+    if picked is not None:
+        return [f"[yellow]note:[/] the picked sub-network {picked['subnet']} is collapsed on the eval split; "
+                f"next: instatune export {path} --subnet N   (N from the table, one not flagged collapsed)"]
+    unflagged = "" if all(ok(r) for r in front) else ", one not flagged collapsed"
+    return [f"next: instatune export {path} --subnet N   (N from the table{unflagged})"]
+
+
 
 
 def register(app: typer.Typer) -> None:
@@ -67,8 +92,10 @@ def register(app: typer.Typer) -> None:
         min_acc: Optional[float] = typer.Option(None, "--min-acc", rich_help_panel=WHAT, show_default="none",
                                                 help="Shorthand for --constraint min-acc=VALUE (0..1)."),
         metric: Optional[str] = typer.Option(None, "--metric", rich_help_panel=WHAT,
-                                             show_default="the tune run's: mcc for CoLA, f1 for MRPC/QQP, else "
-                                             "accuracy", help="What acc measures: accuracy, f1 or mcc."),
+                                             show_default="the tune run's: mcc for CoLA, f1 for MRPC/QQP, "
+                                             "pearson for STS-B, else accuracy",
+                                             help="What acc measures: accuracy, f1 or mcc; pearson or spearman for "
+                                             "a regressor."),
         quant: bool = typer.Option(False, "--quant", rich_help_panel=WHAT,
                                    help="Joint search: an INT8/FP32 gene per linear layer and the embeddings (needs "
                                    "the size objective)."),
@@ -169,10 +196,11 @@ def register(app: typer.Typer) -> None:
         sel = f"{m} {split}" if split == "val" else f"{m} {split} (search)"
         heads = {n: sel if n == "acc" and split else n for n in names}
         extra = ([("eval_acc", f"{m} eval")] if held else []) + \
-                ([("eval_accuracy", "accuracy eval")] if held and m != "accuracy" else [])
+                ([(f"eval_{beside}", f"{beside} eval")] if held and m != "accuracy" else [])
         t = Table(title=f"Pareto front ({summary['front_size']} of {summary['evaluations']} evaluated)")
-        t.add_column("#", justify="right")
-        t.add_column("sub-network")
+        t.add_column("#", justify="right", no_wrap=True)
+        t.add_column("sub-network", overflow="fold")
+        beside = "mse" if m in ("pearson", "spearman") else "accuracy"  # a regressor has no accuracy
         for n in names:
             t.add_column(heads[n], justify="right")
         for _, h in extra:
@@ -189,7 +217,7 @@ def register(app: typer.Typer) -> None:
             mark = " *" if summary["picked"] == r["subnet"] else ""
             t.add_row(str(r["subnet"]) + mark, r["name"], *cells(r), r["id"], _flag(r, split))
         out = console()
-        out.print(t)
+        print_table(out, t)
         if held:
             out.print(f"selected by {m} on the {split} split ({summary['selection_examples']} examples); "
                       f"eval columns: scored once after the search on the eval split ({summary['eval_examples']} "
@@ -204,4 +232,5 @@ def register(app: typer.Typer) -> None:
         rate = summary.get("evals_per_minute")
         out.print(f"wrote {art.path}  (hypervolume {summary['hypervolume']:.4g}"
                   + (f", {rate:.1f} evaluations/min" if rate else "") + ")")
-        out.print(f"next: instatune export {art.path} --subnet N   (N from the table)")
+        for line in next_lines(summary, art.path):
+            out.print(line)

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model directory (save_pretrained layout), a tune run directory, "
                                     "or a hub id when online."),
         task: Optional[str] = typer.Option(None, "--task", help="GLUE task (sst2, cola, mrpc, qqp, qnli, rte, "
-                                           "wnli, mnli): loads it from the hub, or names the task of --data; "
+                                           "wnli, mnli; stsb: regression): loads it from the hub, or names the "
+                                           "task of --data; "
                                            "imagefolder: --data DIR with train/ and val/ (or test/) class "
                                            "folders, for image models.",
                                            show_default="none: --data's files", rich_help_panel=DATA),
@@ -53,8 +54,9 @@ def register(app: typer.Typer) -> None:
                                                "split (same columns and classes as training).", show_default="none",
                                                rich_help_panel=DATA),
         metric: Optional[str] = typer.Option(None, "--metric", help="accuracy, f1 or mcc: what the run and its "
-                                             "search are scored by.", show_default="mcc for CoLA, f1 for MRPC/QQP, "
-                                             "else accuracy", rich_help_panel=DATA),
+                                             "search are scored by; pearson or spearman train a regressor on "
+                                             "real-valued labels.", show_default="mcc for CoLA, f1 for MRPC/QQP, "
+                                             "pearson for STS-B, else accuracy", rich_help_panel=DATA),
         max_length: int = typer.Option(128, "--max-length", help="Truncate to this many tokens (batches are "
                                        "padded per batch).", rich_help_panel=DATA),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory.",
@@ -87,8 +89,9 @@ def register(app: typer.Typer) -> None:
                                                      "first K epochs only.", show_default="all",
                                                      rich_help_panel=METHOD),
         reorder: Optional[bool] = typer.Option(None, "--reorder/--no-reorder", help="Reorder heads and FFN "
-                                               "neurons by importance before training.",
-                                               show_default="on for elastic runs, off with --plain",
+                                               "neurons by importance, so that sub-networks keep the best "
+                                               "ones: elastic runs before training, --plain runs after it "
+                                               "(prune after fine-tuning).", show_default="on",
                                                rich_help_panel=METHOD),
         reorder_batches: int = typer.Option(8, "--reorder-batches", help="Training batches used to score "
                                             "importance.", rich_help_panel=METHOD),

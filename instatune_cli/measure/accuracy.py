@@ -10,6 +10,10 @@ the predictions stay on the device as a confusion matrix and come back with the 
     acc = ev.accuracy(sub)              # or let the evaluator activate `sub` (None = super-network) first
     mcc = ev.score(sub)                 # the evaluator's metric (see measure.metrics)
     res = ev.evaluate()                 # EvalResult: accuracy, loss, n, score, metric, single_class, collapsed
+
+A regression metric (pearson, spearman: a model with one output) collects the predictions instead of a
+confusion matrix, so the correlation is exact; `accuracy` is then None, `mse` the mean squared error and `loss`
+the same MSE, `constant` the score of a constant predictor (0).
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ _ACTIVE: Any = object()  # sentinel: measure the sub-network that is active now
 @dataclass(frozen=True)
 class EvalResult:
     """One pass over a split. `score` is the value of `metric` (accuracy when not given); `single_class`: every
-    prediction was one class; `majority`: the split's majority-class rate; `collapsed`: see measure.metrics."""
+    prediction was one class (a regressor: one value); `majority`: the split's majority-class rate; `constant`:
+    the best constant predictor's score on `metric`; `collapsed`: see measure.metrics. A regressor has no
+    `accuracy` (None) and reports `mse`."""
 
-    accuracy: float
+    accuracy: float | None
     loss: float
     n: int
     score: float | None = None
@@ -39,6 +45,8 @@ class EvalResult:
     single_class: bool = False
     majority: float = 0.0
     collapsed: bool = False
+    constant: float = 0.0
+    mse: float | None = None
 
     def __post_init__(self) -> None:
         if self.score is None:
@@ -47,7 +55,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n, "score": self.score,
                 "metric": self.metric, "single_class": self.single_class, "majority": self.majority,
-                "collapsed": self.collapsed}
+                "constant": self.constant, "mse": self.mse, "collapsed": self.collapsed}
 
 
 class Evaluator:
@@ -63,12 +71,17 @@ class Evaluator:
         if not batches:
             raise ValueError("Evaluator needs at least one batch")
         self.metric = M.check_metric(metric)
+        self.regression = M.is_regression(self.metric)
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.n = sum(int(b["labels"].shape[0]) for b in batches)
+        sizes = [int(b["labels"].shape[0]) for b in batches]
+        self.n = sum(sizes)
         self.shard = shard if shard is not None and shard.active else None
-        mine = batches[self.shard.rank :: self.shard.world] if self.shard is not None else batches
-        self.batches = [{k: v.to(self.device) for k, v in b.items()} for b in mine]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]  # where each batch's rows go in the whole split
+        if self.shard is not None:
+            batches, starts = batches[self.shard.rank :: self.shard.world], starts[self.shard.rank :: self.shard.world]
+        self.batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
+        self.starts = starts
 
     def _activate(self, sub: Any) -> None:
         if sub is not _ACTIVE:
@@ -81,6 +94,8 @@ class Evaluator:
         super-network) is activated first if given."""
         self._activate(sub)
         logits_of = _logits_fn(self.model)
+        if self.regression:
+            return self._evaluate_regression(logits_of)
         was_training = self.model.training
         self.model.eval()
         cm: torch.Tensor | None = None
@@ -106,10 +121,38 @@ class Evaluator:
         acc = float(np.trace(counts) / self.n)
         value = acc if self.metric == "accuracy" else M.score_confusion(self.metric, counts)
         return EvalResult(acc, host[-1] / self.n, self.n, value, self.metric, flags["single_class"],
-                          flags["majority"], flags["collapsed"])
+                          flags["majority"], flags["collapsed"], flags["constant"])
 
-    def accuracy(self, sub: Any = _ACTIVE) -> float:
-        """Accuracy only (the same single pass)."""
+    def _evaluate_regression(self, logits_of: Any) -> EvalResult:
+        """One pass of a one-output regressor: every prediction and label in split order, so pearson and
+        spearman are exact. Launched, each process writes its batches' rows into a zero vector of the whole
+        split and the vectors are summed (adding zeros is exact): every process gets the single-process result."""
+        was_training = self.model.training
+        self.model.eval()
+        preds = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        labels = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        try:
+            with torch.inference_mode():
+                for start, b in zip(self.starts, self.batches, strict=True):
+                    out = logits_of(b)
+                    if out.shape[-1] != 1:
+                        raise ValueError(f"{self.metric} scores a regressor (one output); this model has "
+                                         f"{out.shape[-1]}")
+                    k = int(out.shape[0])
+                    preds[start : start + k] = out[:, 0].double()
+                    labels[start : start + k] = b["labels"].double()
+        finally:
+            self.model.train(was_training)
+        host = torch.cat([preds, labels]).tolist()  # the one host sync
+        if self.shard is not None:
+            host = self.shard.sum_floats(host)
+        p, y = np.asarray(host[: self.n]), np.asarray(host[self.n :])
+        r = M.regression_scores(self.metric, p, y)
+        return EvalResult(None, r["mse"], self.n, r["score"], self.metric, r["constant_output"], 0.0, r["collapsed"],
+                          M.constant_score(self.metric, []), r["mse"])
+
+    def accuracy(self, sub: Any = _ACTIVE) -> float | None:
+        """Accuracy only (the same single pass); None for a regressor."""
         return self.evaluate(sub).accuracy
 
     def score(self, sub: Any = _ACTIVE) -> float:

@@ -265,9 +265,7 @@ def eval_score(batches: list[dict[str, Any]], logits_of: Any, metric: str, num_l
     `export --int8` report before and after INT8)."""
     import numpy as np
 
-    from instatune_cli.measure.metrics import score
-
-    from instatune_cli.measure.metrics import is_regression
+    from instatune_cli.measure.metrics import is_regression, score
 
     preds, labels = [], []
     for b in batches:

@@ -15,9 +15,10 @@ Two splits, so that the reported scores are ones the search did not see. The `ac
 run's metric (accuracy; mcc for CoLA; f1 for MRPC/QQP; `--metric` overrides) on its VALIDATION split: that
 is all the search ever measures, constraints (`min-acc`) and `--pick max-drop` included. After the search,
 each front member and the super-network is scored once on the whole eval split (`eval_acc`, plus
-`eval_accuracy` when the metric is not accuracy). Columns without a prefix are on the selection split
-(`accuracy`, `collapsed`), `eval_` ones on the eval split. `collapsed` / `eval_collapsed` flag a sub-network
-at or below the majority-class rate (accuracy), or predicting one class for everything (f1, mcc).
+`eval_accuracy` when the metric is not accuracy, `eval_mse` for a regressor). Columns without a prefix are on
+the selection split (`accuracy`, `mse`, `collapsed`), `eval_` ones on the eval split. `collapsed` /
+`eval_collapsed` flag a sub-network no better than a constant predictor on the metric (measure.metrics: at or
+below the best constant class prediction, MCC <= 0, a correlation <= 0); `--pick` never picks one.
 A run made before tune kept a validation split (no val.jsonl) is searched on its eval split, with a warning
 (printed, in metrics.warnings and notes, and selection_split "eval").
 
@@ -212,12 +213,13 @@ def parse_ref_point(text: str | None, objectives: list[Any]) -> dict[str, float]
 
 def pick_cheapest(front: list[dict[str, Any]], reference: dict[str, Any], max_drop: float,
                   cost: str) -> dict[str, Any] | None:
-    """The front member with the lowest `cost` whose `acc` is within `max_drop` points of the reference's. Both
-    are selection-split (validation) scores: choosing on eval scores would leak the held-out split."""
+    """The front member with the lowest `cost` whose `acc` is within `max_drop` points of the reference's and
+    that is not collapsed (no better than a constant predictor). Both are selection-split (validation) scores:
+    choosing on eval scores would leak the held-out split."""
     if "acc" not in reference:
         raise InstatuneError("--pick max-drop needs the acc objective")
     floor = reference["acc"] - max_drop / 100.0
-    ok = [r for r in front if r.get("acc") is not None and r["acc"] >= floor - 1e-12]
+    ok = [r for r in front if r.get("acc") is not None and r["acc"] >= floor - 1e-12 and not r.get("collapsed")]
     return min(ok, key=lambda r: (r[cost], -r["acc"])) if ok else None
 
 
@@ -234,6 +236,11 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
     with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
         objs, cons, max_drop, ref_point = _check_options(opts)
         parent = artifacts.load(run_dir, "tune")
+        if opts.metric is not None:  # a regressor's run takes pearson/spearman, a classifier's the others
+            from instatune_cli.measure.metrics import check_metric_kind, is_regression
+            from instatune_cli.tune import run_metric
+
+            check_metric_kind(opts.metric, is_regression(run_metric(parent)), f"tune run {parent.path}")
         if opts.baseline:  # every input is checked before the output is opened and the model loaded
             artifacts.load(opts.baseline, "tune", verify=False)
         measurement = Measurement.of(parent, [o.name for o in objs], opts)
@@ -482,13 +489,12 @@ def _joint_objectives(objs: list[Any]) -> list[Any]:
     return [dataclasses.replace(o, exact=True) if o.name == "size" else o for o in objs]
 
 
-FRONT_EXTRA = ("eval_acc", "accuracy", "eval_accuracy", "collapsed", "eval_collapsed", "picked")
+FRONT_EXTRA = ("eval_acc", "accuracy", "eval_accuracy", "mse", "eval_mse", "collapsed", "eval_collapsed", "picked")
 
 
 def _collapse_notes(collapsed: list[int], front: list[dict[str, Any]], obj: Any) -> list[str]:
     """Say when sub-networks (or the super-network) learned nothing: they are no real trade-off."""
-    rule = ("at or below the majority-class rate" if obj.metric == "accuracy"
-            else "predicting one class for every example")
+    rule = collapse_rule(obj.metric)
     out = []
     if obj.reference.get("collapsed") or obj.reference.get("eval_collapsed"):
         out.append(f"the super-network itself is collapsed ({rule}): the tune run did not learn the task")
@@ -498,6 +504,19 @@ def _collapse_notes(collapsed: list[int], front: list[dict[str, Any]], obj: Any)
         out.append(f"sub-network{'s' if len(collapsed) > 1 else ''} {', '.join(map(str, collapsed))} "
                    f"{'are' if len(collapsed) > 1 else 'is'} collapsed ({rule}); see the collapsed columns")
     return out
+
+
+def collapse_rule(metric: str) -> str:
+    """What `collapsed` means for `metric`, in words (measure.metrics has the rule)."""
+    from instatune_cli.measure.metrics import is_regression
+
+    if is_regression(metric):
+        return f"{metric} correlation at or below 0, or a constant output"
+    if metric == "mcc":
+        return "MCC at or below 0"
+    if metric == "f1":
+        return "F1 at or below always predicting one class"
+    return "at or below the majority-class rate"
 
 
 def _baseline(path: str, obj: Any) -> dict[str, Any]:

@@ -90,6 +90,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     others) for the same sub-networks in the same order, and only rank 0 extracts and measures size/latency.
     """
     from instatune_cli.adapters import adapter_of
+    from instatune_cli.extract import full_subnet
     from instatune_cli.measure.accuracy import Evaluator
     from instatune_cli.measure.metrics import check_metric
     from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
@@ -127,7 +128,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
         evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
                               metric=metric, shard=group)
     lat = latency or LatencySetup(seq_len=seq)
-    full = SubNet.make(dims.num_layers, dims.num_heads, dims.ffn)  # the super-network itself
+    full = full_subnet(model)  # the super-network itself (per layer for a run recovered from a per-layer extract)
 
     exact: dict[str, Callable[[SubNet], float]] = {
         "macs": lambda s: float(adapter.macs(dims, s.architecture, seq)),

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from instatune_cli.errors import InstatuneError
-from instatune_cli.measure.metrics import METRICS
+from instatune_cli.measure.metrics import METRICS, check_metric_kind
 
 SAMPLING = ("uniform", "sandwich")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -32,7 +32,7 @@ class TuneConfig:
     limit_eval: int | None = None
     val_split: str | None = None   # None: 5 % of training, at most 2,000; "0.1" a fraction; "500" a count; "0" none
     val_data: str | None = None    # a validation file instead of a carved split
-    metric: str | None = None      # accuracy | f1 | mcc; None: the task's own (measure.metrics.default_metric)
+    metric: str | None = None      # accuracy | f1 | mcc | pearson | spearman (a regressor); None: the task's own
     max_length: int = 128
     tokenizer: str | None = None
     # output
@@ -149,6 +149,11 @@ class TuneConfig:
         need(self.val_split is None or self.val_data is None, "give either --val-split or --val-data, not both")
         need(self.metric is None or self.metric in METRICS,
              f"unknown --metric {self.metric!r}; use {', '.join(METRICS)}")
+        from instatune_cli.data import GLUE_TASKS
+
+        glue = GLUE_TASKS.get(str(self.task or "").lower().replace("-", ""))
+        if self.metric is not None and glue is not None:  # a task's kind is known before any data is read
+            check_metric_kind(self.metric, glue.regression, f"--task {self.task}")
         if self.val_split is not None:
             from instatune_cli.data import parse_val_split
 

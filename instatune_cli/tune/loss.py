@@ -12,6 +12,11 @@ teach a sub-network (the super-network is not pulled towards its sub-networks).
 Optional (`--hidden-distill β`, DynaBERT): β·MSE between each sub-network's hidden states and the
 super-network's at the layers it keeps (`hidden_distill`), added to the sub-network's term.
 
+Regression (one output, float labels: STS-B): CE becomes the mean squared error to the labels and each KL
+term the mean squared error to the (detached) teacher's or super-network's output, without temperature
+(there is no distribution to soften); `ce` and `kd` decide by the labels' dtype and the output width, so every
+term below serves both kinds.
+
 Because every sub-network term only sees detached targets, L_total splits exactly into one term for the
 super-network plus one per sub-network; the training loop back-propagates them one at a time (memory of
 one graph instead of M+1, and the pattern DDP expects), and the sum of the pieces is L_total.
@@ -37,11 +42,17 @@ class LossWeights:
 
 
 def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task loss: cross-entropy for class ids, MSE of the one output for float labels (regression)."""
+    if labels.is_floating_point():
+        return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
     return F.cross_entropy(logits.float(), labels)
 
 
 def kd(student: torch.Tensor, teacher: torch.Tensor, rho: float) -> torch.Tensor:
-    """KL(student‖teacher; ρ) = ρ² · mean over the batch of Σ_c p_T,c (log p_T,c − log p_S,c), p = softmax(·/ρ)."""
+    """KL(student‖teacher; ρ) = ρ² · mean over the batch of Σ_c p_T,c (log p_T,c − log p_S,c), p = softmax(·/ρ).
+    A regressor's single output (width 1) is distilled by MSE to the teacher's output instead (ρ unused)."""
+    if student.shape[-1] == 1:
+        return F.mse_loss(student.float(), teacher.float())
     log_s = F.log_softmax(student.float() / rho, dim=-1)
     log_t = F.log_softmax(teacher.float() / rho, dim=-1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (rho * rho)
@@ -102,7 +113,8 @@ def instatune_loss(super_logits: torch.Tensor, sub_logits: list[torch.Tensor], l
 
 def plain_loss(logits: torch.Tensor, labels: torch.Tensor, w: LossWeights,
                teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """`--plain`: ordinary fine-tuning, CE; with a teacher (γ=1) classic distillation α·CE + (1−α)·KL(Φ_S‖Φ_T; ρ).
+    """`--plain`: ordinary fine-tuning, CE (MSE for a regressor); with a teacher (γ=1) classic distillation
+    α·CE + (1−α)·KL(Φ_S‖Φ_T; ρ).
 
     Unlike Eq. 1 with no sub-network, plain CE is not scaled by α, so `--lr` means what it means elsewhere.
     """

@@ -21,15 +21,24 @@ _GENERIC_LABELS = ("LABEL_",)
 
 
 def resolve_model_dir(src: str) -> tuple[str, dict[str, Any] | None]:
-    """A tune-run directory stands for its model: (model dir, run manifest); anything else is returned as is."""
+    """A tune-run directory stands for its model: (model dir, run manifest); an extract directory is its own
+    model once every file matches its manifest (tune/recover.py); anything else is returned as is."""
     p = Path(src).expanduser()
     man = p / "manifest.json"
     if p.is_dir() and man.is_file():
         from instatune_cli import artifacts
 
-        art = artifacts.load(p, "tune", verify=False)
+        art = artifacts.load(p, ("tune", "extract"), verify=False)
+        if art.stage == "extract":
+            from instatune_cli.tune.recover import load_extract
+
+            return str(p), load_extract(p).manifest
         sub = art.model.get("model_dir", "model")
         return str(p / sub), art.manifest
+    if p.is_dir():
+        from instatune_cli.tune.recover import check_unlisted_per_layer
+
+        check_unlisted_per_layer(p)
     return src, None
 
 

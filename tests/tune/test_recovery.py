@@ -1,0 +1,256 @@
+"""Recovery fine-tuning: `instatune tune EXTRACT_DIR` on tiny extracts (per-layer and stock), then search, extract
+and export of the recovered run; damaged extracts and foreign teachers refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    assert_cli_error,
+    make_tiny_bert,
+    make_tiny_data,
+    one_thread,
+    run_cli,
+    tiny_tune_args,
+    tiny_tune_config,
+)
+from helpers import load_without_instatune, logits, max_diff
+
+from instatune_cli import artifacts
+from instatune_cli.space import SubNet
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PER_LAYER = "L3-h4.2.3-f25.12.37"  # in the tiny run's derived space (heads {2,3,4}, FFN {12,25,37}); spread: 0, 1, 3
+STOCK = "L3-h4-f25"
+
+
+def _tune_args(model: Path, out: Path, *extra: str) -> list[str]:
+    """tiny_tune_args without --data: a recovery run takes its data from the extract's parent run."""
+    args = tiny_tune_args(model, "unused", out, *extra)
+    i = args.index("--data")
+    return args[:i] + args[i + 2:]
+
+
+@pytest.fixture(scope="module")
+def extracts(tiny_tune_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("extracts")
+    out = {}
+    with one_thread():
+        for name, cfg in (("per_layer", PER_LAYER), ("stock", STOCK)):
+            r = run_cli("extract", tiny_tune_run, "--config", cfg, "-o", d / name)
+            assert r.exit_code == 0, r.output
+            out[name] = d / name
+    assert artifacts.load(out["per_layer"], "extract").metrics["kind"] == "instatune"
+    assert artifacts.load(out["stock"], "extract").metrics["kind"] == "stock"
+    return out
+
+
+@pytest.fixture(scope="module")
+def recovered(extracts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """--plain recovery of the per-layer extract, another seed than the parent's, data from the parent run."""
+    out = tmp_path_factory.mktemp("recovered") / "run"
+    with one_thread():
+        r = run_cli(*_tune_args(extracts["per_layer"], out, "--plain", "--seed", "3", "--max-steps", "8"))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_per_layer_extract_recovers_with_the_parents_data_and_split(recovered, extracts, tiny_tune_run):
+    art = artifacts.load(recovered, "tune")
+    parent = artifacts.load(tiny_tune_run, "tune")
+    ext = artifacts.load(extracts["per_layer"], "extract")
+    src = art.model["source_extract"]
+    assert src["path"] == str(extracts["per_layer"].resolve()) and src["digest"] == ext.digest
+    assert src["kind"] == "instatune" and src["subnet_name"] == PER_LAYER and src["kept_layers"] == [0, 1, 3]
+    assert [p["stage"] for p in src["parents"]] == ["tune"] and src["parents"][0]["digest"] == parent.digest
+    assert src["data_from_parent"] and src["val_seed"] == 7 and src["teacher"] is None
+    assert art.options["data"] == parent.options["data"] and art.options["val_split"] == "16"
+    assert art.options["seed"] == 3  # training order is this run's; the split is the parent's
+    assert (recovered / "val.jsonl").read_text() == (tiny_tune_run / "val.jsonl").read_text()
+    assert art.model["elastic"] is False and art.model["labels"] == parent.model["labels"]
+    # the per-layer model is kept whole, in the extract's layout, tokenizer beside it
+    cfg = json.loads((recovered / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "bert" and cfg["instatune_model_type"] == "instatune_bert"
+    assert cfg["layer_heads"] == [4, 2, 3] and cfg["layer_ffn"] == [25, 12, 37]
+    assert (recovered / "model" / "modeling_instatune_bert.py").is_file()
+    assert (recovered / "model" / "tokenizer.json").is_file()
+    space = json.loads((recovered / "space.json").read_text())
+    assert space["layers"] == [3] and space["heads"] == [[2, 3, 4], [2], [2, 3]]
+    assert space["ffn"] == [[12, 25], [12], [12, 25, 37]]  # the widest layer's thirds, up to each layer's
+    # it trained: the weights moved away from the extract's
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(recovered / "model" / "model.safetensors")), load_file(str(extracts["per_layer"] /
+                                                                                    "model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-3
+
+
+def test_recovered_model_reloads_with_identical_outputs(recovered):
+    from instatune_cli.extract import load_extracted
+    from instatune_cli.measure.accuracy import Evaluator
+    from instatune_cli.tune import load_eval_batches, load_tuned
+
+    model, tok, space, art = load_tuned(recovered)
+    assert type(model).__name__ == "InstatuneBertForSequenceClassification"
+    batches = load_eval_batches(art, tok, batch_size=16)
+    plain = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    direct = load_extracted(recovered / "model")
+    assert max_diff(logits(model, plain), logits(direct, plain)) < 1e-6
+    stock = load_without_instatune(recovered / "model", plain[:1])  # trust_remote_code, no instatune
+    assert stock["model"] == "InstatuneBertForSequenceClassification"
+    assert max_diff(stock["logits"], logits(model, plain[:1])) < 1e-5
+    ev = Evaluator(model, batches)
+    assert ev.accuracy(None) == pytest.approx(art.metrics["super_accuracy"], abs=1e-9)
+
+
+def test_recovered_run_searches_extracts_and_exports(recovered, tmp_path):
+    from instatune_cli.extract import load_extracted
+
+    r = run_cli("search", recovered, "--objectives", "acc,macs", "--evals", "6", "--population", "3",
+                "--algorithm", "random", "-o", tmp_path / "search")
+    assert r.exit_code == 0, r.output
+    front = json.loads((tmp_path / "search" / "front.json").read_text())
+    src = artifacts.load(recovered, "tune").model["source_extract"]
+    full = SubNet.parse_name(PER_LAYER)
+    assert front["reference"]["subnet_name"] == PER_LAYER and front["reference"]["macs"] == src["macs"]
+    space = json.loads((recovered / "space.json").read_text())
+    for row in front["front"]:  # every member is a cut of the per-layer model, within each layer's width
+        sub = SubNet.from_dict(row)
+        assert sub.layers == 3 and all(h <= m for h, m in zip(sub.heads, full.heads, strict=True))
+        assert all(f <= m for f, m in zip(sub.ffn, full.ffn, strict=True))
+    assert len(space["heads"]) == 3
+
+    # the full network extracts back to a per-layer directory equal to the recovered model
+    r = run_cli("extract", recovered, "--config", PER_LAYER, "-o", tmp_path / "full")
+    assert r.exit_code == 0, r.output
+    ext = artifacts.load(tmp_path / "full", "extract")
+    assert ext.metrics["kind"] == "instatune" and ext.metrics["params_match"]
+    assert ext.metrics["macs"] == ext.metrics["macs_supernet"] == src["macs"]
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["model_type"] == "bert" and cfg["layer_heads"] == [4, 2, 3]
+    batches = [{"input_ids": torch.tensor([[2, 7, 9, 11, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+                "token_type_ids": torch.zeros(1, 5, dtype=torch.long)}]
+    assert max_diff(logits(load_extracted(tmp_path / "full"), batches),
+                    logits(load_extracted(recovered / "model"), batches)) < 1e-5
+    assert max_diff(load_without_instatune(tmp_path / "full", batches)["logits"],
+                    logits(load_extracted(recovered / "model"), batches)) < 1e-5
+
+    # a cut of it: per layer again (layer 1 has 2 of the 4 heads, so no cut of this model is a stock BERT)
+    r = run_cli("extract", recovered, "--config", "L3-h2-f12", "-o", tmp_path / "cut")
+    assert r.exit_code == 0, r.output
+    assert artifacts.load(tmp_path / "cut", "extract").metrics["kind"] == "instatune"
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["layer_ffn"] == [12, 12, 12]
+
+    # a front member through export (ONNX parity)
+    r = run_cli("export", tmp_path / "search", "--subnet", "1", "--runs", "2", "-o", tmp_path / "onnx")
+    assert r.exit_code == 0, r.output
+    man = artifacts.load(tmp_path / "onnx", "export")
+    assert man.metrics["parity"]["max_abs_diff"] <= 1e-4 and man.model["source_extract"]["digest"] == src["digest"]
+
+
+def test_stock_extract_recovers_with_the_parent_as_teacher(extracts, tiny_tune_run, tmp_path):
+    out = tmp_path / "rec"
+    r = run_cli(*_tune_args(extracts["stock"], out, "--plain", "--teacher", "parent", "--max-steps", "4"))
+    assert r.exit_code == 0, r.output
+    art = artifacts.load(out, "tune")
+    assert art.options["teacher"] == str(tiny_tune_run.resolve())
+    assert art.manifest["training"]["teacher_cache"] == "teacher_logits.safetensors"
+    src = art.model["source_extract"]
+    assert src["teacher"] == "parent" and src["kind"] == "stock"
+    from transformers import AutoModelForSequenceClassification
+
+    stock = AutoModelForSequenceClassification.from_pretrained(out / "model")  # a stock BERT, no remote code
+    assert type(stock).__name__ == "BertForSequenceClassification" and stock.config.num_hidden_layers == 3
+    # the teacher's logits are the parent super-network's (its full network), over the training set
+    from safetensors.torch import load_file
+
+    t = load_file(str(out / "teacher_logits.safetensors"))["logits"]
+    assert t.shape[1] == 2 and t.shape[0] == art.metrics["train_examples"]
+    # its full network extracts to a stock BERT again
+    r = run_cli("extract", out, "--config", STOCK, "-o", tmp_path / "full")
+    assert r.exit_code == 0, r.output
+    assert artifacts.load(tmp_path / "full", "extract").metrics["kind"] == "stock"
+    assert "auto_map" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    # naming the parent run by its path records the same
+    r = run_cli(*_tune_args(extracts["stock"], tmp_path / "rec2", "--plain", "--teacher", str(tiny_tune_run),
+                            "--max-steps", "2"))
+    assert r.exit_code == 0, r.output
+    assert artifacts.load(tmp_path / "rec2", "tune").model["source_extract"]["teacher"] == "parent"
+
+
+def test_elastic_run_on_a_per_layer_extract_trains_its_own_space(extracts, tmp_path):
+    out = tmp_path / "el"
+    r = run_cli(*_tune_args(extracts["per_layer"], out, "--max-steps", "3"))
+    assert r.exit_code == 0, r.output
+    art = artifacts.load(out, "tune")
+    assert art.model["elastic"] and art.manifest["space"]["layers"] == [3]
+    assert art.metrics["smallest_subnet"] == "L3-h2-f12"
+    r = run_cli(*_tune_args(extracts["per_layer"], tmp_path / "bad", "--space", "bert-base-paper"))
+    assert_cli_error(r, "per-layer sub-network of 3 layers", "[3]")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("edit", "does not match its manifest digest"),
+    ("remove", "modeling_instatune_bert.py is missing"),
+    ("weights", "does not match its manifest digest"),
+])
+def test_damaged_extract_is_refused_in_one_line(extracts, tmp_path, damage, fragment):
+    ext = _copy(extracts["per_layer"], tmp_path / "ext")
+    f = ext / "modeling_instatune_bert.py"
+    if damage == "edit":
+        f.write_text(f.read_text() + "\nimport os  # injected\n")
+    elif damage == "remove":
+        f.unlink()
+    else:
+        w = ext / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[-1] ^= 0xFF
+        w.write_bytes(bytes(data))
+    r = run_cli(*_tune_args(ext, tmp_path / "out", "--plain"))
+    line = assert_cli_error(r, fragment, "re-run extract")
+    assert "modeling_instatune_bert.py" in line or damage == "weights"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_per_layer_copy_without_its_manifest_is_refused(extracts, tiny_data_dir, tmp_path):
+    ext = _copy(extracts["per_layer"], tmp_path / "ext")
+    (ext / "manifest.json").unlink()
+    r = run_cli(*_tune_args(ext, tmp_path / "out", "--plain", "--data", str(tiny_data_dir)))
+    assert_cli_error(r, "per-layer instatune model", "no manifest.json")
+
+
+def test_teacher_with_another_label_set_is_refused(extracts, tiny_bert_dir, tmp_path):
+    teacher = make_tiny_bert(tmp_path / "teacher3", head=True, num_labels=3)
+    r = run_cli(*_tune_args(extracts["stock"], tmp_path / "out", "--plain", "--teacher", str(teacher)))
+    assert_cli_error(r, "teacher", "3 classes", "2")
+    # an extract of a task with named classes, a teacher with other names
+    from instatune_cli.tune.loop import run_tune
+
+    data = make_tiny_data(tmp_path / "named-data", labels=("bad", "good"))
+    with one_thread():
+        run_tune(tiny_tune_config(tiny_bert_dir, data, tmp_path / "named-run", max_steps=2))
+    r = run_cli("extract", tmp_path / "named-run", "--config", STOCK, "-o", tmp_path / "named-ext")
+    assert r.exit_code == 0, r.output
+    named = make_tiny_bert(tmp_path / "teacher-named", head=True, id2label={0: "neg", 1: "pos"},
+                           label2id={"neg": 0, "pos": 1})
+    r = run_cli(*_tune_args(tmp_path / "named-ext", tmp_path / "out", "--plain", "--teacher", str(named)))
+    assert_cli_error(r, "teacher", "['neg', 'pos']", "['bad', 'good']")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_with_other_labels_and_teacher_parent_without_extract_are_refused(extracts, tiny_bert_dir, tmp_path):
+    data = make_tiny_data(tmp_path / "named-data", labels=("bad", "good"))
+    r = run_cli(*_tune_args(extracts["per_layer"], tmp_path / "out", "--plain", "--data", str(data)))
+    assert_cli_error(r, "keeps the extract's classifier")
+    r = run_cli(*_tune_args(tiny_bert_dir, tmp_path / "out", "--plain", "--teacher", "parent", "--data", str(data)))
+    assert_cli_error(r, "--teacher parent", "not an extract")
