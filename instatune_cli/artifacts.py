@@ -225,6 +225,9 @@ class Artifact:
 
     path: Path
     manifest: dict[str, Any]
+    _digest: str | None = field(default=None, repr=False, compare=False)
+    # (size, mtime_ns, inode) of the manifest and every listed file when loaded: what `check_unchanged` compares
+    _stamps: dict[str, tuple[int, int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def stage(self) -> str:
@@ -244,7 +247,31 @@ class Artifact:
 
     @property
     def digest(self) -> str:
-        return digest(self.path)
+        """The digest of the manifest as it was read (`load`), not as it is now: a child records the parent it
+        actually read (docs/architecture.md, "Faults and resume")."""
+        if self._digest is None:
+            self._digest = digest(self.path)
+        return self._digest
+
+    def check_unchanged(self, stage: str) -> None:
+        """Refuse (one line) when this artifact changed since it was loaded, e.g. re-made by `tune --force` while a
+        `search` of it ran. File metadata only (size, mtime_ns, inode); a file whose metadata moved is hashed
+        to tell a `touch` from a change, so a clean run never rehashes weights."""
+        listed = {f["path"]: f["sha256"] for f in self.manifest.get("files", [])}
+        for rel, stamp in self._stamps.items():
+            p = self.path / rel
+            try:
+                now = _stamp(p)
+            except OSError:
+                now = None
+            if now == stamp:
+                continue
+            if now is not None and (("sha256:" + sha256_file(p)) == self.digest if rel == MANIFEST
+                                    else sha256_file(p) == listed.get(rel)):
+                continue
+            raise InstatuneError(f"{self.path} changed while this {stage} read it ({rel} was replaced or modified), "
+                                 f"so its result would not match the parent it records; nothing was published: rerun "
+                                 f"the {stage} stage")
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -275,8 +302,10 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
         raise InstatuneError(f"{p} is not a directory; give an instatune stage directory")
     if not mpath.is_file():
         raise InstatuneError(f"{p} has no {MANIFEST}; it is not an instatune stage directory")
+    stamps = {MANIFEST: _stamp(mpath)}
+    raw = mpath.read_bytes()  # hashed and parsed from the same bytes: the digest is of what was read
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InstatuneError(f"{mpath} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     if not isinstance(m, dict) or m.get("schema") != SCHEMA:
@@ -290,14 +319,21 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
             raise InstatuneError(
                 f"{p} is a {m.get('stage')!r} directory but a {' or '.join(allowed)} directory is needed here"
             )
-    if verify:
-        for f in m.get("files", []):
-            fp = p / f["path"]
-            if not fp.is_file():
+    for f in m.get("files", []):
+        fp = p / f["path"]
+        if not fp.is_file():
+            if verify:
                 raise InstatuneError(f"{p} is incomplete: {f['path']} is missing")
-            if fp.stat().st_size != f["bytes"] or sha256_file(fp) != f["sha256"]:
-                raise InstatuneError(f"{fp} does not match its manifest digest; the artifact was modified")
-    return Artifact(p, m)
+            continue
+        stamps[f["path"]] = _stamp(fp)
+        if verify and (fp.stat().st_size != f["bytes"] or sha256_file(fp) != f["sha256"]):
+            raise InstatuneError(f"{fp} does not match its manifest digest; the artifact was modified")
+    return Artifact(p, m, "sha256:" + hashlib.sha256(raw).hexdigest(), stamps)
+
+
+def _stamp(p: Path) -> tuple[int, int, int]:
+    st = p.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _check_version(m: dict[str, Any], mpath: Path) -> None:
@@ -657,6 +693,7 @@ class StageWriter:
     cleanup_on_error: bool = True
     manifest: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[Any, ...] = ()  # paths the stage reads besides the parent's lineage: never its output
+    reads: tuple[Artifact, ...] = ()  # artifacts read besides the parent, checked unchanged at commit
     _complete: bool = field(default=False, init=False)  # a finished result that could not be moved: keep it
 
     def __post_init__(self) -> None:
@@ -757,6 +794,9 @@ class StageWriter:
         """Write the manifest, flush the directory to disk, move it into place (replacing the old one only with
         force). The `.stage` marker stays until the rename, so an interrupted commit is still a partial that
         `--resume` continues and `--force` may remove."""
+        for art in (self.parent, *self.reads):
+            if art is not None:
+                art.check_unchanged(self.stage)  # before anything is published (issue 19, class 3)
         m = self._manifest(model, metrics, extra)
         with self.faults("the manifest"):
             m["files"] = _file_list(self.tmp)

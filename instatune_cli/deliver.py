@@ -95,7 +95,7 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
     model, tok, space, tune = load_tuned(s.tune.path)
     space.check(s.sub)
     with artifacts.StageWriter(out, "extract", {"source": str(src), "subnet": subnet, "config": config},
-                               parent=s.parent, force=force) as w:
+                               parent=s.parent, reads=(s.tune,), force=force) as w:
         info = save_extracted(model, s.sub, tok, w.path, batches=_real_batches(tune, tok))
         fam = adapter_of(model)
         dims = fam.dims_of(model)
@@ -182,7 +182,7 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
     tune = tune_of(art)
     opts = {"source": str(src), "subnet": subnet, "config": config, "int8": int8, "batch": batch,
             "seq_len": seq_len, "threads": threads, "runs": runs, "atol": atol}
-    with artifacts.StageWriter(out, "export", opts, parent=art, force=force) as w:
+    with artifacts.StageWriter(out, "export", opts, parent=art, reads=(tune,), force=force) as w:
         fam = run_family(tune)
         model = fam.load_extracted(art.path)
         image_tokens = fam.dims_of(model).image_tokens

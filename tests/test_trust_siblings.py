@@ -268,3 +268,69 @@ def test_a_different_extract_in_the_chained_place_needs_force(tiny_tune_run: Pat
     made = chained_extract(art, None, CHAIN, True, print)
     assert made.model["subnet_name"] == artifacts.load(tmp_path / f"run-{CHAIN}").model["subnet_name"]
     assert made.model["subnet_name"] != other
+
+
+# ---- class 3: a child records the parent it read ------------------------------------------------------------
+
+def test_parent_rewritten_between_load_and_commit_is_refused(tmp_path: Path) -> None:
+    write_stage(tmp_path / "run", "old weights", stage="tune")
+    parent = artifacts.load(tmp_path / "run", "tune")
+    with pytest.raises(InstatuneError, match="changed while this search read it") as e:
+        with artifacts.StageWriter(tmp_path / "s", "search", {}, parent=parent) as w:
+            (w.path / "scores.txt").write_text("measured on the old weights")
+            write_stage(tmp_path / "run", "new weights", force=True, stage="tune")  # `tune --force` meanwhile
+            w.commit()
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.partial").exists()
+
+
+def test_a_parent_file_modified_in_place_is_refused_and_a_touch_is_not(tmp_path: Path) -> None:
+    write_stage(tmp_path / "run", "weights", stage="tune")
+    parent = artifacts.load(tmp_path / "run", "tune")
+    loaded = parent.digest
+    with artifacts.StageWriter(tmp_path / "s", "search", {}, parent=parent) as w:
+        os.utime(tmp_path / "run" / "weights.txt")  # same bytes, new mtime: hashed once, accepted
+        os.utime(tmp_path / "run" / "manifest.json")
+        art = w.commit()
+    assert art.manifest["parent"]["digest"] == loaded
+    with pytest.raises(InstatuneError, match=r"weights.txt was replaced or modified"):
+        with artifacts.StageWriter(tmp_path / "s2", "search", {}, parent=parent) as w:
+            (tmp_path / "run" / "weights.txt").write_text("WEIGHTS")  # same size, other bytes
+            w.commit()
+
+
+def test_the_recorded_digest_is_the_one_read_not_the_one_at_commit(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    write_stage(tmp_path / "run", "w", stage="tune")
+    parent = artifacts.load(tmp_path / "run", "tune")
+    calls: list[Path] = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p, *a: calls.append(Path(p)) or real(p, *a))
+    with artifacts.StageWriter(tmp_path / "s", "search", {}, parent=parent) as w:
+        art = w.commit()
+    assert art.manifest["parent"]["digest"] == parent.digest
+    assert not [p for p in calls if p.is_relative_to(tmp_path / "run")]  # a clean commit rehashes nothing of it
+
+
+def test_extract_checks_the_tune_run_it_read_too(tiny_tune_run: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights an extract of a search comes from are the tune run's, a grandparent: checked as well."""
+    from instatune_cli import deliver
+    from instatune_cli import extract as ex
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_tune_run, run)
+    orig = ex.save_extracted
+
+    def and_then_retouch(*a: object, **k: object) -> object:
+        info = orig(*a, **k)
+        w = run / "model" / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[-1] ^= 1
+        w.write_bytes(bytes(data))  # the tune run's weights changed while the extract read them
+        return info
+
+    monkeypatch.setattr(ex, "save_extracted", and_then_retouch)
+    with pytest.raises(InstatuneError, match="changed while this extract read it"):
+        deliver.extract_stage(run, tmp_path / "e", config=CHAIN)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()

@@ -27,12 +27,12 @@ def _fmt(name: str, v: object, metric: str = "accuracy") -> str:
         return format_score(metric, float(v))  # a correlation (mcc, pearson) as a number, a share as a percent
     if name in ("accuracy", "eval_accuracy"):
         return f"{100 * float(v):.2f}%"
+    if name in ("mse", "eval_mse"):
+        return f"{float(v):.4f}"
     if name in ("macs", "params"):
         return f"{float(v) / 1e9:.3f}G" if name == "macs" else f"{float(v) / 1e6:.2f}M"
     if name == "latency":
         return f"{float(v):.2f} ms"
-    if name in ("mse", "eval_mse"):
-        return f"{float(v):.4f}"
     if name == "size":
         return f"{float(v):.1f} MB"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -50,10 +50,6 @@ def _run_metric(run_dir: Path) -> str:
         return "accuracy"
 
 
-def _flag(r: dict, split: str | None) -> str:
-    """'collapsed' (on which split) when the sub-network learned nothing, else empty."""
-    where = [s for s, k in ((split or "val", "collapsed"), ("eval", "eval_collapsed")) if r.get(k)]
-    return f"collapsed ({', '.join(dict.fromkeys(where))})" if where else ""
 def next_lines(summary: dict, path: Path) -> list[str]:
     """What to do next, never pointing at a collapsed member: the picked one (when not collapsed on the eval
     split either), else any member not flagged; when every member is collapsed, one line saying so instead."""
@@ -75,6 +71,10 @@ def next_lines(summary: dict, path: Path) -> list[str]:
     return [f"next: instatune export {path} --subnet N   (N from the table{unflagged})"]
 
 
+def _flag(r: dict, split: str | None) -> str:
+    """'collapsed' (on which split) when the sub-network learned nothing, else empty."""
+    where = [s for s, k in ((split or "val", "collapsed"), ("eval", "eval_collapsed")) if r.get(k)]
+    return f"collapsed ({', '.join(dict.fromkeys(where))})" if where else ""
 
 
 def register(app: typer.Typer) -> None:
@@ -195,12 +195,12 @@ def register(app: typer.Typer) -> None:
         held = split is not None and summary.get("eval_split") is not None
         sel = f"{m} {split}" if split == "val" else f"{m} {split} (search)"
         heads = {n: sel if n == "acc" and split else n for n in names}
+        beside = "mse" if m in ("pearson", "spearman") else "accuracy"  # a regressor has no accuracy
         extra = ([("eval_acc", f"{m} eval")] if held else []) + \
                 ([(f"eval_{beside}", f"{beside} eval")] if held and m != "accuracy" else [])
         t = Table(title=f"Pareto front ({summary['front_size']} of {summary['evaluations']} evaluated)")
         t.add_column("#", justify="right", no_wrap=True)
         t.add_column("sub-network", overflow="fold")
-        beside = "mse" if m in ("pearson", "spearman") else "accuracy"  # a regressor has no accuracy
         for n in names:
             t.add_column(heads[n], justify="right")
         for _, h in extra:

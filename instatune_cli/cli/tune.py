@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def tune(
         model: str = typer.Argument(..., help="Model directory (save_pretrained layout), a tune run directory, "
-                                    "or a hub id when online."),
+                                    "an extract directory (recovery fine-tuning of that sub-network: its data "
+                                    "and validation split default to its parent run's), or a hub id when online."),
         task: Optional[str] = typer.Option(None, "--task", help="GLUE task (sst2, cola, mrpc, qqp, qnli, rte, "
                                            "wnli, mnli; stsb: regression): loads it from the hub, or names the "
                                            "task of --data; "
@@ -82,8 +83,9 @@ def register(app: typer.Typer) -> None:
         hidden_distill: float = typer.Option(0.0, "--hidden-distill", help="β of DynaBERT's hidden-state "
                                              "distillation from the super-network to each sub-network (0 = off).",
                                              rich_help_panel=METHOD),
-        teacher: Optional[str] = typer.Option(None, "--teacher", help="Strong teacher: a fine-tuned model or "
-                                              "tune run (same task and family), e.g. a --plain run.",
+        teacher: Optional[str] = typer.Option(None, "--teacher", help="Strong teacher: a fine-tuned model, "
+                                              "tune run or extract (same task and family), e.g. a --plain run; "
+                                              "`parent`: the tune run MODEL (an extract) was cut from.",
                                               show_default="none", rich_help_panel=METHOD),
         teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", help="Use the teacher for the "
                                                      "first K epochs only.", show_default="all",

@@ -149,7 +149,8 @@ class QuantizeStage:
         self.resolve()
         calib = self.calibration()
         opts = {"source": str(self.src), **asdict(self.opts)}
-        with artifacts.StageWriter(self.out, "quantize", opts, parent=self.art, force=self.force) as w:
+        with artifacts.StageWriter(self.out, "quantize", opts, parent=self.art, reads=(self.tune,),
+                                   force=self.force) as w:
             self.fam.save_preprocessor(self.tok, w.path)
             self.policy.save(w.path / "policy.json")
             with w.scratch(".quant-") as td:  # inside the partial: a kill leaves nothing beside the output

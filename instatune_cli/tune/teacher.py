@@ -95,6 +95,10 @@ def check_teacher_labels(src: str, cfg: dict[str, Any], labels: list[str]) -> No
     t_names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))] if id2label else []
     t_names = t_names or [str(x) for x in cfg.get("label_names") or []]  # timm's config.json
     n = len(t_names) or int(cfg.get("num_labels", cfg.get("num_classes", 2)))
+    if n != len(labels) and 1 in (n, len(labels)):  # one output: a regressor (data.REGRESSION_LABELS)
+        what = "a regressor (one output)" if n == 1 else f"a {n}-class classifier"
+        task = "a regression task" if len(labels) == 1 else f"a {len(labels)}-class task"
+        raise InstatuneError(f"teacher {src} is {what} but this is {task}; use a teacher tuned on this task")
     if n != len(labels):
         raise InstatuneError(
             f"teacher {src} has {n} classes but the task has {len(labels)} ({labels}); use a teacher tuned on this task"
