@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import quiet_libraries, user_errors
+from instatune_cli.cli.common import console, quiet_libraries, user_errors
 
 # ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
 
@@ -169,3 +169,13 @@ def register(app: typer.Typer) -> None:
         result = run_tune(cfg)
         if as_json and result.artifact is not None:
             typer.echo(json.dumps({"output": str(result.artifact.path), **result.metrics}, indent=2))
+        elif result.artifact is not None and not quiet:
+            console().print(next_line(str(result.artifact.path), plain))
+
+
+def next_line(run: str, plain: bool) -> str:
+    """What a finished run is for, as `search` ends with its own `next:`."""
+    if plain:
+        return (f"next: instatune tune MODEL ... --teacher {run}   (a strong teacher), or "
+                f"instatune search ELASTIC_RUN --baseline {run}   (marked on the plot)")
+    return f"next: instatune search {run} --objectives acc,macs   (the Pareto front of sub-networks)"

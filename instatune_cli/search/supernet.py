@@ -66,6 +66,20 @@ class SupernetObjectives:
         return self.holdout(subs)
 
 
+def unsorted_warning(run_dir: Path, elastic: bool) -> str:
+    """A run whose heads and neurons were never sorted by importance: its prefixes are arbitrary units."""
+    how = "tune it again (elastic runs sort before training)" if elastic else \
+        "tune it again with --plain (plain runs now sort after training: prune after fine-tuning)"
+    return (f"{run_dir} was tuned without importance reordering (--no-reorder, or an older instatune): its "
+            f"sub-networks keep the first heads and neurons, not the most important; {how}")
+
+
+def _warn(text: str) -> None:
+    import warnings
+
+    warnings.warn(text, UserWarning, stacklevel=3)
+
+
 def fallback_warning(run_dir: Path) -> str:
     """What a search of a run without a validation split says (printed and recorded: never silent)."""
     return (f"tune run {run_dir} has no validation split (no val.jsonl: it was made before tune kept one); "
@@ -92,7 +106,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     from instatune_cli.adapters import adapter_of
     from instatune_cli.extract import full_subnet
     from instatune_cli.measure.accuracy import Evaluator
-    from instatune_cli.measure.metrics import check_metric
+    from instatune_cli.measure.metrics import check_metric, check_metric_kind, is_regression
     from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
 
     model, tok, space, art = load_tuned(run_dir)
@@ -106,25 +120,24 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
         import dataclasses
 
         space = dataclasses.replace(space, quant=True)
-    metric = check_metric(metric) if metric is not None else check_metric(run_metric(art), "metric of the run")
+    own = check_metric(run_metric(art), "metric of the run")
+    metric = check_metric_kind(metric, is_regression(own), f"tune run {art.path}") if metric is not None else own
     limit = limit_val if limit_val is not None else limit_eval
     adapter = adapter_of(model)
     dims = adapter.dims_of(model)
     seq = adapter.seq_len(dims, space.seq_len)
     names = set(objectives)
     notes: list[str] = []
+    if not art.model.get("reorder"):
+        notes.append(unsorted_warning(art.path, bool(art.model.get("elastic", True))))
+        (on_warning or _warn)(notes[-1])
     split: str | None = None
     evaluator = None
     if "acc" in names:
         split = "val" if has_split(art, "val") else "eval"
         if split == "eval":
             notes.append(fallback_warning(art.path))
-            if on_warning is not None:
-                on_warning(notes[-1])
-            else:
-                import warnings
-
-                warnings.warn(notes[-1], UserWarning, stacklevel=2)
+            (on_warning or _warn)(notes[-1])
         evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
                               metric=metric, shard=group)
     lat = latency or LatencySetup(seq_len=seq)
@@ -161,14 +174,17 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     joint = _Joint(model, tok, art, dims, calibration_samples) if quant else None
 
     def scored(ev: Any, sub: SubNet | None, prefix: str = "") -> dict[str, Any]:
-        """The metric as `<prefix>acc`, plain accuracy beside it when the metric is another, the collapse flag."""
+        """The metric as `<prefix>acc`, plain accuracy beside it when the metric is another (a regressor: its
+        mse), the collapse flag."""
         if joint is not None and sub is not None and sub.quant:
             with joint.applied(sub):
                 res = ev.evaluate(sub.architecture)
         else:
             res = ev.evaluate(sub.architecture if sub is not None else None)
         out: dict[str, Any] = {f"{prefix}acc": res.score}
-        if metric != "accuracy":
+        if is_regression(metric):
+            out[f"{prefix}mse"] = res.mse
+        elif metric != "accuracy":
             out[f"{prefix}accuracy"] = res.accuracy
         out[f"{prefix}collapsed"] = res.collapsed
         return out

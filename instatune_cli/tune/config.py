@@ -51,7 +51,7 @@ class TuneConfig:
     hidden_distill: float = 0.0  # β of DynaBERT's hidden-state distillation super -> sub (tune/loss.py); 0 = off
     teacher: str | None = None
     teacher_epochs: int | None = None
-    reorder: bool | None = None  # None: on for elastic runs, off for --plain
+    reorder: bool | None = None  # None: on (elastic runs before training, --plain runs after it)
     reorder_batches: int = 8
     # optimisation
     lr: float = 5e-5
@@ -80,7 +80,7 @@ class TuneConfig:
 
     @property
     def use_reorder(self) -> bool:
-        return self.elastic if self.reorder is None else bool(self.reorder)
+        return True if self.reorder is None else bool(self.reorder)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -790,17 +790,20 @@ class Trainer:
         return out
 
     def scores_line(self, ev: dict[str, Any]) -> str:
-        """`super mcc 0.4120 (acc 0.8013), smallest L3-h4-f384 mcc 0.1034 (acc 0.7120)`: the task's metric first,
+        """`super mcc 0.4120 (acc 80.13%), smallest L3-h4-f384 mcc 0.1034 (acc 71.20%)`: the task's metric first,
         accuracy (a regressor: mse) beside it, `collapsed` where no better than a constant predictor."""
         metric = self.inp.metric
         beside = "mse" if self.inp.data.regression else ("acc" if metric != "accuracy" else "")
         key = {"mse": "mse", "acc": "accuracy"}.get(beside, "")
 
+        def fmt(name: str, v: float) -> str:  # shares as percentages, as `search` prints them; the rest as numbers
+            return f"{100 * v:.2f}%" if name in ("accuracy", "f1") else f"{v:.4f}"
+
         def one(who: str) -> str:
             shown = "acc" if metric == "accuracy" else metric
-            text = f"{shown} {ev[f'{who}_{metric}']:.4f}"
+            text = f"{shown} {fmt(metric, ev[f'{who}_{metric}'])}"
             if beside:
-                text += f" ({beside} {ev[f'{who}_{key}']:.4f})"
+                text += f" ({beside} {fmt(key, ev[f'{who}_{key}'])})"
             return text + (" collapsed" if ev.get(f"{who}_collapsed") else "")
 
         return f"super {one('super')}, smallest {self.smallest.name} {one('smallest')}"
