@@ -83,3 +83,39 @@ def test_export_int8_reports_accuracy_threads_and_existing_paths(tiny_tune_run, 
     named = [s for s in strings if s.endswith(".onnx")]
     assert {"model.onnx", "model.int8.onnx"} <= set(named)
     assert all((tmp_path / "x" / s).is_file() for s in named), named
+
+
+def test_search_table_keeps_numbers_and_full_names_without_a_terminal(tiny_tune_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from instatune_cli.cli.app import app
+
+    # a narrow COLUMNS and no TTY (CliRunner): what a log, a pipe or CI gets
+    r = CliRunner().invoke(app, ["search", str(tiny_tune_run), "--evals", "8", "--population", "6", "--output",
+                                 str(tmp_path / "s")], env={"COLUMNS": "50"})
+    assert r.exit_code == 0, r.output
+    front = json.loads((tmp_path / "s" / "front.json").read_text())["front"]
+    assert front
+    lines = r.stdout.splitlines()
+    for row in front:  # the subnet number and its whole name on one line of the table
+        assert any(ln.split("│")[1:3] and ln.split("│")[1].strip().rstrip(" *") == str(row["subnet"])
+                   and ln.split("│")[2].strip() == row["name"] for ln in lines), (row["name"], r.stdout)
+    assert "…" not in r.stdout
+    # each evaluation line says how its candidate was proposed, never "(predicted)" for a measured score
+    evals = [ln for ln in r.stderr.splitlines() if ln.startswith("#")]
+    assert len(evals) == 8 and not any("(predicted)" in ln for ln in evals)
+    from instatune_cli.cli.search import ORIGINS
+
+    assert all(ln.endswith(tuple(f"({v})" for v in ORIGINS.values())) for ln in evals), evals
+    assert any(ln.startswith("next: instatune export") for ln in lines)
+
+
+def test_tune_ends_with_next_line_and_percentages(tiny_bert_dir, tiny_data_dir, tmp_path):
+    from conftest import tiny_tune_args
+
+    args = [a for a in tiny_tune_args(tiny_bert_dir, tiny_data_dir, tmp_path / "run") if a != "--quiet"]
+    r = run_cli(*args)
+    assert r.exit_code == 0, r.output
+    done = next(ln for ln in r.stdout.splitlines() if ln.startswith("done"))
+    assert "%" in done and " acc 0." not in done, done  # as search prints scores: 81.25%, not 0.8125
+    assert r.stdout.strip().splitlines()[-1].startswith(f"next: instatune search {tmp_path / 'run'}")

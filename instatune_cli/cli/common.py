@@ -43,12 +43,12 @@ def score_text(metric: str, value: float | None) -> str:
     if value is None:
         return "-"
     if str(metric).lower() in ("mcc", "pearson", "spearman"):
-        return f"{float(value):+.4f}"
-    return f"{100 * float(value):.2f} %"
+        return f"{float(value):.4f}"
+    return f"{100 * float(value):.2f}%"
 
 
 def accuracy_change(fp32: dict[str, Any], int8: dict[str, Any], change_points: float) -> str:
-    """`accuracy on 300 eval examples: FP32 81.00 % -> INT8 80.33 % (-0.67 points)`: one sign convention, the
+    """`accuracy on 300 eval examples: FP32 81.00% -> INT8 80.33% (-0.67 points)`: one sign convention, the
     change INT8 made (negative: lost)."""
     metric = fp32["metric"]
     return (f"{metric} on {fp32['n']} {fp32.get('split', 'eval')} examples: FP32 {score_text(metric, fp32['score'])}"
@@ -59,6 +59,22 @@ def threads_of(latency: dict[str, Any]) -> str:
     """`1 thread` / `2 threads`: every latency figure says the thread count it was measured with."""
     n = int(latency.get("threads") or 0)
     return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def print_table(out: Any, table: Any) -> None:
+    """On a terminal rich fits a table to its width (cells fold onto more lines; give a column
+    `overflow="fold"` so that nothing is cut). Into a file, pipe or CI log there is no width to fit, and rich's
+    80-column default cut names to `L5-h6.8x2.6…`: print the table at its natural width there, every cell whole
+    on one line."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    natural = Measurement.get(out, out.options.update(max_width=100_000), table).maximum
+    # a console of that width on the same stream (print(width=...) never goes past the console's own width)
+    Console(file=out.file, width=max(natural, out.width), highlight=False).print(table)
 
 
 def fail(msg: str, code: int = 2) -> None:

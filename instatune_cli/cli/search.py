@@ -18,6 +18,11 @@ MEASURE = "Measuring"
 OUT = "Output"
 
 
+#: how a candidate came to be measured (the archive's `origin`), in words: every score on the line is measured
+ORIGINS = {"predicted": "proposed by the predictor", "random": "random", "nsga2": "NSGA-II offspring",
+           "anchor": "anchor: widest of its depth, or smallest"}
+
+
 def _fmt(name: str, v: object, metric: str = "accuracy") -> str:
     if v is None or v == "":
         return "-"
@@ -179,7 +184,8 @@ def register(app: typer.Typer) -> None:
             if not as_json:
                 vals = "  ".join(f"{n}={_fmt(n, row.get(n), shown_metric)}" for n in names)
                 n = int(row.get("index", -1)) + 1
-                err.print(f"[dim]#{n}[/] {row['name']:<28} {vals}  ({row.get('origin', '')})")
+                how = ORIGINS.get(row.get("origin"), row.get("origin"))
+                err.print(f"[dim]#{n}[/] {row['name']:<28} {vals}  ({how})")
 
         art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval,
                                          on_warning=on_warning)

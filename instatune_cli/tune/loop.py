@@ -599,9 +599,13 @@ class Trainer:
 
     def resume(self) -> None:
         if self.ckpt is not None:
-            st = _load_checkpoint(self.ckpt, self.raw, self.optimizer, self.scheduler, self.acc.scaler)
-            self.start_step, self.prior_wall = int(st["step"]), float(st["wall_s"])
-            self.train_time, self.samples = float(st["train_time_s"]), int(st["samples"])
+            try:
+                st = _load_checkpoint(self.ckpt, self.raw, self.optimizer, self.scheduler, self.acc.scaler)
+                self.start_step, self.prior_wall = int(st["step"]), float(st["wall_s"])
+                self.train_time, self.samples = float(st["train_time_s"]), int(st["samples"])
+            except Exception as e:  # noqa: BLE001 - any damage (torn file, edited JSON, missing key) is one line
+                raise InstatuneError(f"the checkpoint {self.ckpt} cannot be read ({_first_line(e)[:200]}); it is "
+                                     "damaged: pass --force instead of --resume to start over") from None
             self.ckpt_step = self.start_step
             self.log.write({"event": "resume", "step": self.start_step})
             self.say(f"resumed from {self.ckpt.name} (step {self.start_step} of {self.total_steps})")
