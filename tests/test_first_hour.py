@@ -119,3 +119,28 @@ def test_tune_ends_with_next_line_and_percentages(tiny_bert_dir, tiny_data_dir, 
     done = next(ln for ln in r.stdout.splitlines() if ln.startswith("done"))
     assert "%" in done and " acc 0." not in done, done  # as search prints scores: 81.25%, not 0.8125
     assert r.stdout.strip().splitlines()[-1].startswith(f"next: instatune search {tmp_path / 'run'}")
+
+
+def test_search_progress_hypervolume_rises_only_when_the_front_improves():
+    from types import SimpleNamespace
+
+    from instatune_cli.search.objectives import get_objective
+    from instatune_cli.search.run import _ProgressLine
+
+    rows: list[dict] = []
+    ctx = SimpleNamespace(visible=rows, evals=10, objectives=[get_objective("acc"), get_objective("macs")],
+                          ref_point=None, feasible=lambda r: True)
+    line = _ProgressLine(ctx).line
+
+    def hv(text: str) -> float:
+        return float(text.split("hypervolume ")[1].split()[0])
+
+    rows += [{"acc": 0.9, "macs": 10e6}, {"acc": 0.5, "macs": 20e6}]
+    first = line()
+    rows.append({"acc": 0.6, "macs": 15e6})  # dominated, inside the reference: nothing improved
+    assert hv(line()) == hv(first)
+    rows.append({"acc": 0.95, "macs": 12e6})  # a better front
+    better = line()
+    assert hv(better) > hv(first) and "widened" not in better
+    rows.append({"acc": 0.2, "macs": 40e6})  # dominated, outside: the line says the reference moved
+    assert "reference point widened" in line()

@@ -63,8 +63,14 @@ def test_search_prints_evaluations_and_hypervolume(tiny_tune_run: Path, tmp_path
 
     run_stage(tiny_tune_run, tmp_path / "s", SearchOptions(evals=8, population=4, progress_every=0))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("search:")]
-    assert len(lines) == 8 and lines[0].startswith("search: 1/8 evaluations, best hypervolume ")
-    assert re.fullmatch(r"search: 8/8 evaluations, best hypervolume [0-9.e+-]+", lines[-1]), lines[-1]
+    assert len(lines) == 8 and lines[0].startswith("search: 1/8 evaluations, hypervolume ")
+    assert re.fullmatch(r"search: 8/8 evaluations, hypervolume [0-9.e+-]+( \(reference point widened.*)?", lines[-1])
+    # one reference for every line: the figure never falls, and it rises only when the front improved
+    hv = [float(re.search(r"hypervolume ([0-9.e+-]+)", ln).group(1)) for ln in lines]
+    widened = [i for i, ln in enumerate(lines) if "widened" in ln]
+    for i in range(1, len(hv)):
+        if i not in widened:
+            assert hv[i] >= hv[i - 1]
 
 
 def test_quiet_libraries_keeps_warnings_that_matter() -> None:

@@ -187,26 +187,41 @@ def _add_heartbeat(ctx: SearchContext, every: float | None) -> None:
     beat, user = Heartbeat(every), ctx.on_eval
     if not beat.enabled:
         return
+    progress = _ProgressLine(ctx)
 
     def on_eval(row: dict[str, Any]) -> None:
         if user is not None:
             user(row)
-        beat.tick(lambda: f"search: {len(ctx.visible)}/{ctx.evals} evaluations, best hypervolume "
-                          f"{_hypervolume_now(ctx):.4g}")
+        beat.tick(progress.line)
 
     ctx.on_eval = on_eval
 
 
-def _hypervolume_now(ctx: SearchContext) -> float:
-    """Hypervolume of the feasible rows seen so far, with the reference `_result` would use."""
-    rows = ctx.visible
-    points = to_min_matrix(rows, ctx.objectives)
-    finite = np.isfinite(points).all(axis=1)
-    if not finite.any():
-        return 0.0
-    ref = ctx.ref_point if ctx.ref_point is not None else reference_point(points[finite])
-    keep = np.array([ctx.feasible(r) for r in rows]) & finite
-    return float(hypervolume(points[keep], ref)) if keep.any() else 0.0
+class _ProgressLine:
+    """The heartbeat's hypervolume, against one reference so that it rises only when the front improved: the
+    user's --ref-point, else the one derived from the evaluations at the first line, kept while every
+    evaluation lies inside it. A reference re-derived from the archive at every line (as the final one is)
+    grows with every worse point and made the figure rise when nothing improved; when a point falls outside
+    the kept one, it is re-derived once and the line says so."""
+
+    def __init__(self, ctx: SearchContext) -> None:
+        self.ctx, self.ref, self.fixed = ctx, ctx.ref_point, ctx.ref_point is not None
+
+    def line(self) -> str:
+        ctx, rows = self.ctx, self.ctx.visible
+        head = f"search: {len(rows)}/{ctx.evals} evaluations"
+        points = to_min_matrix(rows, ctx.objectives)
+        finite = np.isfinite(points).all(axis=1)
+        keep = np.array([ctx.feasible(r) for r in rows], dtype=bool) & finite
+        if not keep.any():
+            return f"{head}, no feasible evaluation yet"
+        note = ""
+        if self.ref is None:
+            self.ref = reference_point(points[finite])
+        elif not self.fixed and (points[finite] > self.ref).any():
+            self.ref = reference_point(points[finite])
+            note = " (reference point widened: an evaluation lay outside it; not comparable with the lines above)"
+        return f"{head}, hypervolume {float(hypervolume(points[keep], self.ref)):.4g}{note}"
 
 
 def _result(ctx: SearchContext, algo: str, seed: int, ref_point: Any, seconds: float,
