@@ -408,7 +408,9 @@ class _SearchStage:
         summary = result.summary()
         summary.update({"front": [{"subnet": r["subnet"], "id": r["id"], "name": r["name"],
                                    **{o.name: r.get(o.name) for o in objs},
-                                   **{c: r[c] for c in extra_cols if c in r}} for r in front],
+                                   **{c: r[c] for c in extra_cols if c in r},
+                                   **({"policy": _policy_summary(r["policy"])} if r.get("policy") else {})}
+                                  for r in front],
                         "reference": obj.reference, "picked": picked["subnet"] if picked else None,
                         "space_size": obj.space.cardinality(), **selection, "notes": notes})
         if obj.int8_reference is not None:
@@ -487,6 +489,13 @@ def _joint_objectives(objs: list[Any]) -> list[Any]:
         raise InstatuneError("--quant needs the size objective (INT8 changes size, not MACs): "
                              "e.g. --objectives acc,size")
     return [dataclasses.replace(o, exact=True) if o.name == "size" else o for o in objs]
+
+
+def _policy_summary(policy: dict[str, Any]) -> str:
+    """`32/33 layers INT8 (FP32: embeddings)`: a joint search member's policy as the table shows it."""
+    from instatune_cli.quantize.policy import QuantPolicy
+
+    return QuantPolicy.from_dict(policy).summary()
 
 
 FRONT_EXTRA = ("eval_acc", "accuracy", "eval_accuracy", "mse", "eval_mse", "collapsed", "eval_collapsed", "picked")
