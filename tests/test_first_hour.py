@@ -144,3 +144,21 @@ def test_search_progress_hypervolume_rises_only_when_the_front_improves():
     assert hv(better) > hv(first) and "widened" not in better
     rows.append({"acc": 0.2, "macs": 40e6})  # dominated, outside: the line says the reference moved
     assert "reference point widened" in line()
+
+
+def test_joint_search_table_shows_policies_and_the_all_int8_row(tiny_tune_run, tmp_path):
+    from instatune_cli.quantize.policy import QuantPolicy
+
+    r = run_cli("search", tiny_tune_run, "--objectives", "acc,size", "--quant", "--evals", "8", "--population",
+                "6", "--calibration-samples", "16", "--output", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "s" / "front.json").read_text())
+    rows = {ln.split("│")[1].strip().rstrip(" *"): [c.strip() for c in ln.split("│")[1:-1]]
+            for ln in r.stdout.splitlines() if ln.startswith("│")}
+    head = next(ln for ln in r.stdout.splitlines() if ln.startswith("┃"))
+    assert "INT8 policy" in head
+    assert "all FP32" in rows["ref"] and "all INT8" in rows["int8"]
+    size = f"{data['int8_reference']['size']:.1f} MB"
+    assert size in rows["int8"], (size, rows["int8"])  # the plot's all-INT8 marker, in the table too
+    for member in data["front"]:
+        assert QuantPolicy.from_dict(member["policy"]).summary() in rows[str(member["subnet"])]

@@ -211,14 +211,22 @@ def register(app: typer.Typer) -> None:
             t.add_column(heads[n], justify="right")
         for _, h in extra:
             t.add_column(h, justify="right")
+        int8_ref = summary.get("int8_reference")  # the joint search: the all-INT8 super-network its plot marks
+        policies = int8_ref is not None or any("policy_summary" in r for r in summary["front"])
+        if policies:
+            t.add_column("INT8 policy")
         t.add_column("id")
         t.add_column("flag")
         ref = summary["reference"]
 
-        def cells(r: dict) -> list[str]:
-            return [_fmt(n, r.get(n), m) for n in names] + [_fmt(k, r.get(k), m) for k, _ in extra]
+        def cells(r: dict, policy: str = "") -> list[str]:
+            return ([_fmt(n, r.get(n), m) for n in names] + [_fmt(k, r.get(k), m) for k, _ in extra]
+                    + ([policy or r.get("policy_summary", "FP32")] if policies else []))
 
-        t.add_row("ref", f"super-network {ref.get('subnet_name', '')}", *cells(ref), "", _flag(ref, split))
+        t.add_row("ref", f"super-network {ref.get('subnet_name', '')}", *cells(ref, "all FP32"), "", _flag(ref, split))
+        if int8_ref is not None:
+            t.add_row("int8", f"super-network {ref.get('subnet_name', '')}", *cells(int8_ref, "all INT8"),
+                      str(int8_ref.get("id", "")), _flag(int8_ref, split))
         for r in summary["front"]:
             mark = " *" if summary["picked"] == r["subnet"] else ""
             t.add_row(str(r["subnet"]) + mark, r["name"], *cells(r), r["id"], _flag(r, split))

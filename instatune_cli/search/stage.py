@@ -409,7 +409,7 @@ class _SearchStage:
         summary.update({"front": [{"subnet": r["subnet"], "id": r["id"], "name": r["name"],
                                    **{o.name: r.get(o.name) for o in objs},
                                    **{c: r[c] for c in extra_cols if c in r},
-                                   **({"policy": _policy_summary(r["policy"])} if r.get("policy") else {})}
+                                   **({"policy_summary": _policy_summary(r["policy"])} if r.get("policy") else {})}
                                   for r in front],
                         "reference": obj.reference, "picked": picked["subnet"] if picked else None,
                         "space_size": obj.space.cardinality(), **selection, "notes": notes})
