@@ -258,3 +258,80 @@ def test_search_metric_of_the_other_kind_is_one_line(stsb_run: Path, tiny_tune_r
     assert_cli_error(run_cli("search", tiny_tune_run, "-o", tmp_path / "b", "--metric", "pearson"),
                      "classification task")
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+
+
+def test_hub_stsb_loads_as_regression(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub's `stsb` (nyu-mll/glue: sentence1, sentence2, float label), with `datasets` stood in for offline."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"sentence1": ["a b", "c d", "e f"], "sentence2": ["a c", "c e", "f g"], "label": [4.2, 0.0, 2.5],
+            "idx": [0, 1, 2]}
+    fake = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ("train", "validation")})
+    seen = {}
+
+    def load_dataset(name: str, config: str) -> object:
+        seen["args"] = (name, config)
+        return fake
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    td = D.load_task_data("stsb")
+    assert seen["args"] == ("nyu-mll/glue", "stsb") and td.regression and td.train.labels == [4.2, 0.0, 2.5]
+    assert td.eval.pairs == ["a c", "c e", "f g"] and td.labels == ["score"]
+
+
+def test_sharded_regression_evaluation_equals_one_process() -> None:
+    """A launched search sums each process's zero-padded predictions: the correlation is the single-process one."""
+    from types import SimpleNamespace
+
+    from instatune_cli.measure.accuracy import Evaluator
+
+    class Reg(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(-1, 3, 11).view(-1, 1))
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> object:
+            return SimpleNamespace(logits=self.w[input_ids[:, 0]] + 0.1 * input_ids[:, 1:2].float())
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (23, 2), generator=g)
+    y = torch.rand(23, generator=g) * 5
+    batches = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones_like(ids[i:i + 4]), "labels": y[i:i + 4]}
+               for i in range(0, 23, 4)]  # 6 batches, the last one short
+    model = Reg()
+    whole = Evaluator(model, batches, metric="spearman").evaluate()
+    sent: dict[int, list[float]] = {}
+
+    class Shard:  # two ranks run one after the other; rank 0 adds rank 1's vector as sum_floats would
+        def __init__(self, rank: int) -> None:
+            self.rank, self.world, self.active = rank, 2, True
+
+        def sum_floats(self, values: list[float]) -> list[float]:
+            sent[self.rank] = list(values)
+            return [a + b for a, b in zip(values, sent[1], strict=True)] if self.rank == 0 else values
+
+    Evaluator(model, batches, metric="spearman", shard=Shard(1)).evaluate()
+    res = Evaluator(model, batches, metric="spearman", shard=Shard(0)).evaluate()
+    assert res.score == whole.score and res.mse == whole.mse and res.n == whole.n == 23
+    assert sum(1 for v in sent[1][:23] if v != 0) <= 12  # rank 1 filled only its own batches' rows
+
+
+def test_a_regression_teacher_caches_one_output(tiny_bert_dir: Path, stsb_dir: Path, tiny_plain_run: Path,
+                                               tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from instatune_cli import artifacts
+    from instatune_cli.tune.loop import run_tune
+
+    with one_thread():
+        run_tune(tiny_tune_config(tiny_bert_dir, stsb_dir, tmp_path / "plain", task="stsb", plain=True,
+                                  max_steps=8, batch_size=16))
+        run_tune(tiny_tune_config(tiny_bert_dir, stsb_dir, tmp_path / "run", task="stsb", max_steps=4,
+                                  batch_size=16, teacher=str(tmp_path / "plain")))
+    cache = load_file(str(tmp_path / "run" / "teacher_logits.safetensors"))["logits"]
+    art = artifacts.load(tmp_path / "run", "tune")
+    assert cache.shape == (art.metrics["train_examples"], 1)
+    assert np.isfinite(art.metrics["super_pearson"])
+    r = run_cli("tune", tiny_bert_dir, "--task", "stsb", "--data", stsb_dir, "-o", tmp_path / "bad",
+                "--teacher", tiny_plain_run)  # a 2-class classifier cannot teach a regressor
+    assert_cli_error(r, "2-class classifier", "regression task")
+    assert not (tmp_path / "bad").exists()
