@@ -13,7 +13,8 @@ root) does:
 
 Every run appends one record (commit, clean, date, command line, summary figures) to
 bench/results/NAME.history.jsonl; the README quotes `median_figure(NAME, FIGURE)` — the median of every run in
-the history, never the last one — also printed by `python bench/provenance.py median NAME FIGURE`. A run
+the history, never the last one (bench/readme_tables.py generates the tables so) — also printed by
+`python bench/provenance.py median NAME FIGURE`. A run
 allowed on a dirty tree stores the tree's diff beside the result (bench/results/NAME.STAMP.diff) and its
 record names it. Files under bench/results/ are the benches' own outputs, so they do not make a tree dirty.
 """
