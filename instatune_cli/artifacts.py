@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli import __version__
-from instatune_cli.errors import InstatuneError
+from instatune_cli.errors import InstatuneError, Interrupted, Terminated
 
 SCHEMA = "instatune.artifact"
 SCHEMA_VERSION = 1
@@ -694,7 +694,12 @@ class StageWriter:
     manifest: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[Any, ...] = ()  # paths the stage reads besides the parent's lineage: never its output
     reads: tuple[Artifact, ...] = ()  # artifacts read besides the parent, checked unchanged at commit
+    # a resumable stage's test of whether its partial holds work worth resuming: a partial this run made that
+    # holds none when the stage fails (a bad teacher, Ctrl-C before the first checkpoint) is removed, so the next
+    # run does not call it unfinished
+    keep_if: Callable[[Path], bool] | None = None
     _complete: bool = field(default=False, init=False)  # a finished result that could not be moved: keep it
+    _fresh: bool = field(default=False, init=False)  # this run created the partial (not resumed)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -713,6 +718,8 @@ class StageWriter:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
             self.release()
+        if isinstance(exc, KeyboardInterrupt):
+            raise self.interrupted(exc) from None
         if exc is not None:
             err = self.fault(exc)
             if err is not exc:
@@ -733,11 +740,31 @@ class StageWriter:
         """Convert a refused write in the block (`fault`); other errors pass unchanged."""
         try:
             yield
-        except Exception as e:  # noqa: BLE001 - re-raised unless it is a refused write
-            err = self.fault(e, what)
+        except BaseException as e:  # noqa: BLE001 - re-raised unless it is a refused write or an interrupt
+            self._drop_unstarted()
+            if isinstance(e, KeyboardInterrupt):
+                raise self.interrupted(e) from None
+            err = self.fault(e, what) if isinstance(e, Exception) else e
             if err is e:
                 raise
             raise err from None
+
+    def _drop_unstarted(self) -> None:
+        """Remove a partial this run made that holds nothing worth resuming (`keep_if`)."""
+        if (self.keep_if is not None and self._fresh and not self._complete and lexists(self.tmp)
+                and not self.tmp.is_symlink() and not self.keep_if(self.tmp)):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def interrupted(self, e: BaseException) -> Interrupted:
+        """Ctrl-C or SIGTERM as one true line: where the resumable work is, or that nothing was written."""
+        term = isinstance(e, Terminated) or getattr(e, "exit_code", None) == 143
+        why, code = ("terminated (SIGTERM)", 143) if term else ("interrupted", 130)
+        if lexists(self.tmp) and not self.cleanup_on_error and not self._complete:
+            return Interrupted(f"{why}; the unfinished {self.stage} is kept in {self.tmp}: rerun the same command "
+                               "with --resume to continue it", code)
+        if lexists(self.tmp) and self._complete:
+            return Interrupted(f"{why}; the finished {self.stage} is kept in {self.tmp}: {self._retry()}", code)
+        return Interrupted(f"{why}; nothing was written to {self.out}", code)
 
     def _next_step(self, code: int) -> str:
         fix = "free some space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
@@ -774,6 +801,7 @@ class StageWriter:
                 print(f"notice: removed {self.tmp}, left by an interrupted {self.stage}", file=sys.stderr)
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
+        self._fresh = True
         (self.tmp / MARKER).write_text(self.stage)
         return self.tmp
 

@@ -85,6 +85,25 @@ def rank0_reports(rank: int) -> Iterator[None]:
         if rank != 0:
             raise Follower(2) from None
         raise
+    except Exception as e:  # noqa: BLE001 - only a lost peer becomes one line; anything else is a bug, re-raised
+        if not (launched() and peer_lost(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RankError(f"process {rank} lost another process of the launched run ({first}); it stopped or was "
+                        "killed: fix its error above, then relaunch with --resume to continue where the run "
+                        "stopped (with any number of processes)") from None
+
+
+PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+             "nccl communicator was aborted", "connection refused")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """A collective that failed because another rank went away (gloo/NCCL say so in their message)."""
+    name = type(e).__name__
+    text = str(e).lower()
+    return name in ("DistBackendError", "DistNetworkError") or (
+        isinstance(e, RuntimeError) and any(k in text for k in PEER_LOST))
 
 
 @dataclass

@@ -7,3 +7,16 @@ traceback.
 
 class InstatuneError(Exception):
     """Bad input or state the user can fix; the message names the problem and the fix in one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM inside a stage, still a KeyboardInterrupt for library callers, carrying the one true
+    line the CLI prints: what was kept (a resumable partial) or that nothing was written."""
+
+    def __init__(self, msg: str, exit_code: int = 130) -> None:
+        super().__init__(msg)
+        self.message, self.exit_code = msg, exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI's handler so a stage stops as on Ctrl-C (partial kept or removed)."""

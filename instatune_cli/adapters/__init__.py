@@ -179,6 +179,31 @@ def check_weights(model_dir: str | Path) -> None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InstatuneError(f"{f} is not a readable safetensors file ({first}); it may be truncated or "
                                  "corrupted: copy or save it again") from None
+    if not files:
+        for f in sorted(d.glob("*.bin")):
+            check_pickled_weights(f)
+
+
+def check_pickled_weights(f: Path) -> None:
+    """A `pytorch_model.bin` (only read where no safetensors exist) must hold tensors alone: loaded with
+    `weights_only=True` (memory-mapped, so only its small pickle is read), else one line instead of the
+    unpickler's traceback. Nothing is ever unpickled beyond what `weights_only` allows."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            torch.load(str(f), map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        why = "it holds Python objects besides tensors" if isinstance(e, pickle.UnpicklingError) else \
+            "it is not a readable PyTorch weights file"
+        raise InstatuneError(f"{f}: {why}, which instatune never unpickles; give a directory with "
+                             "model.safetensors (save_pretrained(..., safe_serialization=True))") from None
 
 
 def load_classifier(src: str, num_labels: int | None = None, id2label: dict[int, str] | None = None,

@@ -92,20 +92,46 @@ def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from instatune_cli.artifacts import as_write_error
+        from instatune_cli.errors import Interrupted, Terminated
 
+        restore = on_sigterm()
         try:
             return fn(*args, **kwargs)
         except InstatuneError as e:
             fail(str(e))
-        except KeyboardInterrupt:
-            fail("interrupted; partial work is kept where the stage can resume it", code=130)
+        except Interrupted as e:  # inside a stage: it says what was kept (130 Ctrl-C, 143 SIGTERM)
+            fail(e.message, code=e.exit_code)
+        except KeyboardInterrupt as e:  # outside a stage's output: nothing unfinished exists
+            why, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            fail(f"{why}; no unfinished work was left", code=code)
         except Exception as e:  # noqa: BLE001 - only refused writes become one line; the rest re-raised
             err = as_write_error(e, "", "")
             if err is e:
                 raise
             fail(str(err))
+        finally:
+            restore()
 
     return wrapper  # type: ignore[return-value]
+
+
+def on_sigterm() -> Any:
+    """SIGTERM (a scheduler, `kill`, a closing terminal) stops a stage as Ctrl-C does, so it exits with one line
+    saying what was kept; returns what puts the previous handler back (nothing to do off the main thread)."""
+    import signal
+    import threading
+
+    from instatune_cli.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # Warnings third-party libraries print on every run that tell a user of instatune nothing (found by running every

@@ -246,7 +246,7 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
         measurement = Measurement.of(parent, [o.name for o in objs], opts)
         out = Path(output) if output else default_output(run_dir)
         writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
-                                       cleanup_on_error=False)
+                                       cleanup_on_error=False, keep_if=_has_evaluations)
         group = cpu_group()
         try:
             stage = _SearchStage(parent, writer, objs, cons, max_drop, ref_point, opts, measurement, resume,
@@ -259,6 +259,12 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
                 writer.release()  # the output's lock, also when the search stops early
         finally:
             close(group)
+
+
+def _has_evaluations(partial: Path) -> bool:
+    """A search partial is worth resuming once its archive holds an evaluation (artifacts.StageWriter.keep_if)."""
+    archive = partial / "archive.jsonl"
+    return archive.is_file() and archive.stat().st_size > 0
 
 
 def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | None, dict[str, float] | None]:

@@ -119,6 +119,13 @@ def unpark_checkpoints(partial: Path, fingerprint: str, resume: bool) -> None:
     shutil.rmtree(aside)
 
 
+def worth_resuming(partial: Path) -> bool:
+    """Whether a tune partial holds work `--resume` would use: a checkpoint, the teacher's logits cache, or
+    checkpoints a commit parked. One without (a failed start, Ctrl-C before the first checkpoint) is removed."""
+    return (latest_checkpoint(partial) is not None or (partial / "teacher_logits.safetensors").is_file()
+            or parked_dir(partial).is_dir())
+
+
 def _checkpoint_fingerprint(d: Path) -> str | None:
     try:
         return json.loads((d / "state.json").read_text()).get("fingerprint")
@@ -448,7 +455,7 @@ class Trainer:
 
         # only the main process opens it, and so holds the output's lock (artifacts.OutputLock)
         self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
-                                  cleanup_on_error=False, inputs=tune_inputs(cfg))
+                                  cleanup_on_error=False, inputs=tune_inputs(cfg), keep_if=worth_resuming)
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def open_partial(self) -> None:
