@@ -127,3 +127,36 @@ def test_a_strong_teacher_for_an_image_model(vit_run: Path, tmp_path: Path) -> N
     with pytest.raises(InstatuneError, match="48 px images but the student takes 32 px"):
         run_tune(TuneConfig(**opts, output=str(tmp_path / "refused"), teacher=str(tmp_path / "big-teacher")))
     assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()
+
+
+def test_recovery_fine_tuning_of_a_stock_vit_extract(vit_run: Path, tmp_path: Path) -> None:
+    """`tune EXTRACT_DIR` for timm: a stock extract fine-tunes on its parent's image data with the parent as
+    teacher and stays a plain timm model; a per-layer ViT extract is refused in one line."""
+    import timm
+    import torch
+
+    from instatune_cli import artifacts
+    from instatune_cli.deliver import extract_stage
+    from instatune_cli.errors import InstatuneError
+    from instatune_cli.tune import load_tuned
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    ext = extract_stage(vit_run, tmp_path / "e", config="L3-h4-f128")
+    res = run_tune(TuneConfig(model=str(ext.path), plain=True, teacher="parent", max_steps=3, batch_size=16,
+                              lr=1e-3, output=str(tmp_path / "rec"), quiet=True))
+    art = artifacts.load(tmp_path / "rec", "tune")
+    src = art.model["source_extract"]
+    assert res.teacher_cache == "built" and src["kind"] == "stock" and src["teacher"] == "parent"
+    assert art.options["task"] == "imagefolder" and art.options["limit_train"] == 300  # the parent's data
+    assert (tmp_path / "rec" / "val.jsonl").read_text() == (vit_run / "val.jsonl").read_text()
+    stock = timm.create_model(f"local-dir:{tmp_path / 'rec' / 'model'}", pretrained=True).eval()
+    ours, _, _, _ = load_tuned(tmp_path / "rec")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(stock(x), ours(x), atol=1e-6)
+
+    per_layer = extract_stage(vit_run, tmp_path / "p", config="L3-h4.2.4-f128")
+    assert artifacts.load(per_layer.path, "extract").metrics["kind"] == "instatune"
+    with pytest.raises(InstatuneError, match="per-layer vit extract"):
+        run_tune(TuneConfig(model=str(per_layer.path), plain=True, max_steps=1, output=str(tmp_path / "no")))
