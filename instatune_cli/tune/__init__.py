@@ -8,13 +8,15 @@ A tune run directory (stage "tune", the artifact contract of docs/architecture.m
     manifest.json              schema, options, model info (family, e.g. bert, roberta, timm_vit; model_type;
                                adapter: the registered family later stages load it with; base checkpoint,
                                task, labels, dims, max_length, model_dir, reorder), metrics (super_accuracy,
-                               smallest_accuracy, eval_loss, steps, wall_time_s, samples_per_s, ...), space,
+                               smallest_accuracy, super_<metric> when not accuracy, a regressor's super_mse
+                               instead of accuracy, super_collapsed, eval_loss, steps, wall_time_s, ...), space,
                                data, training info
     space.json                 the search space (SearchSpace.to_dict), checked against the model
     model/                     the super-network in its family's stock layout (transformers `save_pretrained`,
                                timm `save_for_hf`) plus the tokenizer or image preprocessor; heads/neurons are
                                stored in importance order when `reorder` was on, so prefixes are the sub-networks
-    eval.jsonl                 the eval split as used: {"text", ["text_pair"], "label": class id} per line
+    eval.jsonl                 the eval split as used: {"text", ["text_pair"], "label": class id, or a float
+                               for a regressor} per line
                                (images: "text" is the image's absolute path);
                                `search` scores only the front on it, once
     val.jsonl                  the validation split (same format), carved from training or --val-data: what
