@@ -57,7 +57,8 @@ def _run_metric(run_dir: Path) -> str:
 
 def next_lines(summary: dict, path: Path) -> list[str]:
     """What to do next, never pointing at a collapsed member: the picked one (when not collapsed on the eval
-    split either), else any member not flagged; when every member is collapsed, one line saying so instead."""
+    split either), else any member not flagged; nothing when every member is collapsed (the stage's note says
+    so, in one line)."""
     front = summary.get("front") or []
 
     def ok(r: dict) -> bool:
@@ -67,8 +68,7 @@ def next_lines(summary: dict, path: Path) -> list[str]:
     if picked is not None and ok(picked):
         return [f"next: instatune export {path} --subnet {picked['subnet']}   (the picked sub-network)"]
     if front and not any(ok(r) for r in front):
-        return ["[yellow]every front member is collapsed[/] (no better than a constant predictor): nothing here is "
-                "worth exporting; tune longer or with other settings, then search again"]
+        return []
     if picked is not None:
         return [f"[yellow]note:[/] the picked sub-network {picked['subnet']} is collapsed on the eval split; "
                 f"next: instatune export {path} --subnet N   (N from the table, one not flagged collapsed)"]

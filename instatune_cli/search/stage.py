@@ -514,7 +514,8 @@ def _collapse_notes(collapsed: list[int], front: list[dict[str, Any]], obj: Any)
     if obj.reference.get("collapsed") or obj.reference.get("eval_collapsed"):
         out.append(f"the super-network itself is collapsed ({rule}): the tune run did not learn the task")
     if collapsed and len(collapsed) == len(front):
-        out.append(f"every front member is collapsed ({rule}): this front is no real trade-off")
+        out.append(f"every front member is collapsed ({rule}): this front is no real trade-off and nothing on it "
+                   "is worth exporting; tune longer or with other settings, then search again")
     elif collapsed:
         out.append(f"sub-network{'s' if len(collapsed) > 1 else ''} {', '.join(map(str, collapsed))} "
                    f"{'are' if len(collapsed) > 1 else 'is'} collapsed ({rule}); see the collapsed columns")

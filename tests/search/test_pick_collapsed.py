@@ -35,8 +35,18 @@ def test_next_line_never_points_at_a_collapsed_member() -> None:
     (line,) = next_lines(bad_pick, path)
     assert "--subnet 2" not in line and "collapsed on the eval split" in line
     dead = {"front": [row(1, 0.5, 1.0, collapsed=True), row(2, 0.5, 2.0, eval_collapsed=True)], "picked": None}
-    (line,) = next_lines(dead, path)
-    assert "every front member is collapsed" in line and "next:" not in line and "instatune export" not in line
+    assert next_lines(dead, path) == []  # the stage's one note says so (below)
+
+
+def test_a_front_of_collapsed_members_is_one_note() -> None:
+    from types import SimpleNamespace
+
+    from instatune_cli.search.stage import _collapse_notes
+
+    front = [row(1, 0.0, 1.0, collapsed=True), row(2, -0.1, 2.0, eval_collapsed=True)]
+    obj = SimpleNamespace(metric="mcc", reference={"collapsed": False})
+    (note,) = _collapse_notes([1, 2], front, obj)
+    assert "every front member is collapsed (MCC at or below 0)" in note and "nothing on it is worth exporting" in note
 
 
 def test_collapse_rule_in_words() -> None:
