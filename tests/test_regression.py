@@ -135,6 +135,18 @@ def test_glue_stsb_files_load_as_regression(stsb_dir: Path) -> None:
     assert carved.regression and len(carved.val) == 10 and isinstance(carved.val.labels[0], float)
 
 
+def test_a_validation_file_for_a_regressor(stsb_dir: Path, tmp_path: Path) -> None:
+    td = D.load_task_data("stsb", stsb_dir)
+    val = tmp_path / "val.tsv"
+    val.write_text((stsb_dir / "dev.tsv").read_text())
+    got = D.with_validation(td, val_data=val)
+    assert got.val is not None and got.val.labels == td.eval.labels and got.regression
+    lines = val.read_text().splitlines()
+    val.write_text("\n".join([lines[0], lines[1].rsplit("\t", 1)[0] + "\thigh", *lines[2:]]) + "\n")
+    with pytest.raises(InstatuneError, match="row 1 has label 'high', not a number"):
+        D.with_validation(td, val_data=val)
+
+
 def test_regression_splits_round_trip_as_floats(tmp_path: Path, stsb_dir: Path) -> None:
     td = D.load_task_data("stsb", stsb_dir)
     D.write_jsonl(tmp_path / "eval.jsonl", td.eval)
