@@ -73,6 +73,8 @@ def test_per_layer_extract_recovers_with_the_parents_data_and_split(recovered, e
     assert art.options["seed"] == 3  # training order is this run's; the split is the parent's
     assert (recovered / "val.jsonl").read_text() == (tiny_tune_run / "val.jsonl").read_text()
     assert art.model["elastic"] is False and art.model["labels"] == parent.model["labels"]
+    # a plain run sorts heads and neurons after training (for its search's cuts): per layer, each its own count
+    assert [len(h) for h in art.model["reorder"]["head_orders"]] == [4, 2, 3]
     # the per-layer model is kept whole, in the extract's layout, tokenizer beside it
     cfg = json.loads((recovered / "model" / "config.json").read_text())
     assert cfg["model_type"] == "bert" and cfg["instatune_model_type"] == "instatune_bert"
@@ -290,3 +292,31 @@ def test_minilm_per_layer_extract_recovers(minilm_dir: Path, sst2_dir: Path, tmp
     assert after == pytest.approx(art.metrics["super_accuracy"], abs=1e-9)
     # measured: the extract 0.7050, recovered 0.7350 (200 dev sentences; 40 steps, teacher the parent run)
     assert after >= before and after > 0.65, (before, after)
+
+
+def test_recovery_resumes_and_works_without_its_parent(extracts, tiny_tune_run, tiny_data_dir, tmp_path):
+    from conftest import Killed, kill_at
+
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    def cfg(out: Path, **kw) -> TuneConfig:
+        return TuneConfig(model=str(extracts["stock"]), plain=True, output=str(out), batch_size=8, max_steps=6,
+                          lr=3e-3, save_every=2, quiet=True, seed=5, **kw)
+
+    run_tune(cfg(tmp_path / "whole"))
+    with pytest.raises(Killed):
+        run_tune(cfg(tmp_path / "killed"), on_step=kill_at(4))
+    res = run_tune(cfg(tmp_path / "killed", resume=True))
+    assert res.resumed_from == 4
+    a = (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "killed" / "model" / "model.safetensors").read_bytes()
+
+    # the extract moved away from its parent: with --data it still fine-tunes (and says why it has no parent)
+    moved = _copy(extracts["stock"], tmp_path / "elsewhere" / "ext")
+    run_tune(TuneConfig(model=str(moved), plain=True, data=str(tiny_data_dir), output=str(tmp_path / "lone"),
+                        batch_size=8, max_steps=2, save_every=0, quiet=True))
+    src = artifacts.load(tmp_path / "lone", "tune").model["source_extract"]
+    assert src["parents"] == [] and "parent" in src["parent_note"] and src["val_seed"] is None
+    r = run_cli(*_tune_args(moved, tmp_path / "nodata", "--plain"))
+    assert_cli_error(r, "no data", "--task or --data")
