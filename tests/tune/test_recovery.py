@@ -154,6 +154,17 @@ def test_recovered_run_searches_extracts_and_exports(recovered, tmp_path):
     man = artifacts.load(tmp_path / "onnx", "export")
     assert man.metrics["parity"]["max_abs_diff"] <= 1e-4 and man.model["source_extract"]["digest"] == src["digest"]
 
+    # a search's extract recovers too: the chain extract -> search -> tune, the run behind it as teacher
+    r = run_cli("extract", tmp_path / "search", "--subnet", "1", "-o", tmp_path / "sub1")
+    assert r.exit_code == 0, r.output
+    r = run_cli(*_tune_args(tmp_path / "sub1", tmp_path / "again", "--plain", "--teacher", "parent",
+                            "--max-steps", "2"))
+    assert r.exit_code == 0, r.output
+    again = artifacts.load(tmp_path / "again", "tune")
+    chain = again.model["source_extract"]["parents"]
+    assert [c["stage"] for c in chain] == ["search", "tune"] and chain[1]["path"] == str(recovered.resolve())
+    assert again.options["teacher"] == str(recovered.resolve()) and again.options["data"] == src_data(recovered)
+
 
 def test_stock_extract_recovers_with_the_parent_as_teacher(extracts, tiny_tune_run, tmp_path):
     out = tmp_path / "rec"
@@ -194,6 +205,10 @@ def test_elastic_run_on_a_per_layer_extract_trains_its_own_space(extracts, tmp_p
     assert art.metrics["smallest_subnet"] == "L3-h2-f12"
     r = run_cli(*_tune_args(extracts["per_layer"], tmp_path / "bad", "--space", "bert-base-paper"))
     assert_cli_error(r, "per-layer sub-network of 3 layers", "[3]")
+
+
+def src_data(run: Path) -> str:
+    return artifacts.load(run, "tune").options["data"]
 
 
 def _copy(src: Path, dst: Path) -> Path:
