@@ -39,6 +39,7 @@ OWN = ".instatune"  # names what a sibling directory instatune made is (`<out>.o
 STAGES = ("tune", "search", "extract", "quantize", "export")
 RESUMABLE = ("tune", "search")  # the stages with --resume; the others' partials are only ever removed
 LONGEST_SUFFIX = ".checkpoints"  # the longest name instatune appends to an output (docs/architecture.md)
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; a larger one is damaged or crafted (read before parsing)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -303,6 +304,9 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
     if not mpath.is_file():
         raise InstatuneError(f"{p} has no {MANIFEST}; it is not an instatune stage directory")
     stamps = {MANIFEST: _stamp(mpath)}
+    if stamps[MANIFEST][0] > MAX_MANIFEST_BYTES:
+        raise InstatuneError(f"{mpath} is {stamps[MANIFEST][0]:,} bytes, far more than an instatune manifest (a few "
+                             "KB); it is damaged or not from instatune")
     raw = mpath.read_bytes()  # hashed and parsed from the same bytes: the digest is of what was read
     try:
         m = json.loads(raw.decode())
@@ -319,9 +323,11 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
             raise InstatuneError(
                 f"{p} is a {m.get('stage')!r} directory but a {' or '.join(allowed)} directory is needed here"
             )
+    if verify:
+        _check_unlisted(p, m)
     for f in m.get("files", []):
         fp = p / f["path"]
-        if not fp.is_file():
+        if not fp.is_file() or fp.is_symlink():
             if verify:
                 raise InstatuneError(f"{p} is incomplete: {f['path']} is missing")
             continue
@@ -329,6 +335,27 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
         if verify and (fp.stat().st_size != f["bytes"] or sha256_file(fp) != f["sha256"]):
             raise InstatuneError(f"{fp} does not match its manifest digest; the artifact was modified")
     return Artifact(p, m, "sha256:" + hashlib.sha256(raw).hexdigest(), stamps)
+
+
+def _check_unlisted(p: Path, m: dict[str, Any]) -> None:
+    """Every file in an artifact is one its manifest lists (and so is verified): a stage never reads a planted
+    file (a tokenizer's added_tokens.json, a second weights file) nor follows a link inside it."""
+    listed = {f["path"] for f in m.get("files", [])} | {MANIFEST, MARKER, OWN}
+    for root, dirs, files in os.walk(p):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = Path(root, name).relative_to(p).as_posix()
+            if rel not in listed or os.path.islink(os.path.join(root, name)):
+                raise InstatuneError(f"{p} holds {rel}, which its manifest does not list (or a link); a stage reads "
+                                     "only what the manifest verifies: move it out, or re-run the "
+                                     f"{m.get('stage', 'stage')} stage")
+
+
+def _inside(rel: Any) -> bool:
+    """A path a manifest names stays inside its artifact: relative, no `..`, no backslash or NUL."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or rel.startswith("/"):
+        return False
+    parts = rel.split("/")
+    return all(x not in ("", ".", "..") for x in parts) and not Path(rel).is_absolute()
 
 
 def _stamp(p: Path) -> tuple[int, int, int]:
@@ -367,6 +394,12 @@ def _check_fields(m: dict[str, Any], mpath: Path) -> None:
         if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("bytes"), int)
                 and isinstance(f.get("sha256"), str)):
             raise bad("files")
+        if not _inside(f["path"]):
+            raise InstatuneError(f"{mpath} lists {_shown(f['path'])!r}, a path outside the artifact; the manifest is "
+                                 f"damaged or crafted: re-run the {stage} stage")
+    model_dir = m.get("model", {}).get("model_dir")
+    if model_dir is not None and not _inside(model_dir):
+        raise bad("model_dir")
     par = m.get("parent")
     if par is not None and not (isinstance(par, dict) and isinstance(par.get("path"), str)):
         raise bad("parent")

@@ -235,9 +235,19 @@ class SubNet:
         return cls(tuple(heads), tuple(ffn))
 
 
-def _choices(values: Any, what: str) -> tuple[int, ...]:
+# Bounds on a space read from a file (the user's --space or a tune run's space.json), checked before anything is
+# built from it: `layers: [2, 10**18]` would otherwise make per-layer tables of 10**18 entries.
+MAX_SPACE_LAYERS = 1024
+MAX_SPACE_VALUE = 1 << 20  # heads, FFN width, sequence length
+MAX_SPACE_CHOICES = 4096  # values in one list
+MAX_SPACE_FILE_BYTES = 1 << 20
+
+
+def _choices(values: Any, what: str, limit: int = MAX_SPACE_VALUE) -> tuple[int, ...]:
     if isinstance(values, int):
         values = [values]
+    if isinstance(values, (list, tuple)) and len(values) > MAX_SPACE_CHOICES:
+        raise InstatuneError(f"search space: {what} has {len(values)} choices; at most {MAX_SPACE_CHOICES}")
     try:
         out = tuple(sorted({int(v) for v in values}))
     except (TypeError, ValueError):
@@ -246,6 +256,9 @@ def _choices(values: Any, what: str) -> tuple[int, ...]:
         raise InstatuneError(f"search space: {what} has no choices; give at least one value")
     if out[0] < 1:
         raise InstatuneError(f"search space: {what} has a value below 1 ({out[0]}); use positive sizes")
+    if out[-1] > limit:
+        raise InstatuneError(f"search space: {what} has a value of {out[-1]:,}, above the bound of {limit:,}; use "
+                             "the model's real sizes")
     return out
 
 
@@ -281,7 +294,7 @@ class SearchSpace:
         depth = str(d.get("depth", default_depth))
         if depth not in DEPTH_RULES:
             raise InstatuneError(f"search space: unknown depth rule {depth!r}; use {' or '.join(DEPTH_RULES)}")
-        layers = _choices(d["layers"], "layers")
+        layers = _choices(d["layers"], "layers", MAX_SPACE_LAYERS)
         n = layers[-1]
 
         def per_layer(v: Any, what: str) -> tuple[tuple[int, ...], ...]:
@@ -294,9 +307,12 @@ class SearchSpace:
             c = _choices(v, what)
             return tuple(c for _ in range(n))
 
-        seq_len = int(d.get("seq_len", DEFAULT_SEQ_LEN))
-        if seq_len < 1:
-            raise InstatuneError(f"search space: seq_len must be positive, got {seq_len}")
+        try:
+            seq_len = int(d.get("seq_len", DEFAULT_SEQ_LEN))
+        except (TypeError, ValueError):
+            raise InstatuneError(f"search space: seq_len must be an integer, got {d.get('seq_len')!r}") from None
+        if not 1 <= seq_len <= MAX_SPACE_VALUE:
+            raise InstatuneError(f"search space: seq_len must be between 1 and {MAX_SPACE_VALUE:,}, got {seq_len}")
         return cls(layers, per_layer(d["heads"], "heads"), per_layer(d["ffn"], "ffn"), seq_len,
                    str(d.get("name", name)), depth, bool(d.get("quant", False)))
 
@@ -315,7 +331,13 @@ class SearchSpace:
         p = Path(path)
         if not p.is_file():
             raise InstatuneError(f"search space file {p} does not exist; give a YAML/JSON file or a preset name")
-        text = p.read_text()
+        if p.stat().st_size > MAX_SPACE_FILE_BYTES:
+            raise InstatuneError(f"search space file {p} is {p.stat().st_size:,} bytes; a space is a few lines: "
+                                 "give the right file")
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError:
+            raise InstatuneError(f"search space file {p} is not UTF-8 text; give a YAML/JSON file") from None
         try:
             if p.suffix.lower() == ".json":
                 data = json.loads(text)

@@ -334,3 +334,72 @@ def test_extract_checks_the_tune_run_it_read_too(tiny_tune_run: Path, tmp_path: 
     with pytest.raises(InstatuneError, match="changed while this extract read it"):
         deliver.extract_stage(run, tmp_path / "e", config=CHAIN)
     assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+# ---- class 4: inputs are bounded before they cost memory ---------------------------------------------------
+
+def relist(p: Path) -> None:
+    """Update p's entry in the manifest beside it, as a crafted artifact would."""
+    mpath = p.parent / "manifest.json"
+    m = json.loads(mpath.read_text())
+    for f in m["files"]:
+        if f["path"] == p.name:
+            f.update(bytes=p.stat().st_size, sha256=artifacts.sha256_file(p))
+    mpath.write_text(json.dumps(m, indent=2))
+
+
+def test_a_crafted_space_json_is_refused_like_a_users_space(tiny_tune_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_tune_run, run)
+    space = json.loads((run / "space.json").read_text())
+    (run / "space.json").write_text(json.dumps({**space, "layers": [2, 10**18]}))
+    relist(run / "space.json")
+    res = run_cli("search", run, "--evals", "4", "--population", "4", "-o", tmp_path / "s")
+    assert_cli_error(res, "layers has a value of", "above the bound")
+    (run / "space.json").write_text(json.dumps({**space, "layers": [2, 8]}))  # bounded, but deeper than the model
+    relist(run / "space.json")
+    assert_cli_error(run_cli("search", run, "--evals", "4", "--population", "4", "-o", tmp_path / "s"),
+                     "allows 8 layers but the model has 4")
+    assert not (tmp_path / "s.partial").exists()
+
+
+@pytest.mark.parametrize("rel", ["../outside.txt", "/etc/passwd", "a/../../x", "model\\..\\x", "./manifest.json"])
+def test_manifest_paths_stay_inside_the_artifact(tmp_path: Path, rel: str) -> None:
+    art = write_stage(tmp_path / "x", "a")
+    m = json.loads((art.path / "manifest.json").read_text())
+    m["files"].append({"path": rel, "bytes": 1, "sha256": "0" * 64})
+    (art.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InstatuneError, match="outside the artifact"):
+        artifacts.load(art.path, verify=False)
+
+
+def test_a_planted_unlisted_file_is_refused(tmp_path: Path) -> None:
+    art = write_stage(tmp_path / "x", "a")
+    (art.path / "added_tokens.json").write_text('{"evil": 0}')
+    with pytest.raises(InstatuneError, match="holds added_tokens.json, which its manifest does not list"):
+        artifacts.load(art.path)
+    (art.path / "added_tokens.json").unlink()
+    (art.path / "weights.txt").unlink()
+    (art.path / "weights.txt").symlink_to(tmp_path / "x" / "manifest.json")
+    with pytest.raises(InstatuneError, match="a link"):
+        artifacts.load(art.path)
+
+
+def test_policy_free_text_is_bounded_and_escaped(tmp_path: Path) -> None:
+    from instatune_cli.quantize.policy import Architecture, QuantPolicy
+
+    pol = QuantPolicy.uniform(Architecture("bert", 32, 8, (4, 4), (64, 64), 2))
+    d = pol.to_dict()
+    d["source"] = "\x1b[2J" + "x" * 1_000_000  # within the file bound, far over the text bound
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    got = QuantPolicy.load(tmp_path / "p.json")
+    assert len(got.source) <= 200 and "\x1b" not in got.source
+    d["source"] = "x" * 5_000_000
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(InstatuneError, match="a policy is a few KB"):
+        QuantPolicy.load(tmp_path / "p.json")
+    d["source"] = "s"
+    d["architecture"]["heads"] = [4] * 100_000
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    with pytest.raises(InstatuneError, match="malformed"):
+        QuantPolicy.load(tmp_path / "p.json")

@@ -75,6 +75,8 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Architecture:
+        if len(d["heads"]) > MAX_LAYERS or len(d["ffn"]) > MAX_LAYERS:
+            raise ValueError(f"more than {MAX_LAYERS} layers")
         return cls(str(d["model_type"]), int(d["hidden"]), int(d["head_dim"]), tuple(int(h) for h in d["heads"]),
                    tuple(int(f) for f in d["ffn"]), int(d.get("num_labels", 2)),
                    tuple(d.get("head_linears", ("pooler", "classifier"))), tuple(d.get("parts", PARTS)),
@@ -166,18 +168,32 @@ class QuantPolicy:
             layers = {str(k): str(v) for k, v in dict(d["layers"]).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise InstatuneError(f"{where} is malformed ({type(e).__name__}: {e}); write it with instatune") from None
-        return cls(arch, layers, str(d.get("source", where)))
+        return cls(arch, layers, bounded_text(d.get("source", where)))
 
     @classmethod
     def load(cls, path: str | Path) -> QuantPolicy:
         p = Path(path)
         if not p.is_file():
             raise InstatuneError(f"policy file {p} does not exist")
+        if p.stat().st_size > MAX_POLICY_BYTES:
+            raise InstatuneError(f"policy file {p} is {p.stat().st_size:,} bytes; a policy is a few KB: give the right "
+                                 "file")
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InstatuneError(f"policy file {p} is not valid JSON ({e})") from None
         return cls.from_dict(d, where=str(p))
+
+
+MAX_LAYERS = 1024  # as a search space (space.MAX_SPACE_LAYERS)
+MAX_POLICY_BYTES = 4 << 20  # one entry per logical layer: a few KB even for the largest models
+MAX_SOURCE_CHARS = 200  # the free-text `source` is copied into policy.json and manifests: bounded, printable
+
+
+def bounded_text(x: Any, limit: int = MAX_SOURCE_CHARS) -> str:
+    """Free text from a file, safe to copy into outputs and print: control characters escaped, at most `limit`."""
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(x)[: 4 * limit])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def shapes(arch: Architecture, vocab: int) -> dict[str, tuple[int, int, bool]]:
