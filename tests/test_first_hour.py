@@ -162,3 +162,52 @@ def test_joint_search_table_shows_policies_and_the_all_int8_row(tiny_tune_run, t
     assert size in rows["int8"], (size, rows["int8"])  # the plot's all-INT8 marker, in the table too
     for member in data["front"]:
         assert QuantPolicy.from_dict(member["policy"]).summary() in rows[str(member["subnet"])]
+
+
+def _save_for_hf(model, d: Path, **kw) -> Path:
+    from timm.models import save_for_hf
+
+    save_for_hf(model, str(d), model_args={k: v for k, v in __import__("vit_tiny").TINY.items()}, **kw)
+    return d
+
+
+def test_vit_pickle_checkpoint_is_read_tensors_only_and_said(tmp_path, capsys):
+    import torch
+    from vit_tiny import pixels, tiny_timm
+
+    from instatune_cli.adapters.vit import TimmVitAdapter
+
+    ref = tiny_timm("vit_tiny_patch16_224", seed=3)
+    d = _save_for_hf(ref, tmp_path / "bin")  # timm's default: pytorch_model.bin, no safetensors
+    assert (d / "pytorch_model.bin").is_file() and not (d / "model.safetensors").exists()
+    model = TimmVitAdapter().load(str(d))
+    err = capsys.readouterr().err
+    assert "loading pytorch_model.bin" in err and "weights_only=True" in err
+    with torch.no_grad():
+        assert torch.equal(model(pixels()), ref(pixels()))
+    # a pickle that holds more than tensors is refused in one line, never unpickled
+    torch.save({"state_dict": ref.state_dict(), "hook": print}, d / "pytorch_model.bin")
+    from instatune_cli.errors import InstatuneError
+
+    with pytest.raises(InstatuneError, match="cannot load the weights"):
+        TimmVitAdapter().load(str(d))
+    # safetensors is read without a word about pickles
+    _save_for_hf(ref, tmp_path / "st", safe_serialization=True)
+    capsys.readouterr()
+    TimmVitAdapter().load(str(tmp_path / "st"))
+    assert "weights_only" not in capsys.readouterr().err
+
+
+def test_vit_pretrained_tag_on_another_architecture_is_noticed(tmp_path, capsys):
+    from vit_tiny import tiny_timm
+
+    from instatune_cli.adapters.vit import TimmVitAdapter
+
+    m = tiny_timm("vit_tiny_patch16_224")  # patch 8, width 48, depth 4: not vit_tiny's augreg checkpoint
+    assert m.pretrained_cfg.get("tag")  # what timm keeps on random weights
+    TimmVitAdapter().load(str(_save_for_hf(m, tmp_path / "tagged", safe_serialization=True)))
+    err = capsys.readouterr().err
+    assert f"pretrained tag {m.pretrained_cfg['tag']!r}" in err and "not those pretrained ones" in err
+    m.pretrained_cfg = {**m.pretrained_cfg, "tag": "random-init"}  # what the README's recipe does
+    TimmVitAdapter().load(str(_save_for_hf(m, tmp_path / "honest", safe_serialization=True)))
+    assert "pretrained tag" not in capsys.readouterr().err

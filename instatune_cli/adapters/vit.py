@@ -181,6 +181,60 @@ def _create(name: str, what: str, **kw: Any) -> nn.Module:
         raise InstatuneError(f"cannot load timm model {what}: {_first_line(e)}") from None
 
 
+#: weight files of a timm checkpoint directory, in timm's order of preference (`timm.models._hub`)
+_WEIGHT_FILES = (WEIGHTS, "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_NOTICED: set[str] = set()
+
+
+def _notice(text: str) -> None:
+    """A one-line notice on stderr, once per process (a model is loaded several times by one stage)."""
+    import sys
+
+    if text not in _NOTICED:
+        _NOTICED.add(text)
+        print(f"notice: {text}", file=sys.stderr)
+
+
+def _load_weights(model: nn.Module, d: Path) -> None:
+    """The weights of a timm checkpoint directory into `model`: model.safetensors, else (saying so) a pickle read
+    with `torch.load(weights_only=True)` (tensors only, never arbitrary objects)."""
+    from timm.models import load_checkpoint
+
+    found = next((d / f for f in _WEIGHT_FILES if (d / f).is_file()), None)
+    if found is None:
+        raise InstatuneError(f"{d} has a config.json but no weights ({', '.join(_WEIGHT_FILES)}); save them with "
+                             "timm.models.save_for_hf(model, DIR, safe_serialization=True)")
+    if found.name != WEIGHTS:
+        _notice(f"{d} has no {WEIGHTS}; loading {found.name}, a pickle, with torch.load(weights_only=True) "
+                "(tensors only); save_for_hf(..., safe_serialization=True) writes safetensors")
+    try:
+        load_checkpoint(model, str(found), use_ema=False, strict=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn file, a foreign pickle, a shape mismatch: one line
+        raise InstatuneError(f"cannot load the weights in {found}: {_first_line(e)[:300]}") from None
+
+
+def _notice_foreign_tag(model: nn.Module, cfg: dict[str, Any], d: Path) -> None:
+    """timm's save_for_hf keeps the pretrained tag of the model it was created from (e.g. augreg_in21k_ft_in1k),
+    random weights or not. When the saved architecture is not that checkpoint's (another patch size, width,
+    depth or head count), the weights cannot be those: say so, so nobody mistakes them for ImageNet weights."""
+    pcfg = cfg.get("pretrained_cfg") or {}
+    tag, arch = pcfg.get("tag"), cfg.get("architecture")
+    if not tag or not arch or tag in ("random-init", "random"):
+        return
+    try:
+        stock = _create(str(arch), repr(arch), pretrained=False, device="meta")
+    except InstatuneError:
+        return
+
+    def shape(m: nn.Module) -> tuple[Any, ...]:
+        return (tuple(m.patch_embed.patch_size), m.embed_dim, len(_blocks(m)), _blocks(m)[0].attn.num_heads)
+
+    if shape(model) != shape(stock):
+        _notice(f"{d / 'config.json'} names timm's pretrained tag {tag!r}, but its architecture is not that "
+                f"checkpoint's (patch, width, depth, heads {shape(model)} vs {shape(stock)}): these weights are "
+                "not those pretrained ones (set pretrained_cfg['tag'] to say what they are, e.g. 'random-init')")
+
+
 def _read_config(d: Path) -> dict[str, Any]:
     try:
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
@@ -434,7 +488,12 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
                 model = self._standalone().load(str(p)) if pretrained else \
                     self._standalone().build(cfg).to(kw.get("device", "cpu"))
                 return model, cfg
-            return _create(f"local-dir:{p}", str(p), pretrained=pretrained, **kw), cfg
+            if not pretrained:
+                return _create(f"local-dir:{p}", str(p), pretrained=False, **kw), cfg
+            model = _create(f"local-dir:{p}", str(p), pretrained=False, **kw)
+            _load_weights(model, p)
+            _notice_foreign_tag(model, cfg, p)
+            return model, cfg
         name = _timm_name(src)
         if name is None or _model_type_of_arch(name) is None:
             raise InstatuneError(f"{src!r} is not a timm ViT / DeiT / BEiT / BEiT-3 id or a timm model directory")
