@@ -454,6 +454,7 @@ def _extract(rows: list[dict[str, Any]], cols: Columns, where: str) -> tuple[lis
             if tp is None:
                 raise InstatuneError(f"{where} row {i + 1} has no text in column {cols.pair!r}")
             pairs.append(str(tp))
+        check_label_value(r.get(cols.label), where, i + 1)
         lab = _norm_label(r.get(cols.label))
         if lab is None:
             raise InstatuneError(
@@ -475,6 +476,8 @@ def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None =
             raise InstatuneError(f"{wt} has one label value ({tr[0] if tr else 'none'}) for every row; a regressor "
                                  "needs labels that vary")
         return tr, regression_labels(evals, we), list(REGRESSION_LABELS)
+    check_class_labels(train, wt)
+    check_class_labels(evals, we)
     for lst, w in ((train, wt), (evals, we)):
         bad = next((x for x in lst if isinstance(x, float)), None)
         if bad is not None:
@@ -500,6 +503,7 @@ def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None =
                 raise InstatuneError(f"{we} has label {x!r}, which is not a training class (0..{c - 1})")
         if len(set(train)) < 2:
             raise InstatuneError(f"{wt} has a single class ({lo}); a classifier needs at least two")
+        check_every_class_trained(train, c, wt)
         return list(train), list(evals), [str(i) for i in range(c)]
     strs = sorted({str(x) for x in train})
     if len(strs) < 2:
@@ -511,6 +515,34 @@ def map_labels(train: list[Any], evals: list[Any], names: Sequence[str] | None =
             raise InstatuneError(f"{we} has label {x!r}, which is not a training class {strs}")
         ev.append(ix[str(x)])
     return [ix[str(x)] for x in train], ev, strs
+
+
+def check_class_labels(raw: list[Any], where: str) -> None:
+    """A class label is one scalar: a JSONL `[1, 2]` or `{"a": 1}` would otherwise become a class named "[1, 2]",
+    and a missing label (null, empty) a class named "None" or ""."""
+    for row, x in enumerate(raw, start=1):
+        check_label_value(x, where, row)
+        if x is None or (isinstance(x, str) and not x.strip()):
+            raise InstatuneError(f"{where} row {row} has no label; every training and eval row needs one (an "
+                                 "unlabelled test split cannot be used)")
+
+
+def check_label_value(x: Any, where: str, row: int) -> None:
+    """One raw label (as read from a JSONL/JSON/parquet cell) is a scalar, not a list or a mapping."""
+    if isinstance(x, (list, tuple, dict, set)) or (hasattr(x, "shape") and getattr(x, "ndim", 0) > 0):
+        raise InstatuneError(f"{where} row {row} has the label {str(x)[:60]!r} ({type(x).__name__}); a label is "
+                             "one class id or name per row: fix the label column (or --label-column)")
+
+
+def check_every_class_trained(train: list[int], classes: int, where: str) -> None:
+    """Integer labels are class ids 0..C-1: a C-class model whose classes have no training example (one row
+    labelled 7 in binary data makes classes 2-6) is refused, naming them."""
+    missing = sorted(set(range(classes)) - set(train))
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise InstatuneError(f"{where} has class ids up to {classes - 1} but no training example of class {shown}; "
+                             "integer labels must be the ids 0..C-1 of classes that all occur in training: fix the "
+                             "stray labels (or raise --limit-train if a subset missed a class)")
 
 
 def regression_labels(raw: list[Any], where: str) -> list[float]:

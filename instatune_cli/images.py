@@ -146,6 +146,7 @@ def _unreadable(path: str) -> bool:
             with Image.open(f) as im:
                 fmt = im.format
                 w, h = im.size
+                check_image_mode(im.mode, path)  # from the header: refused when loading, not mid-training
                 im.verify()
             if w < 1 or h < 1:
                 return True
@@ -430,15 +431,43 @@ class _Cache:
         return im
 
 
+# 16-bit grayscale (a PNG of depth 16 opens as one of these): PIL's convert("RGB") clips every value above 255,
+# so such an image would decode almost pure white; it is scaled to 8 bits instead (value / 257, rounded).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+UNFAITHFUL_MODES = ("F",)  # floating-point pixels: no scale to assume
+
+
+def check_image_mode(mode: str, path: str) -> None:
+    """Refuse a pixel format that has no faithful 8-bit RGB form (checked from the header when loading)."""
+    if mode in UNFAITHFUL_MODES:
+        raise InstatuneError(f"image {path} has floating-point pixels (PIL mode {mode}), which have no faithful 8-bit "
+                             "RGB form; convert the images to 8- or 16-bit PNG or JPEG")
+
+
+def _from_16bit(im: Any, path: str) -> Any:
+    """A 16-bit (or 32-bit integer holding 16-bit values) grayscale image as 8-bit RGB, scaled, not clipped."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(im, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise InstatuneError(f"image {path} has 32-bit pixel values outside 0..65535 (PIL mode {im.mode}), which have "
+                             "no faithful 8-bit form; convert it to an 8- or 16-bit PNG or JPEG")
+    if im.mode == "I" and arr.size and arr.max() <= 255:  # 32-bit integers holding 8-bit values (some TIFFs)
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    return Image.fromarray(((arr + 128) // 257).astype(np.uint8), mode="L").convert("RGB")
+
+
 def decode_image(path: str) -> Any:
     """The image at `path` as a loaded RGB PIL image; `InstatuneError` naming the file if it cannot be decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            check_image_mode(im.mode, path)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
-            out = im.convert("RGB")
+            out = _from_16bit(im, path) if im.mode in WIDE_MODES else im.convert("RGB")
             out.load()
             return out
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
