@@ -170,11 +170,15 @@ def register(app: typer.Typer) -> None:
         if as_json and result.artifact is not None:
             typer.echo(json.dumps({"output": str(result.artifact.path), **result.metrics}, indent=2))
         elif result.artifact is not None and not quiet:
-            console().print(next_line(str(result.artifact.path), plain))
+            console().print(next_line(str(result.artifact.path), plain,
+                                      result.artifact.model.get("source_extract")))
 
 
-def next_line(run: str, plain: bool) -> str:
+def next_line(run: str, plain: bool, source_extract: dict | None = None) -> str:
     """What a finished run is for, as `search` ends with its own `next:`."""
+    if source_extract:  # a recovered sub-network: ship it, or search its cuts
+        return (f"next: instatune export {run} --config {source_extract.get('subnet_name')}   (the recovered "
+                f"sub-network), or instatune search {run} --objectives acc,macs   (it and its cuts)")
     if plain:
         return (f"next: instatune tune MODEL ... --teacher {run}   (a strong teacher), or "
                 f"instatune search ELASTIC_RUN --baseline {run}   (marked on the plot)")

@@ -75,6 +75,7 @@ FAMILIES = {"xlm-roberta": "roberta", "camembert": "roberta"}
 
 
 def model_family(model_type: str) -> str:
+    model_type = model_type.removeprefix("instatune_")  # our per-layer classes (a recovered extract) are their family
     return FAMILIES.get(model_type, model_type)
 
 

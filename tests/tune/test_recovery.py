@@ -73,6 +73,7 @@ def test_per_layer_extract_recovers_with_the_parents_data_and_split(recovered, e
     assert art.options["seed"] == 3  # training order is this run's; the split is the parent's
     assert (recovered / "val.jsonl").read_text() == (tiny_tune_run / "val.jsonl").read_text()
     assert art.model["elastic"] is False and art.model["labels"] == parent.model["labels"]
+    assert art.model["family"] == "bert" and art.model["model_type"] == "instatune_bert"
     # a plain run sorts heads and neurons after training (for its search's cuts): per layer, each its own count
     assert [len(h) for h in art.model["reorder"]["head_orders"]] == [4, 2, 3]
     # the per-layer model is kept whole, in the extract's layout, tokenizer beside it
@@ -190,10 +191,13 @@ def test_stock_extract_recovers_with_the_parent_as_teacher(extracts, tiny_tune_r
     assert artifacts.load(tmp_path / "full", "extract").metrics["kind"] == "stock"
     assert "auto_map" not in json.loads((tmp_path / "full" / "config.json").read_text())
     # naming the parent run by its path records the same
-    r = run_cli(*_tune_args(extracts["stock"], tmp_path / "rec2", "--plain", "--teacher", str(tiny_tune_run),
-                            "--max-steps", "2"))
+    args = _tune_args(extracts["stock"], tmp_path / "rec2", "--plain", "--teacher", str(tiny_tune_run), "--max-steps",
+                      "2")
+    r = run_cli(*[a for a in args if a != "--quiet"])
     assert r.exit_code == 0, r.output
-    assert artifacts.load(tmp_path / "rec2", "tune").model["source_extract"]["teacher"] == "parent"
+    rec2 = artifacts.load(tmp_path / "rec2", "tune")
+    assert rec2.model["source_extract"]["teacher"] == "parent" and rec2.model["family"] == "bert"
+    assert f"next: instatune export {tmp_path / 'rec2'} --config {STOCK}" in " ".join(r.output.split())
 
 
 def test_elastic_run_on_a_per_layer_extract_trains_its_own_space(extracts, tmp_path):
