@@ -134,3 +134,23 @@ def test_sharded_evaluator_sums_to_the_whole_split(noisy_run: Path, world: int) 
         assert (res.accuracy, res.score, res.n, res.collapsed) == (whole.accuracy, whole.score, whole.n,
                                                                    whole.collapsed)
         assert res.loss == pytest.approx(whole.loss, rel=1e-12)
+
+
+def test_launched_regression_search_writes_the_single_process_archive(tmp_path_factory: pytest.TempPathFactory
+                                                                      ) -> None:
+    """A regressor's selection split is sharded too: each rank's predictions, zero-padded to the whole split and
+    summed, give the single-process Pearson, so the 2-process archive is the 1-process one."""
+    from test_regression import make_tiny_stsb
+
+    from instatune_cli.tune.loop import run_tune
+
+    root = tmp_path_factory.mktemp("stsb-ddp")
+    with one_thread():
+        run_tune(tiny_tune_config(make_tiny_bert(root / "model"), make_tiny_stsb(root / "data"), root / "run",
+                                  task="stsb", val_split="40", batch_size=16, max_steps=24))
+        run_stage(root / "run", root / "one", SearchOptions(**OPTS))
+    r = torchrun("search", root / "run", "--output", root / "two", *CLI)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["metric"] == "pearson"
+    assert rows(root / "two") == rows(root / "one")
+    assert len({x["acc"] for x in rows(root / "one")}) > 1 and all("mse" in x for x in rows(root / "one"))
