@@ -211,3 +211,18 @@ def test_vit_pretrained_tag_on_another_architecture_is_noticed(tmp_path, capsys)
     m.pretrained_cfg = {**m.pretrained_cfg, "tag": "random-init"}  # what the README's recipe does
     TimmVitAdapter().load(str(_save_for_hf(m, tmp_path / "honest", safe_serialization=True)))
     assert "pretrained tag" not in capsys.readouterr().err
+
+
+def test_search_resume_fingerprint_records_the_latency_threads_used(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from instatune_cli.search.stage import Measurement, SearchOptions
+
+    parent = SimpleNamespace(path=tmp_path, digest="d", model={"max_length": 64})
+    opts = SearchOptions(objectives=["latency", "macs"])
+
+    def fingerprint(threads: str) -> str:
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        return Measurement.of(parent, ["latency", "macs"], opts).fingerprint
+
+    assert fingerprint("1") == fingerprint("1") != fingerprint("2")

@@ -126,8 +126,11 @@ class Measurement:
             d.update(metric=opts.metric or run_metric(parent), selection_split=split,
                      selection_examples=min(rows, limit) if limit else rows, eval_batch_size=opts.eval_batch_size)
         if "latency" in names:
+            from instatune_cli.measure.latency import default_threads
+
+            # the thread count actually used: a resume under another $OMP_NUM_THREADS would mix two settings
             d["latency"] = {"batch": opts.latency_batch, "seq_len": opts.latency_seq_len,
-                            "threads": opts.latency_threads}
+                            "threads": opts.latency_threads or default_threads()}
         if opts.quant:
             d["quant"] = {"calibration_samples": opts.calibration_samples}
         return cls(json.loads(json.dumps(d)))
