@@ -528,6 +528,120 @@ def as_nobody(d: Path) -> None:
     d.chmod(0o755)
 
 
+def symlink(rel: str, target: str) -> Callable[[Path], None]:
+    def fn(d: Path) -> None:
+        (d / rel).symlink_to(target)
+
+    return fn
+
+
+def marked_partial(rel: str, stage: str, *files: str) -> Callable[[Path], None]:
+    """A `.partial` directory with its `.stage` marker, as a killed stage leaves it."""
+
+    def fn(d: Path) -> None:
+        (d / rel).mkdir(parents=True)
+        (d / rel / ".stage").write_text(stage)
+        for f in files:
+            (d / rel / f).write_text("half-written\n")
+
+    return fn
+
+
+def lock_text(rel: str, **holder: Any) -> Callable[[Path], None]:
+    """A lock file naming a holder (no process holds its flock)."""
+
+    def fn(d: Path) -> None:
+        import socket
+
+        (d / rel).write_text(json.dumps({"pid": 999_999, "host": socket.gethostname(), "stage": "tune",
+                                         "since": "2026-01-01T00:00:00Z", **holder}))
+
+    return fn
+
+
+def crafted_space(d: Path) -> None:
+    """run/space.json with layers [2, 10**18], re-listed in run/manifest.json as a crafted artifact would be."""
+    p = d / "run" / "space.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "layers": [2, 10**18]}))
+    relist_in_manifest(p)
+
+
+def manifest_escape(d: Path) -> None:
+    """run/manifest.json lists ../secret.txt (a path outside the artifact) with its true size and digest."""
+    from instatune_cli.artifacts import sha256_file
+
+    (d / "secret.txt").write_text("not the run's\n")
+    mpath = d / "run" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["files"].append({"path": "../secret.txt", "bytes": (d / "secret.txt").stat().st_size,
+                       "sha256": sha256_file(d / "secret.txt")})
+    mpath.write_text(json.dumps(m, indent=2))
+
+
+def pickled_bin(d: Path) -> None:
+    """model/: the tiny model with pytorch_model.bin (a pickle naming os.system) instead of model.safetensors."""
+    import torch
+
+    (d / "model" / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(2), "payload": os.system}, d / "model" / "pytorch_model.bin")
+
+
+def damage_checkpoint(d: Path) -> None:
+    ck = sorted((d / "run.partial" / "checkpoints").glob("step-*"))[-1] / "model.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+
+
+def stray_label(p: Path) -> None:
+    lines = p.read_text().splitlines()
+    text = lines[3].split("\t")[0]
+    lines[3] = f"{text}\t7"
+    p.write_text("\n".join(lines) + "\n")
+
+
+def list_label(d: Path) -> None:
+    rows = []
+    for i, ln in enumerate((d.parent / "data" / "train.tsv").read_text().splitlines()[1:]):
+        text, label = ln.split("\t")
+        rows.append({"sentence": text, "label": [1, 2] if i == 5 else int(label)})
+    (d / "data").mkdir()
+    (d / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy2(d.parent / "data" / "dev.tsv", d / "data" / "dev.tsv")
+
+
+def image_16bit(d: Path) -> None:
+    """imgs/train/c0/deep.png: a 16-bit grayscale ramp (0..65520) that PIL's convert('RGB') clips to white."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)).save(d / "imgs/train/c0/deep.png")
+
+
+def image_float(d: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).random((32, 32), dtype=np.float32)).save(d / "imgs/train/c0/f.tiff")
+
+
+def second_run(d: Path) -> None:
+    """run/ a copy of the shared tune run, run2/ another tune run (seed 8) to swap in while a search runs."""
+    shutil.copytree(d.parent / "run", d / "run")
+    sh(["tune", "../model", "--data", "../data", "-o", "run2", *TINY, "--seed", "8"], d, "second tune run")
+
+
+def chained_quantize(src: str, sub: list[str]) -> Callable[[Path], None]:
+    """The README's first step: quantize SRC with a sub-network (chains an extract into its default place)."""
+
+    def fn(d: Path) -> None:
+        sh(["quantize", src, *sub, "-o", "q", "--calibration-samples", "8", "--runs", "2"], d, "chained quantize")
+
+    return fn
+
+
+def image_run(d: Path) -> None:
+    sh(image_tune("../vit", "../imgs"), d, "image tune")
+
+
 # ---- checks -----------------------------------------------------------------------------------------------
 
 def unchanged(*rels: str) -> Callable[[Path, dict[str, Any]], str | None]:
@@ -606,6 +720,47 @@ def interrupted_at_checkpoint(d: Path) -> bool:
     return ck.is_dir() and any(p.name.startswith("step-") and not p.name.endswith(".tmp") for p in ck.iterdir())
 
 
+def no_escape(d: Path, r: dict[str, Any]) -> str | None:
+    return "terminal escape sequence printed" if "\x1b" in r["err"] + r["out"] else None
+
+
+def only_partial_and_lock(out: str) -> Callable[[Path, dict[str, Any]], str | None]:
+    """After a kill: nothing beside the output but its .partial (scratch inside it) and .lock."""
+
+    def fn(d: Path, r: dict[str, Any]) -> str | None:
+        stray = [p.name for p in d.iterdir() if p.name not in (f"{out}.partial", f"{out}.lock", "run", "run-search",
+                                                                 "run-search-subnet1", "q")
+                 and not p.name.startswith(".home-")]
+        return f"left {', '.join(stray)} beside the output" if stray else None
+
+    return fn
+
+
+def decoded_faithfully(d: Path, r: dict[str, Any]) -> str | None:
+    import numpy as np
+
+    from instatune_cli.images import decode_image
+
+    got = np.asarray(decode_image(str(d / "imgs/train/c0/deep.png"))).mean()
+    want = (np.arange(32 * 32) * 64 / 257).mean()
+    r["note"] = f"deep.png decodes to mean {got:.1f} (16-bit ramp / 257: {want:.1f}; clipped it was ~250)"
+    return None if abs(got - want) < 1 else f"16-bit image decoded to mean {got:.1f}, not {want:.1f}"
+
+
+def reused_extract(d: Path, r: dict[str, Any]) -> str | None:
+    from instatune_cli import artifacts
+
+    ext = next((p for p in d.iterdir() if p.is_dir() and (p / "manifest.json").is_file()
+                and json.loads((p / "manifest.json").read_text()).get("stage") == "extract"), None)
+    if ext is None:
+        return "no chained extract found"
+    onnx = artifacts.load(d / "onnx", "export")
+    if onnx.parent("extract").path.resolve() != ext.resolve():
+        return "the export's parent is not the extract quantize made"
+    artifacts.load(d / "q", "quantize").parent("extract")  # raises if the extract was remade
+    return None
+
+
 def all_of(*fns: Callable[[Path, dict[str, Any]], str | None]) -> Callable[[Path, dict[str, Any]], str | None]:
     def fn(d: Path, r: dict[str, Any]) -> str | None:
         problems = [p for f in fns if (p := f(d, r))]
@@ -621,6 +776,11 @@ def cases() -> list[Case]:
     search = ["--evals", "400", "--population", "4", "-o", "s", "--json"]
     killed = f"s.partial/ + s.lock of a search SIGKILLed once it had archived {KILLED_ROWS}+ evaluations"
     quant = ["quantize", "../ext", "-o", "q"]
+    long_name = "r" * 250
+    swap = ("import os\nfrom instatune_cli.search.archive import Archive\n_add = Archive.add\n"
+            "def add(self, *a, **k):\n    if len(self.rows) == 2 and os.path.isdir('run2'):\n"
+            "        os.rename('run', 'run.prev'); os.rename('run2', 'run')\n"
+            "    return _add(self, *a, **k)\nArchive.add = add")
     return [
         # --- outputs ---
         Case("exists", "output exists, no --force", tune(), "run/ is a copy of a finished tune run",
@@ -747,8 +907,9 @@ def cases() -> list[Case]:
                                                                 lambda m: {**m, "schema_version": 99}))),
         # --- refused writes ---
         Case("fsize-tune", "disk full during tune (checkpoint)", tune("../model", "../data", "run", "--save-every",
-             "1"), f"RLIMIT_FSIZE {FSIZE_LIMIT // 1024} KiB (ulimit -f): a larger file fails with EFBIG",
-             fragment="--resume", fsize=FSIZE_LIMIT, allow=("run.partial",), check=lock_released("run")),
+             "1"), f"RLIMIT_FSIZE {FSIZE_LIMIT // 1024} KiB (ulimit -f): a larger file fails with EFBIG; the first "
+             "checkpoint is the first large file, so nothing resumable exists yet", fragment="nothing was written",
+             fsize=FSIZE_LIMIT, check=lock_released("run")),
         Case("fsize-tune-resume", "tune --resume once there is room again",
              tune("../model", "../data", "run", "--save-every", "1", "--resume"), "same directory, no limit",
              expect="ok", reuse="fsize-tune", allow=("run", "run.partial", "run.checkpoints"),
@@ -789,6 +950,125 @@ def cases() -> list[Case]:
         Case("engine-tflite", "quantize --engine tflite", [*quant, "--engine", "tflite"], fragment="unknown engine"),
         Case("export-99", "export --subnet 99 (the front has fewer)",
              ["export", "../run-search", "--subnet", "99", "-o", "onnx"], fragment="99"),
+        # --- issue 19, class 1: only instatune's own sibling paths are removed ---
+        Case("checkpoints-foreign", "a run.checkpoints/ instatune did not make", tune(),
+             "run.checkpoints/ holds notes.txt", fragment="run.checkpoints is in the way",
+             setup=write("run.checkpoints/notes.txt", "mine\n"), check=unchanged("run.checkpoints/notes.txt")),
+        Case("lock-foreign", "-o uv beside a project's uv.lock", tune("../model", "../data", "uv"),
+             "uv.lock is a uv lock file", fragment="not an instatune lock",
+             setup=write("uv.lock", "version = 1\n[[package]]\nname = \"x\"\n"), check=unchanged("uv.lock")),
+        Case("old-backup", "--force while run.old is the user's backup copy of a tune run",
+             tune("../model", "../data", "run", "--force"), "run/ and run.old/ are copies of a finished tune run",
+             fragment="instatune did not make it", setup=steps(copy("../run", "run"), copy("../run", "run.old")),
+             check=unchanged("run.old/manifest.json")),
+        Case("sigkill-quantize", "kill -9 during quantize", [*quant], "SIGKILL once q.partial holds the "
+             "quantizer's scratch directory", expect="signal", allow=("q.partial", "q.lock"),
+             sig=(signal.SIGKILL, lambda d: any((d / "q.partial").glob(".quant-*"))),
+             check=only_partial_and_lock("q")),
+        Case("quantize-after-kill", "quantize again after the kill", [*quant], "same directory, same command",
+             expect="ok", fragment="removed q.partial", reuse="sigkill-quantize", allow=("q", "q.partial", "q.lock"),
+             check=all_of(lock_released("q"), only_partial_and_lock("q"))),
+        # --- class 2: no write follows a planted link; no output over its own input ---
+        Case("lock-link", "run.lock is a symbolic link to a user's file", tune(), "run.lock -> precious.txt",
+             fragment="symbolic link",
+             setup=steps(write("precious.txt", "mine\n"), symlink("run.lock", "precious.txt")),
+             check=unchanged("precious.txt")),
+        Case("partial-link-resume", "run.partial is a link to another directory, tune --resume",
+             tune("../model", "../data", "run", "--resume"), "run.partial -> elsewhere/ (which even has a .stage "
+             "marker)", fragment="symbolic link", setup=steps(marked_partial("elsewhere", "tune", "mine.txt"),
+                                                             symlink("run.partial", "elsewhere")),
+             check=unchanged("elsewhere/mine.txt")),
+        Case("partial-link-force", "run.partial is a link to another directory, tune --force",
+             tune("../model", "../data", "run", "--force"), "run.partial -> elsewhere/",
+             fragment="symbolic link", setup=steps(marked_partial("elsewhere", "tune", "mine.txt"),
+                                                   symlink("run.partial", "elsewhere")),
+             check=unchanged("elsewhere/mine.txt")),
+        Case("output-is-input", "extract a search into the search itself (--force)",
+             ["extract", "run-search", "--subnet", "1", "-o", "run-search", "--force"],
+             "run/ and run-search/ are copies of the shared tune run and search", fragment="is the input",
+             setup=steps(copy("../run", "run"), copy("../run-search", "run-search"))),
+        Case("output-inside-input", "tune into a folder inside its own --data", tune("../model", "data", "data/run"),
+             "data/ is a copy of the tiny data", fragment="is inside the input",
+             setup=data_copy(lambda p: None)),
+        # --- class 7: chained stages reuse what they made ---
+        Case("chain-export-after-quantize", "quantize run-search --subnet 1, then export run-search --subnet 1 --int8",
+             ["export", "run-search", "--subnet", "1", "--int8", "-o", "onnx", "--no-compare", "--runs", "2"],
+             "copies of the run and search; `quantize run-search --subnet 1 -o q` made run-search-subnet1/ first",
+             expect="ok", fragment="using the extract", allow=("onnx",),
+             setup=steps(copy("../run", "run"), copy("../run-search", "run-search"),
+                         chained_quantize("run-search", ["--subnet", "1"])), check=reused_extract),
+        Case("chain-image", "the same for an image run: quantize run --config, then export run --config",
+             ["export", "run", "--config", "L2-h4-f192", "-o", "onnx", "--no-compare", "--runs", "2"],
+             "run/ a tiny ViT tune run; `quantize run --config L2-h4-f192 -o q` made run-L2-h4-f192/ first",
+             expect="ok", fragment="using the extract", allow=("onnx",),
+             setup=steps(image_run, chained_quantize("run", ["--config", "L2-h4-f192"])), check=reused_extract),
+        # --- class 3: a child records the parent it read ---
+        Case("parent-changed", "the tune run is replaced while its search runs",
+             ["search", "run", "--evals", "6", "--population", "4", "-o", "s", "--json"],
+             "run2/ another tune run; in the CLI process, at the 3rd evaluation run/ is renamed run.prev/ and run2/ "
+             "becomes run/ (patched before main())", fragment="changed while this search read it",
+             setup=second_run, patch=swap, allow=("run", "run2", "run.prev", "s.partial")),
+        # --- class 4: inputs are bounded before they cost memory ---
+        Case("space-huge", "a tune run's space.json with layers [2, 10**18]",
+             ["search", "run", "--evals", "6", "--population", "4", "-o", "s"], "re-listed in run/manifest.json",
+             fragment="above the bound", setup=steps(copy("../run", "run"), crafted_space)),
+        Case("manifest-escape", "a manifest listing ../secret.txt", ["extract", "run", "--config", EXTRACT_CONFIG,
+             "-o", "x"], "with its true size and sha256", fragment="outside the artifact",
+             setup=steps(copy("../run", "run"), manifest_escape)),
+        Case("planted-file", "a planted, unlisted tokenizer file in a tune run",
+             ["extract", "run", "--config", EXTRACT_CONFIG, "-o", "x"], "run/model/added_tokens.json added",
+             fragment="does not list", setup=steps(copy("../run", "run"),
+                                                   write("run/model/added_tokens.json", '{"evil": 0}'))),
+        # --- class 5: training data is what the user meant ---
+        Case("label-stray", "one row labelled 7 in binary data", tune("../model", "data", "run"),
+             "data/train.tsv row 3 relabelled 7", fragment="no training example of class 2",
+             setup=data_copy(stray_label)),
+        Case("label-list", "a JSONL label [1, 2]", tune("../model", "data", "run"),
+             "data/train.jsonl from the tiny data, row 6 labelled [1, 2]", fragment="one class id or name",
+             setup=list_label),
+        Case("img-16bit", "a 16-bit grayscale PNG among the training images", image_tune("../vit", "imgs"),
+             "imgs/train/c0/deep.png: a 16-bit ramp", expect="ok", allow=("run", "imgs"),
+             setup=steps(copy("../imgs", "imgs"), image_16bit), check=decoded_faithfully),
+        Case("img-float", "a floating-point TIFF among the training images", image_tune("../vit", "imgs"),
+             "imgs/train/c0/f.tiff (PIL mode F)", fragment="floating-point pixels",
+             setup=steps(copy("../imgs", "imgs"), image_float)),
+        # --- class 6: every fault is one line with advice that works ---
+        Case("pickled-bin", "a pickled pytorch_model.bin instead of safetensors", tune("model", "../data", "run"),
+             "model/pytorch_model.bin pickles a reference to os.system", fragment="never unpickles",
+             setup=steps(copy("../model", "model"), pickled_bin)),
+        Case("damaged-checkpoint", "tune --resume from a damaged checkpoint",
+             tune("../model", "../data", "run", "--max-steps", "40", "--save-every", "2", "--resume"),
+             "after the kill -9 above, its checkpoint's model.safetensors cut to 100 bytes", fragment="cannot be read",
+             reuse="sigkill", setup=damage_checkpoint, allow=("run.partial", "run.lock")),
+        Case("long-name", "an output name too long once .checkpoints is appended",
+             tune("../model", "../data", long_name), "a 250-character name", fragment="too long"),
+        Case("sigterm", "SIGTERM during tune", tune("../model", "../data", "run", "--max-steps", "40",
+             "--save-every", "2"), "SIGTERM once run.partial has its first checkpoint", fragment="terminated (SIGTERM)",
+             allow=("run.partial",), sig=(signal.SIGTERM, interrupted_at_checkpoint), check=lock_released("run")),
+        Case("sigint-export", "Ctrl-C during export", ["export", "../ext", "-o", "onnx", "--runs", "200"],
+             "SIGINT once onnx.partial/model.onnx exists", fragment="nothing was written",
+             sig=(signal.SIGINT, lambda d: (d / "onnx.partial" / "model.onnx").is_file()),
+             check=lock_released("onnx")),
+        Case("extract-after-kill", "extract where a killed extract left x.partial and x.lock",
+             ["extract", "../run", "--config", EXTRACT_CONFIG, "-o", "x"], "x.partial/ (.stage extract) and "
+             "x.lock of a dead process", expect="ok", fragment="removed x.partial", allow=("x", "x.partial", "x.lock"),
+             setup=steps(marked_partial("x.partial", "extract", "model.safetensors"), lock_text("x.lock",
+                                                                                                 stage="extract")),
+             check=all_of(lock_released("x"), no_resume_advice)),
+        Case("failed-start", "disk full before the first checkpoint", tune(),
+             "in the CLI process, building the model raises OSError(ENOSPC) (patched before main())",
+             fragment="nothing was written", check=lock_released("run"),
+             patch=("import errno\nfrom instatune_cli.tune.loop import Trainer\n"
+                    "def build(self):\n    raise OSError(errno.ENOSPC, 'No space left on device', 'run.partial')\n"
+                    "Trainer.build_model = build")),
+        Case("lock-other-host", "a run.lock naming a process on another host", tune(),
+             "run.lock names tune pid 4242 on build-7.example", fragment="cannot check",
+             setup=lock_text("run.lock", pid=4242, host="build-7.example"), check=unchanged("run.lock")),
+        Case("lock-escapes", "a stale run.lock whose text holds terminal escapes and a newline", tune(),
+             "run.lock: stage is ESC[2J ESC[31m plus a newline; its pid is not running", expect="ok",
+             fragment="took over", allow=("run", "run.lock"),
+             setup=lock_text("run.lock", stage="\x1b[2J\x1b[31mowned\nerror: fake"),
+             check=all_of(no_escape, lock_released("run"))),
     ]
 
 

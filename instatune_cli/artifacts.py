@@ -254,7 +254,7 @@ class Artifact:
             self._digest = digest(self.path)
         return self._digest
 
-    def check_unchanged(self, stage: str) -> None:
+    def check_unchanged(self, stage: str, rerun: str = "") -> None:
         """Refuse (one line) when this artifact changed since it was loaded, e.g. re-made by `tune --force` while a
         `search` of it ran. File metadata only (size, mtime_ns, inode); a file whose metadata moved is hashed
         to tell a `touch` from a change, so a clean run never rehashes weights."""
@@ -272,7 +272,7 @@ class Artifact:
                 continue
             raise InstatuneError(f"{self.path} changed while this {stage} read it ({rel} was replaced or modified), "
                                  f"so its result would not match the parent it records; nothing was published: rerun "
-                                 f"the {stage} stage")
+                                 f"the {stage} stage{rerun}")
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -857,7 +857,8 @@ class StageWriter:
         `--resume` continues and `--force` may remove."""
         for art in (self.parent, *self.reads):
             if art is not None:
-                art.check_unchanged(self.stage)  # before anything is published (issue 19, class 3)
+                # before anything is published (issue 19, class 3); a kept partial was measured on the old parent
+                art.check_unchanged(self.stage, "" if self.cleanup_on_error else " with --force")
         m = self._manifest(model, metrics, extra)
         with self.faults("the manifest"):
             m["files"] = _file_list(self.tmp)

@@ -92,6 +92,7 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
 
     s = resolve_source(src, subnet, config)
     out = Path(output) if output else default_extract_output(s)
+    artifacts.check_output(out, force, inputs=artifacts.lineage(s.parent))  # before the model is loaded
     model, tok, space, tune = load_tuned(s.tune.path)
     space.check(s.sub)
     with artifacts.StageWriter(out, "extract", {"source": str(src), "subnet": subnet, "config": config},
