@@ -822,6 +822,8 @@ class StageWriter:
             with self.faults(f"the {self.stage} work directory"):
                 return self._open_partial()
         except BaseException:
+            if self.cleanup_on_error and self._fresh:  # Ctrl-C before `__enter__` returned: __exit__ never runs
+                shutil.rmtree(self.tmp, ignore_errors=True)
             self.release()
             raise
 

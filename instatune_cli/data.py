@@ -23,8 +23,10 @@ byte-order mark is dropped. TSVs are read without quote processing (GLUE sentenc
 
 Labels: integers are class ids and must be 0..C-1 (C = largest training id + 1, or the task's class count);
 strings are mapped to ids in sorted order of the training labels (or the task's order). A label of the
-eval split that is not a training class and a single-class training split are errors. The eval split is
-never used for training.
+eval split that is not a training class and a single-class training split are errors, and so are integer ids
+with no training example (one row labelled 7 in binary data), a label that is a list or mapping (a JSONL
+`[1, 2]`), and a missing one (`check_label_value`, `check_every_class_trained`). The eval split is never used
+for training.
 
 Regression (`--task stsb`, GLUE's STS-B with its float `score` in [0, 5], or a user's real-valued labels with a
 regression metric, `--metric pearson`): every label must be a number and is kept as a float; the model gets

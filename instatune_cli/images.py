@@ -23,7 +23,8 @@ see a truncated JPEG (an interrupted download), a JPEG whose last KiB has no end
 in full to decide (valid JPEGs with long trailers are kept). The count and the first skipped path are in
 `TaskData.source["skipped"]`; `skipped_message` words them for the CLI. A class whose images are all
 unreadable is an error. An image that still fails to decode during training (another format truncated, or
-changed on disk) raises `InstatuneError` naming the file.
+changed on disk) raises `InstatuneError` naming the file. 16-bit grayscale images (PNG of depth 16) are scaled
+to 8 bits (PIL's own conversion clips them to white); floating-point images are refused from the header.
 
 Preprocessing comes from the model: `ImagePreprocessor.for_model` reads timm's `resolve_data_config` (the
 model's `pretrained_cfg`: input size, mean/std, interpolation, crop_pct, crop_mode), with the input size
