@@ -30,9 +30,14 @@ def register(app: typer.Typer) -> None:
                                              help="L10-h10-f2048, a JSON file or inline JSON (with a tune run)."),
         policy: Optional[Path] = typer.Option(None, "--policy", rich_help_panel=POLICY,
                                               show_default="the joint search's, else every layer INT8",
-                                              help="policy.json: int8/fp32 per layer."),
+                                              help="policy.json: fp32/int8/int8-weights/int4 per layer."),
         all_int8: bool = typer.Option(False, "--all-int8", rich_help_panel=POLICY,
                                       help="Quantize every layer (ignore a searched policy)."),
+        all_int4: bool = typer.Option(False, "--all-int4", rich_help_panel=POLICY,
+                                      help="ort: INT4 block-wise weights (FP32 activations) wherever the group size "
+                                      "divides the layer, INT8 elsewhere."),
+        group_size: Optional[int] = typer.Option(None, "--group-size", rich_help_panel=POLICY, show_default="32",
+                                                 help="Inputs per INT4 scale, with --all-int4 (16, 32, 64, 128)."),
         engine: str = typer.Option("ort", "--engine", rich_help_panel=POLICY,
                                    help="ort: INT8 ONNX (deploy with ONNX Runtime); inc: Intel Neural Compressor "
                                    "PT2E (deploy with PyTorch)."),
@@ -58,12 +63,13 @@ def register(app: typer.Typer) -> None:
                                               help="Output directory."),
         force: bool = typer.Option(False, "--force", rich_help_panel=OUT, help="Replace existing output directories."),
     ) -> None:
-        """Post-training static INT8 of an extracted sub-network under a per-layer INT8/FP32 policy."""
+        """Post-training quantization of an extracted sub-network under a per-layer policy (FP32, INT8, INT4)."""
         quiet_libraries()
         from instatune_cli.quantize.stage import QuantizeOptions, quantize_stage
 
         out = console()
-        opts = QuantizeOptions(policy=str(policy) if policy else None, all_int8=all_int8, engine=engine,
+        opts = QuantizeOptions(policy=str(policy) if policy else None, all_int8=all_int8, all_int4=all_int4,
+                               group_size=group_size, engine=engine,
                                calibration_samples=calibration_samples, max_drop=max_drop, batch=batch,
                                seq_len=seq_len, threads=threads, runs=runs, subnet=subnet, config=config,
                                strict_fp32=strict_fp32, trim_vocab=trim_vocab)
@@ -74,6 +80,8 @@ def register(app: typer.Typer) -> None:
         out.print(accuracy_change(acc["fp32"], acc["int8"], -m["accuracy_drop_points"]))
         li = lat["int8"]
         where = f", {threads_of(li)}" if "threads" in li else ""
-        out.print(f"size {size['fp32'] / 1e6:.1f} MB -> {size['int8'] / 1e6:.1f} MB ({m['size_ratio']:.2f}x smaller); "
+        ratio = m["size_ratio"]
+        how = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x LARGER"
+        out.print(f"size {size['fp32'] / 1e6:.1f} MB -> {size['int8'] / 1e6:.1f} MB ({how}); "
                   f"latency b{li['batch']} s{li['seq_len']}{where}: {lat['fp32']['median_ms']:.2f} ms -> "
                   f"{li['median_ms']:.2f} ms")

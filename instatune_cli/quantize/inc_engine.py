@@ -15,6 +15,7 @@ Neural Compressor's scratch directory is pointed inside the stage's temporary di
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,21 +25,33 @@ from instatune_cli.errors import InstatuneError
 from instatune_cli.quantize.policy import QuantPolicy
 
 PREFIX = "model."  # the export wrapper holds the classifier as `model`
+#: what the static (PT2E) route has an operator for (policy.engine_refusal): INT8 linears, no embedding pattern
+STATIC_SUPPORTS = {"int8": ("linear",)}
 
 
 def available() -> str | None:
-    """None when the engine can run, else why not (one line for the user)."""
+    """None when the engine can run, else why not (one line for the user). Imports Neural Compressor quietly:
+    its logger prints `Auto detect accelerator` and `hw aligned scales not supported` at import, at the level
+    of the LOGLEVEL environment variable, which is set only for the import."""
+    before = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "ERROR"
     try:
         import neural_compressor.torch.quantization  # noqa: F401
         import torchao  # noqa: F401  (PT2E's X86 quantizer on torch >= 2.11)
     except ImportError as e:
         return f"the inc engine needs neural-compressor 3.x with torchao ({e.name} is not installed); " \
                "pip install 'neural-compressor[pt]' torchao, or use --engine ort"
+    finally:
+        if before is None:
+            os.environ.pop("LOGLEVEL", None)
+        else:
+            os.environ["LOGLEVEL"] = before
+    _quiet()
     return None
 
 
 def _quiet() -> None:
-    for name in ("neural_compressor", "torchao", "torch._export", "torch.export"):
+    for name in ("neural_compressor", "torchao", "torch._export", "torch.export", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -5,18 +5,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from instatune_cli.quantize.policy import Architecture, QuantPolicy, shapes
+from instatune_cli.quantize.policy import BITS, BLOCKWISE, Architecture, QuantPolicy, shapes
+
+QDQ_PARAMS = 5  # a tensor's FP32 scale and 8-bit zero point
 
 
 def size_from_params(total_params: int, arch: Architecture, vocab: int, policy: QuantPolicy | None) -> int:
-    """Bytes of a model with `total_params` FP32 parameters once `policy`'s layers are INT8: each INT8 weight
-    saves 3 bytes per value and adds one FP32 scale per output row."""
-    saved = 0
-    if policy is not None:
-        for name, (rows, cols, _) in shapes(arch, vocab).items():
-            if policy.layers.get(name) == "int8":
-                saved += 3 * rows * cols - (4 if name != "embeddings" else 0) * rows
-    return 4 * total_params - saved + (8 if policy is not None and policy.layers.get("embeddings") == "int8" else 0)
+    """Bytes of a model with `total_params` FP32 parameters once `policy` is applied by the ORT engine: an INT8
+    linear keeps one byte per weight plus an FP32 scale and an INT8 zero point per output row (static QDQ, per
+    channel) and the scale and zero point of its input and output tensors, the INT8 table one byte per value plus
+    those of the table and of the gathered rows; a block-wise layer keeps bits/8 bytes per weight plus one FP32
+    scale per block of `group_size` inputs (MatMulNBits / GatherBlockQuantized, no zero point). Biases stay
+    FP32."""
+    total = 4 * total_params
+    if policy is None:
+        return total
+    for name, (rows, cols, _) in shapes(arch, vocab).items():
+        p = policy.layers.get(name, "fp32")
+        if p == "int8":
+            total -= 3 * rows * cols - (5 * rows if name != "embeddings" else 0) - 2 * QDQ_PARAMS
+        elif p in BLOCKWISE:
+            bits = BITS[p][0]
+            total -= 4 * rows * cols - rows * cols * bits // 8 - 4 * rows * (cols // policy.group_size)
+    return total
 
 
 def size_bytes(model: Any, arch: Architecture, policy: QuantPolicy | None) -> int:

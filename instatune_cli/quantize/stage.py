@@ -17,7 +17,7 @@ from typing import Any
 
 from instatune_cli import artifacts
 from instatune_cli.errors import InstatuneError
-from instatune_cli.quantize.policy import QuantPolicy
+from instatune_cli.quantize.policy import QuantPolicy, engine_refusal
 
 ENGINES = ("ort", "inc")
 MIN_CALIBRATION = 8
@@ -27,6 +27,8 @@ MIN_CALIBRATION = 8
 class QuantizeOptions:
     policy: str | None = None
     all_int8: bool = False
+    all_int4: bool = False     # INT4 block-wise weights wherever `group_size` divides the layer, INT8 elsewhere
+    group_size: int | None = None  # of --all-int4 (a policy file carries its own); default policy.DEFAULT_GROUP_SIZE
     engine: str = "ort"
     calibration_samples: int = 256
     max_drop: float = 1.0  # accuracy points
@@ -42,8 +44,10 @@ class QuantizeOptions:
     def check(self) -> None:
         if self.engine not in ENGINES:
             raise InstatuneError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
-        if self.policy and self.all_int8:
-            raise InstatuneError("give either --policy or --all-int8, not both")
+        if sum(map(bool, (self.policy, self.all_int8, self.all_int4))) > 1:
+            raise InstatuneError("give one of --policy, --all-int8 and --all-int4, not several")
+        if self.group_size is not None and not self.all_int4:
+            raise InstatuneError("--group-size is for --all-int4; a policy file carries its own group_size")
         if self.calibration_samples < MIN_CALIBRATION:
             raise InstatuneError(f"--calibration-samples {self.calibration_samples} is too few; give at least "
                                  f"{MIN_CALIBRATION} (default 256)")
@@ -102,6 +106,14 @@ class QuantizeStage:
         self._load_model()
         self.policy = given or self._policy()
         self.policy.check_for(self.arch, f"the model in {art.path}")
+        why = engine_refusal(self.policy, self.opts.engine, self._supports())
+        if why:
+            raise InstatuneError(why)
+
+    def _supports(self) -> dict[str, tuple[str, ...]]:
+        from instatune_cli.quantize import inc_engine, ort_engine
+
+        return ort_engine.SUPPORTS if self.opts.engine == "ort" else inc_engine.STATIC_SUPPORTS
 
     def _load_model(self) -> None:
         from instatune_cli.quantize.targets import architecture_of, torch_targets
@@ -121,13 +133,33 @@ class QuantizeStage:
     def _policy(self) -> QuantPolicy:
         if self.opts.policy:
             return QuantPolicy.load(self.opts.policy)
+        if self.opts.all_int4:
+            from instatune_cli.quantize.policy import DEFAULT_GROUP_SIZE
+
+            pol = QuantPolicy.uniform(self.arch, "int4", group_size=self.opts.group_size or DEFAULT_GROUP_SIZE)
+            if pol.int8():
+                self.say(f"--all-int4: group size {pol.group_size} does not divide {', '.join(pol.int8()[:4])}"
+                         f"{' ...' if len(pol.int8()) > 4 else ''}: INT8 there")
+            return self._engine_default(pol)
         if not self.opts.all_int8:
             found = searched_policy(self.art)
             if found is not None:
                 self.say(f"using the policy the joint search chose for this sub-network ({found.summary()})")
                 return found
             self.say("no --policy given and no searched policy for this model: quantizing every layer (--all-int8)")
-        return QuantPolicy.uniform(self.arch, "int8")
+        return self._engine_default(QuantPolicy.uniform(self.arch, "int8"))
+
+    def _engine_default(self, pol: QuantPolicy) -> QuantPolicy:
+        """A default policy states what the engine does: layers it has no operator for stay FP32, said once."""
+        supports = self._supports()
+        kept = [n for n in pol.quantized()
+                if ("embeddings" if n == "embeddings" else "linear") not in supports.get(pol.layers[n], ())]
+        for n in kept:
+            pol.layers[n] = "fp32"
+        if kept:
+            self.say(f"the {self.opts.engine} engine has no operator for {', '.join(kept[:4])}"
+                     f"{' ...' if len(kept) > 4 else ''}: FP32 there")
+        return pol
 
     def calibration(self) -> list[dict[str, Any]]:
         from instatune_cli.tune import has_split, load_eval_batches
@@ -175,8 +207,11 @@ class QuantizeStage:
         seq = self._seq_len()
         from instatune_cli.measure.latency import measure_ort_latency
 
-        lat = {k: measure_ort_latency(p, self.opts.batch, seq, self.opts.threads, runs=self.opts.runs)
-               for k, p in (("fp32", fp32), ("int8", q))}
+        fused = tmp / "model.fused.onnx"  # the FP32 baseline is the graph `export` ships, fused (issue 22)
+        export_onnx(self.art.path, fused)
+        lat = {k: {**measure_ort_latency(p, self.opts.batch, seq, self.opts.threads, runs=self.opts.runs),
+                   "graph": g}
+               for k, p, g in (("fp32", fused, "fused (as export ships it)"), ("int8", q, "quantized"))}
         return {"quantization": info, "policy": self.policy.to_dict(), "calibration_examples": self.n_calibration,
                 "size_bytes": {"fp32": info["bytes_in"], "int8": info["bytes_out"]},
                 "accuracy": {"fp32": self._score_torch(self.model), "int8": self._score_onnx(q)},

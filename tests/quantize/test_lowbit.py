@@ -1,0 +1,225 @@
+"""INT4 / weight-only INT8 per layer (issue 22): the policy format, ONNX Runtime's block-wise operators, the
+emulation the joint search scores with, and the closed-form size, each checked against the graph ORT runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import assert_cli_error, run_cli
+
+from instatune_cli import artifacts
+from instatune_cli.errors import InstatuneError
+from instatune_cli.quantize.emulate import QuantEmulator, blockwise, qdq_blockwise
+from instatune_cli.quantize.policy import QuantPolicy, engine_refusal
+from instatune_cli.quantize.targets import architecture_of, torch_targets
+
+GROUP = 16  # divides the tiny model's hidden size (32) and head widths (2 or 4 heads of 8); not its FFN (25, 37)
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_tune_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q4") / "ext"
+    r = run_cli("extract", tiny_tune_run, "--config", '{"layers": 2, "heads": [2, 4], "ffn": [25, 37]}',
+                "--output", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(extracted, tmp_path_factory):
+    from instatune_cli.export import export_onnx
+
+    path = tmp_path_factory.mktemp("q4onnx") / "m.onnx"
+    export_onnx(extracted, path, optimize=False)
+    return path
+
+
+def _model(path):
+    from instatune_cli.extract import load_extracted
+
+    return load_extracted(path).eval()
+
+
+def _calib(m, seed=3):
+    from instatune_cli.extract import random_batch
+
+    return dict(random_batch(m.config, 4, 12, seed=seed))
+
+
+def _policy(arch, kind):
+    """The policies the engine/emulation tests run: one precision everywhere it fits, or a mix of all four."""
+    if kind == "mixed":
+        pol = QuantPolicy.uniform(arch, "int8", group_size=GROUP)
+        pol.layers.update({"embeddings": "int4", "layer.0.query": "fp32", "layer.0.value": "int4",
+                           "layer.0.attn_out": "int8-weights", "layer.1.ffn_in": "int4", "layer.1.key": "fp32",
+                           "pooler": "int4", "classifier": "fp32"})
+        return pol
+    return QuantPolicy.uniform(arch, kind, group_size=GROUP)
+
+
+def test_blockwise_rounding_is_symmetric_per_group_and_packs_as_ort_reads_it():
+    w = torch.randn(6, 32) * torch.linspace(0.1, 3, 32)
+    for bits in (4, 8):
+        q = qdq_blockwise(w, bits, 16)
+        qmax = 2 ** (bits - 1) - 1
+        blocks = w.reshape(6, 2, 16).abs().amax(-1, keepdim=True)
+        assert ((q - w).reshape(6, 2, 16).abs() <= blocks / qmax / 2 + 1e-6).all()
+        packed, scales = blockwise(w.numpy(), bits, 16)
+        assert packed.shape == (6, 32 * bits // 8) and scales.shape == (6, 2)
+        vals = np.stack([packed & 15, packed >> 4], -1).reshape(6, 32) if bits == 4 else packed
+        deq = (vals.astype(np.float32) - 2 ** (bits - 1)).reshape(6, 2, 16) * scales[..., None]
+        assert np.array_equal(deq.reshape(6, 32), q.numpy())
+
+
+def test_policy_reads_version_1_files_the_long_form_and_refuses_what_has_no_operator(extracted, tmp_path):
+    arch = architecture_of(_model(extracted))
+    old = QuantPolicy.uniform(arch).to_dict()
+    old["version"], old["layers"]["layer.0.key"] = 1, "fp32"
+    del old["group_size"]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    back = QuantPolicy.load(tmp_path / "v1.json")
+    n = len(back.layers)
+    assert back.fp32() == ["layer.0.key"] and back.summary() == f"{n - 1}/{n} layers INT8 (FP32: layer.0.key)"
+    new = back.to_dict()
+    new["layers"]["layer.1.query"] = {"weights": "int4", "activations": "fp32"}
+    new["layers"]["layer.1.key"] = {"weights": "int8", "activations": "fp32"}
+    new["group_size"] = GROUP
+    pol = QuantPolicy.from_dict(new)
+    assert pol.layers["layer.1.query"] == "int4" and pol.layers["layer.1.key"] == "int8-weights"
+    assert pol.bits()[arch.names().index("layer.1.query")] == 2
+    assert "1 INT4" in pol.summary() and "1 INT8 weight-only" in pol.summary()
+    new["layers"]["layer.1.query"] = {"weights": "int4", "activations": "int8"}
+    with pytest.raises(InstatuneError, match="INT8 activations need INT8 weights"):
+        QuantPolicy.from_dict(new)
+    new["layers"]["layer.1.query"] = "int4"
+    new["layers"]["layer.1.ffn_out"] = "int4"
+    with pytest.raises(InstatuneError, match=r"layer.1.ffn_out to int4 with group size 16, which does not divide its "
+                                             r"input width 37"):
+        QuantPolicy.from_dict(new)
+    new["layers"]["layer.1.ffn_out"], new["group_size"] = "int8", 24
+    with pytest.raises(InstatuneError, match="group size 24 is not a power of two"):
+        QuantPolicy.from_dict(new)
+    # the inc engine's static route has no 4-bit operator: one line naming the layer and the engine
+    from instatune_cli.quantize.inc_engine import STATIC_SUPPORTS
+
+    pol.layers["embeddings"] = "fp32"
+    why = engine_refusal(pol, "inc", STATIC_SUPPORTS)
+    assert why is not None and "layer.1.query to int4" in why and "inc engine" in why and "\n" not in why
+    # int4 asked for a layer the group does not fit: the uniform policy keeps it INT8, genes too
+    u = QuantPolicy.uniform(arch, "int4", group_size=GROUP)
+    assert u.layers["layer.0.ffn_out"] == "int8" and u.layers["layer.0.ffn_in"] == "int4"
+    genes = [2] * len(arch.names())
+    assert QuantPolicy.from_bits(arch, genes, group_size=GROUP).layers == u.layers
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-weights", "int4", "mixed"])
+def test_each_precision_emulates_the_ort_graph_it_ships(extracted, fp32_onnx, tmp_path, kind):
+    """The search's PyTorch arithmetic against the real ONNX Runtime operators (QDQ, MatMulNBits,
+    GatherBlockQuantized) on the graph `quantize` ships (shared activation QDQ): the logits agree to within 2 % of
+    the quantization's own effect (FP32 vs ORT), i.e. to accumulation-order error. The strict reading is the
+    same check on the --strict-fp32 graph (whose INT8 classifier would still round the logits: kept FP32)."""
+    from instatune_cli.export import ort_session
+    from instatune_cli.quantize.ort_engine import blockwise_nodes, quantize_onnx
+
+    m = _model(extracted)
+    pol = _policy(architecture_of(m), kind)
+    calib = [_calib(m)]
+    for strict in (False, True):
+        if strict and pol.layers["classifier"] == "int8":
+            pol.layers["classifier"] = "fp32"
+        out = tmp_path / f"q{strict}.onnx"
+        info = quantize_onnx(fp32_onnx, out, pol, torch_targets(m), calib, strict=strict)
+        nb = blockwise_nodes(out)
+        want = [n for n in pol.quantized() if pol.layers[n] in ("int4", "int8-weights")]
+        assert len(nb) == len(want) == sum(info["nodes_blockwise"].values())
+        sess = ort_session(out)
+        feeds = {i.name: calib[0][i.name].numpy().astype(np.int64) for i in sess.get_inputs()}
+        test = _calib(m, seed=11)  # not the calibration batch
+        feeds_t = {k: test[k].numpy().astype(np.int64) for k in feeds}
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with torch.no_grad():
+            fp32 = m(**test).logits.numpy()
+            with QuantEmulator(m, calib).applied(None, pol, shared=not strict):
+                emu = m(**test).logits.numpy()
+        real = sess.run(["logits"], feeds_t)[0]
+        effect = np.abs(fp32 - real).max()
+        assert effect > 1e-4, (kind, strict)  # the quantization did something
+        assert np.abs(emu - real).max() < 0.02 * effect + 1e-5, (kind, strict, np.abs(emu - real).max(), effect)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+        del feeds
+
+
+def test_shared_emulation_rounds_the_residual_too(extracted, fp32_onnx, tmp_path):
+    """The 0.9-point gap of issue 22: with INT8 linears the shipped graph's residual Add reads the rounded layer
+    input; emulating only the linear's own copy (strict) misses it."""
+    from instatune_cli.export import ort_session
+    from instatune_cli.quantize.ort_engine import quantize_onnx
+
+    m = _model(extracted)
+    pol = QuantPolicy.uniform(architecture_of(m))
+    calib = [_calib(m)]
+    quantize_onnx(fp32_onnx, tmp_path / "q.onnx", pol, torch_targets(m), calib)
+    sess = ort_session(tmp_path / "q.onnx")
+    test = _calib(m, seed=5)
+    real = sess.run(["logits"], {i.name: test[i.name].numpy().astype(np.int64) for i in sess.get_inputs()})[0]
+    em = QuantEmulator(m, calib)
+    with torch.no_grad():
+        with em.applied(None, pol, shared=True):
+            shared = m(**test).logits.numpy()
+        with em.applied(None, pol, shared=False):
+            strict = m(**test).logits.numpy()
+    assert np.abs(shared - real).max() < 0.5 * np.abs(strict - real).max()
+
+
+def test_closed_form_size_matches_ort_initializers_for_mixed_policies(extracted, fp32_onnx, tmp_path):
+    from instatune_cli.quantize.joint import size_bytes
+    from instatune_cli.quantize.ort_engine import quantize_onnx
+
+    m = _model(extracted)
+    arch = architecture_of(m)
+    calib = [_calib(m)]
+    sizes = {}
+    for kind in ("int8", "int8-weights", "int4", "mixed", "fp32"):
+        pol = _policy(arch, kind) if kind != "fp32" else QuantPolicy.uniform(arch, "fp32")
+        quantize_onnx(fp32_onnx, tmp_path / "q.onnx", pol, torch_targets(m), calib)
+        real = _initializer_bytes(tmp_path / "q.onnx")
+        est = size_bytes(m, arch, pol)
+        assert abs(est - real) / real < 0.03, (kind, est, real)
+        sizes[kind] = real
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_quantize_stage_ships_int4_and_says_so(extracted, tmp_path):
+    from instatune_cli.quantize.ort_engine import blockwise_nodes
+
+    pol = _policy(architecture_of(_model(extracted)), "mixed")
+    pol.save(tmp_path / "p.json")
+    out = tmp_path / "q"
+    r = run_cli("quantize", extracted, "--policy", tmp_path / "p.json", "--output", out, "--calibration-samples", "16",
+                "--runs", "2")
+    assert r.exit_code == 0, r.output
+    m = artifacts.load(out, "quantize").metrics
+    assert len(blockwise_nodes(out / "model.int8.onnx")) == m["quantization"]["nodes_quantized"] - len(pol.int8())
+    assert m["size_bytes"]["int8"] < m["size_bytes"]["fp32"] and "INT4" in r.output
+    assert m["latency"]["fp32"].get("graph") == "fused (as export ships it)"
+    assert QuantPolicy.load(out / "policy.json").layers == pol.layers
+
+
+def test_quantize_refuses_int4_on_the_inc_static_route_in_one_line(extracted, tmp_path):
+    pol = QuantPolicy.uniform(architecture_of(_model(extracted)), "fp32", group_size=GROUP)
+    pol.layers["layer.0.value"] = "int4"
+    pol.save(tmp_path / "p.json")
+    r = run_cli("quantize", extracted, "--engine", "inc", "--policy", tmp_path / "p.json", "--output", tmp_path / "o")
+    assert_cli_error(r, "layer.0.value", "inc")
+    assert not (tmp_path / "o").exists()
+
+
+def _initializer_bytes(path):
+    """Payload bytes of a graph's weights: every initializer but the integer index constants (shapes, axes,
+    BERT's position_ids buffer), which are no parameter of any layer (a few hundred bytes)."""
+    return sum(onnx.numpy_helper.to_array(i).nbytes for i in onnx.load(str(path)).graph.initializer
+               if i.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.BOOL))
