@@ -245,7 +245,9 @@ def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: An
     export_onnx(art.path, plain, optimize=False)  # every linear its own node, as the policy names them
     info = quantize_onnx(plain, q, policy, torch_targets(model), calib)
     info["policy"] = policy.to_dict()
-    info["note"] = f"INT8 via the joint search's policy for this sub-network ({policy.summary()}), static QDQ"
+    info["note"] = (f"INT8 via the joint search's policy for this sub-network ({policy.summary()}), static QDQ"
+                    + (", INT4/weight-only layers as MatMulNBits/GatherBlockQuantized" if any(
+                        policy.layers[n] not in ("int8", "fp32") for n in policy.layers) else ""))
     return info
 
 

@@ -127,7 +127,8 @@ class SubNet:
 
     heads: tuple[int, ...]
     ffn: tuple[int, ...]
-    #: joint search only: 1 = INT8, 0 = FP32 per quantizable layer, in `quant_names(layers)` order; () = none
+    #: joint search only: 0 = FP32, 1 = INT8, 2 = INT4 weights (quantize/policy.py GENES) per quantizable layer, in
+    #: `quant_names(layers)` order; () = none
     quant: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -203,7 +204,11 @@ class SubNet:
     def name(self) -> str:
         """Self-describing name, e.g. `L10-h10-f2048`, or `L3-h12x2.8-f1536.512x2` when per-layer."""
         base = f"L{self.layers}-h{_rle(self.heads)}-f{_rle(self.ffn)}"
-        return f"{base}-q{sum(self.quant)}of{len(self.quant)}.{self.id[:4]}" if self.quant else base
+        if not self.quant:
+            return base
+        n4 = sum(b == 2 for b in self.quant)
+        q = f"{sum(b == 1 for b in self.quant)}+{n4}w4" if n4 else str(sum(self.quant))
+        return f"{base}-q{q}of{len(self.quant)}.{self.id[:4]}"
 
     @classmethod
     def parse_name(cls, name: str) -> SubNet:
@@ -275,7 +280,10 @@ class SearchSpace:
     seq_len: int = DEFAULT_SEQ_LEN
     name: str = field(default="custom", compare=False)
     depth: str = "first"
-    quant: bool = False  # joint architecture + INT8/FP32 search (`search --quant`)
+    quant: bool = False  # joint architecture + precision search (`search --quant`)
+    #: with `quant`: per precision gene (the `_encode_quant` layout, max_layers deep) whether INT4 weights are a
+    #: choice (the group size divides the layer's width for every choice of the space); () = FP32/INT8 only
+    quant_int4: tuple[bool, ...] = ()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -287,7 +295,7 @@ class SearchSpace:
         missing = [k for k in ("layers", "heads", "ffn") if k not in d]
         if missing:
             raise InstatuneError(f"search space is missing {', '.join(missing)}; give layers, heads and ffn")
-        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name", "depth", "quant"}
+        unknown = set(d) - {"layers", "heads", "ffn", "seq_len", "name", "depth", "quant", "quant_int4"}
         if unknown:
             raise InstatuneError(
                 f"search space has unknown keys {sorted(unknown)}; allowed: layers, heads, ffn, seq_len, depth")
@@ -313,8 +321,12 @@ class SearchSpace:
             raise InstatuneError(f"search space: seq_len must be an integer, got {d.get('seq_len')!r}") from None
         if not 1 <= seq_len <= MAX_SPACE_VALUE:
             raise InstatuneError(f"search space: seq_len must be between 1 and {MAX_SPACE_VALUE:,}, got {seq_len}")
+        int4 = tuple(bool(x) for x in d.get("quant_int4") or ())
+        if int4 and len(int4) != quant_gene_count(n):
+            raise InstatuneError(f"search space: quant_int4 has {len(int4)} flags; {n} layers need "
+                                 f"{quant_gene_count(n)}")
         return cls(layers, per_layer(d["heads"], "heads"), per_layer(d["ffn"], "ffn"), seq_len,
-                   str(d.get("name", name)), depth, bool(d.get("quant", False)))
+                   str(d.get("name", name)), depth, bool(d.get("quant", False)), int4)
 
     def to_dict(self) -> dict[str, Any]:
         def compact(c: tuple[tuple[int, ...], ...]) -> Any:
@@ -324,6 +336,8 @@ class SearchSpace:
              "ffn": compact(self.ffn), "seq_len": self.seq_len, "depth": self.depth}
         if self.quant:
             d["quant"] = True
+        if self.quant_int4:
+            d["quant_int4"] = list(self.quant_int4)
         return d
 
     @classmethod
@@ -424,7 +438,20 @@ class SearchSpace:
                 raise InstatuneError(
                     f"sub-network {sub.name}: FFN width {f} in layer {i} is outside the space {list(self.ffn[i])}"
                 )
+        for i, (b, k) in enumerate(zip(sub.quant, self.quant_choices(sub.layers), strict=True)):
+            if not 0 <= b < k:
+                raise InstatuneError(f"sub-network {sub.name}: precision gene {i} is {b}; this space allows 0.."
+                                     f"{k - 1} there")
         return sub
+
+    def quant_choices(self, layers: int) -> list[int]:
+        """Choices of each precision gene of a `layers`-deep member, in SubNet.quant order (2, or 3 with INT4)."""
+        if not self.quant:
+            return []
+        flags = self.quant_int4 or (False,) * quant_gene_count(self.max_layers)
+        g = QUANT_GLOBAL - 2
+        kept = [*flags[:g], *flags[g:g + QUANT_PER_LAYER * layers], *flags[g + QUANT_PER_LAYER * self.max_layers:]]
+        return [3 if f else 2 for f in kept]
 
     def contains(self, sub: SubNet) -> bool:
         try:
@@ -440,7 +467,7 @@ class SearchSpace:
             k = 1
             for i in range(n):
                 k *= len(self.heads[i]) * len(self.ffn[i])
-            total += k * (2 ** quant_gene_count(n) if self.quant else 1)
+            total += k * math.prod(self.quant_choices(n))
         return total
 
     # ---- special members and sampling ----------------------------------------------------------
@@ -471,7 +498,7 @@ class SearchSpace:
         sub = SubNet.make(n, [rng.choice(self.heads[i]) for i in range(n)],
                           [rng.choice(self.ffn[i]) for i in range(n)])
         if self.quant:
-            return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, 1) for _ in range(quant_gene_count(n))))
+            return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, k - 1) for k in self.quant_choices(n)))
         return sub
 
     def sample_many(self, rng: random.Random, m: int, mode: str = "uniform") -> list[SubNet]:
@@ -490,7 +517,8 @@ class SearchSpace:
     def gene_bounds(self) -> list[int]:
         """Number of choices per gene: [layers, heads_0..heads_{N-1}, ffn_0..ffn_{N-1}] with N = max_layers."""
         n = self.max_layers
-        q = [2] * quant_gene_count(n) if self.quant else []
+        q = [3 if f else 2 for f in self.quant_int4] if self.quant_int4 else [2] * quant_gene_count(n) if self.quant \
+            else []
         return [len(self.layers)] + [len(self.heads[i]) for i in range(n)] + [len(self.ffn[i]) for i in range(n)] + q
 
     def encode(self, sub: SubNet) -> list[int]:
@@ -553,11 +581,15 @@ class SearchSpace:
             mh, mf = sum(h_share) / len(h_share), sum(f_share) / len(f_share)
             onehot = [1.0 if sub.layers == d else 0.0 for d in self.layers]
             out += onehot + [o * mh for o in onehot] + [o * mf for o in onehot]
-        if self.quant:  # precision genes, dropped layers' masked to 0, then the INT8 share
+        if self.quant:  # precision genes (quantized at all; INT4 where a choice), dropped layers' masked to 0, shares
             g = self._encode_quant(sub)
             live = [1] * (QUANT_GLOBAL - 2) + [1 if i // QUANT_PER_LAYER < sub.layers else 0
                                                for i in range(QUANT_PER_LAYER * n)] + [1, 1]
-            out += [float(b * m) for b, m in zip(g, live, strict=True)] + [sum(sub.quant) / len(sub.quant)]
+            out += [float((b >= 1) * m) for b, m in zip(g, live, strict=True)]
+            out += [sum(b >= 1 for b in sub.quant) / len(sub.quant)]
+            if self.quant_int4:
+                out += [float((b == 2) * m) for b, m, f in zip(g, live, self.quant_int4, strict=True) if f]
+                out += [sum(b == 2 for b in sub.quant) / len(sub.quant)]
         return out
 
 

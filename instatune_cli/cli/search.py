@@ -102,8 +102,12 @@ def register(app: typer.Typer) -> None:
                                              help="What acc measures: accuracy, f1 or mcc; pearson or spearman for "
                                              "a regressor."),
         quant: bool = typer.Option(False, "--quant", rich_help_panel=WHAT,
-                                   help="Joint search: an INT8/FP32 gene per linear layer and the embeddings (needs "
-                                   "the size objective)."),
+                                   help="Joint search: a precision gene (FP32, INT8, INT4 weights where the group "
+                                   "size fits) per linear layer and the embeddings (needs the size objective)."),
+        group_size: int = typer.Option(32, "--group-size", rich_help_panel=WHAT,
+                                       help="--quant: inputs per INT4 weight scale (16, 32, 64, 128)."),
+        no_int4: bool = typer.Option(False, "--no-int4", rich_help_panel=WHAT,
+                                     help="--quant: FP32/INT8 genes only (the search before INT4)."),
         pick: Optional[str] = typer.Option(None, "--pick", rich_help_panel=WHAT, show_default="none",
                                            help="Mark the cheapest front member within N points of the "
                                            "super-network's score, both on the validation split: max-drop=0.5"),
@@ -167,7 +171,7 @@ def register(app: typer.Typer) -> None:
                              latency_batch=latency_batch, latency_seq_len=latency_seq_len,
                              latency_threads=latency_threads, baseline=str(baseline) if baseline else None,
                              ref_point=ref_point, progress_every=progress_every, quant=quant,
-                             calibration_samples=calibration_samples)
+                             calibration_samples=calibration_samples, group_size=group_size, int4=not no_int4)
         err = console(stderr=True)
         names = opts.objectives
         shown: list[str] = []
@@ -227,6 +231,10 @@ def register(app: typer.Typer) -> None:
         if int8_ref is not None:
             t.add_row("int8", f"super-network {ref.get('subnet_name', '')}", *cells(int8_ref, "all INT8"),
                       str(int8_ref.get("id", "")), _flag(int8_ref, split))
+        int4_ref = summary.get("int4_reference")
+        if int4_ref is not None:
+            t.add_row("int4", f"super-network {ref.get('subnet_name', '')}", *cells(int4_ref),
+                      str(int4_ref.get("id", "")), _flag(int4_ref, split))
         for r in summary["front"]:
             mark = " *" if summary["picked"] == r["subnet"] else ""
             t.add_row(str(r["subnet"]) + mark, r["name"], *cells(r), r["id"], _flag(r, split))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from instatune_cli.quantize.policy import BITS, BLOCKWISE, Architecture, QuantPolicy, shapes
+from instatune_cli.quantize.policy import BITS, BLOCKWISE, PARTS, Architecture, QuantPolicy, shapes
 
 QDQ_PARAMS = 5  # a tensor's FP32 scale and 8-bit zero point
 
@@ -33,3 +33,17 @@ def size_from_params(total_params: int, arch: Architecture, vocab: int, policy: 
 def size_bytes(model: Any, arch: Architecture, policy: QuantPolicy | None) -> int:
     """`size_from_params` for a physical (extracted) model."""
     return size_from_params(sum(p.numel() for p in model.parameters()), arch, int(model.config.vocab_size), policy)
+
+
+def int4_flags(space: Any, hidden: int, head_dim: int, group: int, head_linears: int = 2) -> tuple[bool, ...]:
+    """Per precision gene of a joint space (its `_encode_quant` layout): whether INT4 block-wise weights are a
+    choice there, i.e. `group` divides the layer's input width for every choice the space has (a gene is
+    per space, the widths are per member). The embedding table and the head linears read the hidden size."""
+    def fits(widths: Any) -> bool:
+        return all(w % group == 0 for w in widths)
+
+    per_layer = []
+    for i in range(space.max_layers):
+        widths = {"attn_out": [h * head_dim for h in space.heads[i]], "ffn_out": list(space.ffn[i])}
+        per_layer += [fits(widths.get(part, [hidden])) for part in PARTS]
+    return (fits([hidden]), *per_layer, *([fits([hidden])] * head_linears))

@@ -84,6 +84,8 @@ class SearchOptions:
     ref_point: str | None = None
     quant: bool = False             # joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization")
     calibration_samples: int = 128  # --quant: training examples the QDQ emulation calibrates on
+    group_size: int = 32            # --quant: inputs per INT4 scale (quantize/policy.py DEFAULT_GROUP_SIZE)
+    int4: bool = True               # --quant: INT4 block-wise weights are a precision choice where they fit
     progress_every: float = 30.0    # seconds between plain progress lines when stderr is not a terminal
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +99,7 @@ _INPUT_NAMES = {
     "metric": "--metric", "selection_split": "the selection split",
     "selection_examples": "the number of selection examples (--limit-val)", "eval_batch_size": "--eval-batch-size",
     "latency": "--latency-batch / --latency-seq-len / --latency-threads",
-    "quant": "--quant / --calibration-samples",
+    "quant": "--quant / --calibration-samples / --group-size / --no-int4",
 }
 
 
@@ -132,7 +134,8 @@ class Measurement:
             d["latency"] = {"batch": opts.latency_batch, "seq_len": opts.latency_seq_len,
                             "threads": opts.latency_threads or default_threads()}
         if opts.quant:
-            d["quant"] = {"calibration_samples": opts.calibration_samples}
+            d["quant"] = {"calibration_samples": opts.calibration_samples, "group_size": opts.group_size,
+                          "int4": opts.int4}
         return cls(json.loads(json.dumps(d)))
 
     @property
@@ -297,6 +300,9 @@ def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | N
         objs = _joint_objectives(objs)
         if opts.calibration_samples < 8:
             raise InstatuneError(f"--calibration-samples {opts.calibration_samples} is too few; give at least 8")
+        g = opts.group_size
+        if g < 16 or g & (g - 1):
+            raise InstatuneError(f"--group-size {g} is not a power of two of at least 16; use 16, 32, 64 or 128")
     if "latency" in opts.objectives:
         try:
             import onnxruntime  # noqa: F401
@@ -358,7 +364,7 @@ class _SearchStage:
                              batch_size=opts.eval_batch_size, latency=lat if opts.latency_seq_len else None,
                              metric=opts.metric, on_warning=self.on_warning if group.main else _silent,
                              quant=opts.quant, calibration_samples=opts.calibration_samples,
-                             group=group if group.active else None)
+                             group=group if group.active else None, group_size=opts.group_size, int4=opts.int4)
         if not group.main:
             _follow(group, obj)
             return obj, None
@@ -411,7 +417,9 @@ class _SearchStage:
                      "warnings": list(obj.warnings), "collapsed": collapsed}
         (work / FRONT_JSON).write_text(json.dumps({"objectives": [o.to_dict() for o in objs], **selection,
                                                    "front": front, "reference": obj.reference, "picked": picked,
-                                                   "int8_reference": obj.int8_reference},
+                                                   "int8_reference": obj.int8_reference,
+                                                   **({"int4_reference": obj.int4_reference}
+                                                      if obj.int4_reference else {})},
                                                   indent=2) + "\n")
         _plot(result.rows, front, objs, work / "pareto.png", obj, self.baseline)
         summary = result.summary()
@@ -424,6 +432,8 @@ class _SearchStage:
                         "space_size": obj.space.cardinality(), **selection, "notes": notes})
         if obj.int8_reference is not None:
             summary["int8_reference"] = obj.int8_reference
+        if obj.int4_reference is not None:
+            summary["int4_reference"] = obj.int4_reference
         self.selection, self.space = selection, obj.space
         return summary
 

@@ -55,6 +55,7 @@ class SupernetObjectives:
     holdout: Callable[[Sequence[SubNet | None]], list[dict[str, Any]]] | None = None
     policy_of: Callable[[SubNet], Any] | None = None  # joint search: the QuantPolicy of a candidate
     int8_reference: dict[str, Any] | None = None       # joint search: the all-INT8 super-network
+    int4_reference: dict[str, Any] | None = None       # joint search with INT4: INT4 weights wherever a choice
     # launched search (`group`): a non-zero rank's share of `evaluate(sub)`, the collective selection pass only
     evaluate_shard: Callable[[SubNet], None] | None = None
 
@@ -90,7 +91,8 @@ def fallback_warning(run_dir: Path) -> str:
 def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | None = None,
           limit_eval: int | None = None, batch_size: int = 64, latency: LatencySetup | None = None,
           metric: str | None = None, on_warning: Callable[[str], None] | None = None,
-          quant: bool = False, calibration_samples: int = 128, group: Any = None) -> SupernetObjectives:
+          quant: bool = False, calibration_samples: int = 128, group: Any = None, group_size: int = 32,
+          int4: bool = True) -> SupernetObjectives:
     """Load the tune run once and return the objective functions for the requested objectives.
 
     `metric` overrides the run's own (accuracy, f1, mcc). `limit_val` measures `acc` on the first N rows of
@@ -98,7 +100,9 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     whole). `on_warning(text)` receives the no-validation-split fallback warning (default: warnings.warn).
     `quant`: the joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization"): candidates carry
     precision genes, `acc` is measured through the ONNX Runtime engine's QDQ arithmetic calibrated on
-    `calibration_samples` training examples, and `size` is the closed-form bytes of the quantized model.
+    `calibration_samples` training examples, and `size` is the closed-form bytes of the quantized model. With
+    `int4`, a precision gene also offers INT4 block-wise weights (blocks of `group_size` inputs) wherever the
+    block divides the layer's width for every choice of the space (`quantize/joint.py` int4_flags).
     `group` (a launched `distributed.Group`; search/stage.py): the selection split is sharded across the
     processes (`Evaluator(shard=)`), every process must call `evaluate` (rank 0) or `evaluate_shard` (the
     others) for the same sub-networks in the same order, and only rank 0 extracts and measures size/latency.
@@ -125,6 +129,15 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     limit = limit_val if limit_val is not None else limit_eval
     adapter = adapter_of(model)
     dims = adapter.dims_of(model)
+    if quant and int4:
+        import dataclasses
+
+        from instatune_cli.quantize.joint import int4_flags
+
+        flags = int4_flags(space, dims.hidden, dims.head_dim, group_size)
+        if (dims.embedding_size or dims.hidden) % group_size:  # a factorised table (ELECTRA) of another width
+            flags = (False, *flags[1:])
+        space = dataclasses.replace(space, quant_int4=flags if any(flags) else ())
     seq = adapter.seq_len(dims, space.seq_len)
     names = set(objectives)
     notes: list[str] = []
@@ -171,7 +184,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
                 out["latency_p90"] = float(r["p90_ms"])
         return out
 
-    joint = _Joint(model, tok, art, dims, calibration_samples) if quant else None
+    joint = _Joint(model, tok, art, dims, calibration_samples, group_size) if quant else None
 
     def scored(ev: Any, sub: SubNet | None, prefix: str = "") -> dict[str, Any]:
         """The metric as `<prefix>acc`, plain accuracy beside it when the metric is another (a regressor: its
@@ -235,6 +248,11 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
         int8 = joint.all_int8(full)
         obj.int8_reference = {"name": "all-INT8 super-network", "id": int8.id, "size": joint.size_mb(int8),
                               **(scored(evaluator, int8) if evaluator is not None else {})}
+        if space.quant_int4:
+            w4 = SubNet(full.heads, full.ffn, tuple(k - 1 for k in space.quant_choices(full.layers)))
+            obj.int4_reference = {"name": "all-INT4-weights super-network", "id": w4.id, "size": joint.size_mb(w4),
+                                  "policy_summary": joint.policy(w4).summary(),
+                                  **(scored(evaluator, w4) if evaluator is not None else {})}
         adapter.activate(model, None)
     return obj
 
@@ -242,11 +260,12 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
 class _Joint:
     """The joint search's view of a candidate: its policy, its closed-form size, its QDQ emulation."""
 
-    def __init__(self, model: Any, tok: Any, art: Any, dims: Any, calibration_samples: int) -> None:
+    def __init__(self, model: Any, tok: Any, art: Any, dims: Any, calibration_samples: int,
+                 group_size: int = 32) -> None:
         from instatune_cli.quantize.emulate import QuantEmulator
         from instatune_cli.tune import has_split, load_eval_batches
 
-        self.model, self.dims = model, dims
+        self.model, self.dims, self.group_size = model, dims, group_size
         which = "calib" if has_split(art, "calib") else "val"
         batches = load_eval_batches(art, tok, batch_size=32, limit=calibration_samples, which=which)
         self.emulator = QuantEmulator(model, [{k: v for k, v in b.items() if k != "labels"} for b in batches])
@@ -255,7 +274,8 @@ class _Joint:
         from instatune_cli.quantize.policy import QuantPolicy
         from instatune_cli.quantize.targets import architecture_of
 
-        return QuantPolicy.from_bits(architecture_of(self.model, sub.architecture), sub.quant)
+        return QuantPolicy.from_bits(architecture_of(self.model, sub.architecture), sub.quant,
+                                     group_size=self.group_size)
 
     def all_int8(self, sub: SubNet) -> SubNet:
         from instatune_cli.space import quant_gene_count

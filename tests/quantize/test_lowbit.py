@@ -223,3 +223,53 @@ def _initializer_bytes(path):
     BERT's position_ids buffer), which are no parameter of any layer (a few hundred bytes)."""
     return sum(onnx.numpy_helper.to_array(i).nbytes for i in onnx.load(str(path)).graph.initializer
                if i.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.BOOL))
+
+
+def test_joint_space_offers_int4_only_where_the_group_fits_every_choice():
+    from instatune_cli.quantize.joint import int4_flags
+    from instatune_cli.space import SearchSpace, SubNet, quant_gene_count
+
+    space = SearchSpace.from_dict({"layers": [1, 2], "heads": [2, 4], "ffn": [32, 37], "quant": True})
+    flags = int4_flags(space, hidden=32, head_dim=8, group=16)
+    # embeddings; per layer q, k, v (hidden), attn_out (16 or 32: fits), ffn_in (hidden), ffn_out (37: no); head
+    assert flags == (True, *([True] * 5 + [False]) * 2, True, True)
+    import dataclasses
+    import random
+
+    j = dataclasses.replace(space, quant_int4=flags)
+    assert SearchSpace.from_dict(j.to_dict()) == j
+    assert j.gene_bounds()[-len(flags):] == [3 if f else 2 for f in flags]
+    assert j.cardinality() == 4 * (2 * 3 ** 8) + 16 * (3 ** 13 * 2 ** 2)
+    subs = [j.sample(random.Random(s)) for s in range(40)]
+    assert any(2 in s.quant for s in subs) and all(j.contains(s) for s in subs)
+    assert all(j.decode(j.encode(s)) == s for s in subs)
+    assert len({len(j.features(s)) for s in subs}) == 1
+    bad = SubNet((2,), (32,), (1, 1, 1, 1, 1, 1, 2, 1, 1))  # ffn_out of layer 0 at INT4
+    assert len(bad.quant) == quant_gene_count(1) and not j.contains(bad)
+    with pytest.raises(InstatuneError, match="precision gene 6 is 2"):
+        j.check(bad)
+    assert not space.contains(SubNet((2,), (32,), (2,) * 9))  # a space without INT4 genes
+
+
+def test_emulation_on_the_super_network_matches_the_extracts_ort_graph(tiny_tune_run, extracted, fp32_onnx, tmp_path):
+    """What the joint search scores (the super-network with the sub-network active, elastic slices) is what
+    `quantize` ships for that sub-network's extract, for a mixed FP32/INT8/INT4 policy."""
+    from instatune_cli.export import ort_session
+    from instatune_cli.quantize.ort_engine import quantize_onnx
+    from instatune_cli.space import SubNet
+    from instatune_cli.tune import load_tuned
+
+    m = _model(extracted)
+    pol = _policy(architecture_of(m), "mixed")
+    calib = [_calib(m)]
+    quantize_onnx(fp32_onnx, tmp_path / "q.onnx", pol, torch_targets(m), calib)
+    sess = ort_session(tmp_path / "q.onnx")
+    test = _calib(m, seed=11)
+    real = sess.run(["logits"], {i.name: test[i.name].numpy().astype(np.int64) for i in sess.get_inputs()})[0]
+    sup, _, _, _ = load_tuned(tiny_tune_run)
+    sub = SubNet((2, 4), (25, 37))
+    with torch.no_grad(), QuantEmulator(sup, calib).applied(sub, pol):
+        emu = sup(**test).logits.numpy()
+    with torch.no_grad():
+        fp32 = m(**test).logits.numpy()
+    assert np.abs(emu - real).max() < 0.02 * np.abs(fp32 - real).max() + 1e-5

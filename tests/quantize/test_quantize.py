@@ -270,7 +270,7 @@ def test_quantize_uses_the_searched_policy(joint, tmp_path):
 
 
 def test_export_int8_uses_the_searched_policy_and_says_so(joint, tmp_path):
-    from instatune_cli.quantize.ort_engine import quantized_nodes
+    from instatune_cli.quantize.ort_engine import blockwise_nodes, quantized_nodes
 
     front = json.loads((joint / "front.json").read_text())["front"]
     row = front[0]
@@ -279,7 +279,8 @@ def test_export_int8_uses_the_searched_policy_and_says_so(joint, tmp_path):
     assert r.exit_code == 0, r.output
     m = artifacts.load(tmp_path / "e", "export").metrics["int8"]
     assert "joint search's policy" in m["note"] and m["policy"]["layers"] == row["policy"]["layers"]
-    assert len(quantized_nodes(tmp_path / "e" / "model.int8.onnx")) == sum(row["quant"])
+    assert len(quantized_nodes(tmp_path / "e" / "model.int8.onnx")) == sum(b == 1 for b in row["quant"])
+    assert len(blockwise_nodes(tmp_path / "e" / "model.int8.onnx")) == sum(b == 2 for b in row["quant"])
 
 
 def test_trim_vocab_keeps_training_tokens_and_the_same_predictions_on_them(extracted, tmp_path):
