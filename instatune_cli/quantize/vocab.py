@@ -48,6 +48,8 @@ def trim_vocabulary(onnx_path: str | Path, gather_node: str, keep: list[int], un
     if node is None:
         raise InstatuneError(f"no node {gather_node} in {onnx_path}; cannot trim the vocabulary")
     table_name = _table_initializer(g, node.input[0])
+    # an INT4 table (GatherBlockQuantized) has one scale per block of each row: its rows are trimmed alike
+    row_tensors = [table_name, node.input[2]] if node.op_type == "GatherBlockQuantized" else [table_name]
     init = next(i for i in g.initializer if i.name == table_name)
     table = numpy_helper.to_array(init)
     vocab = table.shape[0]
@@ -55,7 +57,9 @@ def trim_vocabulary(onnx_path: str | Path, gather_node: str, keep: list[int], un
         keep = sorted({*keep, unk_id})
     mapping = np.full(vocab, keep.index(unk_id), dtype=np.int64)
     mapping[np.asarray(keep)] = np.arange(len(keep))
-    init.CopyFrom(numpy_helper.from_array(table[np.asarray(keep)], table_name))
+    for name in row_tensors:
+        t = next(i for i in g.initializer if i.name == name)
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[np.asarray(keep)], name))
     ids_in = node.input[1]
     g.initializer.append(numpy_helper.from_array(mapping.astype(np.int32), MAP_NAME))
     remapped = MAP_NAME + "_ids"

@@ -273,3 +273,27 @@ def test_emulation_on_the_super_network_matches_the_extracts_ort_graph(tiny_tune
     with torch.no_grad():
         fp32 = m(**test).logits.numpy()
     assert np.abs(emu - real).max() < 0.02 * np.abs(fp32 - real).max() + 1e-5
+
+
+def test_trim_vocab_trims_an_int4_table_and_its_scales(extracted, tmp_path):
+    from instatune_cli.export import ort_session
+
+    pol = QuantPolicy.uniform(architecture_of(_model(extracted)), "int4", group_size=GROUP)
+    pol.save(tmp_path / "p.json")
+    full, trim = tmp_path / "full", tmp_path / "trim"
+    for out, extra in ((full, []), (trim, ["--trim-vocab"])):
+        r = run_cli("quantize", extracted, "--policy", tmp_path / "p.json", "--output", out, "--calibration-samples",
+                    "16", "--runs", "2", *extra)
+        assert r.exit_code == 0, r.output
+    v = artifacts.load(trim, "quantize").metrics["quantization"]["vocabulary"]
+    g = onnx.load(str(trim / "model.int8.onnx")).graph
+    gather = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    dims = {i.name: list(i.dims) for i in g.initializer}
+    assert dims[gather.input[0]] == [v["kept"], 32 // 2] and dims[gather.input[2]] == [v["kept"], 32 // GROUP]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(extracted))
+    a, b = ort_session(full / "model.int8.onnx"), ort_session(trim / "model.int8.onnx")
+    enc = tok(["good movie", "bad plot"], padding=True, return_tensors="np")
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in a.get_inputs()}
+    assert np.allclose(a.run(["logits"], feeds)[0], b.run(["logits"], feeds)[0], atol=1e-6)
