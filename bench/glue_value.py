@@ -294,8 +294,11 @@ def main() -> None:
         sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr}
         for seed in args.seed_list:
             rows += b.seed_rows(seed, lr)
+            # what is done so far, readable while the rest runs (a censored run still shows its finished seeds)
+            args.out.with_suffix(".partial.json").write_text(json.dumps({"sweeps": sweeps, "rows": rows}, indent=1))
+            args.out.with_suffix(".md").write_text(summary(rows))
     out = args.out
-    prov.write_rows(rows)
+    prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
     summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows
             for k in ("super_dev", "hypervolume_dev", *(f"dev@{b:g}" for b in BUDGETS))}
     opts = {k: v for k, v in vars(args).items() if k != "seed_list"}
