@@ -75,7 +75,8 @@ def test_export_int8_reports_accuracy_threads_and_existing_paths(tiny_tune_run, 
     assert 0 <= acc["int8"]["score"] <= 1 and acc["fp32"]["metric"] == "accuracy"
     assert acc["change_points"] == pytest.approx(100 * (acc["int8"]["score"] - acc["fp32"]["score"]))
     line = next(ln for ln in r.stdout.splitlines() if "-> INT8" in ln)
-    assert f"{n_eval} eval examples" in line and f"({acc['change_points']:+.2f} points)" in line
+    assert f"{n_eval} eval examples" in line and f"({round(acc['change_points'], 2) + 0.0:+.2f} points)" in line
+    assert "-0.00" not in line
     # every path the manifest names exists after the rename; none names the work directory
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
     strings = _strings(manifest)
@@ -102,7 +103,7 @@ def test_search_table_keeps_numbers_and_full_names_without_a_terminal(tiny_tune_
                    and ln.split("│")[2].strip() == row["name"] for ln in lines), (row["name"], r.stdout)
     assert "…" not in r.stdout
     # each evaluation line says how its candidate was proposed, never "(predicted)" for a measured score
-    evals = [ln for ln in r.stderr.splitlines() if ln.startswith("#")]
+    evals = [ln for ln in r.stderr.splitlines() if ln.lstrip().startswith("#")]
     assert len(evals) == 8 and not any("(predicted)" in ln for ln in evals)
     from instatune_cli.cli.search import ORIGINS
 

@@ -50,9 +50,9 @@ def score_text(metric: str, value: float | None) -> str:
 def accuracy_change(fp32: dict[str, Any], int8: dict[str, Any], change_points: float) -> str:
     """`accuracy on 300 eval examples: FP32 81.00% -> INT8 80.33% (-0.67 points)`: one sign convention, the
     change INT8 made (negative: lost)."""
-    metric = fp32["metric"]
+    metric, change = fp32["metric"], round(change_points, 2) + 0.0  # + 0.0: no "-0.00"
     return (f"{metric} on {fp32['n']} {fp32.get('split', 'eval')} examples: FP32 {score_text(metric, fp32['score'])}"
-            f" -> INT8 {score_text(metric, int8['score'])} ({change_points:+.2f} points)")
+            f" -> INT8 {score_text(metric, int8['score'])} ({change:+.2f} points)")
 
 
 def threads_of(latency: dict[str, Any]) -> str:

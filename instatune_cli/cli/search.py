@@ -20,7 +20,7 @@ OUT = "Output"
 
 #: how a candidate came to be measured (the archive's `origin`), in words: every score on the line is measured
 ORIGINS = {"predicted": "proposed by the predictor", "random": "random", "nsga2": "NSGA-II offspring",
-           "anchor": "anchor: widest of its depth, or smallest"}
+           "anchor": "start: widest of a depth, or smallest"}
 
 
 def _fmt(name: str, v: object, metric: str = "accuracy") -> str:
@@ -189,7 +189,8 @@ def register(app: typer.Typer) -> None:
                 vals = "  ".join(f"{n}={_fmt(n, row.get(n), shown_metric)}" for n in names)
                 n = int(row.get("index", -1)) + 1
                 how = ORIGINS.get(row.get("origin"), row.get("origin"))
-                err.print(f"[dim]#{n}[/] {row['name']:<28} {vals}  ({how})")
+                # values first, so they line up whatever the name's length; the name and how it was proposed last
+                err.print(f"[dim]{'#' + str(n):>4}[/]  {vals}  {row['name']}  ({how})")
 
         art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval,
                                          on_warning=on_warning)
