@@ -116,7 +116,7 @@ def score_run(run: Path) -> dict[str, dict[str, float]]:
 def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
     out = work / f"{variant}-s{seed}"
     if (out / "manifest.json").exists():
-        return out, json.loads((out / "bench_time.json").read_text())["cpu_s"]
+        return out, json.loads(out.with_name(out.name + ".time.json").read_text())["cpu_s"]
     task = ["--task", "stsb"] if args.task == "stsb" else []
     max_len = "128" if args.task == "stsb" else "64"  # sentence pairs are longer
     cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, *task, "--data", str(data),
@@ -130,7 +130,7 @@ def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespa
     subprocess.run(cmd, check=True, cwd=REPO)
     r1 = os.times()
     cpu = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
-    (out / "bench_time.json").write_text(json.dumps({"cpu_s": cpu}))
+    out.with_name(out.name + ".time.json").write_text(json.dumps({"cpu_s": cpu}))
     return out, cpu
 
 
