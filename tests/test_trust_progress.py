@@ -63,7 +63,9 @@ def test_search_prints_evaluations_and_hypervolume(tiny_tune_run: Path, tmp_path
 
     run_stage(tiny_tune_run, tmp_path / "s", SearchOptions(evals=8, population=4, progress_every=0))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("search:")]
-    assert len(lines) == 8 and lines[0].startswith("search: 1/8 evaluations, hypervolume ")
+    assert len(lines) == 8 and lines[0] == "search: 1/8 evaluations (start population of 4; hypervolume from then on)"
+    assert lines[3].startswith("search: 4/8 evaluations, hypervolume ")
+    lines = lines[3:]
     assert re.fullmatch(r"search: 8/8 evaluations, hypervolume [0-9.e+-]+( \(reference point widened.*)?", lines[-1])
     # one reference for every line: the figure never falls, and it rises only when the front improved
     hv = [float(re.search(r"hypervolume ([0-9.e+-]+)", ln).group(1)) for ln in lines]

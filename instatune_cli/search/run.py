@@ -157,7 +157,7 @@ def run_search(
     _fill_genes(archive, space)
     ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
     ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
-    _add_heartbeat(ctx, progress_every)
+    _add_heartbeat(ctx, progress_every, population)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     if algo == "random":
@@ -182,12 +182,12 @@ def _fill_genes(archive: Archive, space: SearchSpace) -> None:
             row["genes"] = space.encode(SubNet.from_dict(row))
 
 
-def _add_heartbeat(ctx: SearchContext, every: float | None) -> None:
+def _add_heartbeat(ctx: SearchContext, every: float | None, population: int) -> None:
     """Wrap `ctx.on_eval` so a line `search: 12/50 evaluations, hypervolume 0.4321` is printed every `every` s."""
     beat, user = Heartbeat(every), ctx.on_eval
     if not beat.enabled:
         return
-    progress = _ProgressLine(ctx)
+    progress = _ProgressLine(ctx, population)
 
     def on_eval(row: dict[str, Any]) -> None:
         if user is not None:
@@ -199,17 +199,20 @@ def _add_heartbeat(ctx: SearchContext, every: float | None) -> None:
 
 class _ProgressLine:
     """The heartbeat's hypervolume, against one reference so that it rises only when the front improved: the
-    user's --ref-point, else the one derived from the evaluations at the first line, kept while every
+    user's --ref-point, else the one derived from the start population once it is measured, kept while every
     evaluation lies inside it. A reference re-derived from the archive at every line (as the final one is)
     grows with every worse point and made the figure rise when nothing improved; when a point falls outside
     the kept one, it is re-derived once and the line says so."""
 
-    def __init__(self, ctx: SearchContext) -> None:
+    def __init__(self, ctx: SearchContext, population: int = 0) -> None:
         self.ctx, self.ref, self.fixed = ctx, ctx.ref_point, ctx.ref_point is not None
+        self.start = min(population, ctx.evals)
 
     def line(self) -> str:
         ctx, rows = self.ctx, self.ctx.visible
         head = f"search: {len(rows)}/{ctx.evals} evaluations"
+        if self.ref is None and len(rows) < self.start:
+            return f"{head} (start population of {self.start}; hypervolume from then on)"
         points = to_min_matrix(rows, ctx.objectives)
         finite = np.isfinite(points).all(axis=1)
         keep = np.array([ctx.feasible(r) for r in rows], dtype=bool) & finite
@@ -220,7 +223,7 @@ class _ProgressLine:
             self.ref = reference_point(points[finite])
         elif not self.fixed and (points[finite] > self.ref).any():
             self.ref = reference_point(points[finite])
-            note = " (reference point widened: an evaluation lay outside it; not comparable with the lines above)"
+            note = " (reference point widened to a worse evaluation: not comparable with the lines above)"
         return f"{head}, hypervolume {float(hypervolume(points[keep], self.ref)):.4g}{note}"
 
 
