@@ -90,8 +90,8 @@ def rank0_reports(rank: int) -> Iterator[None]:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise RankError(f"process {rank} lost another process of the launched run ({first}); it stopped or was "
-                        "killed: fix its error above, then relaunch with --resume to continue where the run "
-                        "stopped (with any number of processes)") from None
+                        "killed (the launcher's report names it): once that is fixed, relaunch with --resume to "
+                        "continue where the run stopped (with any number of processes)") from None
 
 
 PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
