@@ -22,7 +22,10 @@ reported beside it.
     python bench/glue_value.py [--tasks sst2,stsb] [--seeds 42,43,44] [--epochs 1] [--limit-train N]
 
 Resumable: every run directory under bench/results/glue_value/ is reused when complete. Writes
-bench/results/glue_value.json (every row), glue_value.md (tables), glue_value.rows.jsonl (raw rows).
+bench/results/glue_value.json (every row), .md (tables), .png (dev score at each budget), .rows.jsonl (raw
+rows) and, after each seed, .partial.json.
+
+    python bench/glue_value.py plot RESULT.json      # the PNG again from a result (or .partial.json)
 """
 
 from __future__ import annotations
@@ -254,6 +257,42 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per task: each method's dev score at each MAC budget (mean over seeds, bars = min..max), with the plain
+    full model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        tr = [r for r in rows if r["task"] == task]
+        for k, method in enumerate(METHODS):
+            xs, ys, lo, hi = [], [], [], []
+            for b in BUDGETS:
+                vals = [r[f"dev@{b:g}"] for r in tr if r["method"] == method and r[f"dev@{b:g}"] is not None]
+                if vals:
+                    m = statistics.mean(vals)
+                    xs.append(b * 100 + (k - 1.5) * 0.8)
+                    ys.append(m)
+                    lo.append(m - min(vals))
+                    hi.append(max(vals) - m)
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
+        full = [r["super_dev"] for r in tr if r["method"] == "prune"]
+        if full:
+            ax.axhline(statistics.mean(full), color="grey", ls="--", lw=1, label="plain, full model")
+        ax.set_xlabel("MAC budget (% of the full model)")
+        ax.set_ylabel(f"dev {tr[0]['metric']} (chosen on val)")
+        ax.set_title(f"{task}: {len({r['seed'] for r in tr})} seed(s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _spread(vals: list[float | None]) -> str:
     got = [v for v in vals if v is not None]
     if not got:
@@ -265,6 +304,12 @@ def _spread(vals: list[float | None]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["plot"]:
+        res = Path(sys.argv[2])
+        rows = json.loads(res.read_text())["rows"]
+        plot(rows, res.with_name(res.name.split(".")[0] + ".png"))
+        res.with_name(res.name.split(".")[0] + ".md").write_text(summary(rows))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="sst2,stsb")
     ap.add_argument("--seeds", default="42,43,44")
@@ -297,6 +342,7 @@ def main() -> None:
             # what is done so far, readable while the rest runs (a censored run still shows its finished seeds)
             args.out.with_suffix(".partial.json").write_text(json.dumps({"sweeps": sweeps, "rows": rows}, indent=1))
             args.out.with_suffix(".md").write_text(summary(rows))
+            plot(rows, args.out.with_suffix(".png"))
     out = args.out
     prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
     summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows
@@ -306,6 +352,7 @@ def main() -> None:
            "rows": rows, "provenance": prov.finish(summ, result_file=out)}
     out.write_text(json.dumps(res, indent=1, default=str))
     out.with_suffix(".md").write_text(summary(rows))
+    plot(rows, out.with_suffix(".png"))
     print(summary(rows))
 
 
