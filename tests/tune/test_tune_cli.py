@@ -81,7 +81,9 @@ def test_teacher_errors(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path
     assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--teacher", str(distil)), "family")
     wide = make_tiny_bert(tmp_path / "wide", head=True, vocab_size=99)
     assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--teacher", str(wide)), "tokenizer")
-    assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--teacher", str(tmp_path)), "not a model directory")
+    empty = tmp_path / "empty"  # not tmp_path itself: the output inside a teacher is refused first
+    empty.mkdir()
+    assert_cli_error(tune(tiny_bert_dir, tiny_data_dir, out, "--teacher", str(empty)), "not a model directory")
     assert not out.with_name("o.partial").exists()
 
 
