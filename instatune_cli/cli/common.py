@@ -91,28 +91,44 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from instatune_cli.artifacts import as_write_error
-        from instatune_cli.errors import Interrupted, Terminated
-
         restore = on_sigterm()
         try:
             return fn(*args, **kwargs)
-        except InstatuneError as e:
-            fail(str(e))
-        except Interrupted as e:  # inside a stage: it says what was kept (130 Ctrl-C, 143 SIGTERM)
-            fail(e.message, code=e.exit_code)
-        except KeyboardInterrupt as e:  # outside a stage's output: nothing unfinished exists
-            why, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-            fail(f"{why}; no unfinished work was left", code=code)
-        except Exception as e:  # noqa: BLE001 - only refused writes become one line; the rest re-raised
-            err = as_write_error(e, "", "")
-            if err is e:
-                raise
-            fail(str(err))
+        except BaseException as e:
+            mute_sigterm()  # stopping: a launcher's SIGTERM must not cut the one line being printed
+            report(e)
         finally:
             restore()
 
     return wrapper  # type: ignore[return-value]
+
+
+def report(e: BaseException) -> None:
+    """The one-line error for `e` (and its exit code); anything that is not the user's to fix is re-raised."""
+    from instatune_cli.artifacts import as_write_error
+    from instatune_cli.errors import Interrupted, Terminated
+
+    if isinstance(e, InstatuneError):
+        fail(str(e))
+    if isinstance(e, Interrupted):  # inside a stage: it says what was kept (130 Ctrl-C, 143 SIGTERM)
+        fail(e.message, code=e.exit_code)
+    if isinstance(e, KeyboardInterrupt):  # before a stage opened its output, or while it was already stopping
+        why, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        fail(f"{why}; any unfinished tune or search is kept in its --output's .partial directory, which "
+             "--resume continues", code=code)
+    if isinstance(e, Exception):  # only refused writes become one line; the rest keeps its traceback
+        err = as_write_error(e, "", "")
+        if err is not e:
+            fail(str(err))
+    raise e
+
+
+def mute_sigterm() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def on_sigterm() -> Any:
@@ -127,6 +143,7 @@ def on_sigterm() -> Any:
         return lambda: None
 
     def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the stage is stopping, a second one changes nothing
         raise Terminated()
 
     previous = signal.getsignal(signal.SIGTERM)
