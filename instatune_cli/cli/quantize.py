@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
         strict_fp32: bool = typer.Option(False, "--strict-fp32", rich_help_panel=POLICY,
                                          help="ort: FP32 layers read unrounded activations (exact mixed precision, "
                                          "but ORT cannot fuse it: slower)."),
+        compile_: bool = typer.Option(False, "--compile", rich_help_panel=MEASURE,
+                                      help="inc: time FP32 and quantized under torch.compile (Neural Compressor's "
+                                      "deployment) instead of eager."),
         max_drop: float = typer.Option(1.0, "--max-drop", rich_help_panel=MEASURE,
                                        help="Warn (and mark the manifest) when INT8 loses more points."),
         batch: int = typer.Option(1, "--batch", rich_help_panel=MEASURE,
@@ -72,7 +75,7 @@ def register(app: typer.Typer) -> None:
                                group_size=group_size, engine=engine,
                                calibration_samples=calibration_samples, max_drop=max_drop, batch=batch,
                                seq_len=seq_len, threads=threads, runs=runs, subnet=subnet, config=config,
-                               strict_fp32=strict_fp32, trim_vocab=trim_vocab)
+                               strict_fp32=strict_fp32, trim_vocab=trim_vocab, compile=compile_)
         art = quantize_stage(source, output, opts, force=force, notify=lambda msg: out.print(f"[dim]{msg}[/]"))
         m = art.metrics
         acc, size, lat = m["accuracy"], m["size_bytes"], m["latency"]

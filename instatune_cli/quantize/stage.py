@@ -39,6 +39,7 @@ class QuantizeOptions:
     subnet: int | None = None
     config: str | None = None
     strict_fp32: bool = False  # ort: FP32 layers read FP32 activations (exact, but unfused and slow)
+    compile: bool = False      # inc: time both models under torch.compile (Neural Compressor's deployment)
     trim_vocab: bool = False   # ort: keep only the embedding rows of tokens in the training data
 
     def check(self) -> None:
@@ -53,6 +54,8 @@ class QuantizeOptions:
                                  f"{MIN_CALIBRATION} (default 256)")
         if self.trim_vocab and self.engine != "ort":
             raise InstatuneError("--trim-vocab rewrites the ONNX graph; use it with --engine ort")
+        if self.compile and self.engine != "inc":
+            raise InstatuneError("--compile times the inc engine's PyTorch models; ONNX Runtime needs no compile step")
         if self.engine == "inc":
             from instatune_cli.quantize.inc_engine import available
 
@@ -113,7 +116,7 @@ class QuantizeStage:
     def _supports(self) -> dict[str, tuple[str, ...]]:
         from instatune_cli.quantize import inc_engine, ort_engine
 
-        return ort_engine.SUPPORTS if self.opts.engine == "ort" else inc_engine.STATIC_SUPPORTS
+        return ort_engine.SUPPORTS if self.opts.engine == "ort" else inc_engine.supports(self.policy)
 
     def _load_model(self) -> None:
         from instatune_cli.quantize.targets import architecture_of, torch_targets
@@ -137,7 +140,9 @@ class QuantizeStage:
             from instatune_cli.quantize.policy import DEFAULT_GROUP_SIZE
 
             pol = QuantPolicy.uniform(self.arch, "int4", group_size=self.opts.group_size or DEFAULT_GROUP_SIZE)
-            if pol.int8():
+            if self.opts.engine == "inc":  # one route per model there: weight-only INT8 where INT4 does not fit
+                pol.layers.update({n: "int8-weights" for n in pol.int8()})
+            elif pol.int8():
                 self.say(f"--all-int4: group size {pol.group_size} does not divide {', '.join(pol.int8()[:4])}"
                          f"{' ...' if len(pol.int8()) > 4 else ''}: INT8 there")
             return self._engine_default(pol)
@@ -151,7 +156,9 @@ class QuantizeStage:
 
     def _engine_default(self, pol: QuantPolicy) -> QuantPolicy:
         """A default policy states what the engine does: layers it has no operator for stay FP32, said once."""
-        supports = self._supports()
+        from instatune_cli.quantize import inc_engine, ort_engine
+
+        supports = ort_engine.SUPPORTS if self.opts.engine == "ort" else inc_engine.supports(pol)
         kept = [n for n in pol.quantized()
                 if ("embeddings" if n == "embeddings" else "linear") not in supports.get(pol.layers[n], ())]
         for n in kept:
@@ -230,23 +237,45 @@ class QuantizeStage:
         return {**info, "source": source}
 
     def _inc(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
+        """Quantize, save in Neural Compressor's format, read it back with its loader, and measure the reloaded
+        model; a route that is not smaller on disk and not faster than FP32 is refused with the numbers."""
         from instatune_cli.measure.size import weights_bytes
-        from instatune_cli.quantize.inc_engine import quantize_torch, save
+        from instatune_cli.quantize import inc_engine
+        from instatune_cli.quantize.targets import torch_targets
 
-        gm, info = quantize_torch(self.model, self.policy, self.targets, calib, self.names, tmp)
-        example = tuple(calib[0][n] for n in self.names)
-        files = save(gm, example, out / "inc")
+        static = inc_engine.route(self.policy) == "static"
+        if static:
+            gm, info = inc_engine.quantize_torch(self.model, self.policy, self.targets, calib, self.names, tmp)
+            files = inc_engine.save(gm, tuple(calib[0][n] for n in self.names), out / "inc")
+            del gm
+            loaded = inc_engine.load(out / "inc")
+        else:
+            fresh = self.fam.load_extracted(self.art.path).float().eval()
+            qm, info = inc_engine.quantize_weight_only(fresh, self.policy, torch_targets(fresh))
+            files = inc_engine.save_weight_only(qm, out / "inc")
+            del qm
+            loaded = inc_engine.load(out / "inc", self.fam.load_extracted(self.art.path).float().eval())
         seq = self._seq_len()
-        return {"quantization": {**info, "files": [f"inc/{f}" for f in files]}, "policy": self.policy.to_dict(),
-                "calibration_examples": self.n_calibration,
-                "size_bytes": {"fp32": weights_bytes(self.art.path),
-                               "int8": sum(p.stat().st_size for p in (out / "inc").iterdir())},
-                "accuracy": {"fp32": self._score_torch(self.model), "int8": self._score_torch(gm, positional=True)},
-                "latency": {"fp32": _torch_latency(self.model, self.fam.random_batch(self.model, self.opts.batch, seq),
-                                                   self.names, self.opts, seq),
-                            "int8": _torch_latency(gm, self.fam.random_batch(self.model, self.opts.batch, seq),
-                                                   self.names, self.opts, seq, positional=True)},
-                "latency_note": "eager PyTorch; the INC graph is fast only under torch.compile (Inductor)"}
+        batch = self.fam.random_batch(self.model, self.opts.batch, seq)
+        size = {"fp32": weights_bytes(self.art.path), "int8": sum(p.stat().st_size for p in (out / "inc").iterdir())}
+        how = "compiled" if self.opts.compile else "eager"
+        lat = {"fp32": _torch_latency(self.model, batch, self.names, self.opts, seq),
+               "int8": _torch_latency(loaded, batch, self.names, self.opts, seq, positional=static)}
+        kind = "static INT8" if static else "weight-only RTN"
+        if size["int8"] >= size["fp32"] or lat["int8"]["median_ms"] > lat["fp32"]["median_ms"]:
+            raise InstatuneError(
+                f"the inc engine's {kind} model is not smaller and faster than FP32 here, so it is not written: "
+                f"{size['fp32'] / 1e6:.1f} MB -> {size['int8'] / 1e6:.1f} MB, {lat['fp32']['median_ms']:.1f} ms -> "
+                f"{lat['int8']['median_ms']:.1f} ms {how} (b{self.opts.batch} s{seq}, {lat['int8']['threads']} "
+                f"threads){'' if self.opts.compile else '; Neural Compressor deploys compiled: try --compile'}; "
+                "use --engine ort")
+        return {"quantization": {**info, "files": [f"inc/{f}" for f in files], "reloaded_with": "neural_compressor"
+                                 ".torch.quantization.load"}, "policy": self.policy.to_dict(),
+                "calibration_examples": self.n_calibration, "size_bytes": size,
+                "accuracy": {"fp32": self._score_torch(self.model),
+                             "int8": self._score_torch(loaded, positional=static)},
+                "latency": lat, "speedup": lat["fp32"]["median_ms"] / lat["int8"]["median_ms"],
+                "latency_note": f"PyTorch {how}, the reloaded artifact"}
 
     def _seq_len(self) -> int:
         from instatune_cli.export import max_sequence_length
@@ -321,6 +350,8 @@ def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: Quanti
 
     args = [b[n] for n in names]
     times = []
+    if opts.compile:
+        model = torch.compile(model)
     with torch.no_grad():
         for i in range(opts.runs + 2):
             t0 = time.perf_counter()
@@ -328,7 +359,7 @@ def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: Quanti
             if i >= 2:
                 times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "runs": opts.runs, "batch": opts.batch, "seq_len": seq,
-            "threads": torch.get_num_threads(), "runtime": "pytorch eager"}
+            "threads": torch.get_num_threads(), "runtime": "pytorch compiled" if opts.compile else "pytorch eager"}
 
 
 def quantize_stage(src: str | Path, output: str | Path | None, opts: QuantizeOptions, *, force: bool = False,

@@ -209,12 +209,16 @@ def test_quantize_stage_ships_int4_and_says_so(extracted, tmp_path):
     assert QuantPolicy.load(out / "policy.json").layers == pol.layers
 
 
-def test_quantize_refuses_int4_on_the_inc_static_route_in_one_line(extracted, tmp_path):
+def test_quantize_refuses_what_the_inc_engine_has_no_operator_for_in_one_line(extracted, tmp_path):
     pol = QuantPolicy.uniform(architecture_of(_model(extracted)), "fp32", group_size=GROUP)
-    pol.layers["layer.0.value"] = "int4"
+    pol.layers.update({"layer.0.value": "int4", "layer.0.key": "int8"})
     pol.save(tmp_path / "p.json")
     r = run_cli("quantize", extracted, "--engine", "inc", "--policy", tmp_path / "p.json", "--output", tmp_path / "o")
-    assert_cli_error(r, "layer.0.value", "inc")
+    assert_cli_error(r, "static INT8", "weight-only", "not both")
+    pol.layers.update({"layer.0.key": "fp32", "embeddings": "int4"})
+    pol.save(tmp_path / "p.json")
+    r = run_cli("quantize", extracted, "--engine", "inc", "--policy", tmp_path / "p.json", "--output", tmp_path / "o")
+    assert_cli_error(r, "sets embeddings to int4", "inc engine")
     assert not (tmp_path / "o").exists()
 
 
@@ -297,3 +301,52 @@ def test_trim_vocab_trims_an_int4_table_and_its_scales(extracted, tmp_path):
     enc = tok(["good movie", "bad plot"], padding=True, return_tensors="np")
     feeds = {i.name: enc[i.name].astype(np.int64) for i in a.get_inputs()}
     assert np.allclose(a.run(["logits"], feeds)[0], b.run(["logits"], feeds)[0], atol=1e-6)
+
+
+def test_inc_static_artifact_holds_int8_weights_and_reloads_with_incs_loader(extracted, tmp_path):
+    import torch.export
+
+    from instatune_cli.quantize import inc_engine
+
+    m = _model(extracted)
+    arch = architecture_of(m)
+    pol = QuantPolicy.uniform(arch)
+    pol.layers["embeddings"] = "fp32"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    calib = [_calib(m)]
+    gm, info = inc_engine.quantize_torch(m, pol, torch_targets(m), calib, names, tmp_path)
+    assert info["int8_linears"] == len(pol.int8())
+    inc_engine.save(gm, tuple(calib[0][n] for n in names), tmp_path / "inc")
+    ep = torch.export.load(str(tmp_path / "inc" / "quantized_weight.pt"))
+    tensors = {**ep.state_dict, **ep.constants}
+    int8 = [t for t in tensors.values() if t.dtype == torch.int8]
+    assert len(int8) == len(pol.int8())  # one INT8 weight per linear ...
+    assert not any(k.endswith("query.weight") or k.endswith("classifier.weight") for k in tensors)  # ... no FP32 one
+    back = inc_engine.load(tmp_path / "inc")
+    test = _calib(m, seed=11)
+    args = tuple(test[n] for n in names)
+    with torch.no_grad():
+        assert torch.equal(back(*args), gm(*args))
+        assert 0 < (back(*args) - m(**test).logits).abs().max() < 0.05
+
+
+def test_inc_weight_only_artifact_is_packed_and_reloads_with_incs_loader(extracted, tmp_path):
+    from instatune_cli.quantize import inc_engine
+
+    m = _model(extracted)
+    pol = QuantPolicy.uniform(architecture_of(m), "int4", group_size=GROUP)
+    pol.layers.update({n: "int8-weights" for n in pol.int8()})
+    pol.layers["embeddings"] = "fp32"
+    assert inc_engine.route(pol) == "weight-only"
+    q, info = inc_engine.quantize_weight_only(_model(extracted), pol, torch_targets(m))
+    assert info["weight_only_linears"] == len(pol.quantized())
+    files = inc_engine.save_weight_only(q, tmp_path / "inc")
+    assert "qconfig.json" in files
+    sd = torch.load(tmp_path / "inc" / next(f for f in files if f != "qconfig.json"), weights_only=True)
+    assert not any(k.endswith("query.weight") for k in sd)  # packed, not FP32
+    assert any(k.endswith("query.qweight") and v.dtype in (torch.int32, torch.int8, torch.uint8) for k, v in sd.items())
+    back = inc_engine.load(tmp_path / "inc", _model(extracted))
+    test = _calib(m, seed=11)
+    with torch.no_grad():
+        assert torch.equal(back(**test).logits, q(**test).logits)
+        assert 0 < (back(**test).logits - m(**test).logits).abs().max() < 0.1
