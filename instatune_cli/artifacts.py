@@ -323,8 +323,7 @@ def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, veri
             raise InstatuneError(
                 f"{p} is a {m.get('stage')!r} directory but a {' or '.join(allowed)} directory is needed here"
             )
-    if verify:
-        _check_unlisted(p, m)
+    _check_unlisted(p, m)  # a directory walk, cheap: also where the contents are not hashed (verify=False)
     for f in m.get("files", []):
         fp = p / f["path"]
         if not fp.is_file() or fp.is_symlink():

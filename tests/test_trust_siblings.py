@@ -376,8 +376,9 @@ def test_manifest_paths_stay_inside_the_artifact(tmp_path: Path, rel: str) -> No
 def test_a_planted_unlisted_file_is_refused(tmp_path: Path) -> None:
     art = write_stage(tmp_path / "x", "a")
     (art.path / "added_tokens.json").write_text('{"evil": 0}')
-    with pytest.raises(InstatuneError, match="holds added_tokens.json, which its manifest does not list"):
-        artifacts.load(art.path)
+    for verify in (True, False):  # also where contents are not hashed (a teacher run, a baseline)
+        with pytest.raises(InstatuneError, match="holds added_tokens.json, which its manifest does not list"):
+            artifacts.load(art.path, verify=verify)
     (art.path / "added_tokens.json").unlink()
     (art.path / "weights.txt").unlink()
     (art.path / "weights.txt").symlink_to(tmp_path / "x" / "manifest.json")
