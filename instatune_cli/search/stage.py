@@ -252,7 +252,7 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
         measurement = Measurement.of(parent, [o.name for o in objs], opts)
         out = Path(output) if output else default_output(run_dir)
         writer = artifacts.StageWriter(out, "search", opts.to_dict(), parent=parent, force=force, resume=resume,
-                                       cleanup_on_error=False, keep_if=_has_evaluations)
+                                       cleanup_on_error=False, keep_if=_has_evaluations, inputs=(opts.baseline,))
         group = cpu_group()
         try:
             stage = _SearchStage(parent, writer, objs, cons, max_drop, ref_point, opts, measurement, resume,
