@@ -350,3 +350,10 @@ def test_inc_weight_only_artifact_is_packed_and_reloads_with_incs_loader(extract
     with torch.no_grad():
         assert torch.equal(back(**test).logits, q(**test).logits)
         assert 0 < (back(**test).logits - m(**test).logits).abs().max() < 0.1
+
+
+def test_joint_search_refuses_a_group_size_ort_has_no_operator_for(tiny_tune_run, tmp_path):
+    r = run_cli("search", tiny_tune_run, "--objectives", "acc,size", "--quant", "--group-size", "24", "--output",
+                tmp_path / "s")
+    assert_cli_error(r, "--group-size 24 is not a power of two")
+    assert not (tmp_path / "s").exists()

@@ -215,6 +215,7 @@ def test_quantize_stage_inc_engine_refuses_what_does_not_ship(extracted, tmp_pat
     (["--policy", "missing.json"], "does not exist"),
     (["--policy", "p.json", "--all-int8"], "not several"),
     (["--all-int8", "--group-size", "32"], "--group-size is for --all-int4"),
+    (["--compile"], "ONNX Runtime needs no compile step"),
 ])
 def test_quantize_bad_input_is_one_line(extracted, tmp_path, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
