@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli import __version__
-from instatune_cli.errors import InstatuneError, Interrupted, Terminated
+from instatune_cli.errors import InstatuneError, Interrupted, Terminated, interrupt_of
 
 SCHEMA = "instatune.artifact"
 SCHEMA_VERSION = 1
@@ -750,8 +750,8 @@ class StageWriter:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
             self.release()
-        if isinstance(exc, KeyboardInterrupt):
-            raise self.interrupted(exc) from None
+        if interrupt_of(exc) is not None:
+            raise self.interrupted(interrupt_of(exc)) from None
         if exc is not None:
             err = self.fault(exc)
             if err is not exc:
@@ -774,8 +774,8 @@ class StageWriter:
             yield
         except BaseException as e:  # noqa: BLE001 - re-raised unless it is a refused write or an interrupt
             self._drop_unstarted()
-            if isinstance(e, KeyboardInterrupt):
-                raise self.interrupted(e) from None
+            if interrupt_of(e) is not None:
+                raise self.interrupted(interrupt_of(e)) from None
             err = self.fault(e, what) if isinstance(e, Exception) else e
             if err is e:
                 raise

@@ -20,3 +20,16 @@ class Interrupted(KeyboardInterrupt):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised by the CLI's handler so a stage stops as on Ctrl-C (partial kept or removed)."""
+
+
+def interrupt_of(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C/SIGTERM behind `e`: itself, or one a library turned into another error (onnxruntime's import
+    raises `ImportError: initialization failed` from a KeyboardInterrupt), following explicit causes and
+    unsuppressed contexts."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return None

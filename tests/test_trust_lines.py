@@ -168,3 +168,24 @@ def test_sigterm_exits_with_one_line(tmp_path: Path, stage: str, kept: bool) -> 
     assert proc.returncode == 143, (out, err)
     assert len(lines) == 1 and lines[0].startswith("error: terminated (SIGTERM)"), err
     assert (tmp_path / "out.partial").exists() == kept and not (tmp_path / "out.lock").exists()
+
+
+def test_ctrl_c_that_a_library_reraised_is_still_ctrl_c(tmp_path: Path) -> None:
+    """onnxruntime's import turns a Ctrl-C into `ImportError: initialization failed` (docs/faults.md, Ctrl-C
+    during export): the stage still ends with the interrupt's one line and removes its partial."""
+    with pytest.raises(Interrupted, match=r"^interrupted; nothing was written to .*onnx$"):
+        with artifacts.StageWriter(tmp_path / "onnx", "export", {}):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise ImportError("initialization failed") from e
+    assert list(tmp_path.iterdir()) == []
+    from instatune_cli.errors import interrupt_of
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise InstatuneError("a refusal while stopping") from None
+    except InstatuneError as e:
+        assert interrupt_of(e) is None  # a suppressed context is not followed

@@ -106,10 +106,11 @@ def user_errors(fn: F) -> F:
 def report(e: BaseException) -> None:
     """The one-line error for `e` (and its exit code); anything that is not the user's to fix is re-raised."""
     from instatune_cli.artifacts import as_write_error
-    from instatune_cli.errors import Interrupted, Terminated
+    from instatune_cli.errors import Interrupted, Terminated, interrupt_of
 
     if isinstance(e, InstatuneError):
         fail(str(e))
+    e = interrupt_of(e) or e  # a Ctrl-C a library re-raised as another error is still a Ctrl-C
     if isinstance(e, Interrupted):  # inside a stage: it says what was kept (130 Ctrl-C, 143 SIGTERM)
         fail(e.message, code=e.exit_code)
     if isinstance(e, KeyboardInterrupt):  # before a stage opened its output, or while it was already stopping
