@@ -130,15 +130,26 @@ class Bench:
 
     # ---- the four methods for one seed ----------------------------------------------------------------------
     def best_lr(self) -> float:
-        """The plain learning rate with the best validation score on the first seed."""
+        """The plain learning rate with the best validation score on the first seed. A best at the edge of the
+        grid is not a best: the grid grows by a factor 2 that way (at most twice), as a careful user would."""
         seed = self.args.seed_list[0]
-        scores = {}
-        for lr in LRS:
-            run = self.work / f"plain-lr{lr:g}-s{seed}"
-            self.tune(run, seed, lr, "--plain")
-            scores[lr] = self.val_score(run)
-        self.lr_scores = {f"{k:g}": v for k, v in scores.items()}
-        return max(scores, key=lambda k: scores[k])
+        scores: dict[float, float] = {}
+        grid = list(LRS)
+        for _ in range(3):
+            for lr in grid:
+                if lr not in scores:
+                    run = self.work / f"plain-lr{lr:g}-s{seed}"
+                    self.tune(run, seed, lr, "--plain")
+                    scores[lr] = self.val_score(run)
+            best = max(sorted(scores), key=lambda k: scores[k])  # ties: the smaller rate
+            if best == max(grid):
+                grid.append(best * 2)
+            elif best == min(grid):
+                grid.insert(0, best / 2)
+            else:
+                break
+        self.lr_scores = {f"{k:g}": v for k, v in sorted(scores.items())}
+        return best
 
     def seed_rows(self, seed: int, lr: float) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
