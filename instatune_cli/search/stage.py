@@ -82,7 +82,7 @@ class SearchOptions:
     latency_threads: int | None = None
     baseline: str | None = None
     ref_point: str | None = None
-    quant: bool = False             # joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization")
+    quant: bool = False             # joint architecture + precision search (docs/architecture.md, "Quantization")
     calibration_samples: int = 128  # --quant: training examples the QDQ emulation calibrates on
     group_size: int = 32            # --quant: inputs per INT4 scale (quantize/policy.py DEFAULT_GROUP_SIZE)
     int4: bool = True               # --quant: INT4 block-wise weights are a precision choice where they fit

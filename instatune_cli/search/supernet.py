@@ -98,7 +98,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     `metric` overrides the run's own (accuracy, f1, mcc). `limit_val` measures `acc` on the first N rows of
     the selection split (`limit_eval` is its older name, kept working; the eval split is always scored
     whole). `on_warning(text)` receives the no-validation-split fallback warning (default: warnings.warn).
-    `quant`: the joint architecture + INT8/FP32 search (docs/architecture.md, "Quantization"): candidates carry
+    `quant`: the joint architecture + precision search (docs/architecture.md, "Quantization"): candidates carry
     precision genes, `acc` is measured through the ONNX Runtime engine's QDQ arithmetic calibrated on
     `calibration_samples` training examples, and `size` is the closed-form bytes of the quantized model. With
     `int4`, a precision gene also offers INT4 block-wise weights (blocks of `group_size` inputs) wherever the
@@ -117,7 +117,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     if quant and adapter_of(model).modality != "text":
         from instatune_cli.errors import InstatuneError
 
-        raise InstatuneError(f"--quant (the joint INT8/FP32 search) is defined for the text families; {run_dir} "
+        raise InstatuneError(f"--quant (the joint precision search) is defined for the text families; {run_dir} "
                              f"holds a {adapter_of(model).family} model: search without --quant and use "
                              "`instatune export --int8` on the chosen sub-network")
     if quant:
