@@ -18,7 +18,8 @@ sub-network of each depth, and the smallest) on the run's validation split and o
     python bench/convergence.py [--seeds 42,43] [--train 8500] [--epochs 1] [--variants plain,paper,...]
 
 Resumable: a finished tune run and its scores are kept under bench/results/convergence/ and not redone.
-Writes bench/results/convergence.json (rows + summary) and convergence.md.
+Writes bench/results/convergence.json (rows + summary) and convergence.md for the SST-2 slice,
+convergence_stsb.json / .md for STS-B; raw rows as convergence[.stsb].rows.jsonl.
 """
 
 from __future__ import annotations
@@ -185,13 +186,14 @@ def main() -> None:
             done[(v, seed)] = row
             print(json.dumps({"variant": v, "seed": seed, "super": row["scores"]["super"]}), flush=True)
     rows = list(done.values())
-    out = REPO / "bench" / "results" / "convergence.json"
-    prov.write_rows(rows)
+    tag = "_stsb" if args.task == "stsb" else ""
+    out = REPO / "bench" / "results" / f"convergence{tag}.json"
+    prov.write_rows(rows, suffix="stsb.rows" if tag else "rows")
     summ = {f"{r['variant']}.s{r['seed']}.{p}": s[f"eval_{args.metric}"] for r in rows for p, s in r["scores"].items()}
     result = {"bench": "convergence", "options": {k: str(v) for k, v in vars(args).items()}, "data": counts,
               "rows": rows, "provenance": prov.finish(summ, result_file=out)}
     out.write_text(json.dumps(result, indent=1))
-    (REPO / "bench" / "results" / "convergence.md").write_text(table(rows, args.metric))
+    out.with_suffix(".md").write_text(table(rows, args.metric))
     print(table(rows, args.metric))
 
 
