@@ -73,10 +73,11 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(0.3, "--alpha", help="Cross-entropy weight α of the InstaTune loss.",
                                     rich_help_panel=METHOD),
         super_ce: Optional[float] = typer.Option(None, "--super-ce", help="Cross-entropy weight of the "
-                                                 "super-network's own term.", show_default="α, as in the paper",
+                                                 "super-network's own term (the paper's Eq. 1: α).",
+                                                 show_default="1 without a teacher, α with one",
                                                  rich_help_panel=METHOD),
-        super_warmup: float = typer.Option(0.0, "--super-warmup", help="Fraction of steps that train the "
-                                           "super-network alone before sub-networks are sampled.",
+        super_warmup: float = typer.Option(0.3, "--super-warmup", help="Fraction of steps that train the "
+                                           "super-network alone before sub-networks are sampled (the paper: 0).",
                                            rich_help_panel=METHOD),
         temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature ρ.",
                                           rich_help_panel=METHOD),

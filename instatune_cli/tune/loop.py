@@ -675,7 +675,7 @@ class Trainer:
         torch.manual_seed(seed_int("dropout", cfg.seed, step, self.rank))
         epoch_now = (step * self.A) // self.micro_per_epoch
         gamma = 1.0 if self.inp.teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
-        w = L.LossWeights(cfg.alpha, cfg.temperature, gamma, cfg.super_ce)
+        w = L.LossWeights(cfg.alpha, cfg.temperature, gamma, cfg.super_ce_for(gamma))
         sampling = cfg.elastic and step >= self.super_warmup_steps
         subs = self.space.sample_many(random.Random(seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
                                       cfg.sampling) if sampling else []
@@ -983,7 +983,8 @@ class Trainer:
                      "calib_file": "calib.jsonl", "calib_examples": min(CALIB_EXAMPLES, self.n_train)},
             "training": {"mode": "plain" if cfg.plain else "elastic", "num_subnets": cfg.num_subnets,
                          "sampling": cfg.sampling, "alpha": cfg.alpha, "temperature": cfg.temperature,
-                         "super_ce": cfg.super_ce, "super_warmup_steps": self.super_warmup_steps,
+                         "super_ce": cfg.super_ce_for(0.0), "super_ce_with_teacher": cfg.super_ce_for(1.0),
+                         "super_warmup_steps": self.super_warmup_steps,
                          "hidden_distill": cfg.hidden_distill,
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
                          "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,

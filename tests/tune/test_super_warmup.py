@@ -1,0 +1,47 @@
+"""The elastic defaults that make the super-network learn like plain tuning (issue 18, bench/convergence.py):
+the super-network alone for the first `--super-warmup` of steps, and its own CE at full weight when no strong
+teacher teaches it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import one_thread, tiny_tune_config
+
+from instatune_cli.tune.config import TuneConfig
+from instatune_cli.tune.loss import LossWeights, super_term
+
+
+def test_super_ce_rule() -> None:
+    cfg = TuneConfig(model="m", task="sst2")
+    assert cfg.super_warmup == 0.3
+    assert cfg.super_ce_for(0.0) == 1.0 and cfg.super_ce_for(1.0) == cfg.alpha
+    assert TuneConfig(model="m", task="sst2", super_ce=0.3).super_ce_for(0.0) == 0.3  # the paper's Eq. 1
+
+
+def test_super_term_weight() -> None:
+    import torch
+
+    logits, labels = torch.tensor([[2.0, -1.0], [0.5, 0.25]]), torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert super_term(logits, labels, LossWeights(0.3)).item() == pytest.approx(0.3 * ce.item())
+    assert super_term(logits, labels, LossWeights(0.3, super_ce=1.0)).item() == pytest.approx(ce.item())
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.5])
+def test_no_subnetwork_before_the_warmup_ends(warmup: float, tiny_bert_dir: Path, tiny_data_dir: Path,
+                                              tmp_path: Path) -> None:
+    from instatune_cli.tune.loop import run_tune
+
+    with one_thread():
+        run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "r", max_steps=12, log_every=1,
+                                  super_warmup=warmup))
+    train = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["event"] == "train"]
+    first = math.ceil(warmup * 12)
+    assert [bool(r["subnets"]) for r in train] == [r["step"] > first for r in train]
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert man["training"]["super_warmup_steps"] == first and man["training"]["super_ce"] == 1.0
