@@ -76,7 +76,7 @@ class Bench:
             cached = out.with_name(out.name + ".cpu")
             return float(cached.read_text()) if cached.exists() else 0.0
         cmd = [sys.executable, "-m", "instatune_cli", *argv, "-o", str(out)]
-        if argv[0] == "tune" and out.with_name(out.name + ".partial").exists():
+        if argv[0] in ("tune", "search") and out.with_name(out.name + ".partial").exists():  # both resume
             cmd.append("--resume")
         t0 = os.times()
         subprocess.run(cmd, check=True, cwd=REPO)
