@@ -23,8 +23,9 @@ import numpy as np
 
 from instatune_cli.artifacts import Heartbeat, writing
 from instatune_cli.errors import InstatuneError
-from instatune_cli.search.algorithms import ALGORITHMS, SearchContext, run_linas, run_nsga2, run_random
 from instatune_cli.search.archive import ARCHIVE_JSONL, Archive, write_rows_csv
+from instatune_cli.search.context import SearchContext
+from instatune_cli.search.interface import Evaluation, Proposal, SearchAlgorithm, algorithm_class
 from instatune_cli.search.objectives import Constraint, ObjectiveSpec, parse_constraint, resolve_objectives
 from instatune_cli.search.pareto import hypervolume, pareto_front, ref_to_min, reference_point, to_min_matrix
 from instatune_cli.space import SearchSpace, SubNet
@@ -130,9 +131,8 @@ def run_search(
             f"objective {missing[0]!r} is exact (computed, never predicted); "
             f"pass exact={{'{missing[0]}': fn}}"
         )
-    algo = str(algorithm).strip().lower()
-    if algo not in ALGORITHMS:
-        raise InstatuneError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    algo_cls = algorithm_class(algorithm)
+    algo = algo_cls.name
     evals, population = int(evals), int(population)
     if population < 2:
         raise InstatuneError(f"population must be at least 2, got {population}")
@@ -158,20 +158,49 @@ def run_search(
     ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
     ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
     _add_heartbeat(ctx, progress_every, population)
-    rng = random.Random(seed)
     t0 = time.perf_counter()
-    if algo == "random":
-        run_random(ctx, rng, population)
-    elif algo == "nsga2":
-        run_nsga2(ctx, rng, population)
-    else:
-        run_linas(ctx, rng, population, batch)
+    drive(ctx, algo_cls(ctx, random.Random(seed), population=population, batch=batch))
     seconds = time.perf_counter() - t0
 
     result = _result(ctx, algo, seed, ref_point, seconds, notes)
     with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
         write_outputs(result, archive)
     return result
+
+
+STALE_ASKS = 1000  # consecutive asks that brought nothing new before a plug-in algorithm is called stuck
+
+
+def drive(ctx: SearchContext, algorithm: SearchAlgorithm) -> None:
+    """The search loop: ask, measure each proposal in order (a config seen before is free; the budget stops the
+    batch), tell; until the budget is spent or the algorithm proposes nothing (docs/architecture.md, "Search")."""
+    stale = 0
+    while not ctx.done:
+        proposals = [_proposal(p, algorithm) for p in algorithm.ask()]
+        if not proposals:
+            return
+        results: list[Evaluation] = []
+        for p in proposals:
+            fresh = not ctx.seen(p.sub.id)
+            if fresh:
+                ctx.space.check(p.sub)
+            row = ctx.measure(p.sub, p.origin, p.iteration)
+            if row is None:
+                break
+            results.append(Evaluation(p, row, fresh))
+        algorithm.tell(results)
+        stale = 0 if any(r.fresh for r in results) else stale + 1
+        if stale >= STALE_ASKS:
+            raise InstatuneError(f"algorithm {algorithm.name!r} proposed only sub-networks it had already measured "
+                                 f"{STALE_ASKS} times in a row; an algorithm with nothing new to propose returns []")
+
+
+def _proposal(p: Any, algorithm: SearchAlgorithm) -> Proposal:
+    if isinstance(p, Proposal):
+        return p
+    if isinstance(p, SubNet):
+        return Proposal(p, algorithm.name)
+    raise InstatuneError(f"algorithm {algorithm.name!r} proposed {p!r}; ask() returns Proposal or SubNet objects")
 
 
 def _fill_genes(archive: Archive, space: SearchSpace) -> None:
