@@ -9,12 +9,13 @@ other settings the archived rows are reused and the search simply continues from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ def run_search(
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     ref_point: Mapping[str, float] | Sequence[float] | None = None,
     progress_every: float | None = None,
+    group: Any = None,
 ) -> SearchResult:
     """Search `space` for sub-networks Pareto-optimal in `objectives` with `evals` real evaluations.
 
@@ -119,8 +121,22 @@ def run_search(
     called after each real evaluation. `progress_every` (seconds) prints a plain line on stderr at that interval
     (evaluations done of the budget, hypervolume so far): for logs where no one sees per-evaluation output.
     Writes archive.jsonl (as it goes), archive.csv, front.csv, hypervolume.csv and predictors.jsonl into
-    `archive_dir`.
+    `archive_dir`. `group` (a launched `distributed.Group`, on its rank 0): `evaluate` is collective, and the other
+    ranks run `follow_search(group, their_evaluate)` meanwhile (rank 0 asks and tells, every rank evaluates).
     """
+    with _leading(group, evaluate) as announced:
+        return _search(space, objectives, announced, exact=exact, algorithm=algorithm, evals=evals,
+                       population=population, seed=seed, archive_dir=archive_dir, resume=resume,
+                       constraints=constraints, batch=batch, on_eval=on_eval, ref_point=ref_point,
+                       progress_every=progress_every)
+
+
+def _search(space: SearchSpace, objectives: Sequence[ObjectiveSpec | str],
+            evaluate: Callable[[SubNet], Mapping[str, float]], *, exact: Mapping[str, Callable[[SubNet], float]] | None,
+            algorithm: str, evals: int, population: int, seed: int, archive_dir: str | Path, resume: bool,
+            constraints: Iterable[Constraint | str] | Mapping[str, Any], batch: int | None,
+            on_eval: Callable[[dict[str, Any]], None] | None, ref_point: Mapping[str, float] | Sequence[float] | None,
+            progress_every: float | None) -> SearchResult:
     if not isinstance(space, SearchSpace):
         raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
     objs = resolve_objectives(objectives)
@@ -166,6 +182,53 @@ def run_search(
     with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
         write_outputs(result, archive)
     return result
+
+
+# ---- a launched search: rank 0 asks and tells, every rank evaluates its share -----------------------------
+_EVAL, _STOP, _ABORT = "eval", "stop", "abort"
+
+
+@contextlib.contextmanager
+def _leading(group: Any, evaluate: Callable[[SubNet], Any]) -> Iterator[Callable[[SubNet], Any]]:
+    """Rank 0's `evaluate` under a launcher: each real evaluation is announced to the other ranks first (they then
+    run the same collective pass on their shard). Only rank 0 knows, at each proposal's turn, whether it is a real
+    evaluation (seen before, archived by an earlier session, or past the budget: the resume replay), so the message
+    is per evaluation; it is also what lets rank 0 release the others when it fails between two evaluations: "stop"
+    after the search, "abort" on a failure (they exit with rank 0's error). A failure inside an evaluation leaves
+    them mid-collective: the launcher ends them. Not launched: `evaluate` itself, nothing is sent."""
+    if group is None or not group.active:
+        yield evaluate
+        return
+    busy = [False]
+
+    def announced(sub: SubNet) -> Any:
+        group.broadcast_object((_EVAL, sub))
+        busy[0] = True
+        out = evaluate(sub)
+        busy[0] = False
+        return out
+
+    try:
+        yield announced
+    except BaseException:
+        if not busy[0]:
+            group.broadcast_object((_ABORT, None))
+        raise
+    group.broadcast_object((_STOP, None))
+
+
+def follow_search(group: Any, evaluate: Callable[[SubNet], Any]) -> None:
+    """A non-zero rank of a launched search: `evaluate` (its shard) each sub-network rank 0 announces, until it says
+    stop; on "abort" leave quietly (`distributed.Follower`): rank 0 reports the error. Writes nothing."""
+    from instatune_cli.distributed import Follower
+
+    while True:
+        kind, sub = group.broadcast_object((None, None))
+        if kind == _STOP:
+            return
+        if kind != _EVAL:
+            raise Follower(2)
+        evaluate(sub)
 
 
 STALE_ASKS = 1000  # consecutive asks that brought nothing new before a plug-in algorithm is called stuck
