@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.plugins import load_entry_points
 from instatune_cli.space import SubNet
 
 if TYPE_CHECKING:
@@ -111,15 +112,7 @@ def _discover() -> None:
     _DISCOVERED = True
     for mod in BUILTIN_MODULES:
         importlib.import_module(mod)
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plug-in must not break the built-in algorithms
-            import warnings
-
-            warnings.warn(f"instatune algorithm plug-in {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+    load_entry_points(ENTRY_POINT_GROUP, "algorithm")
 
 
 def algorithm_names() -> list[str]:

@@ -186,29 +186,25 @@ def test_an_unknown_algorithm_is_one_line_listing_the_registered_ones(tiny_tune_
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # refused before any output
 
 
-def test_entry_points_register_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An `instatune.algorithms` entry point is imported when the registry is first read; a broken one warns and
-    leaves the others working."""
-
-    class EP:
-        def __init__(self, name: str, fn: Any) -> None:
-            self.name, self.value, self._fn = name, f"pkg.{name}", fn
-
-        def load(self) -> Any:
-            return self._fn()
-
-    def broken() -> None:
-        raise ImportError("no module named pkg.broken")
-
-    plugin = type("PluginClimb", (Climb,), {})
+def test_entry_points_register_algorithms(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An `instatune.algorithms` entry point (a real `EntryPoint`: its module is imported, which registers the
+    algorithm) is loaded when the registry is first read; a broken one warns and leaves the others working."""
+    (tmp_path / "my_sweep.py").write_text(
+        "from instatune_cli.search.interface import SearchAlgorithm, register_algorithm\n\n\n"
+        "@register_algorithm('ep-sweep')\n"
+        "class Sweep(SearchAlgorithm):\n"
+        "    def ask(self):\n        return []\n\n"
+        "    def tell(self, results):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [importlib.metadata.EntryPoint("sweep", "my_sweep", I.ENTRY_POINT_GROUP),
+           importlib.metadata.EntryPoint("broken", "no_such_module_of_instatune", I.ENTRY_POINT_GROUP)]
     seen: list[str] = []
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: seen.append(group) or [EP("good", lambda: register_algorithm("ep-climb")(plugin)),
-                                                             EP("broken", broken)])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: seen.append(group) or eps)
     monkeypatch.setattr(I, "_DISCOVERED", False)
     monkeypatch.setattr(I, "_REGISTRY", dict(I._REGISTRY))
+    monkeypatch.delitem(sys.modules, "my_sweep", raising=False)
     with pytest.warns(UserWarning, match="'broken'.*failed to load"):
         names = algorithm_names()
     assert seen == [I.ENTRY_POINT_GROUP]
-    assert names == ["ep-climb", "linas", "nsga2", "random"]
-    assert I.algorithm_class("EP-Climb") is plugin
+    assert names == ["ep-sweep", "linas", "nsga2", "random"]
+    assert I.algorithm_class("EP-Sweep").__module__ == "my_sweep"
