@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from instatune_cli.artifacts import Heartbeat, writing
+from instatune_cli.distributed import Follower
 from instatune_cli.errors import InstatuneError
 from instatune_cli.search.archive import ARCHIVE_JSONL, Archive, write_rows_csv
 from instatune_cli.search.context import SearchContext
@@ -124,64 +125,52 @@ def run_search(
     `archive_dir`. `group` (a launched `distributed.Group`, on its rank 0): `evaluate` is collective, and the other
     ranks run `follow_search(group, their_evaluate)` meanwhile (rank 0 asks and tells, every rank evaluates).
     """
-    with _leading(group, evaluate) as announced:
-        return _search(space, objectives, announced, exact=exact, algorithm=algorithm, evals=evals,
-                       population=population, seed=seed, archive_dir=archive_dir, resume=resume,
-                       constraints=constraints, batch=batch, on_eval=on_eval, ref_point=ref_point,
-                       progress_every=progress_every)
+    with _leading(group, evaluate) as evaluate:  # launched: the other ranks hear each evaluation
+        if not isinstance(space, SearchSpace):
+            raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
+        objs = resolve_objectives(objectives)
+        exact = dict(exact or {})
+        missing = [o.name for o in objs if o.exact and o.name not in exact]
+        if missing:
+            raise InstatuneError(
+                f"objective {missing[0]!r} is exact (computed, never predicted); "
+                f"pass exact={{'{missing[0]}': fn}}"
+            )
+        algo_cls = algorithm_class(algorithm)
+        algo = algo_cls.name
+        evals, population = int(evals), int(population)
+        if population < 2:
+            raise InstatuneError(f"population must be at least 2, got {population}")
+        if evals < population:
+            raise InstatuneError(
+                f"budget of {evals} evaluations is smaller than the population of {population}; "
+                "raise the budget or lower the population"
+            )
+        batch = max(1, population // 2) if batch is None else int(batch)
+        if batch < 1:
+            raise InstatuneError(f"batch must be at least 1, got {batch}")
+        cons = _constraints(constraints)
+        notes: list[str] = []
+        card = space.cardinality()
+        if evals > card:
+            notes.append(f"the space holds only {card} sub-networks; the budget of {evals} was capped to {card}")
 
+        archive_dir = Path(archive_dir)
+        names = [o.name for o in objs]
+        with writing("the search archive", archive_dir / ARCHIVE_JSONL):
+            archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
+        _fill_genes(archive, space)
+        ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
+        ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
+        _add_heartbeat(ctx, progress_every, population)
+        t0 = time.perf_counter()
+        drive(ctx, algo_cls(ctx, random.Random(seed), population=population, batch=batch))
+        seconds = time.perf_counter() - t0
 
-def _search(space: SearchSpace, objectives: Sequence[ObjectiveSpec | str],
-            evaluate: Callable[[SubNet], Mapping[str, float]], *, exact: Mapping[str, Callable[[SubNet], float]] | None,
-            algorithm: str, evals: int, population: int, seed: int, archive_dir: str | Path, resume: bool,
-            constraints: Iterable[Constraint | str] | Mapping[str, Any], batch: int | None,
-            on_eval: Callable[[dict[str, Any]], None] | None, ref_point: Mapping[str, float] | Sequence[float] | None,
-            progress_every: float | None) -> SearchResult:
-    if not isinstance(space, SearchSpace):
-        raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
-    objs = resolve_objectives(objectives)
-    exact = dict(exact or {})
-    missing = [o.name for o in objs if o.exact and o.name not in exact]
-    if missing:
-        raise InstatuneError(
-            f"objective {missing[0]!r} is exact (computed, never predicted); "
-            f"pass exact={{'{missing[0]}': fn}}"
-        )
-    algo_cls = algorithm_class(algorithm)
-    algo = algo_cls.name
-    evals, population = int(evals), int(population)
-    if population < 2:
-        raise InstatuneError(f"population must be at least 2, got {population}")
-    if evals < population:
-        raise InstatuneError(
-            f"budget of {evals} evaluations is smaller than the population of {population}; "
-            "raise the budget or lower the population"
-        )
-    batch = max(1, population // 2) if batch is None else int(batch)
-    if batch < 1:
-        raise InstatuneError(f"batch must be at least 1, got {batch}")
-    cons = _constraints(constraints)
-    notes: list[str] = []
-    card = space.cardinality()
-    if evals > card:
-        notes.append(f"the space holds only {card} sub-networks; the budget of {evals} was capped to {card}")
-
-    archive_dir = Path(archive_dir)
-    names = [o.name for o in objs]
-    with writing("the search archive", archive_dir / ARCHIVE_JSONL):
-        archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
-    _fill_genes(archive, space)
-    ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
-    ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
-    _add_heartbeat(ctx, progress_every, population)
-    t0 = time.perf_counter()
-    drive(ctx, algo_cls(ctx, random.Random(seed), population=population, batch=batch))
-    seconds = time.perf_counter() - t0
-
-    result = _result(ctx, algo, seed, ref_point, seconds, notes)
-    with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
-        write_outputs(result, archive)
-    return result
+        result = _result(ctx, algo, seed, ref_point, seconds, notes)
+        with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
+            write_outputs(result, archive)
+        return result
 
 
 # ---- a launched search: rank 0 asks and tells, every rank evaluates its share -----------------------------
@@ -220,8 +209,6 @@ def _leading(group: Any, evaluate: Callable[[SubNet], Any]) -> Iterator[Callable
 def follow_search(group: Any, evaluate: Callable[[SubNet], Any]) -> None:
     """A non-zero rank of a launched search: `evaluate` (its shard) each sub-network rank 0 announces, until it says
     stop; on "abort" leave quietly (`distributed.Follower`): rank 0 reports the error. Writes nothing."""
-    from instatune_cli.distributed import Follower
-
     while True:
         kind, sub = group.broadcast_object((None, None))
         if kind == _STOP:
