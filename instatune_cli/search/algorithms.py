@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -165,8 +166,9 @@ class _Started(SearchAlgorithm):
     def started(self) -> None:
         """The start population is measured (`self.start.rows`)."""
 
+    @abstractmethod
     def next_proposals(self) -> list[Proposal]:
-        raise NotImplementedError
+        """What to measure once the start population is measured; [] ends the search."""
 
     def told(self, results: list[Evaluation]) -> None:
         """What `next_proposals` measured."""
