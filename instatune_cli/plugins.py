@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from importlib import metadata
 
 
 def load_entry_points(group: str, what: str) -> None:
     """Import every module named by an entry point of `group` (importing it registers the plug-in). A broken one is
     a warning naming it, so it cannot break the built-in `what`s."""
-    for ep in metadata.entry_points(group=group):
+    from importlib.metadata import entry_points  # read only when a registry is first used
+
+    for ep in entry_points(group=group):
         try:
             ep.load()
         except Exception as e:  # noqa: BLE001 - any failure of third-party code is that plug-in's, not ours
