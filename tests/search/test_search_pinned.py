@@ -88,5 +88,10 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         for c in sorted(CASES):
             with tempfile.TemporaryDirectory() as td:
                 out[f"{a}/{c}"] = record(CASES[c](Path(td) / "s", a))
-    FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
+    cases = []  # one evaluated sub-network per line, so a diff shows where a trajectory moved
+    for key, rec in out.items():
+        rows = ",\n".join(f"   {json.dumps(r)}" for r in rec["rows"])
+        rest = ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in rec.items() if k != "rows")
+        cases.append(f' "{key}": {{\n  "rows": [\n{rows}\n  ],\n{rest}\n }}')
+    FIXTURE.write_text("{\n" + ",\n".join(cases) + "\n}\n")
     print(f"wrote {FIXTURE} ({len(out)} cases)")
