@@ -91,8 +91,9 @@ REFERENCE_SCHEMA = 2  # 2: the reference is the random sample alone (1 was the u
 TARGETS = ((0.75, 1.0), (0.50, 1.0), (0.33, 1.0))
 ANCHOR = {"source": "DyNAS-T LINAS (InstaTune paper Fig. 2)", "fraction": 0.98, "nsga2_over_linas": 2.3,
           "note": "context only: the paper's setup (population, reference front) differs from this one"}
-# what decides a search's trajectory (run.py and archive.py only orchestrate and store; the bench pins the batch)
-SEARCH_CODE = ("instatune_cli/search/algorithms.py", "instatune_cli/search/predictors.py",
+# what decides a search's trajectory (run.py's driver loop included; archive.py only stores; the bench pins the batch)
+SEARCH_CODE = ("instatune_cli/search/algorithms.py", "instatune_cli/search/context.py",
+               "instatune_cli/search/interface.py", "instatune_cli/search/run.py", "instatune_cli/search/predictors.py",
                "instatune_cli/search/pareto.py", "instatune_cli/search/objectives.py", "instatune_cli/space.py")
 OBJECTIVES = ["acc", "macs"]
 

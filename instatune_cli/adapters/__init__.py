@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.plugins import load_entry_points
 
 if TYPE_CHECKING:
     from instatune_cli.adapters.base import FamilyAdapter
@@ -42,15 +43,7 @@ def _discover() -> None:
     for m in pkgutil.iter_modules(__path__):
         if m.name not in _NOT_FAMILIES and not m.name.startswith("_"):
             importlib.import_module(f"{__name__}.{m.name}")
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plug-in must not break the built-in families
-            import warnings
-
-            warnings.warn(f"instatune family plug-in {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+    load_entry_points(ENTRY_POINT_GROUP, "family")
 
 
 def families() -> list[FamilyAdapter]:

@@ -112,7 +112,8 @@ def register(app: typer.Typer) -> None:
                                            help="Mark the cheapest front member within N points of the "
                                            "super-network's score, both on the validation split: max-drop=0.5"),
         algorithm: str = typer.Option("linas", "--algorithm", rich_help_panel=HOW,
-                                      help="linas (predictor-guided NSGA-II), nsga2 or random."),
+                                      help="linas (predictor-guided NSGA-II), nsga2, random, or a "
+                                      "registered plug-in."),
         evals: int = typer.Option(50, "--evals", rich_help_panel=HOW, help="Budget of real evaluations."),
         population: int = typer.Option(10, "--population", rich_help_panel=HOW,
                                        help="Random start size (and NSGA-II population)."),

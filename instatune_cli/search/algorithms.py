@@ -1,12 +1,10 @@
-"""Search algorithms with one real-evaluation budget: random, plain NSGA-II, and LINAS.
+"""The built-in search algorithms behind the ask / tell interface (search/interface.py): random, plain NSGA-II
+and LINAS, registered as `random`, `nsga2` and `linas`.
 
-All three share `SearchContext.measure`, the only place a real evaluation happens. It looks a config up
-first (the same config is never measured twice) and makes every decision depend only on the seed and
-on the evaluations the run has *seen*, in order. Resuming therefore replays the algorithm from the start
-with the archive as a cache: replayed decisions are identical, cost no real evaluation, and the run
-continues exactly where it was killed (LINAS re-plans the interrupted batch, finds its first members
-already measured, and measures the rest). Only if the replay diverges (e.g. a different seed) are the
-remaining archived rows handed to the algorithm at once, so they are still used and never re-measured.
+Each starts from the same population (`StartPopulation`: the space's anchors, then random draws) and proposes
+only from what the run has seen (`SearchContext`), so a seed reproduces the archive and a resume replays it. They
+propose one sub-network at a time where the next proposal depends on the previous result (the start population,
+random search, NSGA-II's immigrant) and a whole batch where it does not (an NSGA-II generation, a LINAS iteration).
 
 Genetic operators: DEAP supplies NSGA-II selection (`tools.selNSGA2`, `sortLogNondominated`,
 `assignCrowdingDist`); uniform crossover, uniform-int mutation and the binary crowded tournament are
@@ -17,148 +15,20 @@ depend on (and disturb) the caller's random state.
 from __future__ import annotations
 
 import itertools
-import math
 import random
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from instatune_cli.artifacts import writing
-from instatune_cli.errors import InstatuneError
-from instatune_cli.search.archive import Archive
-from instatune_cli.search.objectives import Constraint, ObjectiveSpec
+from instatune_cli.search.context import SearchContext
+from instatune_cli.search.interface import Evaluation, Proposal, SearchAlgorithm, register_algorithm
 from instatune_cli.search.pareto import hypervolume, nondominated_mask, reference_point
 from instatune_cli.search.predictors import Predictors
 from instatune_cli.space import SearchSpace, SubNet
 
-ALGORITHMS = ("linas", "nsga2", "random")
-PENALTY = 1e30  # minimised value of an infeasible point: dominated by every feasible one
 STALL_GENERATIONS = 10  # NSGA-II generations without a new config before a random immigrant is added
-
-
-@dataclass
-class SearchContext:
-    """Budget, archive-backed evaluation and the run's view of what it has measured so far."""
-
-    space: SearchSpace
-    objectives: list[ObjectiveSpec]
-    evaluate: Callable[[SubNet], Mapping[str, Any]]
-    exact: dict[str, Callable[[SubNet], float]]
-    archive: Archive
-    evals: int
-    constraints: list[Constraint] = field(default_factory=list)
-    on_eval: Callable[[dict[str, Any]], None] | None = None
-    ref_point: np.ndarray | None = None  # minimised; fixed by the caller, else derived per iteration
-    visible: list[dict[str, Any]] = field(default_factory=list)
-    predictor_log: list[dict[str, Any]] = field(default_factory=list)
-    new_evaluations: int = 0
-
-    def __post_init__(self) -> None:
-        self._seen: dict[str, dict[str, Any]] = {}
-        self._pending: dict[str, dict[str, Any]] = {r["id"]: r for r in self.archive.rows}
-        self._exact_cache: dict[tuple[str, SubNet], float] = {}
-        self._cardinality = self.space.cardinality()
-
-    # ---- budget and bookkeeping --------------------------------------------------------------
-    @property
-    def remaining(self) -> int:
-        return self.evals - len(self.visible)
-
-    @property
-    def done(self) -> bool:
-        return self.remaining <= 0 or len(self.visible) >= self._cardinality
-
-    def seen(self, sub_id: str) -> bool:
-        return sub_id in self._seen
-
-    def _show(self, row: dict[str, Any]) -> None:
-        self.visible.append(row)
-        self._seen[row["id"]] = row
-
-    @property
-    def measured_keys(self) -> list[str]:
-        """Keys a predictor is needed for: measured objectives and constraint keys with no closed form."""
-        keys = [o.name for o in self.objectives if not o.exact]
-        keys += [c.name for c in self.constraints if c.name not in self.exact and c.name not in keys]
-        return keys
-
-    def exact_value(self, name: str, sub: SubNet) -> float:
-        key = (name, sub)  # SubNet hashes by value; cheaper than its sha256 id
-        if key not in self._exact_cache:
-            self._exact_cache[key] = float(self.exact[name](sub))
-        return self._exact_cache[key]
-
-    # ---- the one place a real evaluation happens ---------------------------------------------
-    def measure(self, sub: SubNet, origin: str, iteration: int) -> dict[str, Any] | None:
-        """The row for `sub`: seen before (free), archived by an earlier session (free), or measured now.
-        None when the budget is spent."""
-        if sub.id in self._seen:
-            return self._seen[sub.id]
-        if self.remaining <= 0:
-            return None
-        if sub.id in self._pending:
-            row = self._pending.pop(sub.id)
-            self._show(row)
-            return row
-        if self._pending:  # the replay diverged from the archived run: use everything archived now
-            for row in list(self._pending.values()):
-                self._show(row)
-            self._pending.clear()
-            if self.remaining <= 0:
-                return None
-        t0 = time.perf_counter()
-        raw = self.evaluate(sub)
-        seconds = time.perf_counter() - t0
-        values = self._check_values(sub, raw)
-        for name in self.exact:
-            values[name] = self.exact_value(name, sub)
-        with writing("the search archive", self.archive.path):  # a full disk: one line (docs/architecture.md)
-            row = self.archive.add(sub, values, iteration=iteration, origin=origin, seconds=seconds)
-        self._show(row)
-        self.new_evaluations += 1
-        if self.on_eval is not None:
-            self.on_eval(dict(row))
-        return row
-
-    def _check_values(self, sub: SubNet, raw: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(raw, Mapping):
-            raise InstatuneError(
-                f"evaluate({sub.name}) must return a dict of values, got {type(raw).__name__}"
-            )
-        values = dict(raw)
-        for key in self.measured_keys:
-            if key not in values:
-                raise InstatuneError(
-                    f"evaluate({sub.name}) returned no {key!r} (got {sorted(values)}); it must return every "
-                    "measured objective and constrained value"
-                )
-            try:
-                values[key] = float(values[key])
-            except (TypeError, ValueError):
-                raise InstatuneError(
-                    f"evaluate({sub.name}) returned a non-number for {key!r}: {values[key]!r}"
-                ) from None
-        return values
-
-    # ---- objective values for selection -------------------------------------------------------
-    def feasible(self, values: Mapping[str, Any]) -> bool:
-        for o in self.objectives:
-            v = values.get(o.name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                return False
-        return all(c.ok(values) for c in self.constraints)
-
-    def fitness(self, values: Mapping[str, Any]) -> tuple[float, ...]:
-        """Minimised objectives; an infeasible point gets PENALTY scaled by its constraint violation, so
-        infeasible points rank behind all feasible ones and nearer-feasible ones first."""
-        if self.feasible(values):
-            return tuple(o.to_min(values[o.name]) for o in self.objectives)
-        viol = sum(c.violation(values) for c in self.constraints)
-        viol = min(viol, 1e6) if math.isfinite(viol) and viol > 0 else 1e6
-        return (PENALTY * (1.0 + viol),) * len(self.objectives)
 
 
 # ---- DEAP plumbing -------------------------------------------------------------------------------
@@ -243,77 +113,138 @@ def _enumerate(space: SearchSpace) -> list[SubNet]:
     return out
 
 
-def initial_population(ctx: SearchContext, rng: random.Random, population: int) -> list[dict[str, Any]]:
-    """`population` unique configs measured for real: the space's anchors (the widest member of each depth and the
-    smallest, `SearchSpace.anchors`), then random draws (the same for every algorithm and seed)."""
-    rows: list[dict[str, Any]] = []
-    for sub in ctx.space.anchors()[:population]:
-        if ctx.done or ctx.seen(sub.id):
-            continue
-        row = ctx.measure(sub, "anchor", 0)
-        if row is None:
-            return rows
-        rows.append(row)
-    while len(rows) < population and not ctx.done:
-        sub = unseen_sample(ctx, rng)
-        if sub is None:
-            break
-        row = ctx.measure(sub, "random", 0)
-        if row is None:
-            break
-        rows.append(row)
-    return rows
+class StartPopulation:
+    """`population` unique configs measured for real, one at a time: the space's anchors (the widest member of each
+    depth and the smallest, `SearchSpace.anchors`), then random draws (the same for every algorithm and seed). An
+    anchor the run has already seen is skipped; `rows` are what the start measured."""
+
+    def __init__(self, ctx: SearchContext, rng: random.Random, population: int) -> None:
+        self.ctx, self.rng, self.population = ctx, rng, population
+        self.anchors = list(ctx.space.anchors()[:population])
+        self.rows: list[Mapping[str, Any]] = []
+        self.finished = False
+
+    def ask(self) -> list[Proposal]:
+        """The next member of the start population; [] (and `finished`) once it is complete."""
+        ctx = self.ctx
+        while self.anchors:
+            sub = self.anchors.pop(0)
+            if not ctx.done and not ctx.seen(sub.id):
+                return [Proposal(sub, "anchor", 0)]
+        if len(self.rows) < self.population and not ctx.done:
+            sub = unseen_sample(ctx, self.rng)
+            if sub is not None:
+                return [Proposal(sub, "random", 0)]
+        self.finished = True
+        return []
+
+    def tell(self, results: list[Evaluation]) -> None:
+        self.rows += [r.row for r in results]
 
 
-# ---- the three algorithms ------------------------------------------------------------------------
-def run_random(ctx: SearchContext, rng: random.Random, population: int) -> None:
+class _Started(SearchAlgorithm):
+    """An algorithm that first measures the start population, then asks `next_proposals`."""
+
+    def __init__(self, ctx: SearchContext, rng: random.Random, *, population: int, batch: int) -> None:
+        super().__init__(ctx, rng, population=population, batch=batch)
+        self.start = StartPopulation(ctx, rng, population)
+
+    def ask(self) -> list[Proposal | SubNet]:
+        if not self.start.finished:
+            first = self.start.ask()
+            if first:
+                return list(first)
+            self.started()
+        return list(self.next_proposals())
+
+    def tell(self, results: list[Evaluation]) -> None:
+        if not self.start.finished:
+            self.start.tell(results)
+        else:
+            self.told(results)
+
+    def started(self) -> None:
+        """The start population is measured (`self.start.rows`)."""
+
+    @abstractmethod
+    def next_proposals(self) -> list[Proposal]:
+        """What to measure once the start population is measured; [] ends the search."""
+
+    def told(self, results: list[Evaluation]) -> None:
+        """What `next_proposals` measured."""
+
+
+@register_algorithm("random")
+class RandomSearch(_Started):
     """Uniform random sampling of unique configs until the budget is spent."""
-    initial_population(ctx, rng, population)
-    while not ctx.done:
-        sub = unseen_sample(ctx, rng)
-        if sub is None or ctx.measure(sub, "random", 0) is None:
-            break
+
+    def next_proposals(self) -> list[Proposal]:
+        sub = unseen_sample(self.ctx, self.rng)
+        return [] if sub is None else [Proposal(sub, "random", 0)]
 
 
-def run_nsga2(ctx: SearchContext, rng: random.Random, population: int) -> None:
-    """Plain NSGA-II: every new offspring is a real evaluation; already-seen configs are free."""
-    bounds = ctx.space.gene_bounds()
-    pop = [_individual(r["genes"], ctx.fitness(r)) for r in initial_population(ctx, rng, population)]
-    gen, stall = 0, 0
-    while not ctx.done and pop:
-        gen += 1
-        new, progressed = [], False
-        for genes in _offspring(pop, population, bounds, rng):
-            sub = ctx.space.decode(genes)
-            fresh = not ctx.seen(sub.id)
-            row = ctx.measure(sub, "nsga2", gen)
-            if row is None:
-                break
-            progressed |= fresh
-            new.append(_individual(genes, ctx.fitness(row)))
-        stall = 0 if progressed else stall + 1
-        if stall >= STALL_GENERATIONS and not ctx.done:  # converged onto seen configs: add an immigrant
-            sub = unseen_sample(ctx, rng)
-            row = ctx.measure(sub, "random", gen) if sub is not None else None
-            if row is None:
-                break
-            new.append(_individual(row["genes"], ctx.fitness(row)))
-            stall = 0
-        pop = _select(pop + new, population)
+@register_algorithm("nsga2")
+class NSGA2(_Started):
+    """Plain NSGA-II: every new offspring is a real evaluation; already-seen configs are free. After
+    `STALL_GENERATIONS` generations that found no new config, one random immigrant joins the next selection."""
+
+    def __init__(self, ctx: SearchContext, rng: random.Random, *, population: int, batch: int) -> None:
+        super().__init__(ctx, rng, population=population, batch=batch)
+        self.bounds = ctx.space.gene_bounds()
+        self.pop: list[Any] = []
+        self.gen, self.stall = 0, 0
+        self.children: list[list[int]] = []
+        self.new: list[Any] | None = None  # a generation's offspring waiting for its immigrant
+
+    def started(self) -> None:
+        self.pop = [_individual(r["genes"], self.ctx.fitness(r)) for r in self.start.rows]
+
+    def next_proposals(self) -> list[Proposal]:
+        ctx = self.ctx
+        if self.new is not None:  # converged onto seen configs: an immigrant
+            sub = unseen_sample(ctx, self.rng)
+            return [] if sub is None else [Proposal(sub, "random", self.gen)]
+        if not self.pop:
+            return []
+        self.gen += 1
+        self.children = _offspring(self.pop, self.population, self.bounds, self.rng)
+        return [Proposal(ctx.space.decode(genes), "nsga2", self.gen) for genes in self.children]
+
+    def told(self, results: list[Evaluation]) -> None:
+        ctx = self.ctx
+        if self.new is not None:  # the immigrant
+            if not results:  # the budget is spent: the driver stops
+                return
+            row = results[0].row
+            new, self.new, self.stall = self.new + [_individual(row["genes"], ctx.fitness(row))], None, 0
+        else:  # the children keep their own genes (a dropped layer's genes are inherited, not re-encoded)
+            new = [_individual(genes, ctx.fitness(r.row)) for genes, r in zip(self.children, results, strict=False)]
+            self.stall = 0 if any(r.fresh for r in results) else self.stall + 1
+            if self.stall >= STALL_GENERATIONS and not ctx.done:
+                self.new = new
+                return
+        self.pop = _select(self.pop + new, self.population)
 
 
-def run_linas(ctx: SearchContext, rng: random.Random, population: int, batch: int,
-              surrogate_population: int = 100, surrogate_generations: int = 30) -> None:
+@register_algorithm("linas")
+class LINAS(_Started):
     """LINAS: random start, then per iteration fit predictors on all seen rows, run NSGA-II on predicted +
     exact objectives, and measure the `batch` unseen proposals that add the most predicted hypervolume."""
-    initial_population(ctx, rng, population)
-    it = 0
-    while not ctx.done:
-        it += 1
+
+    surrogate_population = 100
+    surrogate_generations = 30
+
+    def __init__(self, ctx: SearchContext, rng: random.Random, *, population: int, batch: int) -> None:
+        super().__init__(ctx, rng, population=population, batch=batch)
+        self.it = 0
+
+    def next_proposals(self) -> list[Proposal]:
+        ctx, rng, batch = self.ctx, self.rng, self.batch
+        self.it += 1
         preds = Predictors(ctx.space, ctx.measured_keys).fit(ctx.visible, seed=rng.randrange(2**31))
         for rep in preds.report():
-            ctx.predictor_log.append({"iteration": it, **rep})
-        final = _surrogate_nsga2(ctx, preds, rng, surrogate_population, surrogate_generations)
+            ctx.predictor_log.append({"iteration": self.it, **rep})
+        final = _surrogate_nsga2(ctx, preds, rng, self.surrogate_population, self.surrogate_generations)
         proposals, seen_ids = [], set()
         for sub, values in final:
             if sub.id not in seen_ids and not ctx.seen(sub.id):
@@ -330,11 +261,7 @@ def run_linas(ctx: SearchContext, rng: random.Random, population: int, batch: in
             if sub.id not in ids:
                 ids.add(sub.id)
                 chosen.append((sub, "random"))
-        if not chosen:
-            break
-        for sub, origin in chosen:
-            if ctx.measure(sub, origin, it) is None:
-                break
+        return [Proposal(sub, origin, self.it) for sub, origin in chosen]
 
 
 def _surrogate_nsga2(ctx: SearchContext, preds: Predictors, rng: random.Random, pop_size: int,

@@ -9,12 +9,13 @@ other settings the archived rows are reused and the search simply continues from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from instatune_cli.artifacts import Heartbeat, writing
+from instatune_cli.distributed import Follower
 from instatune_cli.errors import InstatuneError
-from instatune_cli.search.algorithms import ALGORITHMS, SearchContext, run_linas, run_nsga2, run_random
 from instatune_cli.search.archive import ARCHIVE_JSONL, Archive, write_rows_csv
+from instatune_cli.search.context import SearchContext
+from instatune_cli.search.interface import Evaluation, Proposal, SearchAlgorithm, algorithm_class
 from instatune_cli.search.objectives import Constraint, ObjectiveSpec, parse_constraint, resolve_objectives
 from instatune_cli.search.pareto import hypervolume, pareto_front, ref_to_min, reference_point, to_min_matrix
 from instatune_cli.space import SearchSpace, SubNet
@@ -107,6 +110,7 @@ def run_search(
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     ref_point: Mapping[str, float] | Sequence[float] | None = None,
     progress_every: float | None = None,
+    group: Any = None,
 ) -> SearchResult:
     """Search `space` for sub-networks Pareto-optimal in `objectives` with `evals` real evaluations.
 
@@ -118,60 +122,135 @@ def run_search(
     called after each real evaluation. `progress_every` (seconds) prints a plain line on stderr at that interval
     (evaluations done of the budget, hypervolume so far): for logs where no one sees per-evaluation output.
     Writes archive.jsonl (as it goes), archive.csv, front.csv, hypervolume.csv and predictors.jsonl into
-    `archive_dir`.
+    `archive_dir`. `group` (a launched `distributed.Group`, on its rank 0): `evaluate` is collective, and the other
+    ranks run `follow_search(group, their_evaluate)` meanwhile (rank 0 asks and tells, every rank evaluates).
     """
-    if not isinstance(space, SearchSpace):
-        raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
-    objs = resolve_objectives(objectives)
-    exact = dict(exact or {})
-    missing = [o.name for o in objs if o.exact and o.name not in exact]
-    if missing:
-        raise InstatuneError(
-            f"objective {missing[0]!r} is exact (computed, never predicted); "
-            f"pass exact={{'{missing[0]}': fn}}"
-        )
-    algo = str(algorithm).strip().lower()
-    if algo not in ALGORITHMS:
-        raise InstatuneError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
-    evals, population = int(evals), int(population)
-    if population < 2:
-        raise InstatuneError(f"population must be at least 2, got {population}")
-    if evals < population:
-        raise InstatuneError(
-            f"budget of {evals} evaluations is smaller than the population of {population}; "
-            "raise the budget or lower the population"
-        )
-    batch = max(1, population // 2) if batch is None else int(batch)
-    if batch < 1:
-        raise InstatuneError(f"batch must be at least 1, got {batch}")
-    cons = _constraints(constraints)
-    notes: list[str] = []
-    card = space.cardinality()
-    if evals > card:
-        notes.append(f"the space holds only {card} sub-networks; the budget of {evals} was capped to {card}")
+    with _leading(group, evaluate) as evaluate:  # launched: the other ranks hear each evaluation
+        if not isinstance(space, SearchSpace):
+            raise InstatuneError(f"space must be a SearchSpace, got {type(space).__name__}")
+        objs = resolve_objectives(objectives)
+        exact = dict(exact or {})
+        missing = [o.name for o in objs if o.exact and o.name not in exact]
+        if missing:
+            raise InstatuneError(
+                f"objective {missing[0]!r} is exact (computed, never predicted); "
+                f"pass exact={{'{missing[0]}': fn}}"
+            )
+        algo_cls = algorithm_class(algorithm)
+        algo = algo_cls.name
+        evals, population = int(evals), int(population)
+        if population < 2:
+            raise InstatuneError(f"population must be at least 2, got {population}")
+        if evals < population:
+            raise InstatuneError(
+                f"budget of {evals} evaluations is smaller than the population of {population}; "
+                "raise the budget or lower the population"
+            )
+        batch = max(1, population // 2) if batch is None else int(batch)
+        if batch < 1:
+            raise InstatuneError(f"batch must be at least 1, got {batch}")
+        cons = _constraints(constraints)
+        notes: list[str] = []
+        card = space.cardinality()
+        if evals > card:
+            notes.append(f"the space holds only {card} sub-networks; the budget of {evals} was capped to {card}")
 
-    archive_dir = Path(archive_dir)
-    names = [o.name for o in objs]
-    with writing("the search archive", archive_dir / ARCHIVE_JSONL):
-        archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
-    _fill_genes(archive, space)
-    ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
-    ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
-    _add_heartbeat(ctx, progress_every, population)
-    rng = random.Random(seed)
-    t0 = time.perf_counter()
-    if algo == "random":
-        run_random(ctx, rng, population)
-    elif algo == "nsga2":
-        run_nsga2(ctx, rng, population)
-    else:
-        run_linas(ctx, rng, population, batch)
-    seconds = time.perf_counter() - t0
+        archive_dir = Path(archive_dir)
+        names = [o.name for o in objs]
+        with writing("the search archive", archive_dir / ARCHIVE_JSONL):
+            archive = (Archive.load if resume else Archive.create)(archive_dir, space, names)
+        _fill_genes(archive, space)
+        ref_min = None if ref_point is None else ref_to_min(ref_point, objs)  # bad input fails before any eval
+        ctx = SearchContext(space, objs, evaluate, exact, archive, min(evals, card), cons, on_eval, ref_min)
+        _add_heartbeat(ctx, progress_every, population)
+        t0 = time.perf_counter()
+        drive(ctx, algo_cls(ctx, random.Random(seed), population=population, batch=batch))
+        seconds = time.perf_counter() - t0
 
-    result = _result(ctx, algo, seed, ref_point, seconds, notes)
-    with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
-        write_outputs(result, archive)
-    return result
+        result = _result(ctx, algo, seed, ref_point, seconds, notes)
+        with writing("the search results (archive.csv, front.csv, hypervolume.csv, predictors.jsonl)", archive_dir):
+            write_outputs(result, archive)
+        return result
+
+
+# ---- a launched search: rank 0 asks and tells, every rank evaluates its share -----------------------------
+_EVAL, _STOP, _ABORT = "eval", "stop", "abort"
+
+
+@contextlib.contextmanager
+def _leading(group: Any, evaluate: Callable[[SubNet], Any]) -> Iterator[Callable[[SubNet], Any]]:
+    """Rank 0's `evaluate` under a launcher: each real evaluation is announced to the other ranks first (they then
+    run the same collective pass on their shard). Only rank 0 knows, at each proposal's turn, whether it is a real
+    evaluation (seen before, archived by an earlier session, or past the budget: the resume replay), so the message
+    is per evaluation; it is also what lets rank 0 release the others when it fails between two evaluations: "stop"
+    after the search, "abort" on a failure (they exit with rank 0's error). A failure inside an evaluation leaves
+    them mid-collective: the launcher ends them. Not launched: `evaluate` itself, nothing is sent."""
+    if group is None or not group.active:
+        yield evaluate
+        return
+    busy = [False]
+
+    def announced(sub: SubNet) -> Any:
+        group.broadcast_object((_EVAL, sub))
+        busy[0] = True
+        out = evaluate(sub)
+        busy[0] = False
+        return out
+
+    try:
+        yield announced
+    except BaseException:
+        if not busy[0]:
+            group.broadcast_object((_ABORT, None))
+        raise
+    group.broadcast_object((_STOP, None))
+
+
+def follow_search(group: Any, evaluate: Callable[[SubNet], Any]) -> None:
+    """A non-zero rank of a launched search: `evaluate` (its shard) each sub-network rank 0 announces, until it says
+    stop; on "abort" leave quietly (`distributed.Follower`): rank 0 reports the error. Writes nothing."""
+    while True:
+        kind, sub = group.broadcast_object((None, None))
+        if kind == _STOP:
+            return
+        if kind != _EVAL:
+            raise Follower(2)
+        evaluate(sub)
+
+
+STALE_ASKS = 1000  # consecutive asks that brought nothing new before a plug-in algorithm is called stuck
+
+
+def drive(ctx: SearchContext, algorithm: SearchAlgorithm) -> None:
+    """The search loop: ask, measure each proposal in order (a config seen before is free; the budget stops the
+    batch), tell; until the budget is spent or the algorithm proposes nothing (docs/architecture.md, "Search")."""
+    stale = 0
+    while not ctx.done:
+        proposals = [_proposal(p, algorithm) for p in algorithm.ask()]
+        if not proposals:
+            return
+        results: list[Evaluation] = []
+        for p in proposals:
+            fresh = not ctx.seen(p.sub.id)
+            if fresh:
+                ctx.space.check(p.sub)
+            row = ctx.measure(p.sub, p.origin, p.iteration)
+            if row is None:
+                break
+            results.append(Evaluation(p, row, fresh))
+        algorithm.tell(results)
+        stale = 0 if any(r.fresh for r in results) else stale + 1
+        if stale >= STALE_ASKS:
+            raise InstatuneError(f"algorithm {algorithm.name!r} proposed only sub-networks it had already measured "
+                                 f"{STALE_ASKS} times in a row; an algorithm with nothing new to propose returns []")
+
+
+def _proposal(p: Any, algorithm: SearchAlgorithm) -> Proposal:
+    if isinstance(p, Proposal):
+        return p
+    if isinstance(p, SubNet):
+        return Proposal(p, algorithm.name)
+    raise InstatuneError(f"algorithm {algorithm.name!r} proposed {p!r}; ask() returns Proposal or SubNet objects")
 
 
 def _fill_genes(archive: Archive, space: SearchSpace) -> None:

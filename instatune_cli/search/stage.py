@@ -26,16 +26,17 @@ While running, everything lives in `<output>.partial/`; a killed search continue
 first checks `search.json` (what the archived scores were measured on: `Measurement`) against this run.
 
 Under `torchrun` / `accelerate launch` (instatune_cli.distributed) the VALIDATION SET is sharded, not the
-candidates: rank 0 runs the algorithm, owns the archive, the predictors and every file; for each real evaluation
-it broadcasts the sub-network, every rank scores it on its share of the selection batches (batch i on rank
-i mod N) and the confusion counts are summed, so rank 0 gets exactly the single-process score and the archive is
-the single-process archive with the same seed (resume included). Why not candidates: the algorithms measure
-one candidate at a time and decide the next from what they saw (NSGA-II's offspring, the initial population,
-the replay that makes `--resume` exact), LINAS proposes only `--batch` (population / 2) per iteration, so
-candidate sharding would cap the speed-up at that batch and change the algorithms; sharding each evaluation
-keeps them untouched and scales to as many ranks as there are selection batches (`--eval-batch-size`). Latency
-and size (extraction, ONNX Runtime) are measured by rank 0 alone while the others wait, so sibling processes
-never load the cores being timed. The eval-split scoring of the front after the search runs on rank 0.
+candidates: rank 0 asks and tells (the search's one driver loop, `run.drive`), owns the archive, the predictors
+and every file; for each real evaluation it announces the sub-network (`run_search(group=)`), every rank scores it
+on its share of the selection batches (batch i on rank i mod N, `run.follow_search`) and the confusion counts are
+summed, so rank 0 gets exactly the single-process score and the archive is the single-process archive with the
+same seed (resume included). Why not candidates: the algorithms propose one candidate at a time where the next
+depends on what they saw (the start population, NSGA-II's immigrant, the replay that makes `--resume` exact),
+LINAS proposes only `--batch` (population / 2) per iteration, so candidate sharding would cap the speed-up at
+that batch and change the algorithms; sharding each evaluation keeps them untouched and scales to as many ranks as
+there are selection batches (`--eval-batch-size`). Latency and size (extraction, ONNX Runtime) are measured by
+rank 0 alone while the others wait, so sibling processes never load the cores being timed. The eval-split
+scoring of the front after the search runs on rank 0.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from typing import Any
 
 from instatune_cli.errors import InstatuneError
 from instatune_cli.search.archive import write_rows_csv
-from instatune_cli.search.run import FRONT_CSV
+from instatune_cli.search.interface import algorithm_class
+from instatune_cli.search.run import FRONT_CSV, follow_search, run_search
 from instatune_cli.space import SubNet
 
 FRONT_JSON = "front.json"
@@ -278,6 +280,7 @@ def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | N
     from instatune_cli.measure.metrics import check_metric
     from instatune_cli.search.objectives import parse_constraint, resolve_objectives
 
+    algorithm_class(opts.algorithm)  # a name no algorithm registered: one line listing those that did
     objs = resolve_objectives(opts.objectives)
     if not 2 <= len(objs) <= 3:
         raise InstatuneError(f"give 2 or 3 objectives (got {len(objs)}): e.g. --objectives acc,macs")
@@ -355,7 +358,6 @@ class _SearchStage:
     def search(self, resuming: bool) -> tuple[Any, Any]:
         from instatune_cli.distributed import SINGLE
         from instatune_cli.search import supernet
-        from instatune_cli.search.run import run_search
 
         opts, group = self.opts, self.group or SINGLE
         lat = supernet.LatencySetup(opts.latency_batch, opts.latency_seq_len or 0, opts.latency_threads)
@@ -365,22 +367,15 @@ class _SearchStage:
                              metric=opts.metric, on_warning=self.on_warning if group.main else _silent,
                              quant=opts.quant, calibration_samples=opts.calibration_samples,
                              group=group if group.active else None, group_size=opts.group_size, int4=opts.int4)
-        if not group.main:
-            _follow(group, obj)
+        if not group.main:  # rank 0 asks and tells; this rank scores its share of each evaluation
+            follow_search(group, obj.evaluate_shard)
             return obj, None
         self.baseline = _baseline(opts.baseline, obj) if opts.baseline else obj.int8_reference
         every = None if sys.stderr.isatty() else opts.progress_every  # a terminal shows the per-evaluation lines
-        lead = _Lead(group, obj.evaluate)
-        try:
-            result = run_search(obj.space, self.objs, lead.evaluate if group.active else obj.evaluate,
-                                exact=obj.exact, algorithm=opts.algorithm, evals=opts.evals,
-                                population=opts.population, seed=opts.seed, archive_dir=self.work, resume=resuming,
-                                constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
-                                ref_point=self.ref_point, progress_every=every)
-        except BaseException:
-            lead.stop(failed=True)
-            raise
-        lead.stop()
+        result = run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
+                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=self.work,
+                            resume=resuming, constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
+                            ref_point=self.ref_point, progress_every=every, group=group)
         return obj, result
 
     def score_front(self, obj: Any, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -449,50 +444,6 @@ class _SearchStage:
 
 def _silent(text: str) -> None:
     """A non-zero rank's warnings: rank 0 shows (and records) the same ones."""
-
-
-_EVAL, _STOP, _ABORT = "eval", "stop", "abort"
-
-
-@dataclass
-class _Lead:
-    """Rank 0's side of a launched search: before each real evaluation, tell the other ranks which sub-network to
-    score (they then run the same collective selection pass); at the end, or when the search fails between two
-    evaluations, tell them to stop. Single process: `evaluate` is used directly and this sends nothing."""
-
-    group: Any
-    evaluate_fn: Callable[[SubNet], Any]
-    in_evaluation: bool = False
-    stopped: bool = False
-
-    def evaluate(self, sub: SubNet) -> Any:
-        self.group.broadcast_object((_EVAL, sub))
-        self.in_evaluation = True
-        out = self.evaluate_fn(sub)
-        self.in_evaluation = False
-        return out
-
-    def stop(self, failed: bool = False) -> None:
-        """Release the other ranks: "stop" after the search; "abort" (they exit with rank 0's error) when it
-        failed outside an evaluation. Inside one the ranks are mid-collective: the launcher ends them."""
-        if self.stopped or not self.group.active or self.in_evaluation:
-            return
-        self.stopped = True
-        self.group.broadcast_object((_ABORT if failed else _STOP, None))
-
-
-def _follow(group: Any, obj: Any) -> None:
-    """A non-zero rank of a launched search: score rank 0's sub-networks on this rank's share of the selection
-    split until it says stop. It writes nothing."""
-    from instatune_cli.distributed import Follower
-
-    while True:
-        kind, sub = group.broadcast_object((None, None))
-        if kind == _STOP:
-            return
-        if kind != _EVAL:
-            raise Follower(2)
-        obj.evaluate_shard(sub)
 
 
 # front columns beyond the objectives, in this order (those present): see the module docstring

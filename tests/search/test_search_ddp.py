@@ -154,3 +154,83 @@ def test_launched_regression_search_writes_the_single_process_archive(tmp_path_f
     assert json.loads(r.stdout)["metric"] == "pearson"
     assert rows(root / "two") == rows(root / "one")
     assert len({x["acc"] for x in rows(root / "one")}) > 1 and all("mse" in x for x in rows(root / "one"))
+
+
+# ---- the launched search's messages, in one process ------------------------------------------------------------
+
+class _Wire:
+    """A stand-in for a launched `distributed.Group` on one side of the search's messages: rank 0 records what it
+    broadcasts; a follower receives `script`, one message per broadcast."""
+
+    def __init__(self, rank: int = 0, script: list[Any] | None = None) -> None:
+        self.rank, self.world, self.active, self.main = rank, 2, True, rank == 0
+        self.sent: list[Any] = []
+        self.script = list(script or [])
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.main:
+            self.sent.append(obj)
+            return obj
+        return self.script.pop(0)
+
+
+def _tiny_search(tmp: Path, group: Any, evaluate: Any, **kw: Any) -> Any:
+    from instatune_cli.search import run_search
+    from instatune_cli.space import SearchSpace
+
+    space = SearchSpace.from_dict({"layers": [1, 2], "heads": [1, 2], "ffn": [4, 8]})
+    return run_search(space, ["acc", "macs"], evaluate, exact={"macs": lambda s: float(sum(s.ffn))}, evals=6,
+                      population=3, archive_dir=tmp, group=group, **kw)
+
+
+def test_rank0_announces_each_real_evaluation_then_stop(tmp_path: Path) -> None:
+    """Rank 0 asks and tells; the others hear each sub-network it really evaluates, in order, then "stop". A resumed
+    search announces only what its archive lacks."""
+    import shutil
+
+    from instatune_cli.space import SubNet
+
+    wire = _Wire()
+    res = _tiny_search(tmp_path / "s", wire, lambda s: {"acc": sum(s.heads) / 4})
+    assert wire.sent == [("eval", SubNet.from_dict(r)) for r in res.rows] + [("stop", None)]
+    shutil.copytree(tmp_path / "s", tmp_path / "r")
+    archive = tmp_path / "r" / "archive.jsonl"
+    archive.write_text("".join(archive.read_text().splitlines(keepends=True)[:4]))  # killed after 4 evaluations
+    again = _Wire()
+    resumed = _tiny_search(tmp_path / "r", again, lambda s: {"acc": sum(s.heads) / 4}, resume=True)
+    assert again.sent == wire.sent[4:] and resumed.new_evaluations == 2
+
+
+def test_rank0_failing_between_evaluations_releases_the_others(tmp_path: Path) -> None:
+    """A failure outside an evaluation (here the on_eval hook) sends "abort"; inside one it sends nothing (the
+    others are mid-collective and the launcher ends them)."""
+    wire = _Wire()
+
+    def stop_at_2(row: dict[str, Any]) -> None:
+        if row["index"] == 1:
+            raise Killed(2)
+
+    with pytest.raises(Killed):
+        _tiny_search(tmp_path / "a", wire, lambda s: {"acc": 0.5}, on_eval=stop_at_2)
+    assert [m[0] for m in wire.sent] == ["eval", "eval", "abort"]
+    inside = _Wire()
+
+    def broken(sub: Any) -> dict[str, float]:
+        raise RuntimeError("lost")
+
+    with pytest.raises(RuntimeError, match="lost"):
+        _tiny_search(tmp_path / "b", inside, broken)
+    assert [m[0] for m in inside.sent] == ["eval"]
+
+
+def test_a_follower_evaluates_what_rank0_announces(monkeypatch: pytest.MonkeyPatch) -> None:
+    from instatune_cli.distributed import Follower
+    from instatune_cli.search.run import follow_search
+
+    monkeypatch.setattr("time.sleep", lambda s: None)  # Follower's grace period
+    seen: list[str] = []
+    follow_search(_Wire(1, [("eval", "a"), ("eval", "b"), ("stop", None)]), seen.append)
+    assert seen == ["a", "b"]
+    with pytest.raises(Follower) as e:
+        follow_search(_Wire(1, [("eval", "c"), ("abort", None)]), seen.append)
+    assert e.value.code == 2 and seen == ["a", "b", "c"]
