@@ -279,7 +279,8 @@ class TensorBoardCallback(TrainerCallback):
         d = trainer.run_dir.logs_dir(self.name)
         with writing("the TensorBoard log", d):
             d.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(d), purge_step=state.step or None)
+            # resumed: what the previous session logged past the checkpoint (steps > state.step) is redone
+            self.writer = SummaryWriter(str(d), purge_step=state.step + 1 if state.step else None)
 
     def on_step_end(self, trainer: Trainer, state: TrainerState, control: TrainerControl, out: StepOutput) -> None:
         if self.writer is None:
