@@ -145,8 +145,8 @@ def register(app: typer.Typer) -> None:
                                              rich_help_panel=RUN),
         report_to: str = typer.Option("none", "--report-to", help="Log losses (total, super-network, "
                                       "sub-networks), learning rate and the evaluation scores to these loggers "
-                                      "(comma-separated): tensorboard (pip install 'instatune[tensorboard]'), "
-                                      "or none; written to RUN/logs/NAME/.", rich_help_panel=RUN),
+                                      "(comma-separated): tensorboard (the tensorboard package: pip install "
+                                      "tensorboard), or none; written to RUN/logs/NAME/.", rich_help_panel=RUN),
         as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON.",
                                      rich_help_panel=RUN),
     ) -> None:
