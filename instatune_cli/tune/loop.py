@@ -74,6 +74,7 @@ from instatune_cli.tune.checkpoint import (  # noqa: F401 - re-exported: the nam
 )
 from instatune_cli.tune.config import TuneConfig
 from instatune_cli.tune.evaluation import Evaluation
+from instatune_cli.tune.order import BatchOrder
 from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
     CALIB_EXAMPLES,
     LOG_FILE,
@@ -338,7 +339,7 @@ class Trainer:
         self.console = console
         self.mode = "plain" if cfg.plain else f"elastic M={cfg.num_subnets} {cfg.sampling}"
         self.smallest = self.space.smallest()
-        self._order: dict[int, list[int]] = {}
+        self.order = BatchOrder(inputs.train_enc, plan, cfg.seed, cfg.group_by_length, self.rank)
         self.state = TrainerState(total_steps=plan.total_steps, fingerprint=run_dir.fingerprint,
                                   global_batch=plan.global_batch, processes=self.nproc)
         self.control = TrainerControl()
@@ -439,7 +440,7 @@ class Trainer:
         # the first global batches, whole, on every rank: the importance a single process would compute (the
         # weights are then broadcast from rank 0, so ranks need not agree to the bit)
         nb = min(self.cfg.reorder_batches, self.plan.micro_per_epoch)
-        order0 = self.epoch_order(0)
+        order0 = self.order.epoch(0)
         G = self.G
         batches = [{k: v.to(self.acc.device) for k, v in self.inp.train_enc.collate(order0[i * G:(i + 1) * G]).items()}
                    for i in range(nb)]
@@ -483,30 +484,6 @@ class Trainer:
         """Wall seconds of the run so far, every session."""
         return self.prior_wall + time.perf_counter() - self.t_session
 
-    # ---- data order -----------------------------------------------------------------------------------
-    def epoch_order(self, e: int) -> list[int]:
-        if e not in self._order:
-            from instatune_cli import data as D
-
-            self._order.clear()
-            perm = list(range(self.plan.n_train))
-            rng = random.Random(seed_int("order", self.cfg.seed, e))
-            rng.shuffle(perm)
-            if self.cfg.group_by_length:
-                lengths = self.inp.train_enc.lengths()
-                perm = D.length_grouped(perm, lengths, self.G, rng)
-            self._order[e] = perm
-        return self._order[e]
-    def global_micro(self, g: int) -> list[int]:
-        """Example indices of global micro-batch `g` (all processes together): a function of the seed, the data
-        and --batch-size only."""
-        e, k = divmod(g, self.plan.micro_per_epoch)
-        return self.epoch_order(e)[k * self.G : (k + 1) * self.G]
-    def micro(self, g: int) -> list[int]:
-        """This process's slice of global micro-batch `g` (the whole of it on one process). A short last batch
-        of an epoch leaves the last ranks fewer examples, or none."""
-        return self.global_micro(g)[self.rank * self.B : (self.rank + 1) * self.B]
-
     # ---- one optimizer step ---------------------------------------------------------------------------
     def step(self, step: int) -> StepResult:
         """Forward/backward the super-network and this step's sub-networks over A micro-batches, average the
@@ -527,8 +504,8 @@ class Trainer:
         supers: list[Any] = []
         step_samples = 0
         for a in range(self.A):
-            glob = self.global_micro(step * self.A + a)
-            idx = self.micro(step * self.A + a)
+            glob = self.order.global_micro(step * self.A + a)
+            idx = self.order.micro(step * self.A + a)
             step_samples += len(glob)
             if not idx:  # a short last batch left this rank nothing: it adds zeros to the average
                 totals.append(0.0)
