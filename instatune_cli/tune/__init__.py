@@ -4,7 +4,7 @@ Modules: `config` (options dataclass, validation, fingerprint), `loss` (Eq. 1), 
 checks and the cached teacher logits), `loop` (`run_tune` and the `Trainer`: the accelerate training loop),
 `state` (`TrainerState`, `TrainerControl`, `TrainPlan`), `callbacks` (the loop's events, the JSONL log, progress,
 `--report-to` loggers), `rundir` (lock, partial, fingerprint, commit), `checkpoint` (save / load / park),
-`evaluation` (super-network and smallest sub-network scores).
+`order` (the examples of each micro-batch), `evaluation` (super-network and smallest sub-network scores).
 
 A tune run directory (stage "tune", the artifact contract of docs/architecture.md) holds:
 
