@@ -818,7 +818,7 @@ def cases() -> list[Case]:
              "run.partial/ holds notes.txt", fragment="run.partial",
              setup=write("run.partial/notes.txt", "mine\n"), check=kept_or_adopted("run.partial/notes.txt", "run"),
              fix="artifacts.StageWriter._open_partial: refuse --resume into a .partial without the .stage marker "
-                 "(tune/loop.Trainer.open_partial starts afresh when run.json is absent)"),
+                 "(tune/rundir.RunDirectory.open starts afresh when run.json is absent)"),
         Case("partial-unmarked-search", "an s.partial instatune did not make, search --resume",
              ["search", "../run", "--evals", "6", "--population", "4", "-o", "s", "--resume"],
              "s.partial/ holds notes.txt", fragment="s.partial", setup=write("s.partial/notes.txt", "mine\n"),

@@ -143,6 +143,10 @@ def register(app: typer.Typer) -> None:
         progress_every: float = typer.Option(30.0, "--progress-every", help="Seconds between plain progress lines "
                                              "on stderr when the output is not a terminal (a log, nohup, CI).",
                                              rich_help_panel=RUN),
+        report_to: str = typer.Option("none", "--report-to", help="Log losses (total, super-network, "
+                                      "sub-networks), learning rate and the evaluation scores to these loggers "
+                                      "(comma-separated): tensorboard (the tensorboard package: pip install "
+                                      "tensorboard), or none; written to RUN/logs/NAME/.", rich_help_panel=RUN),
         as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON.",
                                      rich_help_panel=RUN),
     ) -> None:
@@ -165,7 +169,7 @@ def register(app: typer.Typer) -> None:
             max_steps=max_steps,
             max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision, cpu=cpu,
             eval_every=eval_every, eval_batch_size=eval_batch_size, save_every=save_every, log_every=log_every,
-            quiet=quiet or as_json, progress_every=progress_every,
+            quiet=quiet or as_json, progress_every=progress_every, report_to=report_to,
         )
         result = run_tune(cfg)
         if as_json and result.artifact is not None:

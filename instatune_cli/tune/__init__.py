@@ -1,7 +1,10 @@
 """`instatune tune`: elastic fine-tuning with the InstaTune loss (or plain fine-tuning with `--plain`).
 
 Modules: `config` (options dataclass, validation, fingerprint), `loss` (Eq. 1), `teacher` (strong-teacher
-checks and the cached teacher logits), `loop` (the accelerate training loop, checkpoints, resume, artifact).
+checks and the cached teacher logits), `loop` (`run_tune` and the `Trainer`: the accelerate training loop),
+`state` (`TrainerState`, `TrainerControl`, `TrainPlan`), `callbacks` (the loop's events, the JSONL log, progress,
+`--report-to` loggers), `rundir` (lock, partial, fingerprint, commit), `checkpoint` (save / load / park),
+`order` (the examples of each micro-batch), `evaluation` (super-network and smallest sub-network scores).
 
 A tune run directory (stage "tune", the artifact contract of docs/architecture.md) holds:
 
@@ -25,6 +28,7 @@ A tune run directory (stage "tune", the artifact contract of docs/architecture.m
                                kept apart from the eval split
     log.jsonl                  start / train / eval / resume / final records, one JSON object per line
     run.json                   the run's fingerprint (options + data + model digests) and reorder info
+    logs/<name>/               only with --report-to: the logger's files (logs/tensorboard/events.out.tfevents.*)
     teacher_logits.safetensors only with --teacher: the frozen teacher's logits over the training set
 
 Several GPUs or nodes: `accelerate launch -m instatune_cli tune ...` or `torchrun --nproc-per-node N -m

@@ -12,10 +12,11 @@ from instatune_cli.measure.metrics import METRICS, check_metric_kind
 
 SAMPLING = ("uniform", "sandwich")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard")  # --report-to: tune/callbacks.REPORTERS
 
 # Options that do not change the trained weights: they may differ between a run and its --resume.
 NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
-                               "eval_batch_size", "quiet", "progress_every"})
+                               "eval_batch_size", "quiet", "progress_every", "report_to"})
 
 
 @dataclass
@@ -78,6 +79,7 @@ class TuneConfig:
     log_every: int = 10
     quiet: bool = False
     progress_every: float = 30.0  # seconds between plain progress lines when the console is not a terminal
+    report_to: str = "none"  # loggers of losses, lr and scores, comma-separated (REPORT_TO), into <run>/logs/
 
     @property
     def elastic(self) -> bool:
@@ -94,6 +96,11 @@ class TuneConfig:
     @property
     def use_reorder(self) -> bool:
         return True if self.reorder is None else bool(self.reorder)
+
+    def report_targets(self) -> list[str]:
+        """The `--report-to` loggers, in order, without `none`."""
+        names = [n.strip().lower() for n in self.report_to.split(",") if n.strip()]
+        return [n for n in dict.fromkeys(names) if n != "none"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +166,10 @@ class TuneConfig:
         need(self.reorder_batches >= 1, f"--reorder-batches must be at least 1, got {self.reorder_batches}")
         need(self.mixed_precision in MIXED_PRECISION,
              f"unknown --mixed-precision {self.mixed_precision!r}; use {', '.join(MIXED_PRECISION)}")
+        names = [n.strip().lower() for n in self.report_to.split(",") if n.strip()]
+        bad = [n for n in names if n not in REPORT_TO]
+        need(not bad, f"unknown --report-to {', '.join(bad)}; use {', '.join(REPORT_TO)} (comma-separated)")
+        need(not ("none" in names and len(set(names)) > 1), f"--report-to none with others: {self.report_to!r}")
         need(self.val_split is None or self.val_data is None, "give either --val-split or --val-data, not both")
         need(self.metric is None or self.metric in METRICS,
              f"unknown --metric {self.metric!r}; use {', '.join(METRICS)}")

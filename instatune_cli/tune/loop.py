@@ -22,42 +22,71 @@ Rank 0 alone reads and writes files, logs and shows progress; the others learn i
 runs on different process counts agree in distribution, not bit for bit; without it they agree to float
 rounding.
 
-Checkpoints (`<output>.partial/checkpoints/step-NNNNNN/`, written to a `.tmp` sibling and renamed, only the
-latest kept): model and optimizer tensors as safetensors, everything else (step, scheduler, optimizer
-hyper-parameters, Python RNG, data position, timings) as JSON, torch RNG states as uint8 safetensors.
-Nothing is pickled. At commit they are parked beside the output (`<output>.checkpoints/`, out of the manifest)
-and deleted only once the run directory is in place; `--resume` takes them back from there (docs/architecture.md,
-"Faults and resume").
+Checkpoints (`<output>.partial/checkpoints/step-NNNNNN/`, tune/checkpoint.py; written to a `.tmp` sibling and
+renamed, only the latest kept): model and optimizer tensors as safetensors, the `TrainerState` (step, samples,
+data position, timings, evaluations: tune/state.py) and everything else (scheduler, optimizer
+hyper-parameters, Python RNG) as JSON, torch RNG states as uint8 safetensors. Nothing is pickled. At commit
+they are parked beside the output (`<output>.checkpoints/`, out of the manifest) and deleted only once the run
+directory is in place; `--resume` takes them back from there (docs/architecture.md, "Faults and resume").
+
+Structure (docs/architecture.md, "Tuning"): `run_tune` resolves the inputs and the `TrainPlan`, opens the
+`RunDirectory` (tune/rundir.py: lock, partial, fingerprint, log, commit) and hands both to a `Trainer`. The
+Trainer builds the model, then its loop steps it and raises events (tune/callbacks.py) that the JSONL log, the
+progress display, the `--report-to` loggers and `on_step` listen to; its counters are one `TrainerState`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.artifacts import Heartbeat, fmt_seconds, fsync_tree, remove_own, writing
-from instatune_cli.distributed import RankError, env_rank, env_world_size, from_accelerator, rank0_reports
+from instatune_cli.distributed import env_rank, env_world_size, from_accelerator, rank0_reports
 from instatune_cli.errors import InstatuneError
 from instatune_cli.seeds import seed_int
 from instatune_cli.tune import recover
+from instatune_cli.tune.callbacks import (
+    CallbackHandler,
+    JsonlLogCallback,
+    OnStepCallback,
+    ProgressCallback,
+    StepOutput,
+    TrainerCallback,
+    heartbeat,
+    reporters,
+)
+from instatune_cli.tune.checkpoint import (  # noqa: F401 - re-exported: the names tests and benches use
+    CKPT_DIR,
+    PARKED,
+    PARKED_KIND,
+    latest_checkpoint,
+    load_checkpoint,
+    parked_dir,
+    save_checkpoint,
+    unpark_checkpoints,
+    worth_resuming,
+)
 from instatune_cli.tune.config import TuneConfig
-
-CKPT_DIR = "checkpoints"
-PARKED = ".checkpoints"  # suffix of the sibling `<output>.checkpoints/` holding them during the commit
-PARKED_KIND = "checkpoints"  # its `.instatune` marker: only a directory so marked is ever emptied or removed
-RUN_FILE = "run.json"
-LOG_FILE = "log.jsonl"
-MODEL_DIR = "model"
-CALIB_EXAMPLES = 512
+from instatune_cli.tune.evaluation import Evaluation
+from instatune_cli.tune.order import BatchOrder
+from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
+    CALIB_EXAMPLES,
+    LOG_FILE,
+    MODEL_DIR,
+    RUN_FILE,
+    JsonlLog,
+    RunDirectory,
+    RunIdentity,
+    precheck_output,
+    tune_inputs,
+)
+from instatune_cli.tune.state import TrainerControl, TrainerState, TrainPlan
 
 
 @dataclass
@@ -82,193 +111,6 @@ def model_family(model_type: str) -> str:
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
-
-# ---- output directory ---------------------------------------------------------------------------------
-
-def precheck_output(cfg: TuneConfig) -> None:
-    """The StageWriter rules, checked before any heavy work so a refused run costs nothing."""
-    from instatune_cli.artifacts import check_output, check_own_dir
-
-    out = check_output(cfg.output, cfg.force, "tune", cfg.resume, tune_inputs(cfg))
-    check_own_dir(parked_dir(out.with_name(out.name + ".partial")), PARKED_KIND, "the checkpoints of a commit")
-
-
-def tune_inputs(cfg: TuneConfig) -> tuple[str | None, ...]:
-    """What a tune run reads: never its output, nor inside it, nor around it (artifacts.check_not_input)."""
-    return (cfg.model, cfg.data, cfg.eval_data, cfg.val_data, cfg.tokenizer, cfg.teacher, cfg.space)
-
-
-# ---- checkpoints --------------------------------------------------------------------------------------
-
-def parked_dir(partial: Path) -> Path:
-    """`<output>.checkpoints`: where `Trainer.commit` keeps the checkpoints until the run directory is in place."""
-    return partial.with_name(partial.name.removesuffix(".partial") + PARKED)
-
-
-def unpark_checkpoints(partial: Path, fingerprint: str, resume: bool) -> None:
-    """Bring back checkpoints an interrupted commit parked: those of this run when resuming, none otherwise."""
-    from instatune_cli.artifacts import check_own_dir
-
-    aside, live = parked_dir(partial), partial / CKPT_DIR
-    if not check_own_dir(aside, PARKED_KIND, "the checkpoints of a commit"):
-        return
-    if resume:
-        live.mkdir(exist_ok=True)
-        for d in sorted(aside.iterdir()):
-            if not (live / d.name).exists() and _checkpoint_fingerprint(d) == fingerprint:
-                os.replace(d, live / d.name)
-    shutil.rmtree(aside)
-
-
-def worth_resuming(partial: Path) -> bool:
-    """Whether a tune partial holds work `--resume` would use: a checkpoint, the teacher's logits cache, or
-    checkpoints a commit parked. One without (a failed start, Ctrl-C before the first checkpoint) is removed."""
-    return (latest_checkpoint(partial) is not None or (partial / "teacher_logits.safetensors").is_file()
-            or parked_dir(partial).is_dir())
-
-
-def _checkpoint_fingerprint(d: Path) -> str | None:
-    try:
-        return json.loads((d / "state.json").read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        return None
-
-
-def latest_checkpoint(partial: Path) -> Path | None:
-    d = partial / CKPT_DIR
-    if not d.is_dir():
-        return None
-    done = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and not p.name.endswith(".tmp") and (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def _save_checkpoint(partial: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                     state: dict[str, Any], scaler: Any = None) -> Path:
-    d = partial / CKPT_DIR
-    final = d / f"step-{step:06d}"
-    tmp = d / f"step-{step:06d}.tmp"
-    try:
-        with writing(f"the checkpoint of step {step}", tmp):
-            d.mkdir(exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            _write_checkpoint(tmp, model, optimizer, scheduler, state, scaler)
-            fsync_tree(tmp)  # on disk before it replaces the previous checkpoint
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a torn checkpoint only takes the space the next one needs
-        raise
-    for old in d.iterdir():
-        if old != final and old.name.startswith("step-"):
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_checkpoint(tmp: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
-                      scaler: Any) -> None:
-    import torch
-    from safetensors.torch import save_file, save_model
-
-    save_model(model, str(tmp / "model.safetensors"))
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    pyrng = random.getstate()
-    full = dict(state)
-    full.update(
-        optimizer_param_groups=sd["param_groups"],
-        optimizer_scalars=scalars,
-        scheduler=scheduler.state_dict(),
-        python_random=[pyrng[0], list(pyrng[1]), pyrng[2]],
-        grad_scaler=scaler.state_dict() if scaler is not None else None,
-    )
-    (tmp / "state.json").write_text(json.dumps(full, indent=1, default=_json_default))
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, tuple):
-        return list(x)
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"cannot store {type(x).__name__} in a checkpoint")
-
-
-def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file, load_model
-
-    state = json.loads((path / "state.json").read_text())
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[k] = v
-    for pid, d in state["optimizer_scalars"].items():
-        opt_state.setdefault(int(pid), {}).update(d)
-    groups = state["optimizer_param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    pr = state["python_random"]
-    random.setstate((pr[0], tuple(pr[1]), pr[2]))
-    return state
-
-
-# ---- log ----------------------------------------------------------------------------------------------
-
-class JsonlLog:
-    """Append-only JSONL; on resume, records past the checkpoint's step are dropped (they will be redone)."""
-
-    def __init__(self, path: Path, keep_upto: int | None, enabled: bool = True) -> None:
-        self.path = path
-        self.enabled = enabled
-        self.records: list[dict[str, Any]] = []
-        if not enabled:
-            return
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill
-                if keep_upto is not None and int(rec.get("step", 0)) <= keep_upto:
-                    self.records.append(rec)
-        with writing("the training log", path), open(path, "w") as f:
-            for rec in self.records:
-                f.write(json.dumps(rec) + "\n")
-
-    def write(self, rec: dict[str, Any]) -> None:
-        self.records.append(rec)
-        if self.enabled:
-            with writing("the training log", self.path), open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-# ---- the run ------------------------------------------------------------------------------------------
 
 def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     def f(s: int) -> float:
@@ -298,14 +140,19 @@ class TuneInputs:
     source: Any = None        # tune/recover.ExtractSource when MODEL is an extract (recovery fine-tuning)
 
 
-def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None] | None = None) -> TuneResult:
+def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None] | None = None,
+             callbacks: Sequence[TrainerCallback] = ()) -> TuneResult:
     """Run (or resume) `instatune tune` and return the committed artifact. `on_step(step)` is called after
-    every optimizer step (and after a checkpoint of that step), e.g. to stop a run in tests."""
+    every optimizer step (and after a checkpoint of that step), e.g. to stop a run in tests; `callbacks` listen
+    to the loop's events (tune/callbacks.py)."""
     t_session = time.perf_counter()
     with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
         source = recover.from_extract(cfg)  # MODEL an extract: checked; data / --teacher parent from its run
         cfg.validate()
         cfg.per_process_batch(env_world_size())  # before any heavy work: the global batch must split evenly
+        listeners = [*reporters(cfg.report_targets()), *callbacks]  # a missing logger package: one line, now
+        if on_step is not None:
+            listeners.append(OnStepCallback(on_step))
         launcher_precision(cfg)
         if env_rank() == 0:  # only rank 0 touches the output: another rank's probe of the lock would race its take
             precheck_output(cfg)
@@ -332,13 +179,29 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
                                  f"{accelerator.num_processes} into one group ({accelerator.distributed_type}); "
                                  "pass --cpu to train on the CPUs, or check the launcher's environment")
         try:
-            return Trainer(cfg, accelerator, inputs, console, on_step, t_session).run()
+            return _train(cfg, accelerator, inputs, console, listeners, t_session)
         finally:
             if accelerator.num_processes == 1:
                 from accelerate.state import AcceleratorState, GradientState
 
                 AcceleratorState._reset_state(True)
                 GradientState._reset_state()
+
+
+def _train(cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, console: Any, callbacks: list[TrainerCallback],
+           t_session: float) -> TuneResult:
+    """Plan the run, open its directory (the output's lock is released whatever happens), train and commit."""
+    plan = TrainPlan.of(cfg, len(inputs.train_enc), accelerator.num_processes)
+    run_dir = RunDirectory(cfg, from_accelerator(accelerator), accelerator.is_main_process,
+                           accelerator.process_index)
+    try:
+        with run_dir.writer.faults("the tune run"):  # a refused write: one line, the partial kept for --resume
+            run_dir.open(RunIdentity.of(cfg, inputs))
+            return Trainer(cfg, accelerator, inputs, plan, run_dir, console, callbacks, t_session).run()
+    finally:
+        for cb in callbacks:
+            cb.close()
+        run_dir.writer.release()  # the output's lock, also when the run stops early (a crash, a kill in tests)
 
 
 def _launched_without_gpu() -> bool:
@@ -413,135 +276,125 @@ def _resolve_inputs(cfg: TuneConfig, source: Any = None) -> TuneInputs:
     )
 
 
+@dataclass
+class Network:
+    """The model a run trains and what steps it (built by `Trainer.build_model`)."""
+
+    model: Any         # the elastic classifier, not wrapped (see `Trainer.sync`)
+    optimizer: Any     # AdamW, prepared by accelerate (mixed-precision grad scaling)
+    scheduler: Any     # linear warm-up and decay
+    params: list[Any]  # the trainable parameters, in the order `sync` averages them
+    dims: Any          # space.ModelDims of the model
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's mean loss (averaged over processes) and its parts, examples, teacher weight and
+    sub-networks."""
+
+    loss: float
+    super_loss: float
+    sub_loss: float | None
+    samples: int
+    gamma: float
+    subs: list[Any]
+
+
+class _Window:
+    """The losses and throughput since the last `train` log record."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.samples, self.seconds = 0, 0.0
+
+    def add(self, loss: float, samples: int, seconds: float) -> float:
+        """Count a step; returns the samples/s since the last record."""
+        self.losses.append(loss)
+        self.samples += samples
+        self.seconds += seconds
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def mean(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+
 class Trainer:
-    """One tune run: the partial directory and fingerprint, teacher logits, model, optimizer, the step, the
-    evaluation, checkpoints and the final artifact. State lives on the object; `run()` drives it.
+    """One tune run on an opened `RunDirectory`: the constructor loads the teacher's logits, builds and resumes
+    the model; `run()` trains (`train`: the loop, its events and `TrainerState`) and commits. Determinism and
+    the checkpoint format are described in the module docstring."""
 
-    Determinism and the checkpoint format are described in the module docstring.
-    """
-
-    def __init__(self, cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, console: Any,
-                 on_step: Callable[[int], None] | None, t_session: float) -> None:
-        self.cfg, self.acc, self.inp, self.on_step, self.t_session = cfg, accelerator, inputs, on_step, t_session
+    def __init__(self, cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, plan: TrainPlan, run_dir: RunDirectory,
+                 console: Any = None, callbacks: Sequence[TrainerCallback] = (), t_session: float | None = None
+                 ) -> None:
+        self.cfg, self.acc, self.inp, self.plan, self.run_dir = cfg, accelerator, inputs, plan, run_dir
         self.adapter, self.space = inputs.adapter, inputs.space
-        self.group = from_accelerator(accelerator)
+        self.group = run_dir.group
         self.main = accelerator.is_main_process
         self.nproc, self.rank = accelerator.num_processes, accelerator.process_index
         # G: the global micro-batch (--batch-size), B: this process's slice of it; A: micro-batches per step
-        self.G, self.A = cfg.batch_size, cfg.grad_accum
-        self.B = cfg.per_process_batch(self.nproc)
-        self.n_train = len(inputs.train_enc)
-        self.micro_per_epoch = math.ceil(self.n_train / self.G)  # the same for every process count
-        if self.micro_per_epoch < 1:
-            raise InstatuneError(
-                f"the training split has {self.n_train} examples, fewer than one global batch ({self.G}); "
-                "lower --batch-size"
-            )
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.micro_per_epoch / self.A))
-        self.warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
-        # super-network warm-up (OFA's progressive shrinking, first phase): no sub-network before this step
-        self.super_warmup_steps = math.ceil(cfg.super_warmup * self.total_steps) if cfg.elastic else 0
-        self.steps_per_epoch = self.micro_per_epoch / self.A
+        self.G, self.A, self.B = plan.global_batch, plan.accum, plan.per_process
+        self.t_session = time.perf_counter() if t_session is None else t_session
+        self.prior_wall = 0.0  # wall seconds of the run's earlier sessions (from the checkpoint resumed)
         self.say = _Say(console, self.main and not cfg.quiet)
         self.console = console
         self.mode = "plain" if cfg.plain else f"elastic M={cfg.num_subnets} {cfg.sampling}"
         self.smallest = self.space.smallest()
-        self._order: dict[int, list[int]] = {}
-        self.t_logits: Any = None
-        self.teacher_cache: str | None = None
-        self.samples, self.train_time, self.prior_wall = 0, 0.0, 0.0
-        self.start_step, self.ckpt_step = 0, None
+        self.order = BatchOrder(inputs.train_enc, plan, cfg.seed, cfg.group_by_length, self.rank)
+        self.state = TrainerState(total_steps=plan.total_steps, fingerprint=run_dir.fingerprint,
+                                  global_batch=plan.global_batch, processes=self.nproc)
+        self.control = TrainerControl()
+        self.progress = ProgressCallback(console)
+        self.callbacks = CallbackHandler([JsonlLogCallback(), self.progress, *callbacks])
+        self.saved_step: int | None = None    # the last checkpoint's step, in this session or the one resumed
+        self.resumed_from: int | None = None  # the checkpoint step this session continued from
         self.artifact: Any = None
-        from instatune_cli.artifacts import StageWriter
-
-        # only the main process opens it, and so holds the output's lock (artifacts.OutputLock)
-        self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
-                                  cleanup_on_error=False, inputs=tune_inputs(cfg), keep_if=worth_resuming)
+        # set-up, in this order: each part needs the one before (the reordering writes run.json, resuming
+        # overwrites the weights, the evaluators hold the model)
+        self.announce()
+        self.t_logits, self.teacher_cache = self.load_teacher()
+        self.net = self.build_model()
+        self.resume()
+        self.evaluation = Evaluation(self.adapter, self.net.model, inputs, self.smallest, cfg.eval_batch_size,
+                                     accelerator.device, accelerator.autocast, self.main)
 
     # ---- set-up ---------------------------------------------------------------------------------------
-    def open_partial(self) -> None:
-        """Fingerprint the run, open (or reopen) `<output>.partial`, refuse a partial of another run."""
-        from instatune_cli.tune.teacher import cache_key
-
+    def announce(self) -> None:
         cfg, inp = self.cfg, self.inp
-        train_digest = inp.train_enc.digest()
-        self.tkey = cache_key(inp.teacher_dir, train_digest, inp.max_length) if inp.teacher_dir else None
-        src = inp.model_src
-        self.model_id = str(Path(src).resolve()) if Path(src).exists() else src
-        # "processes": 1 is a constant on purpose. Runs made when --batch-size was per process recorded their
-        # process count here: their single-process partials (the same global batch) stay resumable, and a
-        # multi-process one (another global batch under today's meaning) is refused. The process count itself
-        # is not fingerprinted: a checkpoint resumes with any number of processes.
-        fp_extra = {"model": self.model_id, "train": train_digest, "eval": inp.eval_enc.digest(),
-                    "labels": inp.data.labels, "max_length": inp.max_length, "space": self.space.to_dict(),
-                    "teacher": self.tkey, "processes": 1}
-        if inp.val_enc is not None:
-            fp_extra["val"] = inp.val_enc.digest()
+        val_n = len(inp.val_enc) if inp.val_enc is not None else 0
+        self.say(f"[bold]tune[/] {cfg.model} ({model_family(inp.hf_config.model_type)}, "
+                 f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.plan.n_train} "
+                 f"train / {val_n} val / {len(inp.eval_enc)} eval, "
+                 f"{'regression' if inp.data.regression else f'{len(inp.data.labels)} classes'}, {self.mode}"
+                 f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.plan.total_steps} steps -> "
+                 f"{cfg.output}")
         if inp.source is not None:
-            fp_extra["extract"] = inp.source.digest
-        self.fingerprint = cfg.fingerprint(fp_extra)
-        partial, self.run_info, ckpt = self.group.agree(lambda: self._open_partial_main(fp_extra))
-        self.partial = Path(partial)
-        self.ckpt = Path(ckpt) if ckpt else None
-        if self.ckpt is not None and not (self.ckpt / "state.json").is_file():
-            raise RankError(f"process {self.rank} cannot see the checkpoint {self.ckpt} that rank 0 resumes from; "
-                            "put --output on storage every node can read")
-        keep = int(self.ckpt.name.split("-")[1]) if self.ckpt else 0
-        self.log = JsonlLog(self.partial / LOG_FILE, keep_upto=keep, enabled=self.main)
+            self.say(inp.source.summary())
+        if self.main:  # what the data loader had to say (e.g. images skipped as unreadable), even with --quiet
+            for note in inp.data.source.get("notes", []):
+                print(f"notice: {note}", file=sys.stderr)
 
-    def _open_partial_main(self, fp_extra: dict[str, Any]) -> tuple[str, dict[str, Any], str | None]:
-        """Rank 0's part of `open_partial`, the only one touching the directory: take the lock, check or record
-        the fingerprint, bring parked checkpoints back, pick the one to resume. Returns (partial, run info,
-        checkpoint or None) for every rank."""
-        cfg = self.cfg
-        self.writer.open()
-        self.partial = self.writer.path
-        run_file = self.partial / RUN_FILE
-        if run_file.is_file():
-            self.run_info = json.loads(run_file.read_text())
-            if self.run_info.get("fingerprint") != self.fingerprint:
-                old = self.run_info.get("options", {})
-                new = cfg.fingerprint_dict()
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                what = ("options " + ", ".join("--" + k.replace("_", "-") for k in diff)) if diff else \
-                    "model, data, labels, space or teacher"
-                raise InstatuneError(
-                    f"{self.partial} belongs to another run (its {what} differ); rerun with the same options to "
-                    "resume, or pass --force without --resume to start over"
-                )
-        else:
-            self.run_info = {"fingerprint": self.fingerprint, "options": cfg.fingerprint_dict(), "extra": fp_extra}
-            self._write_run_info()
-        unpark_checkpoints(self.partial, self.fingerprint, cfg.resume)
-        ckpt = latest_checkpoint(self.partial) if cfg.resume else None
-        if (self.partial / CKPT_DIR).is_dir():
-            for p in (self.partial / CKPT_DIR).glob("*.tmp"):
-                shutil.rmtree(p, ignore_errors=True)
-        return str(self.partial), self.run_info, str(ckpt) if ckpt else None
-
-    def _write_run_info(self) -> None:
-        if self.main:
-            with writing("the run's fingerprint", self.partial / RUN_FILE):
-                (self.partial / RUN_FILE).write_text(json.dumps(self.run_info, indent=1, default=str))
-
-    def load_teacher(self) -> None:
-        """The strong teacher's logits over the training set, computed once (or read from the cache)."""
+    def load_teacher(self) -> tuple[Any, str | None]:
+        """The strong teacher's logits over the training set, computed once (or read from the cache), and
+        whether the cache was "built" or "reused"; (None, None) without a teacher."""
         from instatune_cli.tune.teacher import teacher_logits
 
         if not self.inp.teacher_dir:
-            return
-        cached = self.main and (self.partial / "teacher_logits.safetensors").exists()
+            return None, None
+        partial = self.run_dir.partial
+        cached = self.main and (partial / "teacher_logits.safetensors").exists()
         self.say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}"
                  f"{f' on {self.nproc} processes' if self.nproc > 1 and not cached else ''}")
-        self.t_logits, built = teacher_logits(self.partial, self.inp.teacher_dir, self.inp.train_enc, self.tkey,
-                                              self.cfg.eval_batch_size, self.acc.device, self._teacher_progress(),
-                                              group=self.group)
-        self.teacher_cache = "built" if built else "reused"
-        self.say(f"teacher logits {self.teacher_cache} ({tuple(self.t_logits.shape)})")
+        assert self.run_dir.identity is not None
+        logits, built = teacher_logits(partial, self.inp.teacher_dir, self.inp.train_enc,
+                                       self.run_dir.identity.teacher_key, self.cfg.eval_batch_size, self.acc.device,
+                                       self._teacher_progress(), group=self.group)
+        cache = "built" if built else "reused"
+        self.say(f"teacher logits {cache} ({tuple(logits.shape)})")
+        return logits, cache
 
     def _teacher_progress(self) -> Callable[[int], None]:
         """Plain lines during the teacher pass where no terminal shows the live bar (artifacts.Heartbeat)."""
-        beat, n, seen = self.heartbeat(), len(self.inp.train_enc), [0]
+        beat, n, seen = heartbeat(self.console, self.cfg, self.main), len(self.inp.train_enc), [0]
 
         def progress(k: int) -> None:
             seen[0] += k
@@ -549,13 +402,8 @@ class Trainer:
 
         return progress
 
-    def heartbeat(self) -> Heartbeat:
-        """Lines every `--progress-every` seconds when the console is not a terminal; silent otherwise."""
-        plain = self.main and not self.cfg.quiet and not _console(self.console).is_terminal
-        return Heartbeat(self.cfg.progress_every if plain else None)
-
-    def build_model(self) -> None:
-        """Load the classifier, make it elastic under the space's depth rule, reorder, optimizer, resume."""
+    def build_model(self) -> Network:
+        """Load the classifier, make it elastic under the space's depth rule, reorder, optimizer."""
         import torch
         from accelerate.utils import set_seed
 
@@ -567,22 +415,21 @@ class Trainer:
         if self.inp.data.regression:  # one output; stock loaders and pipelines then read it as a score
             model.config.problem_type = "regression"
         self.adapter.make_elastic(model, self.space.depth)
-        self.dims = self.adapter.dims_of(model)
+        dims = self.adapter.dims_of(model)
         model.to(self.acc.device)
-        self.reorder_info = self.run_info.get("reorder")
-        if cfg.use_reorder and cfg.elastic and self.ckpt is None:
+        if cfg.use_reorder and cfg.elastic and self.run_dir.resume_from is None:
             self._reorder(model, "before training")
         decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(self.warmup, self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      _linear_schedule(self.plan.warmup, self.plan.total_steps))
         # Only the optimizer goes through accelerate (mixed-precision grad scaling): a prepared model would be
         # wrapped in DDP, which all-reduces after every backward pass; `sync` does it once per step instead.
         # The forward passes run under `acc.autocast()` explicitly, training and evaluation alike.
-        self.optimizer = self.acc.prepare_optimizer(optimizer)
-        self.model = self.raw = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        return Network(model=model, optimizer=self.acc.prepare_optimizer(optimizer), scheduler=scheduler,
+                       params=[p for p in model.parameters() if p.requires_grad], dims=dims)
 
     def _reorder(self, model: Any, when: str) -> None:
         """Sort heads and neurons by importance (docs/architecture.md, "Activating a sub-network"). An elastic run
@@ -592,142 +439,122 @@ class Trainer:
         saved weights are in that order, so search, extract and export need nothing else."""
         # the first global batches, whole, on every rank: the importance a single process would compute (the
         # weights are then broadcast from rank 0, so ranks need not agree to the bit)
-        nb = min(self.cfg.reorder_batches, self.micro_per_epoch)
-        order0 = self.epoch_order(0)
+        nb = min(self.cfg.reorder_batches, self.plan.micro_per_epoch)
+        order0 = self.order.epoch(0)
         G = self.G
         batches = [{k: v.to(self.acc.device) for k, v in self.inp.train_enc.collate(order0[i * G:(i + 1) * G]).items()}
                    for i in range(nb)]
         info = self.adapter.reorder_by_importance(model, batches)
         model.zero_grad(set_to_none=True)
-        self.reorder_info = {"method": info.get("method"), "batches": nb, "when": when,
-                             "head_orders": info.get("head_orders")}
-        self.run_info["reorder"] = self.reorder_info
-        self._write_run_info()
-        self.say(f"reordered heads and neurons by importance {when} ({self.reorder_info['method']}, {nb} batches)")
+        self.run_dir.record_reorder({"method": info.get("method"), "batches": nb, "when": when,
+                                     "head_orders": info.get("head_orders")})
+        self.say(f"reordered heads and neurons by importance {when} ({info.get('method')}, {nb} batches)")
 
     def resume(self) -> None:
-        if self.ckpt is not None:
+        """Continue from the run directory's checkpoint, if any: weights, optimizer, RNGs and `TrainerState`.
+        Then every rank starts from rank 0's weights."""
+        ckpt = self.run_dir.resume_from
+        if ckpt is not None:
+            net = self.net
             try:
-                st = _load_checkpoint(self.ckpt, self.raw, self.optimizer, self.scheduler, self.acc.scaler)
-                self.start_step, self.prior_wall = int(st["step"]), float(st["wall_s"])
-                self.train_time, self.samples = float(st["train_time_s"]), int(st["samples"])
+                state = load_checkpoint(ckpt, net.model, net.optimizer, net.scheduler, self.acc.scaler)
+            except InstatuneError:
+                raise
             except Exception as e:  # noqa: BLE001 - any damage (torn file, edited JSON, missing key) is one line
-                raise InstatuneError(f"the checkpoint {self.ckpt} cannot be read ({_first_line(e)[:200]}); it is "
+                raise InstatuneError(f"the checkpoint {ckpt} cannot be read ({_first_line(e)[:200]}); it is "
                                      "damaged: pass --force instead of --resume to start over") from None
-            self.ckpt_step = self.start_step
-            self.log.write({"event": "resume", "step": self.start_step})
-            self.say(f"resumed from {self.ckpt.name} (step {self.start_step} of {self.total_steps})")
-        elif not self.log.records:
-            self.log.write({"event": "start", "step": 0, "total_steps": self.total_steps, "mode": self.mode,
-                            "train_examples": self.n_train, "eval_examples": len(self.inp.eval_enc),
-                            "val_examples": len(self.inp.val_enc) if self.inp.val_enc is not None else 0,
-                            "processes": self.nproc})
+            if state.last_eval is None:  # a checkpoint from before TrainerState: its evaluations are in the log
+                self._replay_evaluations(state)
+            state.total_steps, state.processes = self.plan.total_steps, self.nproc
+            self.state, self.prior_wall = state, state.wall_s
+            self.saved_step = self.resumed_from = state.step
+            self.say(f"resumed from {ckpt.name} (step {state.step} of {self.plan.total_steps})")
         # every rank starts from rank 0's weights (what DDP does at construction): the reordering's importance
         # pass need not agree to the bit across devices, and the classifier's initialisation need not either
-        self.group.broadcast_([*self.raw.parameters(), *self.raw.buffers()])
+        self.group.broadcast_([*self.net.model.parameters(), *self.net.model.buffers()])
 
-    def make_evaluators(self) -> None:
-        from instatune_cli.measure.accuracy import Evaluator
+    def _replay_evaluations(self, state: TrainerState) -> None:
+        assert self.run_dir.log is not None
+        for rec in self.run_dir.log.records:
+            if rec.get("event") == "eval" and int(rec["step"]) <= state.step:
+                scores = {k: v for k, v in rec.items() if k not in ("event", "step")}
+                state.record_eval(int(rec["step"]), scores, self.inp.metric, self.inp.val_enc is not None)
 
-        self.evaluators: dict[str, Any] = {}
-        if not self.main:
-            return
-        bs, dev, metric, fam = self.cfg.eval_batch_size, self.acc.device, self.inp.metric, self.adapter
-        self.evaluators["eval"] = Evaluator(self.raw, fam.eval_batches(self.inp.eval_enc, bs), dev, metric=metric)
-        if self.inp.val_enc is not None:
-            self.evaluators["val"] = Evaluator(self.raw, fam.eval_batches(self.inp.val_enc, bs), dev, metric=metric)
-
-    # ---- data order -----------------------------------------------------------------------------------
-    def epoch_order(self, e: int) -> list[int]:
-        if e not in self._order:
-            from instatune_cli import data as D
-
-            self._order.clear()
-            perm = list(range(self.n_train))
-            rng = random.Random(seed_int("order", self.cfg.seed, e))
-            rng.shuffle(perm)
-            if self.cfg.group_by_length:
-                lengths = self.inp.train_enc.lengths()
-                perm = D.length_grouped(perm, lengths, self.G, rng)
-            self._order[e] = perm
-        return self._order[e]
-
-    def global_micro(self, g: int) -> list[int]:
-        """Example indices of global micro-batch `g` (all processes together): a function of the seed, the data
-        and --batch-size only."""
-        e, k = divmod(g, self.micro_per_epoch)
-        return self.epoch_order(e)[k * self.G : (k + 1) * self.G]
-
-    def micro(self, g: int) -> list[int]:
-        """This process's slice of global micro-batch `g` (the whole of it on one process). A short last batch
-        of an epoch leaves the last ranks fewer examples, or none."""
-        return self.global_micro(g)[self.rank * self.B : (self.rank + 1) * self.B]
+    def wall(self) -> float:
+        """Wall seconds of the run so far, every session."""
+        return self.prior_wall + time.perf_counter() - self.t_session
 
     # ---- one optimizer step ---------------------------------------------------------------------------
-    def step(self, step: int) -> tuple[float, int, float, list[Any]]:
+    def step(self, step: int) -> StepResult:
         """Forward/backward the super-network and this step's sub-networks over A micro-batches, average the
-        gradients across processes once (`sync`), then apply. Returns (loss, samples, gamma, sub-networks)."""
+        gradients across processes once (`sync`), then apply."""
         import torch
 
         from instatune_cli.tune import loss as L
 
-        cfg = self.cfg
+        cfg, net = self.cfg, self.net
         torch.manual_seed(seed_int("dropout", cfg.seed, step, self.rank))
-        epoch_now = (step * self.A) // self.micro_per_epoch
+        epoch_now = (step * self.A) // self.plan.micro_per_epoch
         gamma = 1.0 if self.inp.teacher_dir and (cfg.teacher_epochs is None or epoch_now < cfg.teacher_epochs) else 0.0
         w = L.LossWeights(cfg.alpha, cfg.temperature, gamma, cfg.super_ce_for(gamma))
-        sampling = cfg.elastic and step >= self.super_warmup_steps
+        sampling = cfg.elastic and step >= self.plan.super_warmup_steps
         subs = self.space.sample_many(random.Random(seed_int("subnets", cfg.seed, step)), cfg.num_subnets,
                                       cfg.sampling) if sampling else []
-        losses: list[Any] = []
+        totals: list[Any] = []
+        supers: list[Any] = []
         step_samples = 0
         for a in range(self.A):
-            glob = self.global_micro(step * self.A + a)
-            idx = self.micro(step * self.A + a)
+            glob = self.order.global_micro(step * self.A + a)
+            idx = self.order.micro(step * self.A + a)
             step_samples += len(glob)
             if not idx:  # a short last batch left this rank nothing: it adds zeros to the average
-                losses.append(0.0)
+                totals.append(0.0)
+                supers.append(0.0)
                 continue
-            losses.append(self._micro_step(idx, glob, w, gamma, subs))
-        values = self.sync(losses)
-        val = sum(values) / self.A
+            total, sup = self._micro_step(idx, glob, w, gamma, subs)
+            totals.append(total)
+            supers.append(sup)
+        values = self.sync([*totals, *supers])  # one buffer: averaging is element-wise, the totals as before
+        val = sum(values[:self.A]) / self.A
         if not math.isfinite(val):
-            _nan_stop(val, step, self.partial, self.ckpt_step, cfg, self.log)
+            self.run_dir.nan_stop(val, step, self.saved_step)
         if cfg.max_grad_norm > 0:
-            self.acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return val, step_samples, gamma, subs
+            self.acc.clip_grad_norm_(net.params, cfg.max_grad_norm)
+        net.optimizer.step()
+        net.scheduler.step()
+        net.optimizer.zero_grad(set_to_none=True)
+        super_loss = sum(values[self.A:]) / self.A
+        return StepResult(val, super_loss, val - super_loss if subs else None, step_samples, gamma, subs)
 
     def sync(self, losses: list[Any]) -> list[float]:
         """Average this step's gradients and loss terms across processes with ONE all-reduce (module docstring).
 
         The buffer holds every parameter's gradient (zeros where this rank produced none), one has-gradient flag
-        per parameter and the A loss terms. A parameter no rank produced a gradient for keeps `grad = None`, as on
-        one process, so AdamW skips it there too. Returns the A (averaged) loss terms as floats."""
+        per parameter and the step's loss terms. A parameter no rank produced a gradient for keeps `grad = None`, as on
+        one process, so AdamW skips it there too. Returns the (averaged) loss terms as floats."""
         import torch
 
         if not self.group.active:
             return [float(x) for x in losses]
-        ref = self.params[0]
-        flags = torch.tensor([p.grad is not None for p in self.params], dtype=ref.dtype, device=ref.device)
+        ref = self.net.params[0]
+        flags = torch.tensor([p.grad is not None for p in self.net.params], dtype=ref.dtype, device=ref.device)
         terms = torch.stack([torch.as_tensor(x, dtype=torch.float32).to(ref.device) for x in losses]).to(ref.dtype)
-        for p in self.params:
+        for p in self.net.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
+        grads = [p.grad for p in self.net.params]
         if any(g.dtype != ref.dtype for g in grads):  # mixed parameter dtypes: not what tune builds
             raise InstatuneError("the model's parameters have several dtypes; multi-process tune needs one")
         self.group.average_([*grads, flags, terms])
-        for p, f in zip(self.params, flags.tolist(), strict=True):
+        for p, f in zip(self.net.params, flags.tolist(), strict=True):
             if f == 0:
                 p.grad = None
         return [float(x) for x in terms.tolist()]
 
-    def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any]) -> Any:
+    def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any]) -> tuple[Any, Any]:
         """Back-propagate the super-network's term, then each sub-network's (tune/loss.py), one graph at a time,
-        on this rank's slice `idx` of the global micro-batch `glob`. Returns the weighted loss (detached).
+        on this rank's slice `idx` of the global micro-batch `glob`. Returns the weighted loss and the super-network's
+        term of it (detached).
 
         Every term is a mean over examples, so it is weighted by len(idx) / len(glob) x processes: averaged over
         the processes that gives the mean over the global batch, the single-process loss. The hidden-state term
@@ -736,7 +563,8 @@ class Trainer:
 
         from instatune_cli.tune import loss as L
 
-        acc, raw, model = self.acc, self.raw, self.model
+        acc = self.acc
+        raw = model = self.net.model
         batch = self.inp.train_enc.collate(idx)
         labels = batch.pop("labels").to(acc.device)
         batch = self.adapter.model_inputs(raw, batch)
@@ -757,7 +585,7 @@ class Trainer:
         term = L.plain_loss(logits, labels, w, tl) if self.cfg.plain else L.super_term(logits, labels, w, tl)
         term = weighted(term, share)
         acc.backward(term)  # accelerate divides by --grad-accum (its GradientAccumulationPlugin)
-        total = term.detach().float()
+        total = sup_term = term.detach().float()
         sup = logits.detach()
         sup_hidden = tuple(h.detach() for h in hidden) if beta and hidden is not None else None
         del logits, hidden
@@ -775,202 +603,122 @@ class Trainer:
             total = total + s_term.detach().float()
             del s_logits
         self.adapter.activate(raw, None)
-        return total
+        return total, sup_term
 
-    # ---- evaluation and checkpoints ---------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
-        """Super-network and smallest sub-network on the eval split (and the validation split if any): accuracy,
-        and the task's metric as `super_[val_]<metric>` when it is not accuracy (e.g. `super_mcc`); a regressor
-        has no accuracy and reports `super_[val_]mse` beside its correlation. `super_[val_]collapsed`: no better
-        than a constant predictor (measure.metrics)."""
-        out: dict[str, Any] = {}
-        metric = self.inp.metric
-        for split, ev in self.evaluators.items():
-            pre = "" if split == "eval" else "val_"
-            with self.acc.autocast():  # what a prepared model's forward did (a no-op without mixed precision)
-                sup = ev.evaluate(None)
-                small = ev.evaluate(self.smallest)
-            beside = "mse" if self.inp.data.regression else "accuracy"
-            out.update({f"super_{pre}{beside}": getattr(sup, beside),
-                        f"smallest_{pre}{beside}": getattr(small, beside)})
-            if metric != "accuracy":
-                out.update({f"super_{pre}{metric}": sup.score, f"smallest_{pre}{metric}": small.score})
-            out.update({f"super_{pre}collapsed": sup.collapsed, f"smallest_{pre}collapsed": small.collapsed})
-            if split == "eval":
-                out.update({"eval_loss": sup.loss, "smallest_eval_loss": small.loss})
-        self.adapter.activate(self.raw, None)
-        return out
-
-    def scores_line(self, ev: dict[str, Any]) -> str:
-        """`super mcc 0.4120 (acc 80.13%), smallest L3-h4-f384 mcc 0.1034 (acc 71.20%)`: the task's metric first,
-        accuracy (a regressor: mse) beside it, `collapsed` where no better than a constant predictor."""
-        metric = self.inp.metric
-        beside = "mse" if self.inp.data.regression else ("acc" if metric != "accuracy" else "")
-        key = {"mse": "mse", "acc": "accuracy"}.get(beside, "")
-
-        def fmt(name: str, v: float) -> str:  # shares as percentages, as `search` prints them; the rest as numbers
-            return f"{100 * v:.2f}%" if name in ("accuracy", "f1") else f"{v:.4f}"
-
-        def one(who: str) -> str:
-            shown = "acc" if metric == "accuracy" else metric
-            text = f"{shown} {fmt(metric, ev[f'{who}_{metric}'])}"
-            if beside:
-                text += f" ({beside} {fmt(key, ev[f'{who}_{key}'])})"
-            return text + (" collapsed" if ev.get(f"{who}_collapsed") else "")
-
-        return f"super {one('super')}, smallest {self.smallest.name} {one('smallest')}"
-
-    def checkpoint(self, done: int) -> None:
-        """Rank 0 writes it (every rank holds the same state); the others wait for it (`Group.agree`), and
-        leave with rank 0 if the write fails."""
-        def save() -> None:
-            _save_checkpoint(self.partial, done, self.raw, self.optimizer, self.scheduler, {
-                "step": done, "micro": done * self.A, "epoch": (done * self.A) // self.micro_per_epoch,
-                "batch_in_epoch": (done * self.A) % self.micro_per_epoch, "samples": self.samples,
-                "train_time_s": self.train_time, "wall_s": self.prior_wall + time.perf_counter() - self.t_session,
-                "fingerprint": self.fingerprint, "global_batch": self.G, "processes": self.nproc}, self.acc.scaler)
-
-        self.group.agree(save)
-        self.ckpt_step = done
-
-    # ---- the run ----------------------------------------------------------------------------------------
+    # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> TuneResult:
-        try:
-            with self.writer.faults("the tune run"):  # a refused write: one line, the partial kept for --resume
-                return self._run()
-        finally:
-            self.writer.release()  # the output's lock, also when the run stops early (a crash, a kill in tests)
-
-    def _run(self) -> TuneResult:
-        cfg, inp = self.cfg, self.inp
-        self.open_partial()
-        val_n = len(inp.val_enc) if inp.val_enc is not None else 0
-        self.say(f"[bold]tune[/] {cfg.model} ({model_family(inp.hf_config.model_type)}, "
-                 f"{self.adapter.dims(inp.hf_config).num_layers} layers) on {inp.data.task}: {self.n_train} train "
-                 f"/ {val_n} val / {len(inp.eval_enc)} eval, "
-                 f"{'regression' if inp.data.regression else f'{len(inp.data.labels)} classes'}, {self.mode}"
-                 f"{', teacher ' + cfg.teacher if cfg.teacher else ''}; {self.total_steps} steps -> {cfg.output}")
-        if inp.source is not None:
-            self.say(inp.source.summary())
-        if self.main:  # what the data loader had to say (e.g. images skipped as unreadable), even with --quiet
-            for note in inp.data.source.get("notes", []):
-                print(f"notice: {note}", file=sys.stderr)
-        self.load_teacher()
-        self.build_model()
-        self.resume()
-        self.make_evaluators()
-        self.train_loop()
-        if cfg.plain and cfg.use_reorder:
-            self._reorder(self.raw, "after training")
-            self.group.broadcast_([*self.raw.parameters(), *self.raw.buffers()])
+        """Train, reorder a --plain run's fine-tuned weights, commit."""
+        self.train()
+        if self.cfg.plain and self.cfg.use_reorder:
+            model = self.net.model
+            self._reorder(model, "after training")
+            self.group.broadcast_([*model.parameters(), *model.buffers()])
         return self.commit()
 
-    def train_loop(self) -> None:
-        cfg = self.cfg
-        window: list[float] = []
-        win_samples, win_time = 0, 0.0
-        self.model.train()
-        progress = _Progress(self.console, self.total_steps, self.start_step, enabled=self.main and not cfg.quiet,
-                             beat=self.heartbeat())
+    def train(self) -> None:
+        """Step from `state.step` to the last step. After each: `on_step_end`, then what `control` asks (log,
+        evaluate, checkpoint, with their events), then `on_step_complete` (tune/callbacks.py)."""
+        cfg, plan, state, control, events = self.cfg, self.plan, self.state, self.control, self.callbacks
+        window = _Window()
+        self.net.model.train()
+        events.on_train_begin(self, state, control)
         try:
-            for step in range(self.start_step, self.total_steps):
-                t0 = time.perf_counter()
-                lr_now = self.scheduler.get_last_lr()[0]
-                step_loss, step_samples, gamma, subs = self.step(step)
+            while state.step < state.total_steps:
+                t0, c0 = time.perf_counter(), time.process_time()
+                lr = self.net.scheduler.get_last_lr()[0]
+                res = self.step(state.step)
                 dt = time.perf_counter() - t0
-                self.train_time += dt
-                self.samples += step_samples
-                window.append(step_loss)
-                win_samples += step_samples
-                win_time += dt
-                done = step + 1
-                sps = win_samples / win_time if win_time > 0 else 0.0
-                progress.update(done, step_loss, sps)
-                if done % cfg.log_every == 0 or done == self.total_steps:
-                    self.log.write({"event": "train", "step": done, "epoch": round(done / self.steps_per_epoch, 4),
-                                    "loss": sum(window) / len(window), "lr": lr_now, "gamma": gamma,
-                                    "samples_per_s": round(sps, 2), "subnets": [s.name for s in subs]})
-                    window, win_samples, win_time = [], 0, 0.0
-                if cfg.eval_every and done % cfg.eval_every == 0 and done < self.total_steps:
-                    self.group.agree(lambda done=done: self._eval_note(done, progress))  # rank 0; the others wait
-                    self.model.train()
-                if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
-                    self.checkpoint(done)
-                if self.on_step is not None:
-                    self.on_step(done)
+                state.advance(plan, res.samples, dt, time.process_time() - c0)
+                sps = window.add(res.loss, res.samples, dt)
+                control.decide(cfg, state)
+                events.on_step_end(self, state, control, StepOutput(
+                    loss=res.loss, super_loss=res.super_loss, sub_loss=res.sub_loss, lr=lr, gamma=res.gamma,
+                    subs=res.subs, samples=res.samples, seconds=dt, samples_per_s=sps))
+                if control.should_log:
+                    events.on_log(self, state, control, {
+                        "event": "train", "step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
+                        "loss": window.mean(), "lr": lr, "gamma": res.gamma, "samples_per_s": round(sps, 2),
+                        "subnets": [s.name for s in res.subs]})
+                    window = _Window()
+                if control.should_evaluate:
+                    self.evaluate()
+                    self.net.model.train()
+                if control.should_save:
+                    self.checkpoint()
+                events.on_step_complete(self, state, control)
         finally:
-            progress.stop()
+            self.progress.close()
 
-    def _eval_note(self, done: int, progress: _Progress) -> None:
-        ev = self.evaluate()
-        self.log.write({"event": "eval", "step": done, **ev})
-        progress.note(f"step {done}: {self.scores_line(ev)}, eval loss {ev['eval_loss']:.4f}")
+    def evaluate(self) -> dict[str, Any]:
+        """A mid-run evaluation: rank 0 scores (`_evaluate_main`), the others wait and keep its scores too."""
+        scores = self.group.agree(self._evaluate_main)
+        if not self.main:
+            self._record(scores)
+        return scores
 
+    def _evaluate_main(self, final: bool = False) -> dict[str, Any]:
+        """Score the super-network and the smallest sub-network, keep them in the state, raise `on_evaluate`."""
+        scores = self.evaluation.evaluate()
+        self._record(scores)
+        self.callbacks.on_evaluate(self, self.state, self.control, scores, final)
+        return scores
+
+    def _record(self, scores: dict[str, Any]) -> None:
+        self.state.record_eval(self.state.step, scores, self.inp.metric, self.inp.val_enc is not None)
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes it (every rank holds the same state); the others wait for it (`Group.agree`), and
+        leave with rank 0 if the write fails."""
+        net, state = self.net, self.state
+
+        def save() -> str:
+            state.wall_s = self.wall()
+            return str(save_checkpoint(self.run_dir.partial, net.model, net.optimizer, net.scheduler, state,
+                                       self.acc.scaler))
+
+        path = Path(self.group.agree(save))
+        self.saved_step = state.step
+        self.callbacks.on_save(self, state, self.control, path)
+
+    # ---- the run directory ------------------------------------------------------------------------------
     def commit(self) -> TuneResult:
         """Final evaluation, then the run directory (model, space, splits, calibration sample, manifest), by rank 0;
         every rank returns its metrics (`Group.agree`)."""
-        self.adapter.activate(self.raw, None)
+        self.adapter.activate(self.net.model, None)
         metrics = self.group.agree(self._commit_main)
-        return TuneResult(self.artifact if self.main else None, metrics, self.teacher_cache,
-                          self.start_step if self.ckpt is not None else None, self.log.records)
+        assert self.run_dir.log is not None
+        return TuneResult(self.artifact if self.main else None, metrics, self.teacher_cache, self.resumed_from,
+                          self.run_dir.log.records)
 
     def _commit_main(self) -> dict[str, Any]:
-        cfg, inp, partial = self.cfg, self.inp, self.partial
-        final = self.evaluate()
-        wall = self.prior_wall + time.perf_counter() - self.t_session
+        cfg, inp, plan, state = self.cfg, self.inp, self.plan, self.state
+        final = self._evaluate_main(final=True)  # inside `commit`'s Group.agree already
+        state.wall_s = self.wall()
         n_val = len(inp.val_enc) if inp.val_enc is not None else 0
-        metrics = {**final, "smallest_subnet": self.smallest.name, "steps": self.total_steps,
-                   "epochs": round(self.total_steps / self.steps_per_epoch, 4), "train_examples": self.n_train,
-                   "val_examples": n_val, "eval_examples": len(inp.eval_enc), "wall_time_s": round(wall, 2),
-                   "train_time_s": round(self.train_time, 2),
-                   "samples_per_s": round(self.samples / self.train_time, 2) if self.train_time > 0 else None}
-        self.log.write({"event": "final", "step": self.total_steps, **metrics})
-        self._write_outputs(n_val)
-        self._park_checkpoints()
-        self.artifact = self.writer.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
-        remove_own(parked_dir(partial), PARKED_KIND)  # only now: the run directory is in place
-        self.say(f"[green]done[/] {cfg.output}: {self.scores_line(metrics)}, {metrics['samples_per_s']} "
+        train_time = state.train_time_s
+        metrics = {**final, "smallest_subnet": self.smallest.name, "steps": plan.total_steps,
+                   "epochs": round(plan.total_steps / plan.steps_per_epoch, 4), "train_examples": plan.n_train,
+                   "val_examples": n_val, "eval_examples": len(inp.eval_enc), "wall_time_s": round(state.wall_s, 2),
+                   "train_time_s": round(train_time, 2),
+                   "samples_per_s": round(state.samples / train_time, 2) if train_time > 0 else None}
+        self.callbacks.on_train_end(self, state, self.control, metrics)
+        self.run_dir.write_outputs(self.adapter, self.net.model, inp, self.space, cfg.seed)
+        self.artifact = self.run_dir.commit(model=self._model_info(), metrics=metrics, extra=self._extra(n_val))
+        self.say(f"[green]done[/] {cfg.output}: {self.evaluation.scores_line(metrics)}, {metrics['samples_per_s']} "
                  f"samples/s, {metrics['wall_time_s']} s")
         return metrics
 
-    def _write_outputs(self, n_val: int) -> None:
-        """The super-network, tokenizer, space and the three splits into the partial directory."""
-        from instatune_cli import data as D
-
-        cfg, inp, partial = self.cfg, self.inp, self.partial
-        with writing("the tuned super-network", partial / MODEL_DIR):
-            self.adapter.save(self.raw, inp.tok, partial / MODEL_DIR)
-        with writing("the search space and the eval, validation and calibration splits", partial):
-            (partial / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2) + "\n")
-            D.write_jsonl(partial / "eval.jsonl", inp.data.eval)
-            if n_val:
-                D.write_jsonl(partial / "val.jsonl", inp.data.val)
-            calib = list(range(self.n_train))
-            random.Random(seed_int("calib", cfg.seed)).shuffle(calib)
-            D.write_jsonl(partial / "calib.jsonl", inp.data.train.subset(sorted(calib[:CALIB_EXAMPLES])))
-
-    def _park_checkpoints(self) -> None:
-        """Move the checkpoints out of the directory the manifest describes, but keep them until it is in place:
-        a kill or a full disk during the commit then resumes from the last one, not from step 0."""
-        from instatune_cli.artifacts import check_own_dir, mark_own
-
-        live, aside = self.partial / CKPT_DIR, parked_dir(self.partial)
-        if live.is_dir():
-            if check_own_dir(aside, PARKED_KIND, "the checkpoints of a commit"):
-                shutil.rmtree(aside)
-            mark_own(live, PARKED_KIND)  # before the move: a parked directory is never without its marker
-            os.replace(live, aside)
-
     def _model_info(self) -> dict[str, Any]:
         inp = self.inp
+        assert self.run_dir.identity is not None
         return {
             "family": model_family(inp.hf_config.model_type), "adapter": self.adapter.family,
             "model_type": inp.hf_config.model_type, "base_checkpoint": self.cfg.model,
-            "base_resolved": self.model_id, "task": inp.data.task, "labels": inp.data.labels,
-            "num_labels": len(inp.data.labels), "dims": self.dims.to_dict(), "max_length": inp.max_length,
+            "base_resolved": self.run_dir.identity.model_id, "task": inp.data.task, "labels": inp.data.labels,
+            "num_labels": len(inp.data.labels), "dims": self.net.dims.to_dict(), "max_length": inp.max_length,
             "problem_type": "regression" if inp.data.regression else "single_label_classification",
             "text_pair": inp.data.eval.pairs is not None, "model_dir": MODEL_DIR, "elastic": self.cfg.elastic,
-            "reorder": self.reorder_info, "metric": inp.metric, "depth_rule": self.space.depth,
+            "reorder": self.run_dir.reorder, "metric": inp.metric, "depth_rule": self.space.depth,
             **({"source_extract": inp.source.record()} if inp.source is not None else {}),
         }
 
@@ -978,30 +726,21 @@ class Trainer:
         cfg, inp = self.cfg, self.inp
         return {
             "space": self.space.to_dict(),
-            "data": {**inp.data.source, "train_examples": self.n_train, "eval_examples": len(inp.eval_enc),
+            "data": {**inp.data.source, "train_examples": self.plan.n_train, "eval_examples": len(inp.eval_enc),
                      "eval_file": "eval.jsonl", "val_file": "val.jsonl" if n_val else None, "val_examples": n_val,
-                     "calib_file": "calib.jsonl", "calib_examples": min(CALIB_EXAMPLES, self.n_train)},
+                     "calib_file": "calib.jsonl", "calib_examples": min(CALIB_EXAMPLES, self.plan.n_train)},
             "training": {"mode": "plain" if cfg.plain else "elastic", "num_subnets": cfg.num_subnets,
                          "sampling": cfg.sampling, "alpha": cfg.alpha, "temperature": cfg.temperature,
                          "super_ce": cfg.super_ce_for(0.0), "super_ce_with_teacher": cfg.super_ce_for(1.0),
-                         "super_warmup_steps": self.super_warmup_steps,
+                         "super_warmup_steps": self.plan.super_warmup_steps,
                          "hidden_distill": cfg.hidden_distill,
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
                          "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,
-                         "total_steps": self.total_steps, "warmup_steps": self.warmup, "processes": self.nproc,
+                         "total_steps": self.plan.total_steps, "warmup_steps": self.plan.warmup,
+                         "processes": self.nproc,
                          "global_batch": self.G * self.A, "per_process_batch": self.B,
-                         "mixed_precision": cfg.mixed_precision, "fingerprint": self.fingerprint},
+                         "mixed_precision": cfg.mixed_precision, "fingerprint": self.run_dir.fingerprint},
         }
-
-
-def _nan_stop(val: float, step: int, partial: Path, ckpt_step: int | None, cfg: TuneConfig, log: JsonlLog) -> None:
-    log.write({"event": "nan", "step": step + 1, "loss": str(val)})
-    kept = (f"the last good checkpoint (step {ckpt_step}) is kept in {partial / CKPT_DIR}" if ckpt_step
-            else f"no checkpoint was written yet (--save-every {cfg.save_every})")
-    raise InstatuneError(
-        f"loss became {val} at step {step + 1}; stopped without applying it and {kept}; lower --lr or check "
-        "the data, then start over with --force"
-    )
 
 
 class _Say:
@@ -1016,62 +755,3 @@ class _Say:
     def __call__(self, msg: str) -> None:
         if self.enabled:
             self.console.print(msg, soft_wrap=True)
-
-
-def _console(console: Any) -> Any:
-    if console is None:
-        from rich.console import Console
-
-        console = Console(highlight=False)
-    return console
-
-
-class _Progress:
-    """Rich progress bar with loss and samples/s on a terminal; elsewhere (a log file, `nohup`, CI) a plain
-    line every `--progress-every` seconds from `beat`; silent when disabled."""
-
-    def __init__(self, console: Any, total: int, start: int, enabled: bool, beat: Heartbeat | None = None) -> None:
-        self.total, self.start, self.t0 = total, start, time.perf_counter()
-        self.enabled = enabled
-        self.beat = beat or Heartbeat(None)
-        self.p: Any = None
-        if not enabled:
-            return
-        self.console = _console(console)
-        if self.console.is_terminal:
-            self._start_bar()
-
-    def _start_bar(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.p = Progress(TextColumn("tune"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.1f} samples/s"),
-                          TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
-        self.task = self.p.add_task("tune", total=self.total, completed=self.start, loss=float("nan"), sps=0.0)
-        self.p.start()
-
-    def update(self, done: int, loss: float, sps: float) -> None:
-        if self.p is not None:
-            self.p.update(self.task, completed=done, loss=loss, sps=sps)
-        self.beat.tick(lambda: self.line(done, loss, sps))
-
-    def line(self, done: int, loss: float, sps: float) -> str:
-        """`tune: step 120/900, loss 0.4321, 85.3 samples/s, ETA 3m12s` (ETA from this session's pace)."""
-        elapsed = time.perf_counter() - self.t0
-        eta = fmt_seconds(elapsed / (done - self.start) * (self.total - done)) if done > self.start else "?"
-        return f"tune: step {done}/{self.total}, loss {loss:.4f}, {sps:.1f} samples/s, ETA {eta}"
-
-    def note(self, msg: str) -> None:
-        if self.enabled:
-            self.console.print(msg, soft_wrap=True)
-
-    def stop(self) -> None:
-        if self.p is not None:
-            self.p.stop()

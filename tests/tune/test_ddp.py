@@ -226,3 +226,24 @@ def test_resume_refuses_another_space_or_model(tiny: dict[str, Path], tmp_path: 
     with pytest.raises(InstatuneError, match="belongs to another run.*--model"):
         run_tune(tiny_tune_config(tiny["teacher"], tiny["data"], out, resume=True, **base))
     assert latest_checkpoint(out.with_name("run.partial")).name == "step-000002"  # nothing lost
+
+
+def test_only_rank_0_reports(tiny: dict[str, Path], reference: Path, tmp_path: Path) -> None:
+    """`--report-to tensorboard` on 2 processes: one event file, each step once, the losses of one process."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "two"
+    r = torchrun(["-m", "instatune_cli"], [*cli_args(tiny, out, eval_every=4), "--report-to", "tensorboard"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = out / "logs" / "tensorboard"
+    assert len(list(logs.iterdir())) == 1, sorted(p.name for p in logs.iterdir())
+    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    acc.Reload()
+    total = artifacts.load(out, "tune").manifest["training"]["total_steps"]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, total + 1))
+    assert [e.step for e in acc.Scalars("eval/super_accuracy")] == [4, total]
+    log = [json.loads(x) for x in (reference / "log.jsonl").read_text().splitlines()]
+    loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    for rec in (x for x in log if x["event"] == "train" and x["step"] % 2 == 0):  # one process's log, --log-every 2
+        assert rec["loss"] == pytest.approx((loss[rec["step"] - 1] + loss[rec["step"]]) / 2, abs=1e-4)
