@@ -143,8 +143,32 @@ def report(run: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         out["targets_trimmed_vocab"] = {"within_0.5_points": tdrop <= 0.5, "at_least_6x_smaller_than_fp32":
                                         pt["smaller_than_fp32_x"] >= 6.0,
                                         "smaller_than_all_int8": pt["smaller_than_all_int8_x"] > 1}
+    out["inc"] = inc_rows(run, sdir, work, args, full, out.get("picked"))
     plot(sdir, out, args.out.with_suffix(".png"))
     return out
+
+
+def inc_rows(run: Path, sdir: Path, work: Path, args: argparse.Namespace, full: str,
+             picked: dict[str, Any] | None) -> dict[str, Any]:
+    """The same table for the inc engine (Neural Compressor 3.x, timed compiled as it deploys): the super-network
+    all-INT8 (static PT2E) and all-INT4 (weight-only RTN), and the picked architecture all-INT8. INC applies one
+    route per model (static or weight-only), so the joint search's mixed policy is not one of its inputs. A route
+    the stage refuses (not smaller and faster than FP32, or no operator for a layer) is a row with its one line."""
+    from instatune_cli.errors import InstatuneError
+
+    cases = {"supernet_all_int8": dict(src=run, config=full, all_int8=True),
+             "supernet_all_int4": dict(src=run, config=full, all_int4=True, group_size=args.group_size)}
+    if picked:
+        cases["picked_arch_all_int8"] = dict(src=sdir, subnet=int(picked["subnet"]), all_int8=True)
+    rows: dict[str, Any] = {}
+    for name, kw in cases.items():
+        src = kw.pop("src")
+        try:
+            rows[name] = quantize(src, work / f"inc-{name}", args, engine="inc", compile=True, **kw)
+        except InstatuneError as e:
+            print(f"   inc {name}: refused: {e}", flush=True)
+            rows[name] = {"refused": str(e)}
+    return rows
 
 
 def plot(sdir: Path, out: dict[str, Any], png: Path) -> None:
@@ -200,6 +224,11 @@ def summary_figures(result: dict) -> dict:
     if q4:
         out |= {"supernet_all_int4.eval_acc": q4["eval_acc"], "supernet_all_int4.mb": q4["bytes"] / 1e6,
                 "supernet_all_int4.latency_ms": q4.get("latency_ms")}
+    for name, row in (result.get("inc") or {}).items():
+        out |= ({f"inc.{name}.refused": True} if "refused" in row else
+                {f"inc.{name}.eval_acc": row["eval_acc_int8"], f"inc.{name}.mb": row["bytes_int8"] / 1e6,
+                 f"inc.{name}.latency_ms": row["latency_ms_int8"],
+                 f"inc.{name}.latency_ms_fp32": row["latency_ms_fp32"]})
     for key in ("picked", "picked_trimmed_vocab"):
         p = result.get(key)
         if p:
