@@ -18,9 +18,124 @@ from typing import Any
 
 from instatune_cli import artifacts
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.latency import LatencyOptions
 from instatune_cli.space import SubNet
 
 DEFAULT_SEARCH_DIR = "run-search"
+
+
+@dataclass
+class ExtractOptions:
+    """What `extract` cuts: sub-network `subnet` of a search directory's front, or `config` (a name such as
+    L10-h10-f2048, a JSON file or inline JSON) of a tune run."""
+
+    subnet: int | None = None
+    config: str | None = None
+
+
+@dataclass
+class ExportOptions:
+    """Options of the `export` stage. `subnet` / `config` pick the sub-network when it chains extract; the
+    latency fields are `measure.latency.LatencyOptions`' (seq_len None: 128, or the model's maximum when shorter);
+    `atol` bounds |ONNX - PyTorch| on the logits; `compare_full` also times the super-network."""
+
+    subnet: int | None = None
+    config: str | None = None
+    int8: bool = False
+    batch: int = LatencyOptions.batch
+    seq_len: int | None = LatencyOptions.seq_len
+    threads: int | None = LatencyOptions.threads
+    runs: int = LatencyOptions.runs
+    atol: float = 1e-4
+    compare_full: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractResult(artifacts.StageResult):
+    """A committed extract directory and the figures `instatune extract` prints."""
+
+    @property
+    def subnet_name(self) -> str:
+        return str(self.model["subnet_name"])
+
+    @property
+    def kind(self) -> str:
+        """`stock` (loads with transformers alone) or `per-layer` (our classes)."""
+        return str(self.metrics["kind"])
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metrics["architecture"])
+
+    @property
+    def params(self) -> int:
+        return int(self.metrics["params"])
+
+    @property
+    def params_closed_form(self) -> int:
+        return int(self.metrics["params_closed_form"])
+
+    @property
+    def weights_bytes(self) -> int:
+        return int(self.metrics["weights_bytes"])
+
+    @property
+    def macs(self) -> int:
+        return int(self.metrics["macs"])
+
+    @property
+    def macs_reduction(self) -> float:
+        """Share of the super-network's MACs the sub-network saves."""
+        return float(self.metrics["macs_reduction"])
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Largest |logit| difference against the super-network with the sub-network active."""
+        return float(self.metrics["max_abs_diff"])
+
+    @property
+    def load_with(self) -> str:
+        return str(self.metrics["load_with"])
+
+
+@dataclass(frozen=True)
+class ExportResult(artifacts.StageResult):
+    """A committed export directory and the figures `instatune export` prints (each latency a dict of
+    `measure.latency.measure_ort_latency`)."""
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def onnx_bytes(self) -> int:
+        return int(self.metrics["onnx_bytes"])
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        return self.metrics["parity"]
+
+    @property
+    def latency(self) -> dict[str, Any]:
+        return self.metrics["latency"]
+
+    @property
+    def latency_supernet(self) -> dict[str, Any] | None:
+        """The full super-network's latency (None with compare_full off)."""
+        return self.metrics.get("latency_supernet")
+
+    @property
+    def speedup(self) -> float | None:
+        return self.metrics.get("speedup")
+
+    @property
+    def int8(self) -> dict[str, Any] | None:
+        """model.int8.onnx's size, latency, agreement and accuracy (None without `int8`)."""
+        return self.metrics.get("int8")
+
+    @property
+    def int8_onnx(self) -> Path | None:
+        return self.path / "model.int8.onnx" if self.int8 is not None else None
 
 
 def parse_config(spec: str) -> SubNet:
@@ -84,12 +199,16 @@ def _real_batches(tune: artifacts.Artifact, tok: Any, n: int = 16) -> list[dict[
     return out
 
 
-def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | None = None,
-                  config: str | None = None, force: bool = False) -> artifacts.Artifact:
+def extract_stage(src: str | Path, output: str | Path | None, opts: ExtractOptions | None = None, *,
+                  force: bool = False, **fields: Any) -> ExtractResult:
+    """Cut the sub-network `opts` names out of a search or tune directory into `output` (default
+    SOURCE-subnetN / SOURCE-NAME). `fields`: ExtractOptions' fields instead of `opts`."""
     from instatune_cli.adapters import adapter_of
     from instatune_cli.extract import full_subnet, save_extracted
     from instatune_cli.tune import load_tuned
 
+    opts = artifacts.stage_options(ExtractOptions, opts, fields)
+    subnet, config = opts.subnet, opts.config
     s = resolve_source(src, subnet, config)
     out = Path(output) if output else default_extract_output(s)
     artifacts.check_output(out, force, inputs=artifacts.lineage(s.parent))  # before the model is loaded
@@ -110,7 +229,7 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
         # the model section carries them too, so the export stage's manifest (a copy of it) records them.
         model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name,
                       "depth_rule": info["depth_rule"], "kept_layers": info["kept_layers"]}
-        return w.commit(model=model_info, metrics=info)
+        return ExtractResult(w.commit(model=model_info, metrics=info))
 
 
 def chained_extract(art: artifacts.Artifact, subnet: int | None, config: str | None, force: bool,
@@ -135,7 +254,7 @@ def chained_extract(art: artifacts.Artifact, subnet: int | None, config: str | N
             what = "another sub-network or parent" if have is not None else "something that is not a usable extract"
             raise InstatuneError(f"{out} holds {what} (not {s.sub.name} of {art.path}); pass --force to remake it, "
                                  "or extract it yourself with -o and export or quantize that directory")
-    made = extract_stage(art.path, out, subnet=subnet, config=config, force=force)
+    made = extract_stage(art.path, out, ExtractOptions(subnet=subnet, config=config), force=force).artifact
     say(f"extracted {made.model['subnet_name']} to {made.path}")
     return made
 
@@ -156,15 +275,18 @@ def _latency(onnx: Path, batch: int, seq_len: int, threads: int | None, runs: in
     return measure_ort_latency(onnx, batch, seq_len, threads, runs=runs)
 
 
-def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: int | None = None,
-                 config: str | None = None, int8: bool = False, batch: int = 1, seq_len: int | None = None,
-                 threads: int | None = None, runs: int = 20, atol: float = 1e-4, force: bool = False,
-                 compare_full: bool = True, notify: Any = None) -> artifacts.Artifact:
-    """Export an extracted model to ONNX (chaining extract first when given a search or tune directory)."""
+def export_stage(src: str | Path | None, output: str | Path | None, opts: ExportOptions | None = None, *,
+                 force: bool = False, notify: Any = None, **fields: Any) -> ExportResult:
+    """Export an extracted model to ONNX (chaining extract first when given a search or tune directory; None:
+    ./run-search). `notify(text)` hears what was chosen on the way; `fields`: ExportOptions' fields instead of
+    `opts`."""
     from instatune_cli.export import check_parity, export_onnx
     from instatune_cli.measure.size import onnx_bytes, weights_bytes
     from instatune_cli.tune import load_tuned, run_family
 
+    o = artifacts.stage_options(ExportOptions, opts, fields)
+    subnet, config, int8, batch, seq_len, threads, runs, atol, compare_full = (
+        o.subnet, o.config, o.int8, o.batch, o.seq_len, o.threads, o.runs, o.atol, o.compare_full)
     say = notify or (lambda _msg: None)
     if src is None:
         if not Path(DEFAULT_SEARCH_DIR).is_dir():
@@ -218,7 +340,7 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
                 info["latency_supernet"] = _latency(fo, batch, seq_len, threads, runs)
             info["speedup"] = info["latency_supernet"]["median_ms"] / info["latency"]["median_ms"]
         model_info = {k: v for k, v in art.model.items()}
-        return w.commit(model=model_info, metrics=in_directory(info, w.path))
+        return ExportResult(w.commit(model=model_info, metrics=in_directory(info, w.path)))
 
 
 def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: Any, onnx: Path,
