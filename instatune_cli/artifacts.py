@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from instatune_cli import __version__
 from instatune_cli.errors import InstatuneError, Interrupted, Terminated, interrupt_of
 
 Opts = TypeVar("Opts")
+R = TypeVar("R", bound="StageResult")
 
 SCHEMA = "instatune.artifact"
 SCHEMA_VERSION = 1
@@ -312,6 +314,13 @@ class StageResult:
     prints. A launched stage returns `artifact=None` on every rank but rank 0, which alone writes."""
 
     artifact: Artifact | None
+
+    @classmethod
+    def of(cls: type[R], art: Artifact, **given: Any) -> R:
+        """The result of the committed `art`: each field not `given` is the manifest metric of its name (None when
+        the stage did not record it, e.g. export's `int8` without --int8)."""
+        names = [f.name for f in fields_of(cls) if f.name != "artifact" and f.name not in given]
+        return cls(art, **given, **{n: art.metrics.get(n) for n in names})
 
     @property
     def path(self) -> Path:

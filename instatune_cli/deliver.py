@@ -52,90 +52,33 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class ExtractResult(artifacts.StageResult):
-    """A committed extract directory and the figures `instatune extract` prints."""
+    """A committed extract directory and the figures `instatune extract` prints (its manifest's metrics)."""
 
-    @property
-    def subnet_name(self) -> str:
-        return str(self.model["subnet_name"])
-
-    @property
-    def kind(self) -> str:
-        """`stock` (loads with transformers alone) or `per-layer` (our classes)."""
-        return str(self.metrics["kind"])
-
-    @property
-    def architecture(self) -> str:
-        return str(self.metrics["architecture"])
-
-    @property
-    def params(self) -> int:
-        return int(self.metrics["params"])
-
-    @property
-    def params_closed_form(self) -> int:
-        return int(self.metrics["params_closed_form"])
-
-    @property
-    def weights_bytes(self) -> int:
-        return int(self.metrics["weights_bytes"])
-
-    @property
-    def macs(self) -> int:
-        return int(self.metrics["macs"])
-
-    @property
-    def macs_reduction(self) -> float:
-        """Share of the super-network's MACs the sub-network saves."""
-        return float(self.metrics["macs_reduction"])
-
-    @property
-    def max_abs_diff(self) -> float:
-        """Largest |logit| difference against the super-network with the sub-network active."""
-        return float(self.metrics["max_abs_diff"])
-
-    @property
-    def load_with(self) -> str:
-        return str(self.metrics["load_with"])
+    subnet_name: str
+    kind: str  # "stock" (loads with transformers alone) or "per-layer" (our classes beside the weights)
+    architecture: str
+    params: int
+    params_closed_form: int
+    weights_bytes: int
+    macs: int
+    macs_reduction: float  # share of the super-network's MACs the sub-network saves
+    max_abs_diff: float  # largest |logit| difference against the super-network with the sub-network active
+    load_with: str
 
 
 @dataclass(frozen=True)
 class ExportResult(artifacts.StageResult):
-    """A committed export directory and the figures `instatune export` prints (each latency a dict of
-    `measure.latency.measure_ort_latency`)."""
+    """A committed export directory and the figures `instatune export` prints (its manifest's metrics; each
+    latency as `measure.latency.measure_ort_latency` gives it)."""
 
-    @property
-    def onnx(self) -> Path:
-        return self.path / "model.onnx"
-
-    @property
-    def onnx_bytes(self) -> int:
-        return int(self.metrics["onnx_bytes"])
-
-    @property
-    def parity(self) -> dict[str, Any]:
-        return self.metrics["parity"]
-
-    @property
-    def latency(self) -> dict[str, Any]:
-        return self.metrics["latency"]
-
-    @property
-    def latency_supernet(self) -> dict[str, Any] | None:
-        """The full super-network's latency (None with compare_full off)."""
-        return self.metrics.get("latency_supernet")
-
-    @property
-    def speedup(self) -> float | None:
-        return self.metrics.get("speedup")
-
-    @property
-    def int8(self) -> dict[str, Any] | None:
-        """model.int8.onnx's size, latency, agreement and accuracy (None without `int8`)."""
-        return self.metrics.get("int8")
-
-    @property
-    def int8_onnx(self) -> Path | None:
-        return self.path / "model.int8.onnx" if self.int8 is not None else None
+    onnx: Path
+    onnx_bytes: int
+    parity: dict[str, Any]
+    latency: dict[str, Any]
+    latency_supernet: dict[str, Any] | None  # None: compare_full off
+    speedup: float | None
+    int8: dict[str, Any] | None  # model.int8.onnx's size, latency, agreement and accuracy; None without int8
+    int8_onnx: Path | None
 
 
 def parse_config(spec: str) -> SubNet:
@@ -229,7 +172,8 @@ def extract_stage(src: str | Path, output: str | Path | None, opts: ExtractOptio
         # the model section carries them too, so the export stage's manifest (a copy of it) records them.
         model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name,
                       "depth_rule": info["depth_rule"], "kept_layers": info["kept_layers"]}
-        return ExtractResult(w.commit(model=model_info, metrics=info))
+        made = w.commit(model=model_info, metrics=info)
+    return ExtractResult.of(made, subnet_name=made.model["subnet_name"])
 
 
 def chained_extract(art: artifacts.Artifact, subnet: int | None, config: str | None, force: bool,
@@ -340,7 +284,9 @@ def export_stage(src: str | Path | None, output: str | Path | None, opts: Export
                 info["latency_supernet"] = _latency(fo, batch, seq_len, threads, runs)
             info["speedup"] = info["latency_supernet"]["median_ms"] / info["latency"]["median_ms"]
         model_info = {k: v for k, v in art.model.items()}
-        return ExportResult(w.commit(model=model_info, metrics=in_directory(info, w.path)))
+        made = w.commit(model=model_info, metrics=in_directory(info, w.path))
+    return ExportResult.of(made, onnx=made.path / "model.onnx",
+                           int8_onnx=made.path / "model.int8.onnx" if int8 else None)
 
 
 def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: Any, onnx: Path,

@@ -148,7 +148,9 @@ def test_stages_return_their_typed_result(tiny_tune_run, tmp_path):
     assert isinstance(ext, ExtractResult) and isinstance(ext.artifact, artifacts.Artifact)
     on_disk = artifacts.load(ext.path, "extract")
     assert ext.metrics == on_disk.metrics and ext.subnet_name == on_disk.model["subnet_name"] == "L2-h2.4-f25.37"
-    assert ext.macs == on_disk.metrics["macs"] and 0 < ext.macs_reduction < 1
+    figures = [f.name for f in dataclasses.fields(ExtractResult) if f.name not in ("artifact", "subnet_name")]
+    assert {n: getattr(ext, n) for n in figures} == {n: on_disk.metrics[n] for n in figures}
+    assert isinstance(ext.params, int) and 0 < ext.macs_reduction < 1
     exp = export_stage(ext.path, tmp_path / "x", runs=2, compare_full=False)  # the fields, by keyword
     assert isinstance(exp, ExportResult) and exp.onnx.is_file() and exp.int8 is None and exp.int8_onnx is None
     assert exp.latency_supernet is None and exp.speedup is None

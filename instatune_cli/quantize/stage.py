@@ -365,39 +365,16 @@ def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: Quanti
 
 @dataclass(frozen=True)
 class QuantizeResult(artifacts.StageResult):
-    """A committed quantize directory and the figures `instatune quantize` prints ("fp32" / "int8" keyed)."""
+    """A committed quantize directory and the figures `instatune quantize` prints (its manifest's; "fp32" and
+    "int8" keyed)."""
 
-    @property
-    def engine(self) -> str:
-        return str(self.metrics["quantization"]["engine"])
-
-    @property
-    def policy_summary(self) -> str:
-        """`32/33 layers INT8 (FP32: embeddings)`: the policy in words."""
-        return str(self.model["policy"])
-
-    @property
-    def accuracy(self) -> dict[str, dict[str, Any]]:
-        """The run's metric on the eval split before and after (`eval_score`)."""
-        return self.metrics["accuracy"]
-
-    @property
-    def accuracy_drop_points(self) -> float:
-        """Points INT8 lost (negative: gained)."""
-        return float(self.metrics["accuracy_drop_points"])
-
-    @property
-    def size_bytes(self) -> dict[str, int]:
-        return self.metrics["size_bytes"]
-
-    @property
-    def size_ratio(self) -> float:
-        """FP32 size over INT8 size (below 1: INT8 is larger)."""
-        return float(self.metrics["size_ratio"])
-
-    @property
-    def latency(self) -> dict[str, dict[str, Any]]:
-        return self.metrics["latency"]
+    engine: str
+    policy_summary: str  # `32/33 layers INT8 (FP32: embeddings)`
+    accuracy: dict[str, dict[str, Any]]  # the run's metric on the eval split before and after (`eval_score`)
+    accuracy_drop_points: float  # points INT8 lost (negative: gained)
+    size_bytes: dict[str, int]
+    size_ratio: float  # FP32 size over INT8 size (below 1: INT8 is larger)
+    latency: dict[str, dict[str, Any]]
 
 
 def quantize_stage(src: str | Path, output: str | Path | None, opts: QuantizeOptions | None = None, *,
@@ -406,4 +383,5 @@ def quantize_stage(src: str | Path, output: str | Path | None, opts: QuantizeOpt
     (default SOURCE-int8). `notify(text)` hears the choices made; `fields`: QuantizeOptions' fields instead of
     `opts`."""
     opts = artifacts.stage_options(QuantizeOptions, opts, fields)
-    return QuantizeResult(QuantizeStage(src, output, opts, force=force, notify=notify).run())
+    made = QuantizeStage(src, output, opts, force=force, notify=notify).run()
+    return QuantizeResult.of(made, engine=made.metrics["quantization"]["engine"], policy_summary=made.model["policy"])
