@@ -229,7 +229,7 @@ def export_stage(src: str | Path | None, output: str | Path | None, opts: Export
     from instatune_cli.tune import load_tuned, run_family
 
     o = artifacts.stage_options(ExportOptions, opts, fields)
-    subnet, config, int8, batch, seq_len, threads, runs, atol, compare_full = (
+    subnet, config, int8, batch, seq_len, threads, runs, atol, compare_full = (  # seq_len: set below when None
         o.subnet, o.config, o.int8, o.batch, o.seq_len, o.threads, o.runs, o.atol, o.compare_full)
     say = notify or (lambda _msg: None)
     if src is None:

@@ -33,7 +33,7 @@ class QuantizeOptions:
     engine: str = "ort"
     calibration_samples: int = 256
     max_drop: float = 1.0  # accuracy points
-    batch: int = LatencyOptions.batch          # the latency options: measure.latency.LatencyOptions
+    batch: int = LatencyOptions.batch  # the latency options: measure.latency.LatencyOptions
     seq_len: int | None = LatencyOptions.seq_len
     threads: int | None = LatencyOptions.threads
     runs: int = LatencyOptions.runs
