@@ -52,9 +52,10 @@ from typing import Any
 from instatune_cli.artifacts import StageResult, stage_options
 from instatune_cli.errors import InstatuneError
 from instatune_cli.measure.latency import LatencyOptions
+from instatune_cli.search import run as search_run
 from instatune_cli.search.archive import write_rows_csv
 from instatune_cli.search.interface import algorithm_class
-from instatune_cli.search.run import FRONT_CSV, SearchResult, follow_search, run_search
+from instatune_cli.search.run import FRONT_CSV, SearchResult, follow_search
 from instatune_cli.space import SubNet
 
 FRONT_JSON = "front.json"
@@ -398,10 +399,12 @@ class _SearchStage:
             return obj, None
         self.baseline = _baseline(opts.baseline, obj) if opts.baseline else obj.int8_reference
         every = None if sys.stderr.isatty() else opts.progress_every  # a terminal shows the per-evaluation lines
-        result = run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
-                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=self.work,
-                            resume=resuming, constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
-                            ref_point=self.ref_point, progress_every=every, group=group)
+        # through the module, where a test that traces the search's phases replaces it
+        result = search_run.run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
+                                       evals=opts.evals, population=opts.population, seed=opts.seed,
+                                       archive_dir=self.work, resume=resuming, constraints=self.cons, batch=opts.batch,
+                                       on_eval=self.on_eval, ref_point=self.ref_point, progress_every=every,
+                                       group=group)
         return obj, result
 
     def score_front(self, obj: Any, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
