@@ -45,7 +45,7 @@ from bench.provenance import add_arguments, stage_records, start, tagged_rows  #
 
 
 def search(run: Path, out: Path, args: argparse.Namespace) -> None:
-    from instatune_cli.search.stage import SearchOptions, run_stage
+    from instatune_cli.search.stage import SearchOptions, search_stage
 
     if (out / "manifest.json").exists():
         print("== search exists, kept", flush=True)
@@ -53,11 +53,11 @@ def search(run: Path, out: Path, args: argparse.Namespace) -> None:
     partial = out.with_name(out.name + ".partial")
     print(f"== joint search{' (resume)' if partial.exists() else ''}", flush=True)
     t = time.perf_counter()
-    run_stage(run, out, SearchOptions(objectives=["acc", "size"], quant=True, evals=args.evals,
-                                      population=args.population, seed=args.seed, limit_val=args.limit_val,
-                                      pick=f"max-drop={args.within}", calibration_samples=args.calibration,
-                                      group_size=args.group_size),
-              resume=partial.exists())
+    search_stage(run, out, SearchOptions(objectives=["acc", "size"], quant=True, evals=args.evals,
+                                         population=args.population, seed=args.seed, limit_val=args.limit_val,
+                                         pick=f"max-drop={args.within}", calibration_samples=args.calibration,
+                                         group_size=args.group_size),
+                 resume=partial.exists())
     print(f"   search {time.perf_counter() - t:.0f} s", flush=True)
 
 

@@ -70,7 +70,7 @@ def tune(name: str, out: Path, args: argparse.Namespace, model: str) -> None:
 
 
 def search(name: str, run: Path, args: argparse.Namespace) -> None:
-    from instatune_cli.search.stage import SearchOptions, run_stage
+    from instatune_cli.search.stage import SearchOptions, search_stage
 
     out = run.with_name(run.name + "-search")
     if (out / "manifest.json").exists():
@@ -79,8 +79,8 @@ def search(name: str, run: Path, args: argparse.Namespace) -> None:
     partial = out.with_name(out.name + ".partial")
     print(f"== {name}: search{' (resume)' if partial.exists() else ''}", flush=True)
     t = time.perf_counter()
-    run_stage(run, out, SearchOptions(objectives=["acc", "macs"], evals=args.evals, population=args.population,
-                                      seed=args.seed), resume=partial.exists())
+    search_stage(run, out, SearchOptions(objectives=["acc", "macs"], evals=args.evals, population=args.population,
+                                         seed=args.seed), resume=partial.exists())
     print(f"   {name}: search {time.perf_counter() - t:.0f} s", flush=True)
 
 

@@ -23,12 +23,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from instatune_cli import __version__
 from instatune_cli.errors import InstatuneError, Interrupted, Terminated, interrupt_of
+
+Opts = TypeVar("Opts")
+R = TypeVar("R", bound="StageResult")
 
 SCHEMA = "instatune.artifact"
 SCHEMA_VERSION = 1
@@ -220,6 +224,14 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def stage_options(cls: type[Opts], opts: Opts | None, fields: dict[str, Any]) -> Opts:
+    """A stage's options object: `opts` as given, or one made from its `fields` by keyword (the shape callers
+    used before stages took one object; docs/architecture.md, "Options and stages"), never both."""
+    if opts is not None and fields:
+        raise TypeError(f"give a {cls.__name__} or its fields by keyword, not both ({', '.join(sorted(fields))})")
+    return cls(**fields) if opts is None else opts
+
+
 @dataclass
 class Artifact:
     """A loaded, validated stage directory."""
@@ -293,6 +305,40 @@ class Artifact:
                 f"parent {ppath} changed since {self.path} was made (digest mismatch); rerun the {self.stage} stage"
             )
         return parent
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage returns (docs/architecture.md, "Options and stages"): the directory it committed, with the
+    manifest's `path`, `model` and `metrics` at hand; each stage's subclass names, typed, the figures its command
+    prints. A launched stage returns `artifact=None` on every rank but rank 0, which alone writes."""
+
+    artifact: Artifact | None
+
+    @classmethod
+    def of(cls: type[R], art: Artifact, **given: Any) -> R:
+        """The result of the committed `art`: each field not `given` is the manifest metric of its name (None when
+        the stage did not record it, e.g. export's `int8` without --int8)."""
+        names = [f.name for f in fields_of(cls) if f.name != "artifact" and f.name not in given]
+        return cls(art, **given, **{n: art.metrics.get(n) for n in names})
+
+    @property
+    def path(self) -> Path:
+        return self._committed.path
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self._committed.model
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self._committed.metrics
+
+    @property
+    def _committed(self) -> Artifact:
+        if self.artifact is None:
+            raise AttributeError("this process wrote no artifact (a launched stage's rank other than 0)")
+        return self.artifact
 
 
 def load(path: str | Path, expect_stage: str | Iterable[str] | None = None, verify: bool = True) -> Artifact:

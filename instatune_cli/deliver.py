@@ -18,9 +18,67 @@ from typing import Any
 
 from instatune_cli import artifacts
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.latency import LatencyOptions
 from instatune_cli.space import SubNet
 
 DEFAULT_SEARCH_DIR = "run-search"
+
+
+@dataclass
+class ExtractOptions:
+    """What `extract` cuts: sub-network `subnet` of a search directory's front, or `config` (a name such as
+    L10-h10-f2048, a JSON file or inline JSON) of a tune run."""
+
+    subnet: int | None = None
+    config: str | None = None
+
+
+@dataclass
+class ExportOptions:
+    """Options of the `export` stage. `subnet` / `config` pick the sub-network when it chains extract; the
+    latency fields are `measure.latency.LatencyOptions`' (seq_len None: 128, or the model's maximum when shorter);
+    `atol` bounds |ONNX - PyTorch| on the logits; `compare_full` also times the super-network."""
+
+    subnet: int | None = None
+    config: str | None = None
+    int8: bool = False
+    batch: int = LatencyOptions.batch
+    seq_len: int | None = LatencyOptions.seq_len
+    threads: int | None = LatencyOptions.threads
+    runs: int = LatencyOptions.runs
+    atol: float = 1e-4
+    compare_full: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractResult(artifacts.StageResult):
+    """A committed extract directory and the figures `instatune extract` prints (its manifest's metrics)."""
+
+    subnet_name: str
+    kind: str  # "stock" (loads with transformers alone) or "per-layer" (our classes beside the weights)
+    architecture: str
+    params: int
+    params_closed_form: int
+    weights_bytes: int
+    macs: int
+    macs_reduction: float  # share of the super-network's MACs the sub-network saves
+    max_abs_diff: float  # largest |logit| difference against the super-network with the sub-network active
+    load_with: str
+
+
+@dataclass(frozen=True)
+class ExportResult(artifacts.StageResult):
+    """A committed export directory and the figures `instatune export` prints (its manifest's metrics; each
+    latency as `measure.latency.measure_ort_latency` gives it)."""
+
+    onnx: Path
+    onnx_bytes: int
+    parity: dict[str, Any]
+    latency: dict[str, Any]
+    latency_supernet: dict[str, Any] | None  # None: compare_full off
+    speedup: float | None
+    int8: dict[str, Any] | None  # model.int8.onnx's size, latency, agreement and accuracy; None without int8
+    int8_onnx: Path | None
 
 
 def parse_config(spec: str) -> SubNet:
@@ -84,12 +142,16 @@ def _real_batches(tune: artifacts.Artifact, tok: Any, n: int = 16) -> list[dict[
     return out
 
 
-def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | None = None,
-                  config: str | None = None, force: bool = False) -> artifacts.Artifact:
+def extract_stage(src: str | Path, output: str | Path | None, opts: ExtractOptions | None = None, *,
+                  force: bool = False, **fields: Any) -> ExtractResult:
+    """Cut the sub-network `opts` names out of a search or tune directory into `output` (default
+    SOURCE-subnetN / SOURCE-NAME). `fields`: ExtractOptions' fields instead of `opts`."""
     from instatune_cli.adapters import adapter_of
     from instatune_cli.extract import full_subnet, save_extracted
     from instatune_cli.tune import load_tuned
 
+    opts = artifacts.stage_options(ExtractOptions, opts, fields)
+    subnet, config = opts.subnet, opts.config
     s = resolve_source(src, subnet, config)
     out = Path(output) if output else default_extract_output(s)
     artifacts.check_output(out, force, inputs=artifacts.lineage(s.parent))  # before the model is loaded
@@ -110,7 +172,8 @@ def extract_stage(src: str | Path, output: str | Path | None, *, subnet: int | N
         # the model section carries them too, so the export stage's manifest (a copy of it) records them.
         model_info = {**tune.model, "subnet": s.sub.to_dict(), "subnet_id": s.sub.id, "subnet_name": s.sub.name,
                       "depth_rule": info["depth_rule"], "kept_layers": info["kept_layers"]}
-        return w.commit(model=model_info, metrics=info)
+        made = w.commit(model=model_info, metrics=info)
+    return ExtractResult.of(made, subnet_name=made.model["subnet_name"])
 
 
 def chained_extract(art: artifacts.Artifact, subnet: int | None, config: str | None, force: bool,
@@ -135,7 +198,7 @@ def chained_extract(art: artifacts.Artifact, subnet: int | None, config: str | N
             what = "another sub-network or parent" if have is not None else "something that is not a usable extract"
             raise InstatuneError(f"{out} holds {what} (not {s.sub.name} of {art.path}); pass --force to remake it, "
                                  "or extract it yourself with -o and export or quantize that directory")
-    made = extract_stage(art.path, out, subnet=subnet, config=config, force=force)
+    made = extract_stage(art.path, out, ExtractOptions(subnet=subnet, config=config), force=force).artifact
     say(f"extracted {made.model['subnet_name']} to {made.path}")
     return made
 
@@ -156,15 +219,18 @@ def _latency(onnx: Path, batch: int, seq_len: int, threads: int | None, runs: in
     return measure_ort_latency(onnx, batch, seq_len, threads, runs=runs)
 
 
-def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: int | None = None,
-                 config: str | None = None, int8: bool = False, batch: int = 1, seq_len: int | None = None,
-                 threads: int | None = None, runs: int = 20, atol: float = 1e-4, force: bool = False,
-                 compare_full: bool = True, notify: Any = None) -> artifacts.Artifact:
-    """Export an extracted model to ONNX (chaining extract first when given a search or tune directory)."""
+def export_stage(src: str | Path | None, output: str | Path | None, opts: ExportOptions | None = None, *,
+                 force: bool = False, notify: Any = None, **fields: Any) -> ExportResult:
+    """Export an extracted model to ONNX (chaining extract first when given a search or tune directory; None:
+    ./run-search). `notify(text)` hears what was chosen on the way; `fields`: ExportOptions' fields instead of
+    `opts`."""
     from instatune_cli.export import check_parity, export_onnx
     from instatune_cli.measure.size import onnx_bytes, weights_bytes
     from instatune_cli.tune import load_tuned, run_family
 
+    o = artifacts.stage_options(ExportOptions, opts, fields)
+    subnet, config, int8, batch, seq_len, threads, runs, atol, compare_full = (  # seq_len: set below when None
+        o.subnet, o.config, o.int8, o.batch, o.seq_len, o.threads, o.runs, o.atol, o.compare_full)
     say = notify or (lambda _msg: None)
     if src is None:
         if not Path(DEFAULT_SEARCH_DIR).is_dir():
@@ -218,7 +284,9 @@ def export_stage(src: str | Path | None, output: str | Path | None, *, subnet: i
                 info["latency_supernet"] = _latency(fo, batch, seq_len, threads, runs)
             info["speedup"] = info["latency_supernet"]["median_ms"] / info["latency"]["median_ms"]
         model_info = {k: v for k, v in art.model.items()}
-        return w.commit(model=model_info, metrics=in_directory(info, w.path))
+        made = w.commit(model=model_info, metrics=in_directory(info, w.path))
+    return ExportResult.of(made, onnx=made.path / "model.onnx",
+                           int8_onnx=made.path / "model.int8.onnx" if int8 else None)
 
 
 def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: Any, onnx: Path,

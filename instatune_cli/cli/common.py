@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import typer
@@ -15,6 +17,38 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: the default every --threads / --latency-threads shows (`measure.latency.default_threads` decides it)
 THREADS_DEFAULT = "$OMP_NUM_THREADS if set, else every CPU this process may use"
+#: the default --seq-len shows for export and quantize
+SEQ_LEN_DEFAULT = "128, or the model's maximum if shorter"
+MEASURE = "Measuring"
+#: what the shared latency options say, unless a command words them for itself
+LATENCY_HELP = {"batch": "Batch size for the latency measurement.",
+                "seq_len": "Sequence length for the latency measurement.",
+                "threads": "ONNX Runtime intra-op threads for every latency figure.",
+                "runs": "Timed runs per latency measurement (after warm-up)."}
+
+
+def defaults(options: type) -> SimpleNamespace:
+    """The field defaults of an options dataclass by name: what its command's options default to, so that the
+    dataclass is their one source (docs/architecture.md, "Options and stages"). A field without a default is
+    absent, so naming a removed or misspelt field fails when the command is defined, not when it runs."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return SimpleNamespace(**out)
+
+
+def latency_option(name: str, *, prefix: str = "", help: str | None = None, show_default: str | None = None) -> Any:
+    """The one definition of a latency option (`name`: batch, seq_len, threads or runs of
+    `measure.latency.LatencyOptions`, which holds its default): `--batch` ..., or `--latency-batch` ... with
+    `prefix="latency-"`, in the Measuring panel; `help` / `show_default` word it for a command."""
+    from instatune_cli.measure.latency import LatencyOptions
+
+    shown = show_default or {"seq_len": SEQ_LEN_DEFAULT, "threads": THREADS_DEFAULT}.get(name, True)
+    return typer.Option(getattr(defaults(LatencyOptions), name), f"--{prefix}{name.replace('_', '-')}",
+                        rich_help_panel=MEASURE, show_default=shown, help=help or LATENCY_HELP[name])
 
 
 def plain_flag_labels() -> None:

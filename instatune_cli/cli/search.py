@@ -8,14 +8,23 @@ from typing import Optional
 
 import typer
 
-from instatune_cli.cli.common import THREADS_DEFAULT, console, print_table, quiet_libraries, user_errors
+from instatune_cli.cli.common import (
+    MEASURE,
+    console,
+    defaults,
+    latency_option,
+    print_table,
+    quiet_libraries,
+    user_errors,
+)
+from instatune_cli.search.stage import SearchOptions
 
 # ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
 
 WHAT = "What to find"
 HOW = "How to search"
-MEASURE = "Measuring"
 OUT = "Output"
+LATENCY = "latency-"  # the latency options' prefix here: --batch is LINAS's
 
 
 #: how a candidate came to be measured (the archive's `origin`), in words: every score on the line is measured
@@ -83,73 +92,78 @@ def _flag(r: dict, split: str | None) -> str:
 
 
 def register(app: typer.Typer) -> None:
+    D = defaults(SearchOptions)  # every option's default is its SearchOptions field's (docs/architecture.md)
+
     @app.command("search")
     @user_errors
     def search(
         run_dir: Path = typer.Argument(..., help="A tune run directory (what `instatune tune` wrote)."),
-        objectives: str = typer.Option("acc,macs", "--objectives", "-O", rich_help_panel=WHAT,
+        objectives: str = typer.Option(",".join(D.objectives), "--objectives", "-O", rich_help_panel=WHAT,
                                        help="2 or 3 of acc, macs, params, latency, size (comma-separated)."),
-        constraint: list[str] = typer.Option([], "--constraint", "-c", rich_help_panel=WHAT, show_default="none",
-                                             help="Repeatable, e.g. max-macs=6G, min-acc=0.9, max-latency=20 "
-                                             "(acc: the metric on the validation split)."),
+        constraint: list[str] = typer.Option(D.constraints, "--constraint", "-c", rich_help_panel=WHAT,
+                                             show_default="none", help="Repeatable, e.g. max-macs=6G, "
+                                             "min-acc=0.9, max-latency=20 (acc: the metric on the validation "
+                                             "split)."),
         max_macs: Optional[str] = typer.Option(None, "--max-macs", rich_help_panel=WHAT, show_default="none",
                                                help="Shorthand for --constraint max-macs=VALUE (e.g. 6G)."),
         min_acc: Optional[float] = typer.Option(None, "--min-acc", rich_help_panel=WHAT, show_default="none",
                                                 help="Shorthand for --constraint min-acc=VALUE (0..1)."),
-        metric: Optional[str] = typer.Option(None, "--metric", rich_help_panel=WHAT,
+        metric: Optional[str] = typer.Option(D.metric, "--metric", rich_help_panel=WHAT,
                                              show_default="the tune run's: mcc for CoLA, f1 for MRPC/QQP, "
                                              "pearson for STS-B, else accuracy",
                                              help="What acc measures: accuracy, f1 or mcc; pearson or spearman for "
                                              "a regressor."),
-        quant: bool = typer.Option(False, "--quant", rich_help_panel=WHAT,
+        quant: bool = typer.Option(D.quant, "--quant", rich_help_panel=WHAT,
                                    help="Joint search: a precision gene (FP32, INT8, INT4 weights where the group "
                                    "size fits) per linear layer and the embeddings (needs the size objective)."),
-        group_size: int = typer.Option(32, "--group-size", rich_help_panel=WHAT,
+        group_size: int = typer.Option(D.group_size, "--group-size", rich_help_panel=WHAT,
                                        help="--quant: inputs per INT4 weight scale (16, 32, 64, 128)."),
-        no_int4: bool = typer.Option(False, "--no-int4", rich_help_panel=WHAT,
+        no_int4: bool = typer.Option(not D.int4, "--no-int4", rich_help_panel=WHAT,
                                      help="--quant: FP32/INT8 genes only (the search before INT4)."),
-        pick: Optional[str] = typer.Option(None, "--pick", rich_help_panel=WHAT, show_default="none",
+        pick: Optional[str] = typer.Option(D.pick, "--pick", rich_help_panel=WHAT, show_default="none",
                                            help="Mark the cheapest front member within N points of the "
                                            "super-network's score, both on the validation split: max-drop=0.5"),
-        algorithm: str = typer.Option("linas", "--algorithm", rich_help_panel=HOW,
+        algorithm: str = typer.Option(D.algorithm, "--algorithm", rich_help_panel=HOW,
                                       help="linas (predictor-guided NSGA-II), nsga2, random, or a "
                                       "registered plug-in."),
-        evals: int = typer.Option(50, "--evals", rich_help_panel=HOW, help="Budget of real evaluations."),
-        population: int = typer.Option(10, "--population", rich_help_panel=HOW,
+        evals: int = typer.Option(D.evals, "--evals", rich_help_panel=HOW, help="Budget of real evaluations."),
+        population: int = typer.Option(D.population, "--population", rich_help_panel=HOW,
                                        help="Random start size (and NSGA-II population)."),
-        batch: Optional[int] = typer.Option(None, "--batch", rich_help_panel=HOW, show_default="population / 2",
+        batch: Optional[int] = typer.Option(D.batch, "--batch", rich_help_panel=HOW,
+                                            show_default="population / 2",
                                             help="LINAS: proposals measured per iteration."),
-        seed: int = typer.Option(0, "--seed", rich_help_panel=HOW, help="Random seed."),
-        ref_point: Optional[str] = typer.Option(None, "--ref-point", rich_help_panel=HOW,
+        seed: int = typer.Option(D.seed, "--seed", rich_help_panel=HOW, help="Random seed."),
+        ref_point: Optional[str] = typer.Option(D.ref_point, "--ref-point", rich_help_panel=HOW,
                                                 show_default="derived from this archive",
                                                 help="Hypervolume reference, one value per objective, e.g. "
                                                 "acc=0.5,macs=1.5G; fix it to compare searches."),
-        limit_val: Optional[int] = typer.Option(None, "--limit-val", rich_help_panel=MEASURE, show_default="all",
-                                                help="Select on the first N validation examples (the front is "
-                                                "scored on the whole eval split)."),
-        limit_eval: Optional[int] = typer.Option(None, hidden=True, help="Old name of --limit-val."),
-        calibration_samples: int = typer.Option(128, "--calibration-samples", rich_help_panel=MEASURE,
+        limit_val: Optional[int] = typer.Option(D.limit_val, "--limit-val", rich_help_panel=MEASURE,
+                                                show_default="all", help="Select on the first N validation "
+                                                "examples (the front is scored on the whole eval split)."),
+        limit_eval: Optional[int] = typer.Option(D.limit_eval, hidden=True, help="Old name of --limit-val."),
+        calibration_samples: int = typer.Option(D.calibration_samples, "--calibration-samples",
+                                                rich_help_panel=MEASURE,
                                                 help="--quant: training examples to calibrate INT8 on."),
-        eval_batch_size: int = typer.Option(64, "--eval-batch-size", rich_help_panel=MEASURE,
+        eval_batch_size: int = typer.Option(D.eval_batch_size, "--eval-batch-size", rich_help_panel=MEASURE,
                                             help="Batch size for scoring (validation and eval splits)."),
-        latency_batch: int = typer.Option(1, "--latency-batch", rich_help_panel=MEASURE,
-                                          help="Batch size the latency objective is measured at."),
-        latency_seq_len: Optional[int] = typer.Option(None, "--latency-seq-len", rich_help_panel=MEASURE,
-                                                      show_default="the space's seq_len",
-                                                      help="Sequence length the latency objective is measured at."),
-        latency_threads: Optional[int] = typer.Option(None, "--latency-threads", rich_help_panel=MEASURE,
-                                                      show_default=THREADS_DEFAULT,
-                                                      help="ONNX Runtime intra-op threads for the latency objective."),
+        latency_batch: int = latency_option("batch", prefix=LATENCY,
+                                            help="Batch size the latency objective is measured at."),
+        latency_seq_len: Optional[int] = latency_option("seq_len", prefix=LATENCY,
+                                                        show_default="the space's seq_len",
+                                                        help="Sequence length the latency objective is measured at."),
+        latency_threads: Optional[int] = latency_option("threads", prefix=LATENCY,
+                                                        help="ONNX Runtime intra-op threads for the latency "
+                                                        "objective."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", rich_help_panel=OUT,
                                               show_default="RUN_DIR-search", help="Result directory."),
         resume: bool = typer.Option(False, "--resume", rich_help_panel=OUT,
                                     help="Continue a killed search; nothing in its archive is re-evaluated."),
         force: bool = typer.Option(False, "--force", rich_help_panel=OUT, help="Replace an existing result directory."),
-        baseline: Optional[Path] = typer.Option(None, "--baseline", rich_help_panel=OUT, show_default="none",
+        baseline: Optional[Path] = typer.Option(D.baseline, "--baseline", rich_help_panel=OUT, show_default="none",
                                                 help="A plain tune run to mark on the plot."),
         as_json: bool = typer.Option(False, "--json", rich_help_panel=OUT,
                                      help="Print the result as JSON instead of a table."),
-        progress_every: float = typer.Option(30.0, "--progress-every", rich_help_panel=OUT,
+        progress_every: float = typer.Option(D.progress_every, "--progress-every", rich_help_panel=OUT,
                                              help="Seconds between plain progress lines on stderr when it is not a "
                                              "terminal (a log, nohup, CI)."),
     ) -> None:
@@ -158,7 +172,7 @@ def register(app: typer.Typer) -> None:
         Selects on the tune run's validation split only; the front is then scored once on the eval split.
         """
         quiet_libraries()
-        from instatune_cli.search.stage import SearchOptions, run_stage
+        from instatune_cli.search.stage import search_stage
 
         cons = list(constraint)
         if max_macs:
@@ -193,8 +207,8 @@ def register(app: typer.Typer) -> None:
                 # values first, so they line up whatever the name's length; the name and how it was proposed last
                 err.print(f"[dim]{'#' + str(n):>4}[/]  {vals}  {row['name']}  ({how})")
 
-        art, result, summary = run_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval,
-                                         on_warning=on_warning)
+        r = search_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval, on_warning=on_warning)
+        art, summary = r.artifact, r.summary
         if art is None:  # a non-zero rank of a launched search (torchrun, accelerate launch): rank 0 reports
             return
         if as_json:

@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,19 @@ DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 20
 #: token ids stay below this when neither the caller nor the graph says the vocabulary size
 SAFE_VOCAB = 100
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How a latency figure is measured: the one definition of the latency options of `export` and `quantize`
+    (`--batch`, `--seq-len`, `--threads`, `--runs`) and of the search's latency objective (`--latency-batch`,
+    ...), whose options dataclasses take their defaults from here. `seq_len` None: the stage's own (128, or the
+    model's maximum when shorter; the search space's seq_len); `threads` None: `default_threads()`."""
+
+    batch: int = 1
+    seq_len: int | None = None
+    threads: int | None = None
+    runs: int = DEFAULT_RUNS
 
 
 def default_threads() -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from instatune_cli import artifacts
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.latency import LatencyOptions
 from instatune_cli.quantize.policy import QuantPolicy, engine_refusal
 
 ENGINES = ("ort", "inc")
@@ -32,10 +33,10 @@ class QuantizeOptions:
     engine: str = "ort"
     calibration_samples: int = 256
     max_drop: float = 1.0  # accuracy points
-    batch: int = 1
-    seq_len: int | None = None
-    threads: int | None = None
-    runs: int = 20
+    batch: int = LatencyOptions.batch  # the latency options: measure.latency.LatencyOptions
+    seq_len: int | None = LatencyOptions.seq_len
+    threads: int | None = LatencyOptions.threads
+    runs: int = LatencyOptions.runs
     subnet: int | None = None
     config: str | None = None
     strict_fp32: bool = False  # ort: FP32 layers read FP32 activations (exact, but unfused and slow)
@@ -362,6 +363,25 @@ def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: Quanti
             "threads": torch.get_num_threads(), "runtime": "pytorch compiled" if opts.compile else "pytorch eager"}
 
 
-def quantize_stage(src: str | Path, output: str | Path | None, opts: QuantizeOptions, *, force: bool = False,
-                   notify: Any = None) -> artifacts.Artifact:
-    return QuantizeStage(src, output, opts, force=force, notify=notify).run()
+@dataclass(frozen=True)
+class QuantizeResult(artifacts.StageResult):
+    """A committed quantize directory and the figures `instatune quantize` prints (its manifest's; "fp32" and
+    "int8" keyed)."""
+
+    engine: str
+    policy_summary: str  # `32/33 layers INT8 (FP32: embeddings)`
+    accuracy: dict[str, dict[str, Any]]  # the run's metric on the eval split before and after (`eval_score`)
+    accuracy_drop_points: float  # points INT8 lost (negative: gained)
+    size_bytes: dict[str, int]
+    size_ratio: float  # FP32 size over INT8 size (below 1: INT8 is larger)
+    latency: dict[str, dict[str, Any]]
+
+
+def quantize_stage(src: str | Path, output: str | Path | None, opts: QuantizeOptions | None = None, *,
+                   force: bool = False, notify: Any = None, **fields: Any) -> QuantizeResult:
+    """Quantize the extracted sub-network at `src` (chaining extract for a search or tune directory) into `output`
+    (default SOURCE-int8). `notify(text)` hears the choices made; `fields`: QuantizeOptions' fields instead of
+    `opts`."""
+    opts = artifacts.stage_options(QuantizeOptions, opts, fields)
+    made = QuantizeStage(src, output, opts, force=force, notify=notify).run()
+    return QuantizeResult.of(made, engine=made.metrics["quantization"]["engine"], policy_summary=made.model["policy"])

@@ -49,10 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instatune_cli.artifacts import StageResult, stage_options
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.latency import LatencyOptions
+from instatune_cli.search import run as search_run
 from instatune_cli.search.archive import write_rows_csv
 from instatune_cli.search.interface import algorithm_class
-from instatune_cli.search.run import FRONT_CSV, follow_search, run_search
+from instatune_cli.search.run import FRONT_CSV, SearchResult, follow_search
 from instatune_cli.space import SubNet
 
 FRONT_JSON = "front.json"
@@ -79,9 +82,9 @@ class SearchOptions:
     limit_val: int | None = None
     metric: str | None = None       # accuracy | f1 | mcc; None: the tune run's own
     eval_batch_size: int = 64
-    latency_batch: int = 1
-    latency_seq_len: int | None = None
-    latency_threads: int | None = None
+    latency_batch: int = LatencyOptions.batch  # the latency objective's: measure.latency.LatencyOptions
+    latency_seq_len: int | None = LatencyOptions.seq_len  # None: the search space's seq_len
+    latency_threads: int | None = LatencyOptions.threads
     baseline: str | None = None
     ref_point: str | None = None
     quant: bool = False             # joint architecture + precision search (docs/architecture.md, "Quantization")
@@ -231,13 +234,37 @@ def pick_cheapest(front: list[dict[str, Any]], reference: dict[str, Any], max_dr
     return min(ok, key=lambda r: (r[cost], -r["acc"])) if ok else None
 
 
+@dataclass(frozen=True)
+class SearchStageResult(StageResult):
+    """A committed search directory, the search itself (`search.run.SearchResult`: every row, the front) and
+    its summary: what `instatune search` prints as its table, or as JSON with --json."""
+
+    search: SearchResult | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def search_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOptions | None = None, *,
+                 force: bool = False, resume: bool = False, on_eval: Any = None,
+                 on_warning: Callable[[str], None] | None = None, **fields: Any) -> SearchStageResult:
+    """Run the search stage end to end. `on_eval(row)` hears each real evaluation; `on_warning(text)` hears
+    the no-validation-split fallback as soon as it is known (default: warnings.warn); it is recorded in the
+    manifest either way. Launched on several processes (module docstring) every rank but rank 0 gets
+    `artifact=None`, `search=None` and an empty summary. `fields`: SearchOptions' fields instead of `opts`."""
+    opts = stage_options(SearchOptions, opts, fields)
+    art, result, summary = _run(run_dir, output, opts, force, resume, on_eval, on_warning)
+    return SearchStageResult(art, result, summary)
+
+
 def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOptions, *, force: bool = False,
               resume: bool = False, on_eval: Any = None,
               on_warning: Callable[[str], None] | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Run the search stage end to end; returns (artifact, SearchResult, summary). `on_warning(text)` hears
-    the no-validation-split fallback as soon as it is known (default: warnings.warn); it is recorded in the
-    manifest either way. Launched on several processes (module docstring) it returns (None, None, {}) on every
-    rank but rank 0."""
+    """`search_stage` as the tuple (artifact, SearchResult, summary) that tests written before it unpack."""
+    r = search_stage(run_dir, output, opts, force=force, resume=resume, on_eval=on_eval, on_warning=on_warning)
+    return r.artifact, r.search, r.summary
+
+
+def _run(run_dir: str | Path, output: str | Path | None, opts: SearchOptions, force: bool, resume: bool,
+         on_eval: Any, on_warning: Callable[[str], None] | None) -> tuple[Any, Any, dict[str, Any]]:
     from instatune_cli import artifacts
     from instatune_cli.distributed import close, cpu_group, env_rank, rank0_reports
 
@@ -372,10 +399,12 @@ class _SearchStage:
             return obj, None
         self.baseline = _baseline(opts.baseline, obj) if opts.baseline else obj.int8_reference
         every = None if sys.stderr.isatty() else opts.progress_every  # a terminal shows the per-evaluation lines
-        result = run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
-                            evals=opts.evals, population=opts.population, seed=opts.seed, archive_dir=self.work,
-                            resume=resuming, constraints=self.cons, batch=opts.batch, on_eval=self.on_eval,
-                            ref_point=self.ref_point, progress_every=every, group=group)
+        # through the module, where a test that traces the search's phases replaces it
+        result = search_run.run_search(obj.space, self.objs, obj.evaluate, exact=obj.exact, algorithm=opts.algorithm,
+                                       evals=opts.evals, population=opts.population, seed=opts.seed,
+                                       archive_dir=self.work, resume=resuming, constraints=self.cons, batch=opts.batch,
+                                       on_eval=self.on_eval, ref_point=self.ref_point, progress_every=every,
+                                       group=group)
         return obj, result
 
     def score_front(self, obj: Any, result: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
