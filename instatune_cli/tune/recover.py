@@ -2,8 +2,9 @@
 fine-tuning"; docs/architecture.md, "Recovery fine-tuning").
 
 An extract directory is checked against its manifest before anything is loaded (every file's sha256, the
-per-layer `modeling_instatune_bert.py` included), then loaded by instatune's own loader (the family's
-`load`, which for a per-layer directory is `extract.load_extracted`), never by running the copied model file.
+per-layer `modeling_instatune_bert.py` / `modeling_instatune_vit.py` included), then loaded by instatune's own
+loader (the family's `load`: for a per-layer directory `extract.load_extracted`, or the timm family's
+`load_extracted` with the class file instatune ships), never by running the copied model file.
 
 What the run takes from the extract's parent tune run (found through the manifest chain extract -> search ->
 tune, each parent's digest checked; `tune_of`):
@@ -62,9 +63,7 @@ def load_extract(path: str | Path) -> Artifact:
 def check_unlisted_per_layer(path: Path) -> None:
     """Refuse a per-layer model directory no manifest vouches for (its model file cannot be checked): allowed are
     an extract (its own manifest.json) and the `model/` of a tune run (the run's manifest lists it)."""
-    from instatune_cli.extract import is_per_layer_dir
-
-    if not is_per_layer_dir(path):
+    if not _per_layer_dir(path):
         return
     run = path.resolve().parent
     try:
@@ -79,6 +78,15 @@ def check_unlisted_per_layer(path: Path) -> None:
     raise InstatuneError(f"{path} holds a per-layer instatune model but no manifest.json lists its files, so its "
                          "model file cannot be checked; give the extract directory `instatune extract` wrote (or "
                          "the tune run) instead of a copy")
+
+
+def _per_layer_dir(path: Path) -> bool:
+    """A per-layer model directory of a family whose per-layer models instatune loads itself: the transformers
+    text families' (`extract.is_per_layer_dir`) or timm's (`adapters.vit.is_per_layer_dir`)."""
+    from instatune_cli.adapters import vit
+    from instatune_cli.extract import is_per_layer_dir
+
+    return is_per_layer_dir(path) or vit.is_per_layer_dir(path)
 
 
 @dataclass
@@ -153,13 +161,11 @@ def from_extract(cfg: TuneConfig) -> ExtractSource | None:
                                  "not an extract directory; give the teacher's directory")
         return None
     art = load_extract(p)
-    from instatune_cli.extract import is_per_layer_dir
-
-    if art.metrics.get("kind") == "instatune" and not is_per_layer_dir(p):
+    if art.metrics.get("kind") == "instatune" and not _per_layer_dir(p):
         fam = art.model.get("adapter") or art.model.get("family")
         raise InstatuneError(f"{p} is a per-layer {fam} extract; fine-tuning per-layer extracts is implemented for "
-                             "the transformers text families only: extract a sub-network that keeps every head and "
-                             "one FFN width (a stock model) to fine-tune it")
+                             "the transformers text families and timm ViTs only: extract a sub-network that keeps "
+                             "every head and one FFN width (a stock model) to fine-tune it")
     tune, chain, note = _parent_run(art)
     src = ExtractSource(p, art, tune, note, chain)
     if cfg.task is None and cfg.data is None:
