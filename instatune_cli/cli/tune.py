@@ -58,8 +58,10 @@ def register(app: typer.Typer) -> None:
                                              "search are scored by; pearson or spearman train a regressor on "
                                              "real-valued labels.", show_default="mcc for CoLA, f1 for MRPC/QQP, "
                                              "pearson for STS-B, else accuracy", rich_help_panel=DATA),
-        max_length: int = typer.Option(128, "--max-length", help="Truncate to this many tokens (batches are "
-                                       "padded per batch).", rich_help_panel=DATA),
+        max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate to this many tokens "
+                                                 "(batches are padded per batch).",
+                                                 show_default="128; an extract: its parent run's",
+                                                 rich_help_panel=DATA),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer directory.",
                                                 show_default="the model's", rich_help_panel=DATA),
         plain: bool = typer.Option(False, "--plain", help="Ordinary fine-tuning (no sub-networks): a baseline, "

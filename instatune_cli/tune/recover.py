@@ -13,7 +13,11 @@ tune, each parent's digest checked; `tune_of`):
   metric), and in every case (unless --val-data) the seed the parent carved its validation split with, so the
   recovered run's validation split is the parent's: its search selects on rows the extract never trained on;
 - `--teacher parent`: the parent tune run as the strong teacher (its full super-network scores the training
-  set once; tune/teacher.py).
+  set once; tune/teacher.py);
+- `--max-length` when not given, in every case: the extract learned on inputs truncated where its parent's were.
+  A value given that truncates otherwise is used and noted in one line (`check_encoding`), as is a `--tokenizer`
+  other than the one the extract carries (its parent's). Images need nothing: the preprocessing (input size,
+  crop, mean/std) travels in the extract's `preprocessor_config.json` and no option changes it.
 
 The extract's classifier is kept, so the data must have its classes (a task with other labels is refused).
 
@@ -101,6 +105,8 @@ class ExtractSource:
     data_from_parent: bool = False
     val_seed: int | None = None
     teacher: str | None = None          # "parent" when --teacher named the parent tune run
+    max_length_from_parent: bool = False
+    notes: list[str] = field(default_factory=list)  # one line each: options given that differ from the parent's
 
     @property
     def kind(self) -> str:
@@ -122,13 +128,16 @@ class ExtractSource:
                 "depth_rule": m.get("depth_rule"), "kept_layers": m.get("kept_layers"), "macs": x.get("macs"),
                 "macs_supernet": x.get("macs_supernet"), "params": x.get("params"), "labels": m.get("labels"),
                 "parents": self.chain, "parent_note": self.parent_note, "data_from_parent": self.data_from_parent,
-                "val_seed": self.val_seed, "teacher": self.teacher}
+                "val_seed": self.val_seed, "teacher": self.teacher,
+                "max_length_from_parent": self.max_length_from_parent}
 
     def summary(self) -> str:
         what = "per-layer" if self.kind == "instatune" else "stock"
         bits = [f"recovery fine-tuning of extract {self.path} ({self.subnet_name}, {what})"]
         if self.data_from_parent and self.tune is not None:
             bits.append(f"data as in its parent run {self.tune.path}")
+        if self.max_length_from_parent and self.tune is not None:
+            bits.append(f"--max-length {self.tune.options.get('max_length')} as in its parent run")
         if self.val_seed is not None:
             bits.append(f"validation split carved with the parent's seed {self.val_seed}")
         if self.teacher == PARENT and self.tune is not None:
@@ -142,6 +151,18 @@ class ExtractSource:
             raise InstatuneError(f"extract {self.path} classifies {list(have)} but the data has labels {list(labels)}; "
                                  "recovery fine-tuning keeps the extract's classifier: give the data of its own task "
                                  "(or tune its parent model on the new task)")
+
+    def check_encoding(self, cfg: TuneConfig, max_length: int) -> None:
+        """Note (not refuse) a given --max-length that truncates otherwise than the parent run did (`max_length`:
+        this run's, after the family's limits), and a --tokenizer other than the extract's."""
+        parent = self.tune.model.get("max_length") if self.tune is not None else None
+        if not self.max_length_from_parent and isinstance(parent, int) and parent != max_length:
+            self.notes.append(f"--max-length {cfg.max_length} truncates at {max_length} tokens where the parent run "
+                              f"{self.tune.path} truncated at {parent}: the extract learned on the parent's inputs "
+                              "(drop --max-length to use its value)")
+        if cfg.tokenizer and _tokenizer_file(cfg.tokenizer) != _tokenizer_file(self.path):
+            self.notes.append(f"--tokenizer {cfg.tokenizer} replaces the tokenizer extract {self.path} carries (its "
+                              "parent run's): the extract's embeddings were trained with that one")
 
     def data_config(self, cfg: TuneConfig) -> TuneConfig:
         """The options the data is loaded with: the parent's seed for carving the validation split."""
@@ -182,10 +203,23 @@ def from_extract(cfg: TuneConfig) -> ExtractSource | None:
         src.teacher = PARENT
     elif cfg.teacher and tune is not None and _same_dir(cfg.teacher, tune.path):
         src.teacher = PARENT
+    if tune is not None and cfg.max_length is None and isinstance(tune.options.get("max_length"), int):
+        cfg.max_length = int(tune.options["max_length"])
+        src.max_length_from_parent = True
     if tune is not None and cfg.val_data is None:
         seed = tune.options.get("seed")
         src.val_seed = int(seed) if isinstance(seed, int) else None
     return src
+
+
+def _tokenizer_file(d: str | Path) -> bytes | None:
+    """A tokenizer directory's `tokenizer.json` (None without one): what two tokenizers are compared by."""
+    from instatune_cli.tune.teacher import resolve_model_dir
+
+    try:
+        return (Path(resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_bytes()
+    except (OSError, InstatuneError):
+        return None
 
 
 def _stage(p: Path) -> str | None:

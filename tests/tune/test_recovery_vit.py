@@ -102,6 +102,10 @@ def test_per_layer_vit_extract_recovers_with_the_parents_data(recovered, parent)
     assert cfg["instatune"]["layer_ffn"] == FFN and cfg["instatune"]["head_dim"] == 12
     assert (recovered / "model" / "modeling_instatune_vit.py").read_bytes() == \
         (parent["ext"] / "modeling_instatune_vit.py").read_bytes()
+    # the preprocessing (input size, crop, mean/std) is the parent's: it travels in the extract
+    assert (recovered / "model" / "preprocessor_config.json").read_text() == \
+        (parent["run"] / "model" / "preprocessor_config.json").read_text()
+    assert art.model["max_length"] == run.model["max_length"] == 17  # patches + class token
     space = json.loads((recovered / "space.json").read_text())
     assert space["layers"] == [4] and space["heads"] == [[2, 3, 4], [2], [2, 3], [2, 3, 4]]
     assert space["ffn"] == [[64, 128, 192], [64], [64, 128], [64, 128, 192]]
