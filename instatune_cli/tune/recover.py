@@ -145,12 +145,23 @@ class ExtractSource:
         return "; ".join(bits)
 
     def check_labels(self, labels: list[str]) -> None:
-        """The extract keeps its classifier: the data must have exactly its classes."""
+        """The extract keeps its classifier: the data must have exactly its classes (a regressor's one output:
+        a regression task, a classifier's classes: a classification task, each said as such)."""
+        from instatune_cli.data import REGRESSION_LABELS
+
         have = self.artifact.model.get("labels")
-        if have is not None and [str(x) for x in have] != [str(x) for x in labels]:
-            raise InstatuneError(f"extract {self.path} classifies {list(have)} but the data has labels {list(labels)}; "
-                                 "recovery fine-tuning keeps the extract's classifier: give the data of its own task "
-                                 "(or tune its parent model on the new task)")
+        if have is None or [str(x) for x in have] == [str(x) for x in labels]:
+            return
+        have, labels = [str(x) for x in have], [str(x) for x in labels]
+        if REGRESSION_LABELS in (have, labels):
+            what = "a regressor (one output)" if have == REGRESSION_LABELS else f"a {len(have)}-class classifier"
+            task = "a regression task" if labels == REGRESSION_LABELS else f"a {len(labels)}-class task"
+            raise InstatuneError(f"extract {self.path} is {what} but its data here is {task}; recovery fine-tuning "
+                                 "keeps the extract's head: give the data and --metric of its own task (or drop "
+                                 "them for its parent run's)")
+        raise InstatuneError(f"extract {self.path} classifies {have} but the data has labels {labels}; "
+                             "recovery fine-tuning keeps the extract's classifier: give the data of its own task "
+                             "(or tune its parent model on the new task)")
 
     def check_encoding(self, cfg: TuneConfig, max_length: int) -> None:
         """Note (not refuse) a given --max-length that truncates otherwise than the parent run did (`max_length`:

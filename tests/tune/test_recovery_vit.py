@@ -202,3 +202,16 @@ def test_damaged_vit_extract_is_refused_in_one_line(parent, tmp_path, damage, fr
                            "imagefolder"))
     assert_cli_error(r, fragment)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_vit_teacher_with_another_label_set_is_refused(parent, tmp_path):
+    from instatune_cli.adapters.vit import TimmVitAdapter
+
+    fam = TimmVitAdapter()
+    for name, labels, frags in (("three", {0: "cat", 1: "dog", 2: "fox"}, ("3 classes", "2")),
+                                ("named", {0: "ant", 1: "bee"}, ("['ant', 'bee']", "['cat', 'dog']"))):
+        fam.save(fam.prepare(tiny_timm("vit_tiny_patch16_224", num_classes=len(labels)), labels), None,
+                 tmp_path / name)
+        r = run_cli(*tune_args(parent["ext"], tmp_path / "out", "--plain", "--teacher", str(tmp_path / name)))
+        assert_cli_error(r, "teacher", *frags)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
