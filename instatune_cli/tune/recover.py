@@ -171,7 +171,7 @@ class ExtractSource:
             self.notes.append(f"--max-length {cfg.max_length} truncates at {max_length} tokens where the parent run "
                               f"{self.tune.path} truncated at {parent}: the extract learned on the parent's inputs "
                               "(drop --max-length to use its value)")
-        if cfg.tokenizer and _tokenizer_file(cfg.tokenizer) != _tokenizer_file(self.path):
+        if cfg.tokenizer and _tokenizer_spec(cfg.tokenizer) != _tokenizer_spec(self.path):
             self.notes.append(f"--tokenizer {cfg.tokenizer} replaces the tokenizer extract {self.path} carries (its "
                               "parent run's): the extract's embeddings were trained with that one")
 
@@ -223,14 +223,16 @@ def from_extract(cfg: TuneConfig) -> ExtractSource | None:
     return src
 
 
-def _tokenizer_file(d: str | Path) -> bytes | None:
-    """A tokenizer directory's `tokenizer.json` (None without one): what two tokenizers are compared by."""
+def _tokenizer_spec(d: str | Path) -> dict[str, Any] | None:
+    """A tokenizer directory's `tokenizer.json` without the truncation and padding a save records (None without
+    one): what two tokenizers are compared by."""
     from instatune_cli.tune.teacher import resolve_model_dir
 
     try:
-        return (Path(resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_bytes()
-    except (OSError, InstatuneError):
+        spec = json.loads((Path(resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_text())
+    except (OSError, ValueError, InstatuneError):
         return None
+    return {k: v for k, v in spec.items() if k not in ("truncation", "padding")} if isinstance(spec, dict) else None
 
 
 def _stage(p: Path) -> str | None:

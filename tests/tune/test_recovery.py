@@ -368,6 +368,15 @@ def test_max_length_comes_from_the_parent_run_unless_given(tiny_bert_dir, tiny_d
     art, notes = recover("other", max_length=20)
     assert art.model["max_length"] == 20 and len(notes) == 1
     assert "--max-length 20" in notes[0] and "truncated at 12" in notes[0] and str(tmp_path / "run") in notes[0]
+    # the tokenizer the extract carries (its parent's, saved again) is no note; another one is
+    art, notes = recover("tok", tokenizer=str(tiny_bert_dir))
+    assert not notes and art.options["tokenizer"] == str(tiny_bert_dir)
+    other = shutil.copytree(tiny_bert_dir, tmp_path / "cased")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["normalizer"] = None  # a cased tokenizer: other ids for the same text
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    art, notes = recover("other-tok", tokenizer=str(other))
+    assert len(notes) == 1 and f"--tokenizer {other} replaces the tokenizer" in notes[0]
     # a run of a model that is not an extract keeps the default
     run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "plain", plain=True, max_steps=1))
     assert artifacts.load(tmp_path / "plain", "tune").options["max_length"] == 128
