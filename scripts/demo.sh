@@ -23,13 +23,26 @@ echo "== 2/3 search: the Pareto front of accuracy vs MACs; --pick marks the chea
 set -x
 instatune search run/ --objectives acc,macs --evals "${EVALS:-24}" --population 8 --pick max-drop=1 --force
 { set +x; } 2>/dev/null
-# the member --pick marked (recorded in the search's manifest); the super-network's own numbers when none met it
-picked="$(python -c 'import json; print(json.load(open("run-search/manifest.json"))["metrics"].get("picked") or "")')"
+# the member --pick marked (recorded in the search's manifest), unless collapsed on the eval split; else the most
+# accurate member that is not collapsed (no better than a constant predictor); none: the tune run learned nothing
+read -r picked usable <<<"$(python - <<'PY'
+import json
+picked = json.load(open("run-search/manifest.json"))["metrics"].get("picked")
+front = json.load(open("run-search/front.json"))["front"]  # numbered by validation accuracy, best first
+ok = [r["subnet"] for r in front if not (r.get("collapsed") or r.get("eval_collapsed"))]
+print(picked if picked in ok else "-", ok[0] if ok else "-")
+PY
+)"
 why="picked on the validation split: the cheapest within 1 point of the super-network there"
-if [ -z "$picked" ]; then
-  echo "note: no front member is within 1 point of the super-network; exporting front member 1 instead"
-  picked=1
-  why="the most accurate front member on the validation split (none was within 1 point of the super-network)"
+if [ "$usable" = "-" ]; then
+  echo "note: every front member is collapsed (no better than a constant predictor): the tune run did not learn"
+  echo "the task, so there is nothing to export. Try more steps (STEPS=$((2 * ${STEPS:-120}))) or another --lr."
+  exit 1
+fi
+if [ "$picked" = "-" ]; then
+  echo "note: no front member within 1 point of the super-network is usable; exporting front member $usable instead"
+  picked=$usable
+  why="the most accurate front member on the validation split not flagged collapsed (no usable one within 1 point)"
 fi
 echo "== 3/3 export: sub-network $picked to ONNX + INT8: parity, latency, INT8 accuracy"
 set -x
@@ -48,6 +61,6 @@ Its "accuracy eval" column in the table above is the held-out figure, never used
 scale (120 steps, 200 validation sentences) the two can differ by several points.
 Next: look at run-search/pareto.png, then export another member or quantize this one with calibration:
    cd $work
-   instatune export run-search --subnet 1 --int8
+   instatune export run-search --subnet N --int8     (N from the table, one not flagged collapsed)
    instatune quantize run-search --subnet $picked
 MSG

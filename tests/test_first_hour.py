@@ -114,9 +114,13 @@ def test_search_table_keeps_numbers_and_full_names_without_a_terminal(tiny_tune_
 def test_tune_ends_with_next_line_and_percentages(tiny_bert_dir, tiny_data_dir, tmp_path):
     from conftest import tiny_tune_args
 
-    args = [a for a in tiny_tune_args(tiny_bert_dir, tiny_data_dir, tmp_path / "run") if a != "--quiet"]
+    # the settings of the tiny_tune_run fixture, which learn: a collapsed run ends otherwise (tests/tune/
+    # test_collapsed_next.py)
+    args = [a for a in tiny_tune_args(tiny_bert_dir, tiny_data_dir, tmp_path / "run", "--max-steps", "48",
+                                      "--batch-size", "16", "--val-split", "16") if a != "--quiet"]
     r = run_cli(*args)
     assert r.exit_code == 0, r.output
+    assert not artifacts.load(tmp_path / "run", "tune").metrics["super_collapsed"]
     done = next(ln for ln in r.stdout.splitlines() if ln.startswith("done"))
     assert "%" in done and " acc 0." not in done, done  # as search prints scores: 81.25%, not 0.8125
     assert r.stdout.strip().splitlines()[-1].startswith(f"next: instatune search {tmp_path / 'run'}")

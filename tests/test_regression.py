@@ -349,3 +349,22 @@ def test_a_regression_teacher_caches_one_output(tiny_bert_dir: Path, stsb_dir: P
                 "--teacher", tiny_plain_run)  # a 2-class classifier cannot teach a regressor
     assert_cli_error(r, "2-class classifier", "regression task")
     assert not (tmp_path / "bad").exists()
+
+
+def test_recovery_of_the_other_kind_is_one_line(stsb_run: Path, tiny_tune_run: Path, tiny_plain_run: Path,
+                                                tiny_data_dir: Path, tmp_path: Path) -> None:
+    """An extract keeps its head: a regressor's extract with classification data or metric, a classifier's with
+    a regression metric or task, and a teacher of the other kind are each refused in one line, before any output."""
+    for run, name in ((stsb_run, "reg"), (tiny_tune_run, "cls")):
+        r = run_cli("extract", run, "--config", "L3-h4-f25", "-o", tmp_path / name)
+        assert r.exit_code == 0, r.output
+    reg, cls, out = tmp_path / "reg", tmp_path / "cls", tmp_path / "out"
+    for args, frags in [
+        ((reg, "--metric", "accuracy"), ("--metric accuracy", "regression task", "pearson or spearman")),
+        ((reg, "--data", tiny_data_dir), ("regressor (one output)", "2-class task", "keeps the extract's head")),
+        ((cls, "--metric", "pearson"), ("2-class classifier", "regression task", "keeps the extract's head")),
+        ((reg, "--teacher", tiny_plain_run), ("2-class classifier", "regression task")),
+        ((cls, "--teacher", stsb_run), ("regressor (one output)", "2-class task")),
+    ]:
+        assert_cli_error(run_cli("tune", *args, "--plain", "-o", out), *frags)
+        assert not out.exists() and not (tmp_path / "out.partial").exists()

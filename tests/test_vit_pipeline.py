@@ -131,13 +131,13 @@ def test_a_strong_teacher_for_an_image_model(vit_run: Path, tmp_path: Path) -> N
 
 def test_recovery_fine_tuning_of_a_stock_vit_extract(vit_run: Path, tmp_path: Path) -> None:
     """`tune EXTRACT_DIR` for timm: a stock extract fine-tunes on its parent's image data with the parent as
-    teacher and stays a plain timm model; a per-layer ViT extract is refused in one line."""
+    teacher and stays a plain timm model; a per-layer one recovers and stays per-layer."""
     import timm
     import torch
 
     from instatune_cli import artifacts
+    from instatune_cli.adapters.vit import TimmVitAdapter
     from instatune_cli.deliver import extract_stage
-    from instatune_cli.errors import InstatuneError
     from instatune_cli.tune import load_tuned
     from instatune_cli.tune.config import TuneConfig
     from instatune_cli.tune.loop import run_tune
@@ -158,5 +158,10 @@ def test_recovery_fine_tuning_of_a_stock_vit_extract(vit_run: Path, tmp_path: Pa
 
     per_layer = extract_stage(vit_run, tmp_path / "p", config="L3-h4.2.4-f128")
     assert artifacts.load(per_layer.path, "extract").metrics["kind"] == "instatune"
-    with pytest.raises(InstatuneError, match="per-layer vit extract"):
-        run_tune(TuneConfig(model=str(per_layer.path), plain=True, max_steps=1, output=str(tmp_path / "no")))
+    # a per-layer one recovers too and stays per-layer (tests/tune/test_recovery_vit.py has the whole path)
+    run_tune(TuneConfig(model=str(per_layer.path), plain=True, teacher="parent", max_steps=2, batch_size=16, lr=1e-3,
+                        output=str(tmp_path / "rec-p"), quiet=True))
+    ours, _, _, art = load_tuned(tmp_path / "rec-p")
+    assert art.model["source_extract"]["kind"] == "instatune" and ours.config.layer_heads == [4, 2, 4]
+    with torch.no_grad():
+        assert torch.allclose(TimmVitAdapter().load_extracted(tmp_path / "rec-p" / "model")(x), ours(x), atol=1e-6)

@@ -245,6 +245,21 @@ def _read_config(d: Path) -> dict[str, Any]:
     return cfg
 
 
+def is_per_layer_dir(model_dir: str | Path) -> bool:
+    """Whether `model_dir` holds our per-layer timm model (an extract, or the `model/` of a run recovered from one)."""
+    p = Path(model_dir)
+    try:
+        return (p / "config.json").is_file() and bool(_per_layer_own(_read_config(p)))
+    except InstatuneError:
+        return False
+
+
+def _per_layer_own(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The `instatune` fields of a per-layer model's config.json (heads and widths per block); {} otherwise."""
+    own = (cfg or {}).get(OWN_KEY) or {}
+    return own if own.get("kind") == "instatune" else {}
+
+
 def _label_names(cfg: dict[str, Any], n: int) -> dict[int, str] | None:
     names = cfg.get("label_names")
     if isinstance(names, list) and len(names) == n:
@@ -545,7 +560,9 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
             _check_cached(name)
         model, cfg = self._build(src, pretrained=False, device="meta")
         _check_supported(model, src)
-        self._attach(model, _label_names(cfg or model.pretrained_cfg, model.num_classes))
+        own = _per_layer_own(cfg)  # a per-layer model's config says so, as `load_extracted`'s does
+        self._attach(model, _label_names(cfg or model.pretrained_cfg, model.num_classes), own.get("layer_heads"),
+                     own.get("layer_ffn"))
         return model.config
 
     def load_preprocessor(self, src: str | Path) -> Any:
@@ -558,9 +575,14 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         return ImagePreprocessor.for_model(model)
 
     def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
+        """timm's layout; a per-layer model (a run recovered from a per-layer extract) in its extract's layout,
+        the class file beside it, so it reloads like one (`load_extracted`, or without instatune)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._write(model, out, {"model_type": model.config.model_type})
+        own: dict[str, Any] = {"model_type": model.config.model_type}
+        if getattr(model.config, "layer_heads", None) is not None:
+            own.update(self._per_layer_fields(model, model.config.layer_heads, model.config.layer_ffn))
+        self._write(model, out, own)
         if preprocessor is not None:
             preprocessor.save(out)
         from instatune_cli.extract import readable_files
@@ -569,7 +591,8 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
 
     def _write(self, model: nn.Module, out: Path, own: dict[str, Any]) -> None:
         """timm's `save_for_hf` layout: config.json (timm's own writer, plus our `instatune` key) and
-        model.safetensors of the state_dict (stock keys: elasticity adds none)."""
+        model.safetensors of the state_dict (stock keys: elasticity adds none); a per-layer model's class file
+        beside them."""
         from safetensors.torch import save_file
         from timm.models._hub import save_config_for_hf
 
@@ -580,6 +603,10 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         id2label = model.config.id2label
         names = [id2label.get(i, f"LABEL_{i}") for i in range(model.num_classes)]
         save_config_for_hf(model, str(out / "config.json"), model_config={"label_names": names, OWN_KEY: own})
+        if own.get("kind") == "instatune":
+            shutil.copyfile(Path(self._standalone().__file__), out / STANDALONE_FILE)
+        else:
+            (out / STANDALONE_FILE).unlink(missing_ok=True)  # a stale copy from an earlier save into `out`
 
     # ---- data and forward -----------------------------------------------------------------------------
 
@@ -883,18 +910,21 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
                                "kept_layers": self.kept_layers(parent, sub),
                                "depth_rule": str(getattr(self.layer_list(parent), "depth", "first"))}
         if kind == "instatune":
-            own.update(format=self._standalone().FORMAT, layer_heads=list(sub.heads), layer_ffn=list(sub.ffn),
-                       head_dim=self.dims_of(parent).head_dim)
-            shutil.copyfile(Path(self._standalone().__file__), out / STANDALONE_FILE)
+            own.update(self._per_layer_fields(parent, sub.heads, sub.ffn))
             load_with = (f"import sys; sys.path.insert(0, DIR); import {STANDALONE_FILE[:-3]}; "
                          f"model = {STANDALONE_FILE[:-3]}.load(DIR)")
         else:
-            (out / STANDALONE_FILE).unlink(missing_ok=True)  # a stale copy from an earlier save into out_dir
             load_with = 'model = timm.create_model("local-dir:" + DIR, pretrained=True)'
         self._write(small, out, own)
         if preprocessor is not None:
             preprocessor.save(out)
         return {"model_type": small.config.model_type, "load_with": load_with}
+
+    def _per_layer_fields(self, model: nn.Module, heads: Any, ffn: Any) -> dict[str, Any]:
+        """config.json's `instatune` fields of a per-layer model with `model`'s head size (`_write` puts the class
+        file beside it)."""
+        return {"kind": "instatune", "format": self._standalone().FORMAT, "layer_heads": [int(h) for h in heads],
+                "layer_ffn": [int(f) for f in ffn], "head_dim": self.dims_of(model).head_dim}
 
     def load_extracted(self, model_dir: str | Path) -> nn.Module:
         p = Path(model_dir)

@@ -61,8 +61,10 @@ def register(app: typer.Typer) -> None:
                                              "search are scored by; pearson or spearman train a regressor on "
                                              "real-valued labels.", show_default="mcc for CoLA, f1 for MRPC/QQP, "
                                              "pearson for STS-B, else accuracy", rich_help_panel=DATA),
-        max_length: int = typer.Option(D.max_length, "--max-length", help="Truncate to this many tokens (batches are "
-                                       "padded per batch).", rich_help_panel=DATA),
+        max_length: Optional[int] = typer.Option(D.max_length, "--max-length", help="Truncate to this many tokens "
+                                                 "(batches are padded per batch).",
+                                                 show_default="128; an extract: its parent run's",
+                                                 rich_help_panel=DATA),
         tokenizer: Optional[str] = typer.Option(D.tokenizer, "--tokenizer", help="Tokenizer directory.",
                                                 show_default="the model's", rich_help_panel=DATA),
         plain: bool = typer.Option(D.plain, "--plain", help="Ordinary fine-tuning (no sub-networks): a baseline, "
@@ -180,12 +182,18 @@ def register(app: typer.Typer) -> None:
         if as_json and result.artifact is not None:
             typer.echo(json.dumps({"output": str(result.artifact.path), **result.metrics}, indent=2))
         elif result.artifact is not None and not quiet:
-            console().print(next_line(str(result.artifact.path), plain,
-                                      result.artifact.model.get("source_extract")))
+            art = result.artifact
+            console().print(next_line(str(art.path), plain, art.model.get("source_extract"), art.metrics,
+                                      art.model.get("metric")))
 
 
-def next_line(run: str, plain: bool, source_extract: dict | None = None) -> str:
-    """What a finished run is for, as `search` ends with its own `next:`."""
+def next_line(run: str, plain: bool, source_extract: dict | None = None, metrics: dict | None = None,
+              metric: str | None = None) -> str:
+    """What a finished run is for, as `search` ends with its own `next:`; for a model no better than a constant
+    predictor (`super_[val_]collapsed`), what to try instead, never a search, export or teacher use of it."""
+    collapsed = collapsed_line(plain, source_extract, metrics or {}, metric or "accuracy")
+    if collapsed:
+        return collapsed
     if source_extract:  # a recovered sub-network: ship it, or search its cuts
         return (f"next: instatune export {run} --config {source_extract.get('subnet_name')}   (the recovered "
                 f"sub-network), or instatune search {run} --objectives acc,macs   (it and its cuts)")
@@ -193,3 +201,28 @@ def next_line(run: str, plain: bool, source_extract: dict | None = None) -> str:
         return (f"next: instatune tune MODEL ... --teacher {run}   (a strong teacher), or "
                 f"instatune search ELASTIC_RUN --baseline {run}   (marked on the plot)")
     return f"next: instatune search {run} --objectives acc,macs   (the Pareto front of sub-networks)"
+
+
+def collapsed_line(plain: bool, source_extract: dict | None, metrics: dict, metric: str) -> str | None:
+    """The `note: ... next: ...` of a run whose model is collapsed on the eval or validation split; None if not."""
+    from instatune_cli.measure.metrics import format_score
+    from instatune_cli.search.stage import collapse_rule
+
+    splits = [(name, pre) for name, pre in (("eval", ""), ("validation", "val_"))
+              if metrics.get(f"super_{pre}collapsed")]
+    if not splits:
+        return None
+    scores = ", ".join(f"{format_score(metric, metrics.get(f'super_{pre}{metric}'))} on the {name} split"
+                       for name, pre in splits)
+    shown = "acc" if metric == "accuracy" else metric
+    if source_extract:
+        what, use = "recovered sub-network", "so there is nothing to export or search"
+        tries = "more --epochs, another --lr" + ("" if source_extract.get("teacher") else ", or --teacher parent")
+    elif plain:
+        what, use = "fine-tuned model", "so it is no teacher or baseline"
+        tries = "more --epochs or another --lr"
+    else:
+        what, use = "super-network", "so neither it nor its sub-networks are worth searching or exporting"
+        tries = "more --epochs, another --lr, or --plain to compare with ordinary fine-tuning"
+    return (f"[yellow]note:[/] the {what} is no better than a constant predictor ({shown} {scores}; collapsed: "
+            f"{collapse_rule(metric)}): it did not learn the task, {use}. next: instatune tune again with {tries}")

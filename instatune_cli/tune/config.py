@@ -13,6 +13,7 @@ from instatune_cli.measure.metrics import METRICS, check_metric_kind
 SAMPLING = ("uniform", "sandwich")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard")  # --report-to: tune/callbacks.REPORTERS
+DEFAULT_MAX_LENGTH = 128  # --max-length when not given (a recovery run takes its parent run's: tune/recover.py)
 
 # Options that do not change the trained weights: they may differ between a run and its --resume.
 NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
@@ -34,7 +35,7 @@ class TuneConfig:
     val_split: str | None = None   # None: 5 % of training, at most 2,000; "0.1" a fraction; "500" a count; "0" none
     val_data: str | None = None    # a validation file instead of a carved split
     metric: str | None = None      # accuracy | f1 | mcc | pearson | spearman (a regressor); None: the task's own
-    max_length: int = 128
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or a recovery run's parent's; `run_tune` resolves it
     tokenizer: str | None = None
     # output
     output: str = "run"
@@ -142,7 +143,7 @@ class TuneConfig:
 
         need(self.task is not None or self.data is not None,
              "no data: pass --task (e.g. sst2) or --data DIR with train and dev files")
-        need(self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}")
+        need(self.max_length is None or self.max_length >= 8, f"--max-length must be at least 8, got {self.max_length}")
         need(self.num_subnets >= 1, f"--num-subnets must be at least 1, got {self.num_subnets}")
         need(self.sampling in SAMPLING, f"unknown --sampling {self.sampling!r}; use {' or '.join(SAMPLING)}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")

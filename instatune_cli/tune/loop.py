@@ -72,7 +72,7 @@ from instatune_cli.tune.checkpoint import (  # noqa: F401 - re-exported: the nam
     unpark_checkpoints,
     worth_resuming,
 )
-from instatune_cli.tune.config import TuneConfig
+from instatune_cli.tune.config import DEFAULT_MAX_LENGTH, TuneConfig
 from instatune_cli.tune.evaluation import Evaluation
 from instatune_cli.tune.order import BatchOrder
 from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
@@ -148,6 +148,8 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
     t_session = time.perf_counter()
     with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
         source = recover.from_extract(cfg)  # MODEL an extract: checked; data / --teacher parent from its run
+        if cfg.max_length is None:  # not given (a recovery run took its parent's above): the default, recorded
+            cfg.max_length = DEFAULT_MAX_LENGTH
         cfg.validate()
         cfg.per_process_batch(env_world_size())  # before any heavy work: the global batch must split evenly
         listeners = [*reporters(cfg.report_targets()), *callbacks]  # a missing logger package: one line, now
@@ -258,6 +260,8 @@ def _resolve_inputs(cfg: TuneConfig, source: Any = None) -> TuneInputs:
     tok_src = resolve_model_dir(cfg.tokenizer)[0] if cfg.tokenizer else model_src
     tok = adapter.load_preprocessor(tok_src)
     max_length = adapter.max_length(cfg.max_length, tok, hf_config, dims0)
+    if source:
+        source.check_encoding(cfg, max_length)
 
     data = adapter.load_data(source.data_config(cfg) if source else cfg)
     if source:
@@ -370,7 +374,7 @@ class Trainer:
         if inp.source is not None:
             self.say(inp.source.summary())
         if self.main:  # what the data loader had to say (e.g. images skipped as unreadable), even with --quiet
-            for note in inp.data.source.get("notes", []):
+            for note in [*inp.data.source.get("notes", []), *(inp.source.notes if inp.source else [])]:
                 print(f"notice: {note}", file=sys.stderr)
 
     def load_teacher(self) -> tuple[Any, str | None]:

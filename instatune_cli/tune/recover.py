@@ -2,8 +2,9 @@
 fine-tuning"; docs/architecture.md, "Recovery fine-tuning").
 
 An extract directory is checked against its manifest before anything is loaded (every file's sha256, the
-per-layer `modeling_instatune_bert.py` included), then loaded by instatune's own loader (the family's
-`load`, which for a per-layer directory is `extract.load_extracted`), never by running the copied model file.
+per-layer `modeling_instatune_bert.py` / `modeling_instatune_vit.py` included), then loaded by instatune's own
+loader (the family's `load`: for a per-layer directory `extract.load_extracted`, or the timm family's
+`load_extracted` with the class file instatune ships), never by running the copied model file.
 
 What the run takes from the extract's parent tune run (found through the manifest chain extract -> search ->
 tune, each parent's digest checked; `tune_of`):
@@ -12,7 +13,11 @@ tune, each parent's digest checked; `tune_of`):
   metric), and in every case (unless --val-data) the seed the parent carved its validation split with, so the
   recovered run's validation split is the parent's: its search selects on rows the extract never trained on;
 - `--teacher parent`: the parent tune run as the strong teacher (its full super-network scores the training
-  set once; tune/teacher.py).
+  set once; tune/teacher.py);
+- `--max-length` when not given, in every case: the extract learned on inputs truncated where its parent's were.
+  A value given that truncates otherwise is used and noted in one line (`check_encoding`), as is a `--tokenizer`
+  other than the one the extract carries (its parent's). Images need nothing: the preprocessing (input size,
+  crop, mean/std) travels in the extract's `preprocessor_config.json` and no option changes it.
 
 The extract's classifier is kept, so the data must have its classes (a task with other labels is refused).
 
@@ -62,9 +67,7 @@ def load_extract(path: str | Path) -> Artifact:
 def check_unlisted_per_layer(path: Path) -> None:
     """Refuse a per-layer model directory no manifest vouches for (its model file cannot be checked): allowed are
     an extract (its own manifest.json) and the `model/` of a tune run (the run's manifest lists it)."""
-    from instatune_cli.extract import is_per_layer_dir
-
-    if not is_per_layer_dir(path):
+    if not _per_layer_dir(path):
         return
     run = path.resolve().parent
     try:
@@ -81,6 +84,15 @@ def check_unlisted_per_layer(path: Path) -> None:
                          "the tune run) instead of a copy")
 
 
+def _per_layer_dir(path: Path) -> bool:
+    """A per-layer model directory of a family whose per-layer models instatune loads itself: the transformers
+    text families' (`extract.is_per_layer_dir`) or timm's (`adapters.vit.is_per_layer_dir`)."""
+    from instatune_cli.adapters import vit
+    from instatune_cli.extract import is_per_layer_dir
+
+    return is_per_layer_dir(path) or vit.is_per_layer_dir(path)
+
+
 @dataclass
 class ExtractSource:
     """A tune run's starting point when MODEL is an extract: the checked extract and its parent tune run."""
@@ -93,6 +105,8 @@ class ExtractSource:
     data_from_parent: bool = False
     val_seed: int | None = None
     teacher: str | None = None          # "parent" when --teacher named the parent tune run
+    max_length_from_parent: bool = False
+    notes: list[str] = field(default_factory=list)  # one line each: options given that differ from the parent's
 
     @property
     def kind(self) -> str:
@@ -114,13 +128,16 @@ class ExtractSource:
                 "depth_rule": m.get("depth_rule"), "kept_layers": m.get("kept_layers"), "macs": x.get("macs"),
                 "macs_supernet": x.get("macs_supernet"), "params": x.get("params"), "labels": m.get("labels"),
                 "parents": self.chain, "parent_note": self.parent_note, "data_from_parent": self.data_from_parent,
-                "val_seed": self.val_seed, "teacher": self.teacher}
+                "val_seed": self.val_seed, "teacher": self.teacher,
+                "max_length_from_parent": self.max_length_from_parent}
 
     def summary(self) -> str:
         what = "per-layer" if self.kind == "instatune" else "stock"
         bits = [f"recovery fine-tuning of extract {self.path} ({self.subnet_name}, {what})"]
         if self.data_from_parent and self.tune is not None:
             bits.append(f"data as in its parent run {self.tune.path}")
+        if self.max_length_from_parent and self.tune is not None:
+            bits.append(f"--max-length {self.tune.options.get('max_length')} as in its parent run")
         if self.val_seed is not None:
             bits.append(f"validation split carved with the parent's seed {self.val_seed}")
         if self.teacher == PARENT and self.tune is not None:
@@ -128,12 +145,35 @@ class ExtractSource:
         return "; ".join(bits)
 
     def check_labels(self, labels: list[str]) -> None:
-        """The extract keeps its classifier: the data must have exactly its classes."""
+        """The extract keeps its classifier: the data must have exactly its classes (a regressor's one output:
+        a regression task, a classifier's classes: a classification task, each said as such)."""
+        from instatune_cli.data import REGRESSION_LABELS
+
         have = self.artifact.model.get("labels")
-        if have is not None and [str(x) for x in have] != [str(x) for x in labels]:
-            raise InstatuneError(f"extract {self.path} classifies {list(have)} but the data has labels {list(labels)}; "
-                                 "recovery fine-tuning keeps the extract's classifier: give the data of its own task "
-                                 "(or tune its parent model on the new task)")
+        if have is None or [str(x) for x in have] == [str(x) for x in labels]:
+            return
+        have, labels = [str(x) for x in have], [str(x) for x in labels]
+        if REGRESSION_LABELS in (have, labels):
+            what = "a regressor (one output)" if have == REGRESSION_LABELS else f"a {len(have)}-class classifier"
+            task = "a regression task" if labels == REGRESSION_LABELS else f"a {len(labels)}-class task"
+            raise InstatuneError(f"extract {self.path} is {what} but its data here is {task}; recovery fine-tuning "
+                                 "keeps the extract's head: give the data and --metric of its own task (or drop "
+                                 "them for its parent run's)")
+        raise InstatuneError(f"extract {self.path} classifies {have} but the data has labels {labels}; "
+                             "recovery fine-tuning keeps the extract's classifier: give the data of its own task "
+                             "(or tune its parent model on the new task)")
+
+    def check_encoding(self, cfg: TuneConfig, max_length: int) -> None:
+        """Note (not refuse) a given --max-length that truncates otherwise than the parent run did (`max_length`:
+        this run's, after the family's limits), and a --tokenizer other than the extract's."""
+        parent = self.tune.model.get("max_length") if self.tune is not None else None
+        if not self.max_length_from_parent and isinstance(parent, int) and parent != max_length:
+            self.notes.append(f"--max-length {cfg.max_length} truncates at {max_length} tokens where the parent run "
+                              f"{self.tune.path} truncated at {parent}: the extract learned on the parent's inputs "
+                              "(drop --max-length to use its value)")
+        if cfg.tokenizer and _tokenizer_spec(cfg.tokenizer) != _tokenizer_spec(self.path):
+            self.notes.append(f"--tokenizer {cfg.tokenizer} replaces the tokenizer extract {self.path} carries (its "
+                              "parent run's): the extract's embeddings were trained with that one")
 
     def data_config(self, cfg: TuneConfig) -> TuneConfig:
         """The options the data is loaded with: the parent's seed for carving the validation split."""
@@ -153,13 +193,11 @@ def from_extract(cfg: TuneConfig) -> ExtractSource | None:
                                  "not an extract directory; give the teacher's directory")
         return None
     art = load_extract(p)
-    from instatune_cli.extract import is_per_layer_dir
-
-    if art.metrics.get("kind") == "instatune" and not is_per_layer_dir(p):
+    if art.metrics.get("kind") == "instatune" and not _per_layer_dir(p):
         fam = art.model.get("adapter") or art.model.get("family")
         raise InstatuneError(f"{p} is a per-layer {fam} extract; fine-tuning per-layer extracts is implemented for "
-                             "the transformers text families only: extract a sub-network that keeps every head and "
-                             "one FFN width (a stock model) to fine-tune it")
+                             "the transformers text families and timm ViTs only: extract a sub-network that keeps "
+                             "every head and one FFN width (a stock model) to fine-tune it")
     tune, chain, note = _parent_run(art)
     src = ExtractSource(p, art, tune, note, chain)
     if cfg.task is None and cfg.data is None:
@@ -176,10 +214,25 @@ def from_extract(cfg: TuneConfig) -> ExtractSource | None:
         src.teacher = PARENT
     elif cfg.teacher and tune is not None and _same_dir(cfg.teacher, tune.path):
         src.teacher = PARENT
+    if tune is not None and cfg.max_length is None and isinstance(tune.options.get("max_length"), int):
+        cfg.max_length = int(tune.options["max_length"])
+        src.max_length_from_parent = True
     if tune is not None and cfg.val_data is None:
         seed = tune.options.get("seed")
         src.val_seed = int(seed) if isinstance(seed, int) else None
     return src
+
+
+def _tokenizer_spec(d: str | Path) -> dict[str, Any] | None:
+    """A tokenizer directory's `tokenizer.json` without the truncation and padding a save records (None without
+    one): what two tokenizers are compared by."""
+    from instatune_cli.tune.teacher import resolve_model_dir
+
+    try:
+        spec = json.loads((Path(resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_text())
+    except (OSError, ValueError, InstatuneError):
+        return None
+    return {k: v for k, v in spec.items() if k not in ("truncation", "padding")} if isinstance(spec, dict) else None
 
 
 def _stage(p: Path) -> str | None:

@@ -339,3 +339,44 @@ def test_recovery_resumes_and_works_without_its_parent(extracts, tiny_tune_run, 
     assert src["parents"] == [] and "parent" in src["parent_note"] and src["val_seed"] is None
     r = run_cli(*_tune_args(moved, tmp_path / "nodata", "--plain"))
     assert_cli_error(r, "no data", "--task or --data")
+
+
+def test_max_length_comes_from_the_parent_run_unless_given(tiny_bert_dir, tiny_data_dir, tmp_path, capsys):
+    """The extract learned on inputs truncated at its parent's --max-length: a recovery run takes it, with or
+    without --data; a value given is used, and noted in one line where it truncates otherwise."""
+    from instatune_cli.tune.loop import run_tune
+
+    run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "run", max_length=12, max_steps=2))
+    r = run_cli("extract", tmp_path / "run", "--config", STOCK, "-o", tmp_path / "ext")
+    assert r.exit_code == 0, r.output
+    capsys.readouterr()
+
+    def recover(name: str, data: str | None = None, **kw) -> tuple[artifacts.Artifact, list[str]]:
+        cfg = tiny_tune_config(tmp_path / "ext", "", tmp_path / name, plain=True, max_steps=2, **kw)
+        cfg.data = data  # none given: the parent run's
+        run_tune(cfg)
+        return artifacts.load(tmp_path / name, "tune"), [ln for ln in capsys.readouterr().err.splitlines()
+                                                        if ln.startswith("notice:")]
+
+    art, notes = recover("inherit")
+    assert art.options["max_length"] == 12 and art.model["max_length"] == 12 and not notes
+    assert art.model["source_extract"]["max_length_from_parent"] is True
+    art, notes = recover("with-data", data=str(tiny_data_dir))  # data given: the encoding is still the parent's
+    assert art.model["max_length"] == 12 and not notes
+    art, notes = recover("same", max_length=12)
+    assert art.model["max_length"] == 12 and not art.model["source_extract"]["max_length_from_parent"] and not notes
+    art, notes = recover("other", max_length=20)
+    assert art.model["max_length"] == 20 and len(notes) == 1
+    assert "--max-length 20" in notes[0] and "truncated at 12" in notes[0] and str(tmp_path / "run") in notes[0]
+    # the tokenizer the extract carries (its parent's, saved again) is no note; another one is
+    art, notes = recover("tok", tokenizer=str(tiny_bert_dir))
+    assert not notes and art.options["tokenizer"] == str(tiny_bert_dir)
+    other = shutil.copytree(tiny_bert_dir, tmp_path / "cased")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["normalizer"] = None  # a cased tokenizer: other ids for the same text
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    art, notes = recover("other-tok", tokenizer=str(other))
+    assert len(notes) == 1 and f"--tokenizer {other} replaces the tokenizer" in notes[0]
+    # a run of a model that is not an extract keeps the default
+    run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "plain", plain=True, max_steps=1))
+    assert artifacts.load(tmp_path / "plain", "tune").options["max_length"] == 128
