@@ -62,7 +62,6 @@ def search(run: Path, out: Path, args: argparse.Namespace) -> None:
 
 
 def quantize(src: Path, out: Path, args: argparse.Namespace, **kw: Any) -> dict[str, Any]:
-    from instatune_cli import artifacts
     from instatune_cli.quantize.stage import QuantizeOptions, quantize_stage
 
     if not (out / "manifest.json").exists():
@@ -70,6 +69,12 @@ def quantize(src: Path, out: Path, args: argparse.Namespace, **kw: Any) -> dict[
         opts = QuantizeOptions(calibration_samples=args.calibration_quantize, runs=args.runs,
                                threads=args.threads, **kw)
         quantize_stage(src, out, opts, force=True, notify=lambda m: print(f"   {m}", flush=True))
+    return read_quantized(out)
+
+
+def read_quantized(out: Path) -> dict[str, Any]:
+    from instatune_cli import artifacts
+
     m = artifacts.load(out, "quantize", verify=False).metrics
     return {"eval_acc_fp32": m["accuracy"]["fp32"]["score"], "eval_acc_int8": m["accuracy"]["int8"]["score"],
             "eval_examples": m["accuracy"]["int8"]["n"], "bytes_fp32": m["size_bytes"]["fp32"],
@@ -152,22 +157,36 @@ def inc_rows(run: Path, sdir: Path, work: Path, args: argparse.Namespace, full: 
              picked: dict[str, Any] | None) -> dict[str, Any]:
     """The same table for the inc engine (Neural Compressor 3.x, timed compiled as it deploys): the super-network
     all-INT8 (static PT2E) and all-INT4 (weight-only RTN), and the picked architecture all-INT8. INC applies one
-    route per model (static or weight-only), so the joint search's mixed policy is not one of its inputs. A route
-    the stage refuses (not smaller and faster than FP32, or no operator for a layer) is a row with its one line."""
-    from instatune_cli.errors import InstatuneError
+    route per model (static or weight-only), so the joint search's mixed policy is not one of its inputs. Each runs
+    as `instatune quantize --engine inc --compile` in its own process (as a user runs it; torch.compile state
+    does not carry over) under a time limit. A route the stage refuses (not smaller and faster than FP32, or no
+    operator for a layer) is a row with its one line; one that did not finish is a censored row."""
+    import subprocess
 
-    cases = {"supernet_all_int8": dict(src=run, config=full, all_int8=True),
-             "supernet_all_int4": dict(src=run, config=full, all_int4=True, group_size=args.group_size)}
+    common = ["--engine", "inc", "--compile", "--calibration-samples", str(args.calibration_quantize),
+              "--runs", str(args.runs), "--force", *(["--threads", str(args.threads)] if args.threads else [])]
+    cases = {"supernet_all_int8": [str(run), "--config", full, "--all-int8"],
+             "supernet_all_int4": [str(run), "--config", full, "--all-int4", "--group-size", str(args.group_size)]}
     if picked:
-        cases["picked_arch_all_int8"] = dict(src=sdir, subnet=int(picked["subnet"]), all_int8=True)
+        cases["picked_arch_all_int8"] = [str(sdir), "--subnet", str(picked["subnet"]), "--all-int8"]
     rows: dict[str, Any] = {}
-    for name, kw in cases.items():
-        src = kw.pop("src")
-        try:
-            rows[name] = quantize(src, work / f"inc-{name}", args, engine="inc", compile=True, **kw)
-        except InstatuneError as e:
-            print(f"   inc {name}: refused: {e}", flush=True)
-            rows[name] = {"refused": str(e)}
+    for name, argv in cases.items():
+        out = work / f"inc-{name}"
+        if not (out / "manifest.json").exists():
+            print(f"== quantize {out.name} (inc, compiled, own process)", flush=True)
+            cmd = [sys.executable, "-m", "instatune_cli", "quantize", *argv, "-o", str(out), *common]
+            try:
+                p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.inc_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"   inc {name}: censored, did not finish in {args.inc_timeout} s", flush=True)
+                rows[name] = {"censored": f"did not finish in {args.inc_timeout} s"}
+                continue
+            if p.returncode != 0:
+                line = next((x for x in p.stderr.splitlines()[::-1] if x.startswith("error:")), p.stderr[-300:])
+                print(f"   inc {name}: refused: {line}", flush=True)
+                rows[name] = {"refused": line}
+                continue
+        rows[name] = read_quantized(out)
     return rows
 
 
@@ -251,6 +270,7 @@ def main() -> None:
     ap.add_argument("--calibration-quantize", type=int, default=256, help="calibration examples in quantize")
     ap.add_argument("--within", type=float, default=0.5, help="points below the FP32 super-network (validation)")
     ap.add_argument("--runs", type=int, default=20, help="timed runs per latency measurement")
+    ap.add_argument("--inc-timeout", type=int, default=1800, help="seconds an inc quantize may take (censored after)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "joint_quant.json")
     add_arguments(ap)
