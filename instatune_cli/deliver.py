@@ -256,9 +256,7 @@ def export_stage(src: str | Path | None, output: str | Path | None, opts: Export
         if image_tokens:  # an image model runs at its own size (recorded; the graph has no sequence axis)
             seq_len = image_tokens
         elif seq_len is None:  # the paper's 128, or the model's limit when it is shorter
-            from instatune_cli.export import max_sequence_length
-
-            seq_len = min(128, max_sequence_length(model.config))
+            seq_len = min(128, fam.max_sequence_length(model.config))
         tok = fam.load_preprocessor(art.path)
         fam.save_preprocessor(tok, w.path)
         onnx = w.path / "model.onnx"

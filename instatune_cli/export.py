@@ -76,56 +76,6 @@ _FUSION_SWITCHES = {
 }
 
 
-def _roberta_like(config: Any) -> bool:
-    return config.model_type in {"roberta", "xlm-roberta", "camembert", "instatune_roberta"}
-
-
-def max_sequence_length(config: Any) -> int:
-    """Longest sequence the position embeddings allow (RoBERTa's positions start after the padding index)."""
-    n = int(getattr(config, "max_position_embeddings", 512))
-    if _roberta_like(config):
-        n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return n
-
-
-def _logits_only(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """A module taking exactly the graph inputs (named, in order) and returning logits only."""
-    from torch import nn
-
-    from instatune_cli.adapters import adapter_of
-
-    class OneInput(nn.Module):  # image families: pixel_values
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.family = adapter_of(model)
-
-        def forward(self, x: Any) -> Any:
-            return self.family.forward(self.model, {names[0]: x})[0]
-
-    if len(names) == 1:
-        return OneInput().eval()
-
-    class TwoInputs(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    class ThreeInputs(TwoInputs):
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:  # type: ignore[override]
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).logits
-
-    if list(names) == ["input_ids", "attention_mask"]:
-        return TwoInputs().eval()
-    if list(names) == ["input_ids", "attention_mask", "token_type_ids"]:
-        return ThreeInputs().eval()
-    raise ValueError(f"unsupported graph inputs {names}")
-
-
 def _first_line(e: BaseException) -> str:
     """The informative line of an exception (torch.export puts its real cause under 'Exception summary')."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -241,10 +191,9 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
     fam = adapter_of(model)
     cfg = model.config
     names = fam.input_names(model)
-    text = fam.modality == "text"
-    max_seq = max_sequence_length(cfg) if text else 0
+    max_seq = fam.max_sequence_length(cfg)  # 0: the model fixes its input size, no sequence axis (images)
     b, s = example_shape
-    if b < 2 or text and (s < 2 or s > max_seq):
+    if b < 2 or max_seq and (s < 2 or s > max_seq):
         raise InstatuneError(
             f"example shape {example_shape} must have batch >= 2 and 2 <= sequence <= {max_seq}")
     ex = fam.random_batch(model, b, s, seed=0)
@@ -253,7 +202,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
     out.parent.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     external = 4 * n_params > EXTERNAL_DATA_BYTES
-    wrapped = _logits_only(model, names)
+    wrapped = fam.graph_module(model, names)
 
     used, fallback = exporter, None
     t0 = time.perf_counter()
@@ -273,17 +222,15 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
     seconds = time.perf_counter() - t0
     meta = {"model_type": cfg.model_type, "num_labels": int(cfg.num_labels), "inputs": ",".join(names),
             "exporter": used}
-    if text:
-        meta.update(vocab_size=int(cfg.vocab_size), type_vocab_size=int(getattr(cfg, "type_vocab_size", 0) or 0),
-                    max_sequence_length=max_seq)
+    if max_seq:  # what the latency probe needs to make token feeds (measure/latency.py)
+        dims = fam.dims_of(model)
+        meta.update(vocab_size=dims.vocab_size, type_vocab_size=dims.type_vocab_size, max_sequence_length=max_seq)
     else:
         meta["input_shape"] = ",".join(str(d) for d in ex[names[0]].shape[1:])
     _write_metadata(out, meta, external)
-    if optimize and text:
-        optimization = optimize_graph(out, out)
-    else:
-        optimization = {"applied": False, "reason": "optimize=False" if not optimize else
-                        "the fusion rewrites are written for the text encoders' graphs"}
+    optimization = fam.optimize_onnx(out) if optimize else {"applied": False, "reason": "optimize=False"}
+    if optimization is None:
+        optimization = {"applied": False, "reason": f"the {fam.family} family has no graph fusions"}
     import onnx
 
     opset_used = next((o.version for o in onnx.load(str(out), load_external_data=False).opset_import
@@ -296,7 +243,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path, opset: int = DEFAUL
         "opset": int(opset_used),
         "inputs": names,
         "outputs": ["logits"],
-        "dynamic_axes": {"batch": 0, "sequence": 1} if text else {"batch": 0},
+        "dynamic_axes": {"batch": 0, "sequence": 1} if max_seq else {"batch": 0},
         "max_sequence_length": max_seq or None,
         "external_data": external,
         "bytes": onnx_bytes(out),

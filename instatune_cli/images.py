@@ -572,6 +572,18 @@ class ImageFamily:
 
     modality = "image"
     inputs: tuple[str, ...] = ("pixel_values",)
+    # capabilities (adapters/base.py): no hidden states, tokenizer, vocabulary, inc engine or joint search
+    hidden_states = False
+    separate_preprocessor = False
+    quant_engines: tuple[str, ...] = ("ort",)
+    vocab_trim = False
+    quant_search = False
+
+    def max_sequence_length(self, config: Any) -> int:
+        return 0  # the model fixes its input size: the exported graph has no sequence axis
+
+    def optimize_onnx(self, onnx_path: Path) -> dict[str, Any] | None:
+        return {"applied": False, "reason": "the fusion rewrites are written for the text encoders' graphs"}
 
     def load_data(self, cfg: Any) -> D.TaskData:
         return load_image_task(cfg, getattr(cfg, "model", "the model"))

@@ -1,6 +1,6 @@
 """A third-party model family is one file and one decorator: this test file registers a toy family (its own
 torch model, tokenizer, MACs and extraction) without touching `instatune_cli/`, and runs tune -> search ->
-extract on it with the stages' public entry points (docs/architecture.md, "Families")."""
+extract -> quantize -> export on it with the stages' public entry points (docs/architecture.md, "Families")."""
 
 from __future__ import annotations
 
@@ -198,11 +198,12 @@ def test_registry_finds_the_plugin(toy_dir: Path) -> None:
     assert family_named("bert").family == "bert"  # built-ins are still there
 
 
-def test_plugin_runs_tune_search_extract(toy_dir: Path, tmp_path: Path) -> None:
+def test_plugin_runs_all_five_stages(toy_dir: Path, tmp_path: Path) -> None:
     if not (SST2 / "train.tsv").is_file():
         pytest.skip("../shared/data/sst2 is not beside the checkout")
     from instatune_cli import artifacts
-    from instatune_cli.deliver import extract_stage
+    from instatune_cli.deliver import export_stage, extract_stage
+    from instatune_cli.quantize.stage import QuantizeOptions, quantize_stage
     from instatune_cli.search.stage import SearchOptions, run_stage
     from instatune_cli.tune.config import TuneConfig
     from instatune_cli.tune.loop import run_tune
@@ -226,6 +227,25 @@ def test_plugin_runs_tune_search_extract(toy_dir: Path, tmp_path: Path) -> None:
     sub = SubNet.from_dict(m["subnet"])
     assert len(small.layers) == sub.layers
     assert sum(p.numel() for p in small.parameters()) == ToyFamily().params(ToyFamily().dims(small.config), sub)
+
+    # quantize: the default policy names the toy's own linears (no embedding table: the toy has no
+    # get_input_embeddings), static INT8 through ONNX Runtime, scored on the run's eval split
+    q = quantize_stage(ext.path, tmp_path / "sub1-int8", QuantizeOptions(calibration_samples=16, runs=2))
+    qm = q.manifest["metrics"]
+    layers = qm["policy"]["layers"]
+    assert set(layers) == {f"layer.{k}.{p}" for k in range(sub.layers)
+                           for p in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")} | {"classifier"}
+    assert set(layers.values()) == {"int8"} and (q.path / "model.int8.onnx").is_file()
+    assert qm["accuracy"]["int8"]["n"] == qm["accuracy"]["fp32"]["n"] == 100
+    assert abs(qm["accuracy_drop_points"]) < 20  # INT8 of a working model, not noise
+
+    # export: the family's forward traced to ONNX, parity with torch on real inputs, latency of both graphs
+    e = export_stage(ext.path, tmp_path / "sub1-onnx", runs=2)
+    em = e.manifest["metrics"]
+    assert em["export"]["inputs"] == ["input_ids", "attention_mask"]
+    assert em["export"]["dynamic_axes"] == {"batch": 0, "sequence": 1}
+    assert em["export"]["optimization"]["applied"] is False  # the toy has no graph fusions
+    assert em["parity"]["max_abs_diff"] <= 1e-4 and em["latency_supernet"]["median_ms"] > 0
 
 
 def test_entry_point_plugins_load_and_a_broken_one_only_warns(monkeypatch: pytest.MonkeyPatch) -> None:

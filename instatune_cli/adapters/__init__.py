@@ -65,6 +65,14 @@ def adapter_for(model_type: str) -> FamilyAdapter:
     )
 
 
+def model_family(model_type: str) -> str:
+    """The architecture a model type is (manifest `model.family`, policy architectures): our per-layer classes
+    (`instatune_bert`) are their stock type, and a family's `aliases` resolve (XLM-R and CamemBERT are
+    RoBERTa); any other type is its own."""
+    t = str(model_type).removeprefix("instatune_")
+    return next((a.aliases[t] for a in families() if t in a.aliases), t)
+
+
 def family_named(name: str) -> FamilyAdapter:
     """The family called `name` (what `ModelDims.family` and manifests record)."""
     fams = {a.family: a for a in families()}

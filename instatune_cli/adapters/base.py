@@ -11,10 +11,13 @@ model that loads without instatune. Stages call only these methods, so a new fam
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from instatune_cli.adapters import model_family
+from instatune_cli.errors import InstatuneError
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
@@ -38,6 +41,69 @@ class LayerParts:
         return [self.query, self.key, self.value]
 
 
+#: the six linears of a layer, as a precision policy names them (docs/architecture.md, "Quantization")
+PARTS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+MAX_LAYERS = 1024  # of a policy's architecture, as of a search space (space.MAX_SPACE_LAYERS)
+
+
+def layer_names(num_layers: int, parts: Sequence[str] = PARTS) -> list[str]:
+    """Logical names of the linears of `num_layers` layers, in gene order (layer-major, `parts` order)."""
+    return [f"layer.{k}.{p}" for k in range(num_layers) for p in parts]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a precision policy was made for (`quant_architecture`): layer k of another architecture is another
+    layer. Recorded in every policy file (`quantize/policy.py`)."""
+
+    model_type: str
+    hidden: int
+    head_dim: int
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+    num_labels: int = 2
+    head_linears: tuple[str, ...] = ("pooler", "classifier")
+    parts: tuple[str, ...] = PARTS  # the quantizable linears of one layer (the family's; module docstring)
+    embeddings: bool = True         # a word-embedding table to quantize
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+    def names(self) -> list[str]:
+        """Every logical name this architecture has, in gene order."""
+        return [*(["embeddings"] if self.embeddings else []), *layer_names(self.num_layers, self.parts),
+                *self.head_linears]
+
+    def describe(self) -> str:
+        return (f"{self.model_type} L{self.num_layers} hidden {self.hidden} heads {list(self.heads)} "
+                f"ffn {list(self.ffn)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, "hidden": self.hidden, "head_dim": self.head_dim,
+                "heads": list(self.heads), "ffn": list(self.ffn), "num_labels": self.num_labels,
+                "head_linears": list(self.head_linears),
+                **({"parts": list(self.parts)} if self.parts != PARTS else {}),
+                **({"embeddings": False} if not self.embeddings else {})}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Architecture:
+        if len(d["heads"]) > MAX_LAYERS or len(d["ffn"]) > MAX_LAYERS:
+            raise ValueError(f"more than {MAX_LAYERS} layers")
+        return cls(str(d["model_type"]), int(d["hidden"]), int(d["head_dim"]), tuple(int(h) for h in d["heads"]),
+                   tuple(int(f) for f in d["ffn"]), int(d.get("num_labels", 2)),
+                   tuple(d.get("head_linears", ("pooler", "classifier"))), tuple(d.get("parts", PARTS)),
+                   bool(d.get("embeddings", True)))
+
+    def same_as(self, other: Architecture) -> bool:
+        """Equal up to our per-layer model types (`instatune_bert` is a `bert` with per-layer shapes) and the
+        aliases a family declares (`model_family`)."""
+        return (model_family(self.model_type) == model_family(other.model_type) and self.hidden == other.hidden
+                and self.head_dim == other.head_dim and self.heads == other.heads and self.ffn == other.ffn
+                and self.num_labels == other.num_labels and self.head_linears == other.head_linears
+                and self.parts == other.parts and self.embeddings == other.embeddings)
+
+
 class FamilyAdapter(ABC):
     """Load, make elastic, activate, reorder by importance, extract, count MACs for one model family."""
 
@@ -47,6 +113,21 @@ class FamilyAdapter(ABC):
     modality: str = "text"
     #: input names of the family's classifier and exported graphs (a family may refine per model)
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    #: model types that are another one's architecture under another name (manifest `model.family`,
+    #: policy architectures; `adapters.model_family`)
+    aliases: ClassVar[dict[str, str]] = {}
+
+    # Capabilities: what stages ask instead of testing `modality` ---------------------------------
+    #: `forward(..., hidden_states=True)` returns per-layer hidden states (`tune --hidden-distill`)
+    hidden_states: bool = False
+    #: the preprocessor may come from another directory (`tune --tokenizer`)
+    separate_preprocessor: bool = True
+    #: `quantize --engine` values that work on this family's models
+    quant_engines: tuple[str, ...] = ("ort",)
+    #: `quantize --trim-vocab` (the preprocessor has a vocabulary and `unk_token_id`)
+    vocab_trim: bool = False
+    #: `search --quant`: the joint precision search (`quantize/emulate.py` on the six `parts` of each layer)
+    quant_search: bool = False
 
     def supports(self, model_type: str) -> bool:
         return model_type in self.model_types
@@ -171,14 +252,90 @@ class FamilyAdapter(ABC):
                        out_dir: str | Path) -> dict[str, Any]:
         """Write `extract`'s result to `out_dir` so it loads without instatune; returns {"load_with": ...}."""
 
-    def quant_targets(self, model: nn.Module, sub: SubNet | None = None) -> dict[str, tuple[str, nn.Module]] | None:
-        """Logical quantization target -> (module path, module), or None for the default (the six `parts` of
-        each layer, the embedding table, the head linears: `quantize/targets.py`)."""
+    # Export and quantization (docs/architecture.md, "Quantization") --------------------------------
+
+    def graph_module(self, model: nn.Module, names: Sequence[str]) -> nn.Module:
+        """A module taking exactly the graph inputs `names` positionally, in that order, and returning the
+        logits alone: what ONNX export and torch.export trace (`forward` on a dict of them)."""
+        from torch import nn
+
+        family, keys = self, list(names)
+
+        class LogitsOnly(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def logits(self, *xs: Any) -> Any:
+                return family.forward(self.model, dict(zip(keys, xs, strict=True)))[0]
+
+        # one positional parameter per input: torch.export matches dynamic shapes to the signature
+        arity: dict[int, type[nn.Module]] = {
+            1: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a: self.logits(a)}),
+            2: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a, b: self.logits(a, b)}),
+            3: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a, b, c: self.logits(a, b, c)}),
+            4: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a, b, c, d: self.logits(a, b, c, d)}),
+        }
+        if len(keys) not in arity:
+            raise ValueError(f"unsupported graph inputs {keys}")
+        return arity[len(keys)]().eval()
+
+    def max_sequence_length(self, config: Any) -> int:
+        """Longest sequence the model takes (the exported graph's sequence axis); 0 where the model fixes its
+        input size (images: the graph has no sequence axis)."""
+        return int(getattr(config, "max_position_embeddings", 512))
+
+    def optimize_onnx(self, onnx_path: Path) -> dict[str, Any] | None:
+        """Fuse an exported graph in place for ONNX Runtime and say what fired; None where the family has no
+        graph rewrites (the graph ships as exported)."""
         return None
 
-    def quant_architecture(self, model: nn.Module, sub: SubNet | None = None) -> Any:
-        """The `quantize.policy.Architecture` a policy for this model is made for, or None for the default."""
-        return None
+    def embedding_table(self, model: nn.Module) -> nn.Module | None:
+        """The token-embedding table a policy may quantize (`embeddings`), or None: transformers'
+        `get_input_embeddings()` where the model has it."""
+        get = getattr(model, "get_input_embeddings", None)
+        return get() if callable(get) else None
+
+    def head_linears(self, model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+        """The linears outside the encoder layers, by logical name: `pooler` (if two) and `classifier`."""
+        from torch import nn
+
+        inside = {id(m) for layer in self.layers(model) for m in layer.modules()}
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+        if not 1 <= len(found) <= 2:
+            raise InstatuneError(f"expected one or two head linears outside the layers, found {[n for n, _ in found]}")
+        names = ("pooler", "classifier") if len(found) == 2 else ("classifier",)
+        return dict(zip(names, found, strict=True))
+
+    def quant_targets(self, model: nn.Module, sub: SubNet | None = None) -> dict[str, tuple[str, nn.Module]]:
+        """Logical quantization target -> (module path, module): the embedding table, the six `parts` of each
+        layer, the head linears. With `sub`, layer k is the sub-network's k-th kept layer of a super-network
+        (the depth rule); without, the model's own layers (an extracted model)."""
+        paths = {id(m): n for n, m in model.named_modules()}
+        layers = self.layers(model)
+        kept = self.kept_layers(model, sub) if sub is not None else list(range(len(layers)))
+        emb = self.embedding_table(model)
+        out: dict[str, tuple[str, nn.Module]] = {"embeddings": (paths[id(emb)], emb)} if emb is not None else {}
+        for k, li in enumerate(kept):
+            p = self.parts(layers[li])
+            for part in PARTS:
+                m = getattr(p, part)
+                out[f"layer.{k}.{part}"] = (paths[id(m)], m)
+        out.update(self.head_linears(model))
+        return out
+
+    def quant_architecture(self, model: nn.Module, sub: SubNet | None = None) -> Architecture:
+        """The architecture a policy for this model (or this sub-network of a super-network) is made for."""
+        dims = self.dims_of(model)
+        if sub is not None:
+            heads, ffn = tuple(sub.heads), tuple(sub.ffn)
+        else:
+            parts = [self.parts(layer) for layer in self.layers(model)]
+            heads = tuple(p.query.out_features // dims.head_dim for p in parts)
+            ffn = tuple(p.ffn_in.out_features for p in parts)
+        return Architecture(str(getattr(model.config, "model_type", self.family)), dims.hidden, dims.head_dim, heads,
+                            ffn, dims.num_labels, tuple(self.head_linears(model)),
+                            embeddings=self.embedding_table(model) is not None)
 
     @abstractmethod
     def load_extracted(self, model_dir: str | Path) -> nn.Module:

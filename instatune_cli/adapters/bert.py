@@ -12,13 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from instatune_cli.adapters import register_family
+from instatune_cli.adapters import model_family, register_family
 from instatune_cli.adapters.base import FamilyAdapter, LayerParts
 from instatune_cli.errors import InstatuneError
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
     import torch
+
+
+#: model types that are RoBERTa under another name (the one alias table; `adapters.model_family`)
+ROBERTA_ALIASES = {"xlm-roberta": "roberta", "camembert": "roberta"}
 
 
 def _first_line(e: BaseException) -> str:
@@ -35,6 +39,23 @@ def label_kwargs(id2label: dict[int, str] | None, num_labels: int | None) -> dic
 
 class HFTextAdapter(FamilyAdapter):
     """transformers `AutoModelForSequenceClassification` + a fast tokenizer."""
+
+    hidden_states = True
+    quant_engines = ("ort", "inc")
+    vocab_trim = True
+    quant_search = True
+
+    def max_sequence_length(self, config: Any) -> int:
+        """Longest sequence the position embeddings allow (RoBERTa's positions start after the padding index)."""
+        n = int(getattr(config, "max_position_embeddings", 512))
+        if model_family(config.model_type) == "roberta":
+            n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        return n
+
+    def optimize_onnx(self, onnx_path: Path) -> dict[str, Any] | None:
+        from instatune_cli.export import optimize_graph
+
+        return optimize_graph(onnx_path, onnx_path)
 
     def load(self, src: str, *, id2label: dict[int, str] | None = None, num_labels: int | None = None,
              eager: bool = False) -> nn.Module:
@@ -93,7 +114,7 @@ class HFTextAdapter(FamilyAdapter):
         tml = getattr(preprocessor, "model_max_length", None)
         if isinstance(tml, int) and 0 < tml < 1_000_000:
             n = min(n, tml)
-        offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0  # RoBERTa's padding_idx
+        offset = 2 if model_family(config.model_type) == "roberta" else 0  # RoBERTa's padding_idx
         if dims.max_positions:
             n = min(n, dims.max_positions - offset)
         return n
@@ -197,6 +218,7 @@ class BertFamilyAdapter(HFTextAdapter):
 
     family = "bert"
     model_types = ("bert", "roberta", "electra", "xlm-roberta", "camembert")
+    aliases = ROBERTA_ALIASES
 
     def dims(self, config: Any) -> ModelDims:
         return ModelDims(

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instatune_cli.adapters import offline, register_family
-from instatune_cli.adapters.base import FamilyAdapter, LayerParts
+from instatune_cli.adapters.base import Architecture, FamilyAdapter, LayerParts
 from instatune_cli.errors import InstatuneError
 from instatune_cli.images import ImageFamily
 from instatune_cli.space import ModelDims, SubNet
@@ -699,7 +699,7 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
             heads["classifier_dist"] = dist
         return heads
 
-    def quant_targets(self, model: nn.Module, sub: SubNet | None = None) -> dict[str, tuple[str, nn.Module]] | None:
+    def quant_targets(self, model: nn.Module, sub: SubNet | None = None) -> dict[str, tuple[str, nn.Module]]:
         """`layer.K.{qkv,attn_out,ffn_in,ffn_out}` of the kept blocks and the classifier head(s): Q, K and V are
         one fused linear, so one policy entry (docs/architecture.md, "Quantization")."""
         paths = {id(m): n for n, m in model.named_modules()}
@@ -713,9 +713,7 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         out.update({name: (paths[id(m)], m) for name, m in self._heads(model).items()})
         return out
 
-    def quant_architecture(self, model: nn.Module, sub: SubNet | None = None) -> Any:
-        from instatune_cli.quantize.policy import Architecture
-
+    def quant_architecture(self, model: nn.Module, sub: SubNet | None = None) -> Architecture:
         blocks = self.layers(model)
         dh = _head_dim(blocks[0].attn)
         if sub is not None:

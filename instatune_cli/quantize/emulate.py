@@ -179,10 +179,11 @@ class QuantEmulator:
         docstring); False: only the INT8 linear reads it rounded (`quantize --strict-fp32`)."""
         import torch
 
+        from instatune_cli.adapters import adapter_of
         from instatune_cli.adapters.elastic import ElasticLayerList
-        from instatune_cli.quantize.targets import family_adapter, torch_targets
+        from instatune_cli.quantize.targets import torch_targets
 
-        adapter = family_adapter(self.model)
+        adapter = adapter_of(self.model)
         if isinstance(adapter.layer_list(self.model), ElasticLayerList):  # a super-network, not an extracted model
             adapter.activate(self.model, sub)
         targets = torch_targets(self.model, sub)

@@ -92,18 +92,19 @@ def quantize_torch(model: Any, policy: QuantPolicy, targets: dict[str, tuple[str
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
-    from instatune_cli.export import _logits_only, max_sequence_length
+    from instatune_cli.adapters import adapter_of
 
     _quiet()
     why = ""
     set_workspace(str(Path(workdir) / "nc_workspace"))
     t0 = time.perf_counter()
-    wrapped = _logits_only(model.float().eval(), list(names))
+    fam = adapter_of(model)
+    wrapped = fam.graph_module(model.float().eval(), list(names))
     example = tuple(torch.as_tensor(batches[0][n]) for n in names)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    seq = torch.export.Dim("sequence", min=2, max=max_sequence_length(model.config))
-    try:
-        captured = export(wrapped, example, dynamic_shapes={n: {0: batch, 1: seq} for n in names})
+    seq = torch.export.Dim("sequence", min=2, max=fam.max_sequence_length(model.config))
+    try:  # positional shapes: the wrapper's argument names need not be the inputs' names
+        captured = export(wrapped, example, dynamic_shapes=tuple({0: batch, 1: seq} for _ in names))
     except RuntimeError as e:
         captured, why = None, str(e).splitlines()[0]
     if captured is None:

@@ -33,12 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the architecture a policy names is the family adapter's answer (adapters/base.py); re-exported here
+from instatune_cli.adapters.base import MAX_LAYERS as MAX_LAYERS
+from instatune_cli.adapters.base import PARTS as PARTS
+from instatune_cli.adapters.base import Architecture as Architecture
+from instatune_cli.adapters.base import layer_names as layer_names
 from instatune_cli.errors import InstatuneError
 
 SCHEMA = "instatune.quant_policy"
 VERSION = 2
 READS = (1, 2)  # version 1: int8/fp32 only, no group size
-PARTS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 GLOBAL = ("embeddings", "pooler", "classifier")
 PRECISIONS = ("int8", "fp32", "int4", "int8-weights")
 #: (weight bits, activation bits) of each precision
@@ -71,65 +75,6 @@ def input_width(arch: Architecture, name: str) -> int:
         if part == "ffn_out":
             return arch.ffn[k]
     return arch.hidden
-
-
-def layer_names(num_layers: int, parts: Sequence[str] = PARTS) -> list[str]:
-    """Logical names of the linears of `num_layers` layers, in gene order (layer-major, `parts` order)."""
-    return [f"layer.{k}.{p}" for k in range(num_layers) for p in parts]
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What a policy was made for: layer k of another architecture is another layer."""
-
-    model_type: str
-    hidden: int
-    head_dim: int
-    heads: tuple[int, ...]
-    ffn: tuple[int, ...]
-    num_labels: int = 2
-    head_linears: tuple[str, ...] = ("pooler", "classifier")
-    parts: tuple[str, ...] = PARTS  # the quantizable linears of one layer (the family's; module docstring)
-    embeddings: bool = True         # a word-embedding table to quantize
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.heads)
-
-    def names(self) -> list[str]:
-        """Every logical name this architecture has, in gene order."""
-        return [*(["embeddings"] if self.embeddings else []), *layer_names(self.num_layers, self.parts),
-                *self.head_linears]
-
-    def describe(self) -> str:
-        return (f"{self.model_type} L{self.num_layers} hidden {self.hidden} heads {list(self.heads)} "
-                f"ffn {list(self.ffn)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, "hidden": self.hidden, "head_dim": self.head_dim,
-                "heads": list(self.heads), "ffn": list(self.ffn), "num_labels": self.num_labels,
-                "head_linears": list(self.head_linears),
-                **({"parts": list(self.parts)} if self.parts != PARTS else {}),
-                **({"embeddings": False} if not self.embeddings else {})}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Architecture:
-        if len(d["heads"]) > MAX_LAYERS or len(d["ffn"]) > MAX_LAYERS:
-            raise ValueError(f"more than {MAX_LAYERS} layers")
-        return cls(str(d["model_type"]), int(d["hidden"]), int(d["head_dim"]), tuple(int(h) for h in d["heads"]),
-                   tuple(int(f) for f in d["ffn"]), int(d.get("num_labels", 2)),
-                   tuple(d.get("head_linears", ("pooler", "classifier"))), tuple(d.get("parts", PARTS)),
-                   bool(d.get("embeddings", True)))
-
-    def same_as(self, other: Architecture) -> bool:
-        """Equal up to our per-layer model types (`instatune_bert` is a `bert` with per-layer shapes)."""
-        def base(t: str) -> str:
-            return t.removeprefix("instatune_").replace("xlm-roberta", "roberta").replace("camembert", "roberta")
-
-        return (base(self.model_type) == base(other.model_type) and self.hidden == other.hidden
-                and self.head_dim == other.head_dim and self.heads == other.heads and self.ffn == other.ffn
-                and self.num_labels == other.num_labels and self.head_linears == other.head_linears
-                and self.parts == other.parts and self.embeddings == other.embeddings)
 
 
 @dataclass
@@ -304,7 +249,6 @@ def engine_refusal(policy: QuantPolicy, engine: str, supports: Mapping[str, Sequ
     return None
 
 
-MAX_LAYERS = 1024  # as a search space (space.MAX_SPACE_LAYERS)
 MAX_POLICY_BYTES = 4 << 20  # one entry per logical layer: a few KB even for the largest models
 MAX_SOURCE_CHARS = 200  # the free-text `source` is copied into policy.json and manifests: bounded, printable
 

@@ -124,10 +124,11 @@ class QuantizeStage:
         from instatune_cli.tune import run_family
 
         self.fam = run_family(self.tune)
-        if self.fam.modality != "text" and (self.opts.trim_vocab or self.opts.engine != "ort"):
-            raise InstatuneError(f"{'--trim-vocab' if self.opts.trim_vocab else '--engine ' + self.opts.engine} is "
-                                 f"for the text families; {self.art.path} is a {self.fam.family} model: use the "
-                                 "default --engine ort without --trim-vocab")
+        flag = "--trim-vocab" if self.opts.trim_vocab and not self.fam.vocab_trim else \
+            f"--engine {self.opts.engine}" if self.opts.engine not in self.fam.quant_engines else None
+        if flag:
+            raise InstatuneError(f"{flag} is for the text families; {self.art.path} is a {self.fam.family} model: use "
+                                 "the default --engine ort without --trim-vocab")
         self.model = self.fam.load_extracted(self.art.path).float().eval()
         self.tok = self.fam.load_preprocessor(self.art.path)
         self.names = self.fam.input_names(self.model)
@@ -279,10 +280,8 @@ class QuantizeStage:
                 "latency_note": f"PyTorch {how}, the reloaded artifact"}
 
     def _seq_len(self) -> int:
-        from instatune_cli.export import max_sequence_length
-
         fixed = self.fam.dims_of(self.model).image_tokens  # an image model runs at its own size
-        return fixed or self.opts.seq_len or min(128, max_sequence_length(self.model.config))
+        return fixed or self.opts.seq_len or min(128, self.fam.max_sequence_length(self.model.config))
 
     # -- measuring -------------------------------------------------------------------------------
     def _eval_batches(self) -> list[dict[str, Any]]:

@@ -114,7 +114,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
 
     model, tok, space, art = load_tuned(run_dir)
-    if quant and adapter_of(model).modality != "text":
+    if quant and not adapter_of(model).quant_search:
         from instatune_cli.errors import InstatuneError
 
         raise InstatuneError(f"--quant (the joint precision search) is defined for the text families; {run_dir} "

@@ -248,8 +248,9 @@ def _resolve_inputs(cfg: TuneConfig, source: Any = None) -> TuneInputs:
     adapter = family_of(model_src)
     hf_config = adapter.load_config(model_src)
     dims0 = adapter.dims(hf_config)
-    if adapter.modality != "text" and (cfg.hidden_distill or cfg.tokenizer):
-        flag = "--hidden-distill" if cfg.hidden_distill else "--tokenizer"
+    flag = "--hidden-distill" if cfg.hidden_distill and not adapter.hidden_states else \
+        "--tokenizer" if cfg.tokenizer and not adapter.separate_preprocessor else None
+    if flag:
         raise InstatuneError(f"{flag} is for text models; {cfg.model} is a {adapter.family} ({adapter.modality}) "
                              "model: drop the option")
     teacher_dir, teacher_cfg = teacher_config(cfg.teacher, adapter.family, dims0.vocab_size,
