@@ -991,3 +991,15 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
+
+
+def readable_files(root: str | Path) -> None:
+    """Give the files under `root` the mode the user's umask gives any new file. safetensors writes its files
+    0600 (owner only) while everything else beside them gets 0644: a model directory meant to be shared or
+    served would otherwise be unreadable for the group and the server's user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o600 and want != 0o600:
+            p.chmod(want)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from instatune_cli.adapters.base import FamilyAdapter
 
 ENTRY_POINT_GROUP = "instatune.families"
-_NOT_FAMILIES = {"base", "elastic", "standalone"}
+_NOT_FAMILIES = {"base", "costs", "elastic", "hf", "standalone", "vision"}  # shared pieces, not families
 _REGISTRY: dict[str, FamilyAdapter] = {}
 _DISCOVERED = False
 A = TypeVar("A", bound=type)

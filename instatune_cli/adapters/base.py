@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from instatune_cli import data as D
 from instatune_cli.adapters import model_family
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.metrics import is_regression
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
@@ -104,6 +106,36 @@ class Architecture:
                 and self.parts == other.parts and self.embeddings == other.embeddings)
 
 
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The task loss: cross-entropy for class ids, MSE of the one output for float labels (regression). What
+    `importance` differentiates and `tune/loss.py` trains with."""
+    from torch.nn import functional as F
+
+    if labels.is_floating_point():
+        return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
+    return F.cross_entropy(logits.float(), labels)
+
+
+def check_subnet(dims: ModelDims, sub: SubNet) -> None:
+    """Refuse a sub-network the super-network cannot realise, naming the first offending gene."""
+    if sub.layers > dims.num_layers:
+        raise InstatuneError(
+            f"sub-network {sub.name} keeps {sub.layers} layers but the model has {dims.num_layers}")
+    for i, (h, f) in enumerate(zip(sub.heads, sub.ffn, strict=True)):
+        if not 1 <= h <= dims.num_heads:
+            raise InstatuneError(
+                f"sub-network {sub.name}: layer {i} keeps {h} heads; the model has 1..{dims.num_heads}")
+        if not 1 <= f <= dims.ffn:
+            raise InstatuneError(
+                f"sub-network {sub.name}: layer {i} keeps FFN width {f}; the model has 1..{dims.ffn}")
+
+
+def _renumbered(layer_name: str, k: int) -> str:
+    """`bert.encoder.layer.3` -> `bert.encoder.layer.<k>` (a ModuleList child's name ends in its index)."""
+    head, _, _ = layer_name.rpartition(".")
+    return f"{head}.{k}"
+
+
 class FamilyAdapter(ABC):
     """Load, make elastic, activate, reorder by importance, extract, count MACs for one model family."""
 
@@ -154,14 +186,9 @@ class FamilyAdapter(ABC):
     def load_data(self, cfg: Any) -> Any:
         """The task's train / validation / eval splits (`data.TaskData`) from the tune options `cfg` (`task`,
         `data`, `eval_data`, `val_split`, `val_data`, `seed`, column names, `limit_train`, `limit_eval`)."""
-        from instatune_cli import data as D
-        from instatune_cli.errors import InstatuneError
-
         if cfg.task == "imagefolder":
             raise InstatuneError(f"--task imagefolder needs an image model (a timm ViT, DeiT or BEiT); {cfg.model} is "
                                  f"a {self.family} text model")
-        from instatune_cli.measure.metrics import is_regression
-
         data = D.load_task_data(cfg.task, cfg.data, cfg.eval_data, cfg.text_column, cfg.text_pair_column,
                                 cfg.label_column, cfg.limit_train, cfg.limit_eval,
                                 regression=bool(cfg.metric) and is_regression(cfg.metric))
@@ -246,6 +273,44 @@ class FamilyAdapter(ABC):
     def extract(self, model: nn.Module, sub: SubNet) -> nn.Module:
         """A new, physically smaller model holding only `sub`'s weights, in eval mode; sets `_instatune_kind`
         ("stock": loads with the family's stock loader; "instatune": needs the file saved beside it)."""
+
+    def sliced_state_dict(self, model: nn.Module, sub: SubNet) -> dict[str, torch.Tensor]:
+        """The super-network's state_dict restricted to `sub` (stock keys; kept layers sliced from the full
+        parameters, the k-th kept layer renumbered k; other layers dropped): what `extract` loads."""
+        dims = self.dims(model.config)
+        names = {id(m): n for n, m in model.named_modules()}
+        layers = self.layers(model)
+        keep = self.kept_layers(model, sub)
+        sd = dict(model.state_dict())
+        dropped = tuple(names[id(layer)] + "." for i, layer in enumerate(layers) if i not in keep)
+        if dropped:
+            sd = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+
+        def put(lin: nn.Module, rows: int | None, cols: int | None) -> None:
+            name = names[id(lin)]
+            w = lin.weight.detach()
+            r = w.shape[0] if rows is None else rows
+            c = w.shape[1] if cols is None else cols
+            sd[f"{name}.weight"] = w[:r, :c]
+            if lin.bias is not None and rows is not None:
+                sd[f"{name}.bias"] = lin.bias.detach()[:rows]
+
+        for i, li in enumerate(keep):
+            p = self.parts(layers[li])
+            width = sub.heads[i] * dims.head_dim
+            for lin in p.head_rows():
+                put(lin, width, None)
+            put(p.attn_out, None, width)
+            put(p.ffn_in, sub.ffn[i], None)
+            put(p.ffn_out, None, sub.ffn[i])
+        # The k-th kept layer becomes layer k of the smaller model (e.g. `spread` keeps 1, 3, 5 -> 0, 1, 2).
+        rename = {names[id(layers[li])] + ".": _renumbered(names[id(layers[li])], k) + "."
+                  for k, li in enumerate(keep)}
+        out: dict[str, torch.Tensor] = {}
+        for key, v in sd.items():
+            prefix = next((old for old in rename if key.startswith(old)), None)
+            out[rename[prefix] + key[len(prefix):] if prefix else key] = v.clone()
+        return out
 
     @abstractmethod
     def save_extracted(self, small: nn.Module, parent: nn.Module, sub: SubNet, preprocessor: Any,
@@ -475,8 +540,6 @@ class FamilyAdapter(ABC):
         Without: L2 norm of each unit's weights (data-free fallback).
         """
         import torch
-
-        from instatune_cli.tune.loss import ce as task_loss  # cross-entropy, or MSE for a regressor
 
         dh = self.dims_of(model).head_dim
         self.activate(model, None)

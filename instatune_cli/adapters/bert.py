@@ -1,8 +1,9 @@
-"""BERT-family encoders from transformers: BERT, RoBERTa, ELECTRA (same layer layout) and DistilBERT.
+"""BERT-family encoders from transformers: BERT, RoBERTa (XLM-R, CamemBERT), ELECTRA (same layer layout) and
+DistilBERT.
 
 `HFTextAdapter` is what every transformers text classifier shares (Auto loading, fast tokenizers, token-id
-inputs, `save_pretrained` layout); extraction and the closed-form MACs of these encoders live in
-`instatune_cli.extract` and `instatune_cli.measure.macs`, which this family calls.
+inputs, `save_pretrained` layout, ONNX Runtime's transformer fusions of its graphs: `hf/fusion.py`); extraction
+to stock or per-layer classes is `hf/extract.py`, the closed-form MACs and params `hf/costs.py`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from instatune_cli.adapters import model_family, register_family
-from instatune_cli.adapters.base import FamilyAdapter, LayerParts
+from instatune_cli import data as D
+from instatune_cli.adapters import adapter_for, model_family, register_family
+from instatune_cli.adapters.base import LayerParts
+from instatune_cli.adapters.hf import ALIASES, costs, fusion
+from instatune_cli.adapters.hf import extract as hx
+from instatune_cli.adapters.hf.base import HFAdapter, first_line, label_kwargs
+from instatune_cli.artifacts import readable_files
 from instatune_cli.errors import InstatuneError
 from instatune_cli.space import ModelDims, SubNet
 
@@ -21,23 +27,38 @@ if TYPE_CHECKING:
     import torch
 
 
-#: model types that are RoBERTa under another name (the one alias table; `adapters.model_family`)
-ROBERTA_ALIASES = {"xlm-roberta": "roberta", "camembert": "roberta"}
+def input_names(model_or_config: Any) -> list[str]:
+    """Inputs a classifier of this config takes in instatune's checks and ONNX graphs.
+
+    `token_type_ids` only where the model has more than one token type (BERT, ELECTRA): RoBERTa's single
+    type and DistilBERT's missing embedding would make it an input nobody's tokenizer fills.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    names = ["input_ids", "attention_mask"]
+    if (getattr(config, "type_vocab_size", 0) or 0) > 1:
+        names.append("token_type_ids")
+    return names
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def random_batch(config: Any, batch: int, seq_len: int, seed: int = 0,
+                 pad: bool = True) -> dict[str, torch.Tensor]:
+    """Token ids below the vocabulary size; with `pad`, the first row's tail is padding (mask 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {"input_ids": torch.randint(0, int(config.vocab_size), (batch, seq_len), generator=g)}
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    if pad and seq_len > 2:
+        mask[0, seq_len - seq_len // 3:] = 0
+    out["attention_mask"] = mask
+    if "token_type_ids" in input_names(config):
+        tt = torch.zeros(batch, seq_len, dtype=torch.long)
+        tt[:, seq_len // 2:] = 1
+        out["token_type_ids"] = tt
+    return out
 
 
-def label_kwargs(id2label: dict[int, str] | None, num_labels: int | None) -> dict[str, Any]:
-    """`from_pretrained` keywords for the task's classes (names when known, else just their count)."""
-    if id2label is not None:
-        return {"num_labels": len(id2label), "id2label": dict(id2label),
-                "label2id": {v: k for k, v in id2label.items()}}
-    return {"num_labels": num_labels} if num_labels is not None else {}
-
-
-class HFTextAdapter(FamilyAdapter):
+class HFTextAdapter(HFAdapter):
     """transformers `AutoModelForSequenceClassification` + a fast tokenizer."""
 
     hidden_states = True
@@ -53,18 +74,13 @@ class HFTextAdapter(FamilyAdapter):
         return n
 
     def optimize_onnx(self, onnx_path: Path) -> dict[str, Any] | None:
-        from instatune_cli.export import optimize_graph
-
-        return optimize_graph(onnx_path, onnx_path)
+        return fusion.optimize_graph(onnx_path, onnx_path)
 
     def load(self, src: str, *, id2label: dict[int, str] | None = None, num_labels: int | None = None,
              eager: bool = False) -> nn.Module:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from instatune_cli.adapters import adapter_for
-        from instatune_cli.extract import is_per_layer_dir
-
-        if is_per_layer_dir(src):  # an extract (or a run recovered from one): our loader, never its model file
+        if hx.is_per_layer_dir(src):  # an extract (or a run recovered from one): our loader, never its model file
             return self._load_per_layer(src, id2label, num_labels, eager)
         kw = label_kwargs(id2label, num_labels)
         try:
@@ -78,15 +94,13 @@ class HFTextAdapter(FamilyAdapter):
         except (OSError, RuntimeError, ValueError) as e:  # missing files, shape/label-count mismatches
             n = kw.get("num_labels")
             what = f" as a {n}-class classifier" if n and not isinstance(e, OSError) else ""
-            raise InstatuneError(f"cannot load model {src!r}{what}: {_first_line(e)[:300]}") from None
+            raise InstatuneError(f"cannot load model {src!r}{what}: {first_line(e)[:300]}") from None
         return model
 
     def _load_per_layer(self, src: str, id2label: dict[int, str] | None, num_labels: int | None,
                         eager: bool) -> nn.Module:
         """Our per-layer classifier keeps its classifier: the task must have its number of classes."""
-        from instatune_cli.extract import load_extracted
-
-        model = load_extracted(src, **({"attn_implementation": "eager"} if eager else {}))
+        model = hx.load_extracted(src, **({"attn_implementation": "eager"} if eager else {}))
         want = len(id2label) if id2label is not None else num_labels
         if want is not None and want != model.config.num_labels:
             raise InstatuneError(f"cannot load model {src!r} as a {want}-class classifier: it is a per-layer "
@@ -96,18 +110,6 @@ class HFTextAdapter(FamilyAdapter):
             model.config.label2id = {v: k for k, v in id2label.items()}
         model._instatune_adapter = self
         return model
-
-    def load_config(self, src: str) -> Any:
-        from transformers import AutoConfig
-
-        from instatune_cli.extract import extracted_config, is_per_layer_dir
-
-        if is_per_layer_dir(src):
-            return extracted_config(src)
-        try:
-            return AutoConfig.from_pretrained(src)
-        except (OSError, ValueError) as e:
-            raise InstatuneError(f"cannot load model {src!r}: {_first_line(e)}") from None
 
     def max_length(self, requested: int, preprocessor: Any, config: Any, dims: ModelDims) -> int:
         n = requested
@@ -127,11 +129,9 @@ class HFTextAdapter(FamilyAdapter):
     def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        from instatune_cli.extract import is_per_layer_dir, load_extracted
-
         kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
-        if is_per_layer_dir(model_dir):  # a run recovered from a per-layer extract
-            model = load_extracted(model_dir, **kw)
+        if hx.is_per_layer_dir(model_dir):  # a run recovered from a per-layer extract
+            model = hx.load_extracted(model_dir, **kw)
             model._instatune_adapter = self
             return model
         return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kw)
@@ -142,71 +142,44 @@ class HFTextAdapter(FamilyAdapter):
         try:
             tok = AutoTokenizer.from_pretrained(str(src))
         except Exception as e:  # noqa: BLE001 - missing/garbled tokenizer files raise many types
-            raise InstatuneError(f"cannot load a tokenizer from {src} ({_first_line(e)}); pass --tokenizer") from None
+            raise InstatuneError(f"cannot load a tokenizer from {src} ({first_line(e)}); pass --tokenizer") from None
         if not getattr(tok, "is_fast", False):
             raise InstatuneError(f"the tokenizer of {src} is not a fast tokenizer; instatune needs tokenizer.json")
         return tok
 
     def save(self, model: nn.Module, preprocessor: Any, out_dir: str | Path) -> None:
         if str(model.config.model_type).startswith("instatune_"):  # per-layer: the layout of its extract
-            from instatune_cli.extract import save_per_layer
-
-            save_per_layer(model, Path(out_dir))
+            hx.save_per_layer(model, Path(out_dir))
         else:
             model.save_pretrained(out_dir)
         if preprocessor is not None:
             preprocessor.save_pretrained(out_dir)
-        from instatune_cli.extract import readable_files
-
         readable_files(out_dir)  # safetensors writes 0600
 
     def encode(self, preprocessor: Any, split: Any, max_length: int, train: bool = False) -> Any:
-        from instatune_cli.data import tokenize
-
-        return tokenize(preprocessor, split, max_length)
+        return D.tokenize(preprocessor, split, max_length)
 
     def eval_batches(self, encoded: Any, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-        from instatune_cli.data import eval_batches
-
-        return eval_batches(encoded, batch_size)
+        return D.eval_batches(encoded, batch_size)
 
     def input_names(self, model_or_config: Any) -> list[str]:
-        from instatune_cli.extract import input_names
-
         return input_names(model_or_config)
 
     def random_batch(self, model_or_config: Any, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        from instatune_cli.extract import random_batch
-
         return random_batch(getattr(model_or_config, "config", model_or_config), batch, seq_len, seed)
 
     def macs(self, dims: ModelDims, sub: SubNet, seq: int) -> int:
-        from instatune_cli.measure.macs import total_macs
-
-        return total_macs(dims, sub, seq)
+        return costs.total_macs(dims, sub, seq)
 
     def params(self, dims: ModelDims, sub: SubNet) -> int:
-        from instatune_cli.measure.macs import params
-
-        return params(dims, sub)
-
-    def extract(self, model: nn.Module, sub: SubNet) -> nn.Module:
-        from instatune_cli.extract import extract_model
-
-        small = extract_model(model, sub)
-        small._instatune_adapter = self  # its per-layer model_type is ours, the family stays this one
-        return small
+        return costs.params(dims, sub)
 
     def save_extracted(self, small: nn.Module, parent: nn.Module, sub: SubNet, preprocessor: Any,
                        out_dir: str | Path) -> dict[str, Any]:
-        from instatune_cli.extract import write_hf_extracted
-
-        return write_hf_extracted(small, parent, sub, preprocessor, Path(out_dir))
+        return hx.write_hf_extracted(small, parent, sub, preprocessor, Path(out_dir))
 
     def load_extracted(self, model_dir: str | Path) -> nn.Module:
-        from instatune_cli.extract import load_extracted
-
-        model = load_extracted(model_dir)
+        model = hx.load_extracted(model_dir)
         model._instatune_adapter = self
         return model
 
@@ -218,7 +191,7 @@ class BertFamilyAdapter(HFTextAdapter):
 
     family = "bert"
     model_types = ("bert", "roberta", "electra", "xlm-roberta", "camembert")
-    aliases = ROBERTA_ALIASES
+    aliases = ALIASES
 
     def dims(self, config: Any) -> ModelDims:
         return ModelDims(

@@ -3,7 +3,7 @@
 transformers 5's ViT keeps Q, K, V, the attention output and the MLP as six separate linears
 (`vit.layers[i].attention.{q,k,v,o}_proj`, `.mlp.fc1/fc2`) and reshapes by head size, so the default per-layer
 hooks of `FamilyAdapter` make it elastic unchanged; this file only says how the family loads, reads images, counts
-MACs and params, and saves. Extraction is the transformers families' (`instatune_cli.extract`): a sub-network
+MACs and params, and saves. Extraction is the transformers families' (`adapters/hf/extract.py`): a sub-network
 that keeps every head and one MLP width is a stock `ViTForImageClassification` config (fewer layers, smaller
 `intermediate_size`); per-layer shapes are refused in one line (the timm family `vit` extracts those).
 
@@ -22,9 +22,13 @@ from torch import nn
 
 from instatune_cli.adapters import register_family
 from instatune_cli.adapters.base import LayerParts
-from instatune_cli.adapters.bert import HFTextAdapter, _first_line, label_kwargs
+from instatune_cli.adapters.costs import encoder_macs, layer_params
+from instatune_cli.adapters.hf.base import HFAdapter, first_line, label_kwargs
+from instatune_cli.adapters.hf.extract import write_hf_extracted
+from instatune_cli.adapters.vision import ImageFamily
+from instatune_cli.artifacts import readable_files
 from instatune_cli.errors import InstatuneError
-from instatune_cli.images import ImageFamily
+from instatune_cli.images import ImagePreprocessor
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
@@ -35,9 +39,9 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
 @register_family
-class HFVitAdapter(ImageFamily, HFTextAdapter):
+class HFVitAdapter(ImageFamily, HFAdapter):
     """`ViTForImageClassification` (`model_type: vit` in config.json); everything not image-specific is the
-    transformers families' (`HFTextAdapter`)."""
+    transformers families' (`HFAdapter`)."""
 
     family = "hf_vit"
     model_types = ("vit",)
@@ -74,15 +78,13 @@ class HFVitAdapter(ImageFamily, HFTextAdapter):
             mismatch = "num_labels" in kw and kw["num_labels"] != before
             return AutoModelForImageClassification.from_pretrained(src, ignore_mismatched_sizes=mismatch, **kw)
         except (OSError, RuntimeError, ValueError) as e:
-            raise InstatuneError(f"cannot load image model {src!r}: {_first_line(e)[:300]}") from None
+            raise InstatuneError(f"cannot load image model {src!r}: {first_line(e)[:300]}") from None
 
     def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
         return self.load(str(model_dir), eager=eager)
 
     def load_preprocessor(self, src: str | Path) -> Any:
         from transformers import AutoConfig
-
-        from instatune_cli.images import ImagePreprocessor
 
         cfg = AutoConfig.from_pretrained(str(src))
         p = Path(src) / "preprocessor_config.json"
@@ -110,8 +112,6 @@ class HFVitAdapter(ImageFamily, HFTextAdapter):
         model.save_pretrained(out_dir)
         if preprocessor is not None:
             self.save_preprocessor(preprocessor, out_dir)
-        from instatune_cli.extract import readable_files
-
         readable_files(out_dir)  # safetensors writes 0600
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
@@ -133,16 +133,12 @@ class HFVitAdapter(ImageFamily, HFTextAdapter):
     def macs(self, dims: ModelDims, sub: SubNet, seq: int) -> int:
         """Patch embedding + the kept layers (the text formula at the image's token count) + classifier on the
         class token; `seq` is ignored, the image fixes it."""
-        from instatune_cli.measure.macs import encoder_macs
-
         t, d = dims.image_tokens, dims.hidden
         patches = (dims.image_size // dims.patch_size) ** 2
         return patches * dims.channels * dims.patch_size ** 2 * d + encoder_macs(dims, sub, t) + d * dims.num_labels
 
     def params(self, dims: ModelDims, sub: SubNet) -> int:
         """Patch projection, class token, position table, final LayerNorm, the kept layers, classifier."""
-        from instatune_cli.measure.macs import layer_params
-
         d, c, p = dims.hidden, dims.channels, dims.patch_size
         fixed = c * p * p * d + d + d + dims.image_tokens * d + 2 * d + d * dims.num_labels + dims.num_labels
         return fixed + sum(layer_params(d, h, dims.head_dim, f) for h, f in zip(sub.heads, sub.ffn, strict=True))
@@ -151,8 +147,6 @@ class HFVitAdapter(ImageFamily, HFTextAdapter):
 
     def save_extracted(self, small: nn.Module, parent: nn.Module, sub: SubNet, preprocessor: Any,
                        out_dir: str | Path) -> dict[str, Any]:
-        from instatune_cli.extract import write_hf_extracted
-
         out = write_hf_extracted(small, parent, sub, None, Path(out_dir))
         if preprocessor is not None:
             self.save_preprocessor(preprocessor, out_dir)

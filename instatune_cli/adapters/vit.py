@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instatune_cli.adapters import offline, register_family
-from instatune_cli.adapters.base import Architecture, FamilyAdapter, LayerParts
+from instatune_cli.adapters.base import Architecture, FamilyAdapter, LayerParts, check_subnet
+from instatune_cli.adapters.vision import ImageFamily
+from instatune_cli.artifacts import readable_files
 from instatune_cli.errors import InstatuneError
-from instatune_cli.images import ImageFamily
+from instatune_cli.images import PREPROCESSOR_FILE, ImagePreprocessor
 from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
@@ -566,8 +568,6 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         return model.config
 
     def load_preprocessor(self, src: str | Path) -> Any:
-        from instatune_cli.images import PREPROCESSOR_FILE, ImagePreprocessor
-
         p = Path(src).expanduser()
         if (p / PREPROCESSOR_FILE).is_file():
             return ImagePreprocessor.load(p)
@@ -585,8 +585,6 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         self._write(model, out, own)
         if preprocessor is not None:
             preprocessor.save(out)
-        from instatune_cli.extract import readable_files
-
         readable_files(out)  # safetensors writes 0600
 
     def _write(self, model: nn.Module, out: Path, own: dict[str, Any]) -> None:
@@ -845,8 +843,6 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
 
     def extract(self, model: nn.Module, sub: SubNet) -> nn.Module:
         from timm.models import get_model_args
-
-        from instatune_cli.extract import check_subnet
 
         dims = self.dims_of(model)
         check_subnet(dims, sub)

@@ -76,7 +76,7 @@ class LatencyProbe:
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
                  vocab_size: int | None = None, disabled_optimizers: Sequence[str] | None = None) -> None:
-        from instatune_cli.export import SLOW_CPU_OPTIMIZERS, ort_session, read_metadata
+        from instatune_cli.onnxrt import SLOW_CPU_OPTIMIZERS, ort_session, read_metadata
 
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():

@@ -231,3 +231,15 @@ def regression_scores(metric: str, preds: Sequence[float] | np.ndarray,
     constant = bool(x.size == 0 or np.ptp(x) == 0)
     return {"score": 0.0 if value is None else value, "mse": float(np.mean((x - y) ** 2)) if x.size else 0.0,
             "constant_output": constant, "collapsed": is_collapsed(metric, value, 0.0, constant)}
+
+
+def eval_score(batches: list[dict[str, Any]], logits_of: Any, metric: str, num_labels: int) -> dict[str, Any]:
+    """The run's metric of `logits_of(batch)` over the eval split's labelled `batches` (what `quantize` and
+    `export --int8` report before and after INT8)."""
+    preds, labels = [], []
+    for b in batches:
+        out = np.asarray(logits_of(b))
+        preds.append(out[:, 0] if is_regression(metric) else out.argmax(-1))  # a regressor's one output
+        labels.append(b["labels"].numpy())
+    p, y = np.concatenate(preds), np.concatenate(labels)
+    return {"metric": metric, "score": score(metric, p, y, num_labels), "n": int(len(y)), "split": "eval"}

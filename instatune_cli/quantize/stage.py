@@ -65,23 +65,6 @@ class QuantizeOptions:
                 raise InstatuneError(why)
 
 
-def searched_policy(art: artifacts.Artifact) -> QuantPolicy | None:
-    """The policy a joint search chose for the sub-network an extract directory came from, if any."""
-    src = art.options.get("subnet")
-    try:
-        parent = art.parent(("search", "tune"))
-    except InstatuneError:
-        return None
-    if parent.stage != "search" or src is None:
-        return None
-    from instatune_cli.search.stage import front_member
-
-    _, row = front_member(parent.path, int(src))
-    if not row.get("policy"):
-        return None
-    return QuantPolicy.from_dict(row["policy"], where=f"{parent.path} front member {src}")
-
-
 class QuantizeStage:
     """One run of the stage: resolve inputs first, then quantize, measure and commit."""
 
@@ -323,22 +306,6 @@ class QuantizeStage:
                      "marked in the manifest: try a policy with more FP32 layers (search --quant)")
         return {"accuracy_drop_points": drop, "over_max_drop": over,
                 "size_ratio": m["size_bytes"]["fp32"] / m["size_bytes"]["int8"]}
-
-
-def eval_score(batches: list[dict[str, Any]], logits_of: Any, metric: str, num_labels: int) -> dict[str, Any]:
-    """The run's metric of `logits_of(batch)` over the eval split's labelled `batches` (what `quantize` and
-    `export --int8` report before and after INT8)."""
-    import numpy as np
-
-    from instatune_cli.measure.metrics import is_regression, score
-
-    preds, labels = [], []
-    for b in batches:
-        out = np.asarray(logits_of(b))
-        preds.append(out[:, 0] if is_regression(metric) else out.argmax(-1))  # a regressor's one output
-        labels.append(b["labels"].numpy())
-    p, y = np.concatenate(preds), np.concatenate(labels)
-    return {"metric": metric, "score": score(metric, p, y, num_labels), "n": int(len(y)), "split": "eval"}
 
 
 def _torch_latency(model: Any, b: dict[str, Any], names: list[str], opts: QuantizeOptions, seq: int,

@@ -576,3 +576,18 @@ def front_member(search_dir: str | Path, number: int) -> tuple[Any, dict[str, An
             return art, r
     raise InstatuneError(
         f"sub-network {number} is not on the front of {art.path} (it has {len(front)}: 1..{len(front)})")
+
+
+def searched_policy(art: artifacts.Artifact) -> QuantPolicy | None:
+    """The policy a joint search chose for the sub-network an extract directory came from, if any."""
+    src = art.options.get("subnet")
+    try:
+        parent = art.parent(("search", "tune"))
+    except InstatuneError:
+        return None
+    if parent.stage != "search" or src is None:
+        return None
+    _, row = front_member(parent.path, int(src))
+    if not row.get("policy"):
+        return None
+    return QuantPolicy.from_dict(row["policy"], where=f"{parent.path} front member {src}")

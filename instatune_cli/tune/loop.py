@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instatune_cli.adapters import model_family
 from instatune_cli.distributed import env_rank, env_world_size, from_accelerator, rank0_reports
 from instatune_cli.errors import InstatuneError
 from instatune_cli.seeds import seed_int
@@ -98,14 +99,8 @@ class TuneResult:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-# The family a run records (manifest `model.family`): the architecture's own, not the adapter's (one adapter
-# serves BERT, RoBERTa and ELECTRA); model types missing here are their own family.
-FAMILIES = {"xlm-roberta": "roberta", "camembert": "roberta"}
-
-
-def model_family(model_type: str) -> str:
-    model_type = model_type.removeprefix("instatune_")  # our per-layer classes (a recovered extract) are their family
-    return FAMILIES.get(model_type, model_type)
+# The family a run records (manifest `model.family`) is the architecture's own, not the adapter's (one adapter
+# serves BERT, RoBERTa and ELECTRA): `adapters.model_family`, which reads the families' alias tables.
 
 
 def _first_line(e: BaseException) -> str:

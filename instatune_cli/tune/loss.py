@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from instatune_cli.adapters.base import task_loss
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -41,11 +43,7 @@ class LossWeights:
     super_ce: float | None = None
 
 
-def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The task loss: cross-entropy for class ids, MSE of the one output for float labels (regression)."""
-    if labels.is_floating_point():
-        return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
-    return F.cross_entropy(logits.float(), labels)
+ce = task_loss  # the task loss: cross-entropy for class ids, MSE of the one output for float labels (regression)
 
 
 def kd(student: torch.Tensor, teacher: torch.Tensor, rho: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from helpers import tiny_batches, tiny_model
 
 from instatune_cli import export
+from instatune_cli.adapters.hf import fusion
 from instatune_cli.errors import InstatuneError
 from instatune_cli.export import (
     LINEAR_PRESERVING_FUSIONS,
@@ -144,7 +145,7 @@ def test_skip_layer_norm_fuses_when_asked(exported, tmp_path):
 
 def test_a_fusion_that_changes_the_logits_is_dropped(exported, eager_unfused, tmp_path, monkeypatch):
     d = exported["instatune"][0]
-    real = export._fuse
+    real = fusion._fuse
 
     def wrong_heads(src, fusions, num_heads, hidden):
         fused, rewrites = real(src, fusions, num_heads, hidden)
@@ -154,7 +155,7 @@ def test_a_fusion_that_changes_the_logits_is_dropped(exported, eager_unfused, tm
                     a.i = 1  # one head of width heads * head_dim: a different function
         return fused, rewrites
 
-    monkeypatch.setattr(export, "_fuse", wrong_heads)
+    monkeypatch.setattr(fusion, "_fuse", wrong_heads)
     rep = optimize_graph(eager_unfused, tmp_path / "o.onnx")
     assert rep["applied"] and rep["fusions"] == ["gelu", "layer_norm"] and "Attention" not in rep["fused"]
     assert rep["attempts"][0]["max_abs_diff"] > 1e-4
