@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.seeds import seed_int
 
 if TYPE_CHECKING:
     import torch
@@ -853,8 +854,6 @@ def with_validation(data: TaskData, val_split: str | float | int | None = None, 
             f"--val-split {val_split if val_split is not None else 'default'} takes {n} of the {n_train} training "
             "examples and leaves none to train on; give a smaller fraction or count")
     import random
-
-    from instatune_cli.seeds import seed_int
 
     order = list(range(n_train))
     random.Random(seed_int("val-split", seed)).shuffle(order)

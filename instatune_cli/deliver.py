@@ -17,9 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli import artifacts
+from instatune_cli.adapters import adapter_of
 from instatune_cli.errors import InstatuneError
-from instatune_cli.measure.latency import LatencyOptions
+from instatune_cli.export import check_parity, export_onnx, ort_feed, ort_session, quantize_dynamic_int8
+from instatune_cli.extract import full_subnet, save_extracted
+from instatune_cli.measure.latency import LatencyOptions, measure_ort_latency
+from instatune_cli.measure.metrics import eval_score
+from instatune_cli.measure.size import onnx_bytes, weights_bytes
+from instatune_cli.quantize.ort_engine import quantize_onnx
+from instatune_cli.quantize.targets import architecture_of, torch_targets
+from instatune_cli.search.stage import front_member, searched_policy
 from instatune_cli.space import SubNet
+from instatune_cli.tune import load_eval_batches, load_tuned, run_family, run_metric
 
 DEFAULT_SEARCH_DIR = "run-search"
 
@@ -117,7 +126,6 @@ def resolve_source(src: str | Path, subnet: int | None, config: str | None) -> S
             raise InstatuneError(f"{art.path} is a search result; say which sub-network with --subnet N")
         if config is not None:
             raise InstatuneError("give either --subnet (with a search directory) or --config, not both")
-        from instatune_cli.search.stage import front_member
 
         _, row = front_member(art.path, subnet)
         tune = art.parent("tune")
@@ -133,8 +141,6 @@ def resolve_source(src: str | Path, subnet: int | None, config: str | None) -> S
 def _real_batches(tune: artifacts.Artifact, tok: Any, n: int = 16) -> list[dict[str, Any]]:
     """Two batches of real validation inputs differing in batch size and (usually) length, so the checks
     cover both dynamic axes."""
-    from instatune_cli.tune import load_eval_batches
-
     batches = load_eval_batches(tune, tok, batch_size=max(2, n // 2), limit=n)
     out = [{k: v for k, v in b.items() if k != "labels"} for b in batches[:2]]
     if len(out) == 2:
@@ -146,10 +152,6 @@ def extract_stage(src: str | Path, output: str | Path | None, opts: ExtractOptio
                   force: bool = False, **fields: Any) -> ExtractResult:
     """Cut the sub-network `opts` names out of a search or tune directory into `output` (default
     SOURCE-subnetN / SOURCE-NAME). `fields`: ExtractOptions' fields instead of `opts`."""
-    from instatune_cli.adapters import adapter_of
-    from instatune_cli.extract import full_subnet, save_extracted
-    from instatune_cli.tune import load_tuned
-
     opts = artifacts.stage_options(ExtractOptions, opts, fields)
     subnet, config = opts.subnet, opts.config
     s = resolve_source(src, subnet, config)
@@ -214,8 +216,6 @@ def tune_of(art: artifacts.Artifact) -> artifacts.Artifact:
 
 
 def _latency(onnx: Path, batch: int, seq_len: int, threads: int | None, runs: int) -> dict[str, Any]:
-    from instatune_cli.measure.latency import measure_ort_latency
-
     return measure_ort_latency(onnx, batch, seq_len, threads, runs=runs)
 
 
@@ -224,10 +224,6 @@ def export_stage(src: str | Path | None, output: str | Path | None, opts: Export
     """Export an extracted model to ONNX (chaining extract first when given a search or tune directory; None:
     ./run-search). `notify(text)` hears what was chosen on the way; `fields`: ExportOptions' fields instead of
     `opts`."""
-    from instatune_cli.export import check_parity, export_onnx
-    from instatune_cli.measure.size import onnx_bytes, weights_bytes
-    from instatune_cli.tune import load_tuned, run_family
-
     o = artifacts.stage_options(ExportOptions, opts, fields)
     subnet, config, int8, batch, seq_len, threads, runs, atol, compare_full = (  # seq_len: set below when None
         o.subnet, o.config, o.int8, o.batch, o.seq_len, o.threads, o.runs, o.atol, o.compare_full)
@@ -291,18 +287,12 @@ def _int8(art: artifacts.Artifact, tune: artifacts.Artifact, model: Any, tok: An
           q: Path, scratch: Path) -> dict[str, Any]:
     """`model.int8.onnx`: the joint search's policy for this sub-network (calibrated static QDQ, as `quantize`
     does), or, without one, ONNX Runtime dynamic INT8 of every linear; the note says which."""
-    from instatune_cli.export import export_onnx, quantize_dynamic_int8
-    from instatune_cli.quantize.stage import searched_policy
-
     policy = searched_policy(art)
     if policy is None:
         info = quantize_dynamic_int8(onnx, q)
         info["note"] = ("INT8 via ONNX Runtime dynamic quantization of every linear (no searched policy for this "
                         "sub-network; `instatune quantize` calibrates static INT8 under a policy)")
         return info
-    from instatune_cli.quantize.ort_engine import quantize_onnx
-    from instatune_cli.quantize.targets import architecture_of, torch_targets
-    from instatune_cli.tune import load_eval_batches
 
     policy.check_for(architecture_of(model))
     calib = [{k: v for k, v in b.items() if k != "labels"}
@@ -334,10 +324,6 @@ def in_directory(value: Any, work: Path) -> Any:
 def _int8_accuracy(fp32: Path, q: Path, tune: artifacts.Artifact, tok: Any, model: Any) -> dict[str, Any]:
     """The run's metric on the whole eval split for model.onnx and model.int8.onnx (as `quantize` reports it),
     and the change in points (negative: INT8 lost)."""
-    from instatune_cli.export import ort_feed, ort_session
-    from instatune_cli.quantize.stage import eval_score
-    from instatune_cli.tune import load_eval_batches, run_metric
-
     batches = load_eval_batches(tune, tok, batch_size=32, which="eval")
     metric, classes = run_metric(tune), int(tune.model.get("num_labels") or model.config.num_labels)
     out: dict[str, Any] = {}
@@ -357,11 +343,8 @@ def _agreement(onnx: Path, model: Any, tune: artifacts.Artifact, tok: Any, fam: 
     import numpy as np
     import torch
 
-    from instatune_cli.export import ort_feed, ort_session
-
     sess = ort_session(onnx)
     names = [i.name for i in sess.get_inputs()]
-    from instatune_cli.tune import load_eval_batches
 
     same = total = 0
     worst = 0.0

@@ -316,11 +316,10 @@ def test_extract_checks_the_tune_run_it_read_too(tiny_tune_run: Path, tmp_path: 
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The weights an extract of a search comes from are the tune run's, a grandparent: checked as well."""
     from instatune_cli import deliver
-    from instatune_cli import extract as ex
 
     run = tmp_path / "run"
     shutil.copytree(tiny_tune_run, run)
-    orig = ex.save_extracted
+    orig = deliver.save_extracted
 
     def and_then_retouch(*a: object, **k: object) -> object:
         info = orig(*a, **k)
@@ -330,7 +329,7 @@ def test_extract_checks_the_tune_run_it_read_too(tiny_tune_run: Path, tmp_path: 
         w.write_bytes(bytes(data))  # the tune run's weights changed while the extract read them
         return info
 
-    monkeypatch.setattr(ex, "save_extracted", and_then_retouch)
+    monkeypatch.setattr(deliver, "save_extracted", and_then_retouch)
     with pytest.raises(InstatuneError, match="changed while this extract read it"):
         deliver.extract_stage(run, tmp_path / "e", config=CHAIN)
     assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()

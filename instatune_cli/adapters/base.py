@@ -20,7 +20,7 @@ from instatune_cli import data as D
 from instatune_cli.adapters import model_family
 from instatune_cli.errors import InstatuneError
 from instatune_cli.measure.metrics import is_regression
-from instatune_cli.space import ModelDims, SubNet
+from instatune_cli.space import DEPTH_RULES, ModelDims, SubNet, kept_layers
 
 if TYPE_CHECKING:
     import torch
@@ -429,8 +429,7 @@ class FamilyAdapter(ABC):
 
         `depth` is the space's depth rule: which layers a depth-L sub-network keeps (`space.kept_layers`).
         """
-        from instatune_cli.adapters.elastic import ElasticLayerList
-        from instatune_cli.space import DEPTH_RULES
+        from instatune_cli.adapters.elastic import ElasticLayerList  # lazy: imports torch; this module does not
 
         if depth not in DEPTH_RULES:
             raise ValueError(f"unknown depth rule {depth!r}; use one of {DEPTH_RULES}")
@@ -442,8 +441,6 @@ class FamilyAdapter(ABC):
 
     def kept_layers(self, model: nn.Module, sub: SubNet | None) -> list[int]:
         """Indices of the layers `sub` keeps under the model's depth rule (None: every layer)."""
-        from instatune_cli.space import kept_layers
-
         n = len(self.layers(model))
         if sub is None:
             return list(range(n))
@@ -473,7 +470,7 @@ class FamilyAdapter(ABC):
 
     def elastic_layer(self, layer: nn.Module) -> None:
         """Make one layer's sliceable modules elastic, in place."""
-        from instatune_cli.adapters.elastic import ElasticLinear
+        from instatune_cli.adapters.elastic import ElasticLinear  # lazy: imports torch; this module does not
 
         p = self.parts(layer)
         for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):

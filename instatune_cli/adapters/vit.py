@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from instatune_cli.adapters import offline, register_family
 from instatune_cli.adapters.base import Architecture, FamilyAdapter, LayerParts, check_subnet
+from instatune_cli.adapters.elastic import ElasticGroupedLinear, ElasticLayerNorm, ElasticLinear
 from instatune_cli.adapters.vision import ImageFamily
 from instatune_cli.artifacts import readable_files
 from instatune_cli.errors import InstatuneError
@@ -324,8 +325,6 @@ def _sliceable_norm(norm: nn.Module | None) -> bool:
     variants)."""
     from timm.layers import LayerNorm
     from torch import nn
-
-    from instatune_cli.adapters.elastic import ElasticLayerNorm
 
     if norm is None or isinstance(norm, (nn.Identity, ElasticLayerNorm)):
         return True
@@ -744,8 +743,6 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
         return (an if isinstance(an, nn.LayerNorm) else None, mn if isinstance(mn, nn.LayerNorm) else None)
 
     def elastic_layer(self, layer: nn.Module) -> None:
-        from instatune_cli.adapters.elastic import ElasticGroupedLinear, ElasticLayerNorm, ElasticLinear
-
         a = layer.attn
         ElasticGroupedLinear.wrap(a.qkv, 3)
         for lin in (a.proj, layer.mlp.fc1, layer.mlp.fc2):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from instatune_cli.adapters import adapter_of
 from instatune_cli.measure import metrics as M
 
 _ACTIVE: Any = object()  # sentinel: measure the sub-network that is active now
@@ -85,8 +86,6 @@ class Evaluator:
 
     def _activate(self, sub: Any) -> None:
         if sub is not _ACTIVE:
-            from instatune_cli.adapters import adapter_of
-
             adapter_of(self.model).activate(self.model, sub)
 
     def evaluate(self, sub: Any = _ACTIVE) -> EvalResult:
@@ -165,8 +164,6 @@ class Evaluator:
 def _logits_fn(model: Any) -> Any:
     """batch -> logits: through the model's family when it has one, else any module returning logits (or an
     object with `.logits`) from the batch's inputs."""
-    from instatune_cli.adapters import adapter_of
-
     family = getattr(model, "_instatune_adapter", None) or (adapter_of(model) if hasattr(model, "config") else None)
     if family is not None:
         return lambda b: family.logits(model, b)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.onnxrt import SLOW_CPU_OPTIMIZERS, ort_session, read_metadata
 
 DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 20
@@ -76,8 +77,6 @@ class LatencyProbe:
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
                  vocab_size: int | None = None, disabled_optimizers: Sequence[str] | None = None) -> None:
-        from instatune_cli.onnxrt import SLOW_CPU_OPTIMIZERS, ort_session, read_metadata
-
         self.onnx_path = Path(onnx_path)
         if not self.onnx_path.is_file():
             raise InstatuneError(f"ONNX model {self.onnx_path} does not exist; export one first")

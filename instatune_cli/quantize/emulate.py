@@ -25,7 +25,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from instatune_cli.adapters import adapter_of
+from instatune_cli.adapters.elastic import ElasticLayerList
 from instatune_cli.quantize.policy import BITS, QuantPolicy
+from instatune_cli.quantize.targets import torch_targets
 
 if TYPE_CHECKING:
     import torch
@@ -178,10 +181,6 @@ class QuantEmulator:
         `shared`: an INT8 input's rounding reaches every consumer of the tensor (the shipped graph; module
         docstring); False: only the INT8 linear reads it rounded (`quantize --strict-fp32`)."""
         import torch
-
-        from instatune_cli.adapters import adapter_of
-        from instatune_cli.adapters.elastic import ElasticLayerList
-        from instatune_cli.quantize.targets import torch_targets
 
         adapter = adapter_of(self.model)
         if isinstance(adapter.layer_list(self.model), ElasticLayerList):  # a super-network, not an extracted model

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from instatune_cli.adapters import adapter_of
 from instatune_cli.errors import InstatuneError
 from instatune_cli.quantize.policy import BITS, QuantPolicy
 
@@ -91,8 +92,6 @@ def quantize_torch(model: Any, policy: QuantPolicy, targets: dict[str, tuple[str
     from neural_compressor.common.utils import set_workspace
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
-
-    from instatune_cli.adapters import adapter_of
 
     _quiet()
     why = ""

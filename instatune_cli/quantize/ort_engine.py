@@ -31,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.size import onnx_bytes
+from instatune_cli.onnxrt import META_PREFIX, ort_feed, read_metadata
+from instatune_cli.quantize.emulate import blockwise
 from instatune_cli.quantize.policy import QuantPolicy
+from instatune_cli.quantize.targets import onnx_targets
 
 #: settings shared with the PyTorch emulation the joint search uses (quantize/emulate.py)
 ACTIVATIONS = "uint8 asymmetric per tensor (MinMax)"
@@ -57,8 +61,6 @@ class _Reader:
 
 
 def _np(v: Any) -> Any:
-    from instatune_cli.export import ort_feed
-
     return ort_feed(v)
 
 
@@ -69,10 +71,6 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, policy: QuantPolicy
     module docstring)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from instatune_cli.export import read_metadata
-    from instatune_cli.measure.size import onnx_bytes
-    from instatune_cli.quantize.targets import onnx_targets
 
     src, dst = Path(onnx_in), Path(onnx_out)
     graph = onnx.load(str(src), load_external_data=False).graph
@@ -115,8 +113,6 @@ def _finish(src: Path, dst: Path, meta: dict[str, str], policy: QuantPolicy, str
     weight bits); drop the exporter's node metadata; carry our graph metadata over."""
     import onnx
 
-    from instatune_cli.export import META_PREFIX
-
     m = onnx.load(str(dst))
     if strict is not None:
         _fp32_consumers_read_fp32(m.graph, strict)
@@ -136,8 +132,6 @@ def _blockwise(model: Any, nodes: dict[str, int], group: int) -> None:
     quantized by `emulate.blockwise` (module docstring)."""
     import numpy as np
     from onnx import helper, numpy_helper
-
-    from instatune_cli.quantize.emulate import blockwise
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}

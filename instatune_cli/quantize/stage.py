@@ -16,9 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli import artifacts
+from instatune_cli.deliver import chained_extract, tune_of
 from instatune_cli.errors import InstatuneError
-from instatune_cli.measure.latency import LatencyOptions
-from instatune_cli.quantize.policy import QuantPolicy, engine_refusal
+from instatune_cli.export import export_onnx, ort_feed, ort_session
+from instatune_cli.measure.latency import LatencyOptions, measure_ort_latency
+from instatune_cli.measure.metrics import eval_score as eval_score
+from instatune_cli.measure.size import onnx_bytes, weights_bytes
+from instatune_cli.quantize import inc_engine, ort_engine
+from instatune_cli.quantize.inc_engine import available
+from instatune_cli.quantize.ort_engine import quantize_onnx
+from instatune_cli.quantize.policy import DEFAULT_GROUP_SIZE, QuantPolicy, engine_refusal
+from instatune_cli.quantize.targets import architecture_of, onnx_targets, torch_targets
+from instatune_cli.quantize.vocab import training_token_ids, trim_vocabulary
+from instatune_cli.search.stage import searched_policy as searched_policy
+from instatune_cli.tune import has_split, load_eval_batches, run_family, run_metric
 
 ENGINES = ("ort", "inc")
 MIN_CALIBRATION = 8
@@ -58,8 +69,6 @@ class QuantizeOptions:
         if self.compile and self.engine != "inc":
             raise InstatuneError("--compile times the inc engine's PyTorch models; ONNX Runtime needs no compile step")
         if self.engine == "inc":
-            from instatune_cli.quantize.inc_engine import available
-
             why = available()
             if why:
                 raise InstatuneError(why)
@@ -78,8 +87,6 @@ class QuantizeStage:
 
     # -- inputs ----------------------------------------------------------------------------------
     def resolve(self) -> None:
-        from instatune_cli.deliver import chained_extract, tune_of
-
         given = QuantPolicy.load(self.opts.policy) if self.opts.policy else None  # before anything is written
         art = artifacts.load(self.src, ("extract", "search", "tune"))
         if self.output is not None:  # before a chained extract runs: never over what this stage reads
@@ -98,14 +105,9 @@ class QuantizeStage:
             raise InstatuneError(why)
 
     def _supports(self) -> dict[str, tuple[str, ...]]:
-        from instatune_cli.quantize import inc_engine, ort_engine
-
         return ort_engine.SUPPORTS if self.opts.engine == "ort" else inc_engine.supports(self.policy)
 
     def _load_model(self) -> None:
-        from instatune_cli.quantize.targets import architecture_of, torch_targets
-        from instatune_cli.tune import run_family
-
         self.fam = run_family(self.tune)
         flag = "--trim-vocab" if self.opts.trim_vocab and not self.fam.vocab_trim else \
             f"--engine {self.opts.engine}" if self.opts.engine not in self.fam.quant_engines else None
@@ -122,8 +124,6 @@ class QuantizeStage:
         if self.opts.policy:
             return QuantPolicy.load(self.opts.policy)
         if self.opts.all_int4:
-            from instatune_cli.quantize.policy import DEFAULT_GROUP_SIZE
-
             pol = QuantPolicy.uniform(self.arch, "int4", group_size=self.opts.group_size or DEFAULT_GROUP_SIZE)
             if self.opts.engine == "inc":  # one route per model there: weight-only INT8 where INT4 does not fit
                 pol.layers.update({n: "int8-weights" for n in pol.int8()})
@@ -141,8 +141,6 @@ class QuantizeStage:
 
     def _engine_default(self, pol: QuantPolicy) -> QuantPolicy:
         """A default policy states what the engine does: layers it has no operator for stay FP32, said once."""
-        from instatune_cli.quantize import inc_engine, ort_engine
-
         supports = ort_engine.SUPPORTS if self.opts.engine == "ort" else inc_engine.supports(pol)
         kept = [n for n in pol.quantized()
                 if ("embeddings" if n == "embeddings" else "linear") not in supports.get(pol.layers[n], ())]
@@ -154,8 +152,6 @@ class QuantizeStage:
         return pol
 
     def calibration(self) -> list[dict[str, Any]]:
-        from instatune_cli.tune import has_split, load_eval_batches
-
         if not has_split(self.tune, "calib"):
             raise InstatuneError(
                 f"tune run {self.tune.path} has no calib.jsonl; re-run tune to get a calibration sample")
@@ -185,10 +181,6 @@ class QuantizeStage:
             return w.commit(model=model_info, metrics=metrics)
 
     def _ort(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
-        from instatune_cli.export import export_onnx
-        from instatune_cli.measure.size import onnx_bytes
-        from instatune_cli.quantize.ort_engine import quantize_onnx
-
         fp32 = tmp / "model.onnx"
         export_onnx(self.art.path, fp32, optimize=False)  # unfused: every linear is its own MatMul/Gemm
         q = out / "model.int8.onnx"
@@ -197,7 +189,6 @@ class QuantizeStage:
             info["vocabulary"] = self._trim(fp32, q)
             info["bytes_out"] = onnx_bytes(q)
         seq = self._seq_len()
-        from instatune_cli.measure.latency import measure_ort_latency
 
         fused = tmp / "model.fused.onnx"  # the FP32 baseline is the graph `export` ships, fused (issue 22)
         export_onnx(self.art.path, fused)
@@ -212,9 +203,6 @@ class QuantizeStage:
     def _trim(self, fp32: Path, q: Path) -> dict[str, Any]:
         import onnx
 
-        from instatune_cli.quantize.targets import onnx_targets
-        from instatune_cli.quantize.vocab import training_token_ids, trim_vocabulary
-
         keep, source = training_token_ids(self.tune, self.tok)
         node = onnx_targets(onnx.load(str(fp32), load_external_data=False).graph, self.targets)["embeddings"]
         info = trim_vocabulary(q, node, keep, int(self.tok.unk_token_id))
@@ -224,10 +212,6 @@ class QuantizeStage:
     def _inc(self, out: Path, tmp: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
         """Quantize, save in Neural Compressor's format, read it back with its loader, and measure the reloaded
         model; a route that is not smaller on disk and not faster than FP32 is refused with the numbers."""
-        from instatune_cli.measure.size import weights_bytes
-        from instatune_cli.quantize import inc_engine
-        from instatune_cli.quantize.targets import torch_targets
-
         static = inc_engine.route(self.policy) == "static"
         if static:
             gm, info = inc_engine.quantize_torch(self.model, self.policy, self.targets, calib, self.names, tmp)
@@ -268,15 +252,11 @@ class QuantizeStage:
 
     # -- measuring -------------------------------------------------------------------------------
     def _eval_batches(self) -> list[dict[str, Any]]:
-        from instatune_cli.tune import load_eval_batches
-
         if not hasattr(self, "_batches"):
             self._batches = load_eval_batches(self.tune, self.tok, batch_size=32, which="eval")
         return self._batches
 
     def _metric(self) -> str:
-        from instatune_cli.tune import run_metric
-
         return run_metric(self.tune)
 
     def _score(self, logits_of: Any) -> dict[str, Any]:
@@ -293,8 +273,6 @@ class QuantizeStage:
         return self._score(logits)
 
     def _score_onnx(self, path: Path) -> dict[str, Any]:
-        from instatune_cli.export import ort_feed, ort_session
-
         sess = ort_session(path)
         return self._score(lambda b: sess.run(["logits"], {n: ort_feed(b[n]) for n in self.names})[0])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from instatune_cli import data as D
 from instatune_cli.errors import InstatuneError
 
 MAP_NAME = "instatune_vocab_map"
@@ -19,8 +20,6 @@ MAP_NAME = "instatune_vocab_map"
 
 def training_token_ids(tune: Any, tokenizer: Any) -> tuple[list[int], str]:
     """Sorted token ids of the tune run's training texts at its max length, plus special tokens; and where from."""
-    from instatune_cli import data as D
-
     o = tune.options
     if not o.get("data") and not o.get("task"):
         raise InstatuneError(f"tune run {tune.path} records no training data; --trim-vocab needs it")

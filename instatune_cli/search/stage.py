@@ -49,14 +49,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.artifacts import StageResult, stage_options
+from instatune_cli import artifacts
+from instatune_cli.artifacts import StageResult, stage_options, writing
+from instatune_cli.distributed import SINGLE, close, cpu_group, env_rank, rank0_reports
 from instatune_cli.errors import InstatuneError
-from instatune_cli.measure.latency import LatencyOptions
+from instatune_cli.measure.latency import LatencyOptions, default_threads
+from instatune_cli.measure.metrics import check_metric, check_metric_kind, is_regression
+from instatune_cli.quantize.policy import QuantPolicy
 from instatune_cli.search import run as search_run
+from instatune_cli.search import supernet
 from instatune_cli.search.archive import write_rows_csv
 from instatune_cli.search.interface import algorithm_class
+from instatune_cli.search.objectives import parse_constraint, parse_si, resolve_objectives
+from instatune_cli.search.report import plot_pareto
 from instatune_cli.search.run import FRONT_CSV, SearchResult, follow_search
 from instatune_cli.space import SubNet
+from instatune_cli.tune import has_split, run_metric
 
 FRONT_JSON = "front.json"
 SEARCH_FILE = "search.json"  # the Measurement a --resume must match
@@ -120,8 +128,6 @@ class Measurement:
 
     @classmethod
     def of(cls, parent: Any, names: list[str], opts: SearchOptions) -> Measurement:
-        from instatune_cli.tune import has_split, run_metric
-
         space = parent.path / "space.json"
         d: dict[str, Any] = {"parent": parent.digest, "objectives": list(names),
                              "space": json.loads(space.read_text()) if space.is_file() else None,
@@ -133,8 +139,6 @@ class Measurement:
             d.update(metric=opts.metric or run_metric(parent), selection_split=split,
                      selection_examples=min(rows, limit) if limit else rows, eval_batch_size=opts.eval_batch_size)
         if "latency" in names:
-            from instatune_cli.measure.latency import default_threads
-
             # the thread count actually used: a resume under another $OMP_NUM_THREADS would mix two settings
             d["latency"] = {"batch": opts.latency_batch, "seq_len": opts.latency_seq_len,
                             "threads": opts.latency_threads or default_threads()}
@@ -148,8 +152,6 @@ class Measurement:
         return hashlib.sha256(json.dumps(self.inputs, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, work: Path) -> None:
-        from instatune_cli.artifacts import writing
-
         with writing("the search's measurement fingerprint", work / SEARCH_FILE):
             (work / SEARCH_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "inputs": self.inputs},
                                                        indent=1) + "\n")
@@ -206,7 +208,6 @@ def parse_ref_point(text: str | None, objectives: list[Any]) -> dict[str, float]
     """`acc=0.5,macs=1.5G` -> {"acc": 0.5, "macs": 1.5e9}: one value per objective, natural units."""
     if text is None:
         return None
-    from instatune_cli.search.objectives import parse_si
 
     names = [o.name for o in objectives]
     out: dict[str, float] = {}
@@ -265,15 +266,10 @@ def run_stage(run_dir: str | Path, output: str | Path | None, opts: SearchOption
 
 def _run(run_dir: str | Path, output: str | Path | None, opts: SearchOptions, force: bool, resume: bool,
          on_eval: Any, on_warning: Callable[[str], None] | None) -> tuple[Any, Any, dict[str, Any]]:
-    from instatune_cli import artifacts
-    from instatune_cli.distributed import close, cpu_group, env_rank, rank0_reports
-
     with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
         objs, cons, max_drop, ref_point = _check_options(opts)
         parent = artifacts.load(run_dir, "tune")
         if opts.metric is not None:  # a regressor's run takes pearson/spearman, a classifier's the others
-            from instatune_cli.measure.metrics import check_metric_kind, is_regression
-            from instatune_cli.tune import run_metric
 
             check_metric_kind(opts.metric, is_regression(run_metric(parent)), f"tune run {parent.path}")
         if opts.baseline:  # every input is checked before the output is opened and the model loaded
@@ -304,9 +300,6 @@ def _has_evaluations(partial: Path) -> bool:
 
 def _check_options(opts: SearchOptions) -> tuple[list[Any], list[Any], float | None, dict[str, float] | None]:
     """(objectives, constraints, pick's max drop, reference point), or one line on the first bad option."""
-    from instatune_cli.measure.metrics import check_metric
-    from instatune_cli.search.objectives import parse_constraint, resolve_objectives
-
     algorithm_class(opts.algorithm)  # a name no algorithm registered: one line listing those that did
     objs = resolve_objectives(opts.objectives)
     if not 2 <= len(objs) <= 3:
@@ -383,9 +376,6 @@ class _SearchStage:
         return self.commit(summary), result, summary
 
     def search(self, resuming: bool) -> tuple[Any, Any]:
-        from instatune_cli.distributed import SINGLE
-        from instatune_cli.search import supernet
-
         opts, group = self.opts, self.group or SINGLE
         lat = supernet.LatencySetup(opts.latency_batch, opts.latency_seq_len or 0, opts.latency_threads)
         obj = supernet.build(self.parent.path, [o.name for o in self.objs],
@@ -492,8 +482,6 @@ def _joint_objectives(objs: list[Any]) -> list[Any]:
 
 def _policy_summary(policy: dict[str, Any]) -> str:
     """`32/33 layers INT8 (FP32: embeddings)`: a joint search member's policy as the table shows it."""
-    from instatune_cli.quantize.policy import QuantPolicy
-
     return QuantPolicy.from_dict(policy).summary()
 
 
@@ -517,8 +505,6 @@ def _collapse_notes(collapsed: list[int], front: list[dict[str, Any]], obj: Any)
 
 def collapse_rule(metric: str) -> str:
     """What `collapsed` means for `metric`, in words (measure.metrics has the rule)."""
-    from instatune_cli.measure.metrics import is_regression
-
     if is_regression(metric):
         return f"{metric} correlation at or below 0, or a constant output"
     if metric == "mcc":
@@ -530,8 +516,6 @@ def collapse_rule(metric: str) -> str:
 
 def _baseline(path: str, obj: Any) -> dict[str, Any]:
     """A plain tune run's super-network marker: its recorded eval-split score (it has no search of its own)."""
-    from instatune_cli import artifacts
-
     b = artifacts.load(path, "tune")
     return {"name": f"baseline ({b.path.name})", "eval_acc": b.metrics.get(f"super_{obj.metric}"),
             "macs": obj.reference.get("macs"), "params": obj.reference.get("params")}
@@ -539,8 +523,6 @@ def _baseline(path: str, obj: Any) -> dict[str, Any]:
 
 def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], objs: list[Any], path: Path, obj: Any,
           baseline: dict[str, Any] | None) -> None:
-    from instatune_cli.search.report import plot_pareto
-
     labels = {"acc": f"acc: {obj.metric} on {obj.selection_split} (hollow: eval)",
               "holdout": f"front, {obj.metric} on eval (scored once)"} if obj.selection_split else {}
     plot_pareto(rows, front, objs, path, supernet=obj.reference, baseline=baseline,
@@ -549,8 +531,6 @@ def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], objs: list[An
 
 def load_front(search_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
     """(search artifact, numbered front rows) of a finished search."""
-    from instatune_cli import artifacts
-
     art = artifacts.load(search_dir, "search")
     path = art.path / FRONT_JSON
     redo = f"re-run the search stage (this one was made by instatune {art.manifest.get('instatune_version', '?')})"

@@ -19,7 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.space import SearchSpace, SubNet
+from instatune_cli.adapters import adapter_of
+from instatune_cli.errors import InstatuneError
+from instatune_cli.export import export_onnx
+from instatune_cli.extract import full_subnet, save_extracted
+from instatune_cli.measure import macs as macs_mod
+from instatune_cli.measure.accuracy import Evaluator
+from instatune_cli.measure.latency import measure_ort_latency
+from instatune_cli.measure.metrics import check_metric, check_metric_kind, is_regression
+from instatune_cli.measure.size import weights_bytes
+from instatune_cli.quantize.emulate import QuantEmulator
+from instatune_cli.quantize.joint import int4_flags, size_from_params
+from instatune_cli.quantize.policy import QuantPolicy
+from instatune_cli.quantize.targets import architecture_of
+from instatune_cli.space import SearchSpace, SubNet, quant_gene_count
+from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
 
 
 @dataclass
@@ -107,16 +121,8 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     processes (`Evaluator(shard=)`), every process must call `evaluate` (rank 0) or `evaluate_shard` (the
     others) for the same sub-networks in the same order, and only rank 0 extracts and measures size/latency.
     """
-    from instatune_cli.adapters import adapter_of
-    from instatune_cli.extract import full_subnet
-    from instatune_cli.measure.accuracy import Evaluator
-    from instatune_cli.measure.metrics import check_metric, check_metric_kind, is_regression
-    from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
-
     model, tok, space, art = load_tuned(run_dir)
     if quant and not adapter_of(model).quant_search:
-        from instatune_cli.errors import InstatuneError
-
         raise InstatuneError(f"--quant (the joint precision search) is defined for the text families; {run_dir} "
                              f"holds a {adapter_of(model).family} model: search without --quant and use "
                              "`instatune export --int8` on the chosen sub-network")
@@ -131,8 +137,6 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     dims = adapter.dims_of(model)
     if quant and int4:
         import dataclasses
-
-        from instatune_cli.quantize.joint import int4_flags
 
         flags = int4_flags(space, dims.hidden, dims.head_dim, group_size)
         if (dims.embedding_size or dims.hidden) % group_size:  # a factorised table (ELECTRA) of another width
@@ -163,11 +167,6 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
 
     def shipped(sub: SubNet | None) -> dict[str, float]:
         """Extract (and export, for latency) exactly as the extract/export stages do; measure."""
-        from instatune_cli.export import export_onnx
-        from instatune_cli.extract import save_extracted
-        from instatune_cli.measure.latency import measure_ort_latency
-        from instatune_cli.measure.size import weights_bytes
-
         out: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="instatune-sub-") as td:
             mdir = Path(td) / "model"
@@ -262,31 +261,19 @@ class _Joint:
 
     def __init__(self, model: Any, tok: Any, art: Any, dims: Any, calibration_samples: int,
                  group_size: int = 32) -> None:
-        from instatune_cli.quantize.emulate import QuantEmulator
-        from instatune_cli.tune import has_split, load_eval_batches
-
         self.model, self.dims, self.group_size = model, dims, group_size
         which = "calib" if has_split(art, "calib") else "val"
         batches = load_eval_batches(art, tok, batch_size=32, limit=calibration_samples, which=which)
         self.emulator = QuantEmulator(model, [{k: v for k, v in b.items() if k != "labels"} for b in batches])
 
     def policy(self, sub: SubNet) -> Any:
-        from instatune_cli.quantize.policy import QuantPolicy
-        from instatune_cli.quantize.targets import architecture_of
-
         return QuantPolicy.from_bits(architecture_of(self.model, sub.architecture), sub.quant,
                                      group_size=self.group_size)
 
     def all_int8(self, sub: SubNet) -> SubNet:
-        from instatune_cli.space import quant_gene_count
-
         return SubNet(sub.heads, sub.ffn, (1,) * quant_gene_count(sub.layers))
 
     def size_mb(self, sub: SubNet) -> float:
-        from instatune_cli.measure import macs as macs_mod
-        from instatune_cli.quantize.joint import size_from_params
-        from instatune_cli.quantize.targets import architecture_of
-
         arch = architecture_of(self.model, sub.architecture)
         pol = self.policy(sub) if sub.quant else None
         return size_from_params(macs_mod.params(self.dims, sub.architecture), arch, self.dims.vocab_size, pol) / 1e6

@@ -46,6 +46,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from instatune_cli import artifacts, data
+from instatune_cli.adapters import family_named
+from instatune_cli.errors import InstatuneError
+from instatune_cli.space import ModelDims, SearchSpace
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,10 +66,6 @@ def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
 
     `eager=True` loads with eager attention (what ptflops needs to count attention MACs).
     """
-    from instatune_cli import artifacts
-    from instatune_cli.errors import InstatuneError
-    from instatune_cli.space import ModelDims, SearchSpace
-
     art = artifacts.load(run_dir, "tune", verify=verify)
     mdir = art.path / art.model.get("model_dir", "model")
     adapter = run_family(art)
@@ -90,16 +91,12 @@ def load_tuned(run_dir: str | Path, eager: bool = False, device: Any = None,
 def run_family(art: Artifact) -> Any:
     """The model family of a tune run (its manifest's `adapter`; runs of the transformers families made before
     families were plug-ins record `bert` or `distilbert` there too)."""
-    from instatune_cli.adapters import family_named
-
     return family_named(str(art.model.get("adapter") or art.model.get("family") or "bert"))
 
 
 def load_split(run_dir: str | Path | Artifact, which: str = "eval") -> Any:
     """The run's stored eval split (`which="eval"`), validation split (`"val"`) or calibration sample (`"calib"`)
     as a `data.Split`."""
-    from instatune_cli import data
-
     path = run_dir.path if hasattr(run_dir, "path") else Path(run_dir)
     return data.read_jsonl(Path(path) / f"{which}.jsonl")
 
@@ -119,8 +116,6 @@ def load_eval_batches(run_dir: str | Path | Artifact, tokenizer: Any, batch_size
                       limit: int | None = None, which: str = "eval") -> list[dict[str, torch.Tensor]]:
     """Pre-tokenized, length-grouped batches of the run's eval split, at the run's max_length; feed them
     to `measure.accuracy.Evaluator`."""
-    from instatune_cli import artifacts
-
     art = run_dir if hasattr(run_dir, "manifest") else artifacts.load(run_dir, "tune", verify=False)
     fam = run_family(art)
     split = load_split(art, which).head(limit)

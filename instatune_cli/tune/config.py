@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from instatune_cli.data import GLUE_TASKS, parse_val_split
 from instatune_cli.errors import InstatuneError
 from instatune_cli.measure.metrics import METRICS, check_metric_kind
 
@@ -174,14 +175,11 @@ class TuneConfig:
         need(self.val_split is None or self.val_data is None, "give either --val-split or --val-data, not both")
         need(self.metric is None or self.metric in METRICS,
              f"unknown --metric {self.metric!r}; use {', '.join(METRICS)}")
-        from instatune_cli.data import GLUE_TASKS
 
         glue = GLUE_TASKS.get(str(self.task or "").lower().replace("-", ""))
         if self.metric is not None and glue is not None:  # a task's kind is known before any data is read
             check_metric_kind(self.metric, glue.regression, f"--task {self.task}")
         if self.val_split is not None:
-            from instatune_cli.data import parse_val_split
-
             parse_val_split(self.val_split)
         need(self.teacher_epochs is None or self.teacher is not None, "--teacher-epochs needs --teacher")
         need(self.teacher_epochs is None or self.teacher_epochs >= 0,

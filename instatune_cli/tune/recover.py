@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from instatune_cli import artifacts
+from instatune_cli.adapters import vit
+from instatune_cli.data import REGRESSION_LABELS
 from instatune_cli.errors import InstatuneError
+from instatune_cli.extract import is_per_layer_dir, per_layer_shape
+from instatune_cli.space import DEFAULT_DEPTH, SearchSpace
+from instatune_cli.tune import teacher as T  # a module: teacher.py imports this one too
 
 if TYPE_CHECKING:
     from instatune_cli.artifacts import Artifact
@@ -55,8 +61,6 @@ DATA_OPTIONS = ("task", "data", "eval_data", "text_column", "text_pair_column", 
 def load_extract(path: str | Path) -> Artifact:
     """The extract at `path`, every file checked against its manifest; a missing or edited file (the per-layer
     model file included) is one line."""
-    from instatune_cli import artifacts
-
     try:
         return artifacts.load(path, "extract")
     except InstatuneError as e:
@@ -73,8 +77,6 @@ def check_unlisted_per_layer(path: Path) -> None:
     try:
         m = json.loads((run / "manifest.json").read_text())
         if m.get("stage") == "tune" and m.get("model", {}).get("model_dir", "model") == path.resolve().name:
-            from instatune_cli import artifacts
-
             artifacts.load(run, "tune")  # every file of model/ as the run wrote it
             return
     except (OSError, ValueError, AttributeError):
@@ -87,9 +89,6 @@ def check_unlisted_per_layer(path: Path) -> None:
 def _per_layer_dir(path: Path) -> bool:
     """A per-layer model directory of a family whose per-layer models instatune loads itself: the transformers
     text families' (`extract.is_per_layer_dir`) or timm's (`adapters.vit.is_per_layer_dir`)."""
-    from instatune_cli.adapters import vit
-    from instatune_cli.extract import is_per_layer_dir
-
     return is_per_layer_dir(path) or vit.is_per_layer_dir(path)
 
 
@@ -147,8 +146,6 @@ class ExtractSource:
     def check_labels(self, labels: list[str]) -> None:
         """The extract keeps its classifier: the data must have exactly its classes (a regressor's one output:
         a regression task, a classifier's classes: a classification task, each said as such)."""
-        from instatune_cli.data import REGRESSION_LABELS
-
         have = self.artifact.model.get("labels")
         if have is None or [str(x) for x in have] == [str(x) for x in labels]:
             return
@@ -226,10 +223,8 @@ def from_extract(cfg: TuneConfig) -> ExtractSource | None:
 def _tokenizer_spec(d: str | Path) -> dict[str, Any] | None:
     """A tokenizer directory's `tokenizer.json` without the truncation and padding a save records (None without
     one): what two tokenizers are compared by."""
-    from instatune_cli.tune.teacher import resolve_model_dir
-
     try:
-        spec = json.loads((Path(resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_text())
+        spec = json.loads((Path(T.resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_text())
     except (OSError, ValueError, InstatuneError):
         return None
     return {k: v for k, v in spec.items() if k not in ("truncation", "padding")} if isinstance(spec, dict) else None
@@ -283,9 +278,6 @@ def _inherit_data(cfg: TuneConfig, tune: Artifact) -> None:
 def space_for(spec: str | None, dims: ModelDims, config: Any) -> SearchSpace:
     """The run's space: `SearchSpace.resolve` for a uniform model; for a per-layer one (module docstring) the space
     derived from its shape, or the user's, checked against every layer."""
-    from instatune_cli.extract import per_layer_shape
-    from instatune_cli.space import SearchSpace
-
     shape = per_layer_shape(config)
     if shape is None:
         return SearchSpace.resolve(spec, dims)
@@ -301,8 +293,6 @@ def per_layer_space(dims: ModelDims, heads: tuple[int, ...], ffn: tuple[int, ...
     """Every layer; per layer the choices a uniform model of the same dims would get (`SearchSpace.from_model`:
     heads from half to all of the original count, thirds of the widest layer's FFN) up to what the layer has, and
     its own size. One grid for every layer, so cuts that keep one width everywhere exist where the shape allows."""
-    from instatune_cli.space import DEFAULT_DEPTH, SearchSpace
-
     h_grid = {max(1, round(dims.num_heads * k / 6)) for k in range(3, 7)}
     f_grid = {max(1, round(dims.ffn * k / 3)) for k in range(1, 4)}  # dims.ffn: the widest layer's
     h = [sorted({x for x in h_grid if x <= n} | {n}) for n in heads]

@@ -13,8 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.artifacts import writing
+from instatune_cli import artifacts
+from instatune_cli.adapters import check_model_source, family_of
+from instatune_cli.artifacts import sha256_file, writing
+from instatune_cli.distributed import SINGLE
 from instatune_cli.errors import InstatuneError
+from instatune_cli.tune import recover  # a module: recover.py imports this one too (each uses the other at call time)
 
 CACHE_FILE = "teacher_logits.safetensors"
 _GENERIC_LABELS = ("LABEL_",)
@@ -26,19 +30,13 @@ def resolve_model_dir(src: str) -> tuple[str, dict[str, Any] | None]:
     p = Path(src).expanduser()
     man = p / "manifest.json"
     if p.is_dir() and man.is_file():
-        from instatune_cli import artifacts
-
         art = artifacts.load(p, ("tune", "extract"), verify=False)
         if art.stage == "extract":
-            from instatune_cli.tune.recover import load_extract
-
-            return str(p), load_extract(p).manifest
+            return str(p), recover.load_extract(p).manifest
         sub = art.model.get("model_dir", "model")
         return str(p / sub), art.manifest
     if p.is_dir():
-        from instatune_cli.tune.recover import check_unlisted_per_layer
-
-        check_unlisted_per_layer(p)
+        recover.check_unlisted_per_layer(p)
     return src, None
 
 
@@ -56,8 +54,6 @@ def check_teacher(src: str, family: str, labels: list[str], vocab_size: int) -> 
 def teacher_config(src: str, family: str, vocab_size: int, image_size: int = 0) -> tuple[str, dict[str, Any]]:
     """(model dir, config) of a teacher whose weights are readable, family and vocabulary (or image size) the
     student's: what can be checked before the data is loaded."""
-    from instatune_cli.adapters import check_model_source, family_of
-
     path, _ = resolve_model_dir(src)
     path = check_model_source(path)  # weights present and readable (adapters.check_weights)
     fam = family_of(path)
@@ -131,8 +127,6 @@ def cache_key(teacher_dir: str, data_digest: str, max_length: int) -> str:
 def weight_digests(model_dir: Path) -> dict[str, str]:
     """{weight file name: sha256}: from the enclosing tune run's manifest where it lists the file at its current
     size, else hashed from the bytes."""
-    from instatune_cli.artifacts import sha256_file
-
     recorded = _manifest_digests(model_dir)
     out = {}
     for f in sorted(x for g in WEIGHT_GLOBS for x in model_dir.glob(g)):
@@ -165,8 +159,6 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
     process, so the logits are those of a single-process pass, bit for bit on the same hardware."""
     import torch
 
-    from instatune_cli.distributed import SINGLE
-
     group = group or SINGLE
     path = Path(partial) / CACHE_FILE
     shape = group.agree(lambda: _cached_shape(path, key, len(encoded)))
@@ -177,7 +169,6 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
             group.broadcast_([moved])
             out = moved.cpu()
         return out, False
-    from instatune_cli.adapters import family_of
 
     fam = family_of(teacher_dir)
     try:
