@@ -335,15 +335,15 @@ class FamilyAdapter(ABC):
                 return family.forward(self.model, dict(zip(keys, xs, strict=True)))[0]
 
         # one positional parameter per input: torch.export matches dynamic shapes to the signature
-        arity: dict[int, type[nn.Module]] = {
-            1: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a: self.logits(a)}),
-            2: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a, b: self.logits(a, b)}),
-            3: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a, b, c: self.logits(a, b, c)}),
-            4: type("LogitsOnly", (LogitsOnly,), {"forward": lambda self, a, b, c, d: self.logits(a, b, c, d)}),
+        forwards: dict[int, Any] = {
+            1: lambda self, a: self.logits(a),
+            2: lambda self, a, b: self.logits(a, b),
+            3: lambda self, a, b, c: self.logits(a, b, c),
+            4: lambda self, a, b, c, d: self.logits(a, b, c, d),
         }
-        if len(keys) not in arity:
+        if len(keys) not in forwards:
             raise ValueError(f"unsupported graph inputs {keys}")
-        return arity[len(keys)]().eval()
+        return type("LogitsOnly", (LogitsOnly,), {"forward": forwards[len(keys)]})().eval()
 
     def max_sequence_length(self, config: Any) -> int:
         """Longest sequence the model takes (the exported graph's sequence axis); 0 where the model fixes its

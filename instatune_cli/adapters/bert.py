@@ -116,9 +116,8 @@ class HFTextAdapter(HFAdapter):
         tml = getattr(preprocessor, "model_max_length", None)
         if isinstance(tml, int) and 0 < tml < 1_000_000:
             n = min(n, tml)
-        offset = 2 if model_family(config.model_type) == "roberta" else 0  # RoBERTa's padding_idx
         if dims.max_positions:
-            n = min(n, dims.max_positions - offset)
+            n = min(n, self.max_sequence_length(config))
         return n
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], hidden_states: bool = False
