@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instatune_cli import tune
 from instatune_cli.adapters import adapter_of
 from instatune_cli.errors import InstatuneError
 from instatune_cli.export import export_onnx
@@ -33,7 +34,7 @@ from instatune_cli.quantize.joint import int4_flags, size_from_params
 from instatune_cli.quantize.policy import QuantPolicy
 from instatune_cli.quantize.targets import architecture_of
 from instatune_cli.space import SearchSpace, SubNet, quant_gene_count
-from instatune_cli.tune import has_split, load_eval_batches, load_tuned, run_metric
+from instatune_cli.tune import has_split, load_tuned, run_metric
 
 
 @dataclass
@@ -155,7 +156,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
         if split == "eval":
             notes.append(fallback_warning(art.path))
             (on_warning or _warn)(notes[-1])
-        evaluator = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
+        evaluator = Evaluator(model, tune.load_eval_batches(art, tok, batch_size=batch_size, limit=limit, which=split),
                               metric=metric, shard=group)
     lat = latency or LatencySetup(seq_len=seq)
     full = full_subnet(model)  # the super-network itself (per layer for a run recovered from a per-layer extract)
@@ -214,7 +215,7 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
 
     def holdout(subs: Sequence[SubNet | None]) -> list[dict[str, Any]]:
         """Loads the eval split only now, after the search; each sub-network is scored once on all of it."""
-        ev = Evaluator(model, load_eval_batches(art, tok, batch_size=batch_size, which="eval"), metric=metric)
+        ev = Evaluator(model, tune.load_eval_batches(art, tok, batch_size=batch_size, which="eval"), metric=metric)
         try:
             out = [scored(ev, sub, "eval_") for sub in subs]
         finally:
@@ -263,7 +264,7 @@ class _Joint:
                  group_size: int = 32) -> None:
         self.model, self.dims, self.group_size = model, dims, group_size
         which = "calib" if has_split(art, "calib") else "val"
-        batches = load_eval_batches(art, tok, batch_size=32, limit=calibration_samples, which=which)
+        batches = tune.load_eval_batches(art, tok, batch_size=32, limit=calibration_samples, which=which)
         self.emulator = QuantEmulator(model, [{k: v for k, v in b.items() if k != "labels"} for b in batches])
 
     def policy(self, sub: SubNet) -> Any:

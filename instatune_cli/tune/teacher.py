@@ -15,7 +15,7 @@ from typing import Any
 
 from instatune_cli import artifacts
 from instatune_cli.adapters import check_model_source, family_of
-from instatune_cli.artifacts import sha256_file, writing
+from instatune_cli.artifacts import writing
 from instatune_cli.distributed import SINGLE
 from instatune_cli.errors import InstatuneError
 from instatune_cli.tune import recover  # a module: recover.py imports this one too (each uses the other at call time)
@@ -131,7 +131,7 @@ def weight_digests(model_dir: Path) -> dict[str, str]:
     out = {}
     for f in sorted(x for g in WEIGHT_GLOBS for x in model_dir.glob(g)):
         rec = recorded.get(f.name)
-        out[f.name] = rec["sha256"] if rec and rec["bytes"] == f.stat().st_size else sha256_file(f)
+        out[f.name] = rec["sha256"] if rec and rec["bytes"] == f.stat().st_size else artifacts.sha256_file(f)
     return out
 
 
