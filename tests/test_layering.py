@@ -74,3 +74,35 @@ def test_the_local_import_check_catches_one(tmp_path: Path) -> None:
                  "    from instatune_cli.adapters import elastic  # lazy: imports torch\n    import json\n")
     assert [h.split(": ", 1)[1] for h in local_imports(f, tmp_path)] == ["from instatune_cli import deliver",
                                                                         "import instatune_cli.export"]
+
+
+def family_tests(path: Path, root: Path = ROOT) -> list[str]:
+    """Comparisons of a `modality` or a `model_type` with literal values: a family question a stage should ask
+    the family's capabilities or methods instead (docs/architecture.md, "Families")."""
+    src = path.read_text()
+    found = []
+    for n in ast.walk(ast.parse(src)):
+        if not isinstance(n, ast.Compare):
+            continue
+        sides = [n.left, *n.comparators]
+        names = {s.attr if isinstance(s, ast.Attribute) else s.id if isinstance(s, ast.Name) else "" for s in sides}
+        literal = any(isinstance(s, ast.Constant) and isinstance(s.value, str) or
+                      isinstance(s, (ast.Set, ast.Tuple, ast.List)) and s.elts and
+                      all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in s.elts) for s in sides)
+        if names & {"modality", "model_type"} and literal:
+            found.append(f"{path.relative_to(root)}:{n.lineno}: {ast.unparse(n)}")
+    return found
+
+
+def test_stages_ask_families_not_modalities() -> None:
+    files = [p for p in sorted((ROOT / "instatune_cli").rglob("*.py")) if "adapters" not in p.parts]
+    bad = [hit for p in files for hit in family_tests(p)]
+    assert not bad, "ask the family (a FamilyAdapter capability or method) instead:\n" + "\n".join(bad)
+
+
+def test_the_family_check_catches_one(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("def f(fam, cfg):\n    a = fam.modality != 'text'\n    b = cfg.model_type in {'roberta', 'x'}\n"
+                 "    c = fam.quant_search\n    return model_type == other\n")
+    assert [h.split(": ", 1)[1] for h in family_tests(f, tmp_path)] == ["fam.modality != 'text'",
+                                                                       "cfg.model_type in {'roberta', 'x'}"]
