@@ -17,7 +17,6 @@ LINT = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-
 #: where instatune's own modules may be imported inside a function, and why
 LOCAL_OK = {
     "instatune_cli/cli/": "each command imports the library when it runs, so `instatune --help` stays light",
-    "instatune_cli/tune/loop.py": "not converted yet",
 }
 MARK = "# lazy:"  # an import line that says why it is local (e.g. the module imports torch and this one does not)
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.artifacts import fsync_tree, writing
+from instatune_cli.artifacts import check_own_dir, fsync_tree, mark_own, writing
 from instatune_cli.tune.state import STATE_FORMAT, TrainerState
 
 CKPT_DIR = "checkpoints"
@@ -28,8 +28,6 @@ def parked_dir(partial: Path) -> Path:
 
 def unpark_checkpoints(partial: Path, fingerprint: str, resume: bool) -> None:
     """Bring back checkpoints an interrupted commit parked: those of this run when resuming, none otherwise."""
-    from instatune_cli.artifacts import check_own_dir
-
     aside, live = parked_dir(partial), partial / CKPT_DIR
     if not check_own_dir(aside, PARKED_KIND, "the checkpoints of a commit"):
         return
@@ -44,8 +42,6 @@ def unpark_checkpoints(partial: Path, fingerprint: str, resume: bool) -> None:
 def park_checkpoints(partial: Path) -> None:
     """Move the checkpoints out of the directory the manifest describes, but keep them until it is in place:
     a kill or a full disk during the commit then resumes from the last one, not from step 0."""
-    from instatune_cli.artifacts import check_own_dir, mark_own
-
     live, aside = partial / CKPT_DIR, parked_dir(partial)
     if live.is_dir():
         if check_own_dir(aside, PARKED_KIND, "the checkpoints of a commit"):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from instatune_cli.measure.accuracy import Evaluator
+
 
 class Evaluation:
     """The run's evaluators (empty on ranks other than 0) and how a score is shown."""
 
     def __init__(self, adapter: Any, model: Any, inp: Any, smallest: Any, batch_size: int, device: Any,
                  autocast: Any, main: bool) -> None:
-        from instatune_cli.measure.accuracy import Evaluator
-
         self.adapter, self.model, self.inp, self.smallest, self.autocast = adapter, model, inp, smallest, autocast
         self.evaluators: dict[str, Any] = {}
         if not main:

@@ -47,10 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.adapters import model_family
+from instatune_cli.adapters import check_model_source, family_of, load_model, model_family
 from instatune_cli.distributed import env_rank, env_world_size, from_accelerator, rank0_reports
 from instatune_cli.errors import InstatuneError
+from instatune_cli.measure.metrics import check_metric_kind, default_metric
 from instatune_cli.seeds import seed_int
+from instatune_cli.tune import loss as L
 from instatune_cli.tune import recover
 from instatune_cli.tune.callbacks import (
     CallbackHandler,
@@ -73,7 +75,7 @@ from instatune_cli.tune.checkpoint import (  # noqa: F401 - re-exported: the nam
     unpark_checkpoints,
     worth_resuming,
 )
-from instatune_cli.tune.config import DEFAULT_MAX_LENGTH, TuneConfig
+from instatune_cli.tune.config import DEFAULT_MAX_LENGTH, MIXED_PRECISION, TuneConfig
 from instatune_cli.tune.evaluation import Evaluation
 from instatune_cli.tune.order import BatchOrder
 from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
@@ -88,6 +90,7 @@ from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
     tune_inputs,
 )
 from instatune_cli.tune.state import TrainerControl, TrainerState, TrainPlan
+from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config, teacher_logits
 
 
 @dataclass
@@ -219,7 +222,6 @@ def launcher_precision(cfg: TuneConfig) -> None:
     env = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
     if not env or env == "no" or env == cfg.mixed_precision:
         return
-    from instatune_cli.tune.config import MIXED_PRECISION
 
     if env not in MIXED_PRECISION:
         raise InstatuneError(f"accelerate launch asks for mixed precision {env}; instatune tune supports "
@@ -234,10 +236,6 @@ def launcher_precision(cfg: TuneConfig) -> None:
 def _resolve_inputs(cfg: TuneConfig, source: Any = None) -> TuneInputs:
     """Every input check that needs no training, cheapest first, so a bad teacher, space or tokenizer fails before
     the data is loaded and tokenized: model, teacher, space, tokenizer, data and validation split, labels."""
-    from instatune_cli.adapters import check_model_source, family_of
-    from instatune_cli.measure.metrics import check_metric_kind, default_metric
-    from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config
-
     model_src, _ = resolve_model_dir(cfg.model)
     model_src = check_model_source(model_src)
     adapter = family_of(model_src)
@@ -376,8 +374,6 @@ class Trainer:
     def load_teacher(self) -> tuple[Any, str | None]:
         """The strong teacher's logits over the training set, computed once (or read from the cache), and
         whether the cache was "built" or "reused"; (None, None) without a teacher."""
-        from instatune_cli.tune.teacher import teacher_logits
-
         if not self.inp.teacher_dir:
             return None, None
         partial = self.run_dir.partial
@@ -406,8 +402,6 @@ class Trainer:
         """Load the classifier, make it elastic under the space's depth rule, reorder, optimizer."""
         import torch
         from accelerate.utils import set_seed
-
-        from instatune_cli.adapters import load_model
 
         cfg = self.cfg
         set_seed(cfg.seed)
@@ -490,8 +484,6 @@ class Trainer:
         gradients across processes once (`sync`), then apply."""
         import torch
 
-        from instatune_cli.tune import loss as L
-
         cfg, net = self.cfg, self.net
         torch.manual_seed(seed_int("dropout", cfg.seed, step, self.rank))
         epoch_now = (step * self.A) // self.plan.micro_per_epoch
@@ -560,8 +552,6 @@ class Trainer:
         the processes that gives the mean over the global batch, the single-process loss. The hidden-state term
         is a mean over real tokens and is weighted by this slice's share of them."""
         import torch
-
-        from instatune_cli.tune import loss as L
 
         acc = self.acc
         raw = model = self.net.model

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from instatune_cli import data as D
 from instatune_cli.seeds import seed_int
 from instatune_cli.tune.state import TrainPlan
 
@@ -21,8 +22,6 @@ class BatchOrder:
 
     def epoch(self, e: int) -> list[int]:
         if e not in self._epoch:
-            from instatune_cli import data as D
-
             self._epoch.clear()
             perm = list(range(self.plan.n_train))
             rng = random.Random(seed_int("order", self.seed, e))

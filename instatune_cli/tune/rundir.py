@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instatune_cli.artifacts import remove_own, writing
+from instatune_cli import data as D
+from instatune_cli.artifacts import StageWriter, check_output, check_own_dir, remove_own, writing
 from instatune_cli.distributed import RankError
 from instatune_cli.errors import InstatuneError
 from instatune_cli.seeds import seed_int
 from instatune_cli.tune import checkpoint as C
 from instatune_cli.tune.config import TuneConfig
+from instatune_cli.tune.teacher import cache_key
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -27,8 +29,6 @@ CALIB_EXAMPLES = 512
 
 def precheck_output(cfg: TuneConfig) -> None:
     """The StageWriter rules, checked before any heavy work so a refused run costs nothing."""
-    from instatune_cli.artifacts import check_output, check_own_dir
-
     out = check_output(cfg.output, cfg.force, "tune", cfg.resume, tune_inputs(cfg))
     check_own_dir(C.parked_dir(out.with_name(out.name + ".partial")), C.PARKED_KIND, "the checkpoints of a commit")
 
@@ -50,8 +50,6 @@ class RunIdentity:
 
     @classmethod
     def of(cls, cfg: TuneConfig, inp: Any) -> RunIdentity:
-        from instatune_cli.tune.teacher import cache_key
-
         train_digest = inp.train_enc.digest()
         tkey = cache_key(inp.teacher_dir, train_digest, inp.max_length) if inp.teacher_dir else None
         src = inp.model_src
@@ -114,8 +112,6 @@ class RunDirectory:
     log: JsonlLog | None = None
 
     def __post_init__(self) -> None:
-        from instatune_cli.artifacts import StageWriter
-
         cfg = self.cfg
         self.writer = StageWriter(Path(cfg.output), "tune", cfg.to_dict(), force=cfg.force, resume=cfg.resume,
                                   cleanup_on_error=False, inputs=tune_inputs(cfg), keep_if=C.worth_resuming)
@@ -187,8 +183,6 @@ class RunDirectory:
 
     def write_outputs(self, adapter: Any, model: Any, inp: Any, space: Any, seed: int) -> None:
         """The super-network, tokenizer, space and the three splits into the partial directory."""
-        from instatune_cli import data as D
-
         partial, n_train = self.partial, len(inp.train_enc)
         with writing("the tuned super-network", partial / MODEL_DIR):
             adapter.save(model, inp.tok, partial / MODEL_DIR)
