@@ -73,6 +73,11 @@ def model_family(model_type: str) -> str:
     return next((a.aliases[t] for a in families() if t in a.aliases), t)
 
 
+def per_layer_dir(model_dir: str | Path) -> bool:
+    """Whether any family holds `model_dir` to be its per-layer model (`FamilyAdapter.is_per_layer_dir`)."""
+    return any(a.is_per_layer_dir(model_dir) for a in families())
+
+
 def family_named(name: str) -> FamilyAdapter:
     """The family called `name` (what `ModelDims.family` and manifests record)."""
     fams = {a.family: a for a in families()}

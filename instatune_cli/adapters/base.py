@@ -201,6 +201,11 @@ class FamilyAdapter(ABC):
         (text), or fixed by the model (images)."""
         return dims.image_tokens or requested
 
+    def is_per_layer_dir(self, model_dir: str | Path) -> bool:
+        """Whether `model_dir` holds this family's per-layer model (an extract, or the `model/` of a run recovered
+        from one), which instatune loads itself, never by running the file copied beside it."""
+        return False
+
     def load_saved(self, model_dir: str | Path, *, eager: bool = False) -> nn.Module:
         """A model this family saved with `save` (a tune run's super-network)."""
         return self.load(str(model_dir), eager=eager)

@@ -553,6 +553,9 @@ class TimmVitAdapter(ImageFamily, FamilyAdapter):
                                                                            model.num_classes)
         return self.prepare(model, labels, eager, src)
 
+    def is_per_layer_dir(self, model_dir: str | Path) -> bool:
+        return is_per_layer_dir(model_dir)
+
     def load_config(self, src: str) -> Any:
         """The config of `src` from a model built on the meta device (no weights read, nothing allocated); a timm
         id whose weights cannot be had fails here, before a stage creates anything."""

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instatune_cli import artifacts
-from instatune_cli.adapters import vit
+from instatune_cli.adapters import per_layer_dir
 from instatune_cli.data import REGRESSION_LABELS
 from instatune_cli.errors import InstatuneError
-from instatune_cli.extract import is_per_layer_dir, per_layer_shape
+from instatune_cli.extract import per_layer_shape
 from instatune_cli.space import DEFAULT_DEPTH, SearchSpace
 from instatune_cli.tune import teacher as T  # a module: teacher.py imports this one too
 
@@ -87,9 +87,9 @@ def check_unlisted_per_layer(path: Path) -> None:
 
 
 def _per_layer_dir(path: Path) -> bool:
-    """A per-layer model directory of a family whose per-layer models instatune loads itself: the transformers
-    text families' (`extract.is_per_layer_dir`) or timm's (`adapters.vit.is_per_layer_dir`)."""
-    return is_per_layer_dir(path) or vit.is_per_layer_dir(path)
+    """A per-layer model directory of a family whose per-layer models instatune loads itself (the family says:
+    `FamilyAdapter.is_per_layer_dir`)."""
+    return per_layer_dir(path)
 
 
 @dataclass

@@ -33,6 +33,9 @@ class HFAdapter(FamilyAdapter):
     """A transformers model family: configs through `AutoConfig`, extraction to the family's stock class (or our
     per-layer class where the family has one: `hf/extract.py`)."""
 
+    def is_per_layer_dir(self, model_dir: str | Path) -> bool:
+        return is_per_layer_dir(model_dir)
+
     def load_config(self, src: str | Path) -> Any:
         from transformers import AutoConfig
 
