@@ -231,7 +231,7 @@ def test_plugin_runs_all_five_stages(toy_dir: Path, tmp_path: Path) -> None:
     # quantize: the default policy names the toy's own linears (no embedding table: the toy has no
     # get_input_embeddings), static INT8 through ONNX Runtime, scored on the run's eval split
     q = quantize_stage(ext.path, tmp_path / "sub1-int8", QuantizeOptions(calibration_samples=16, runs=2))
-    qm = q.manifest["metrics"]
+    qm = q.metrics
     layers = qm["policy"]["layers"]
     assert set(layers) == {f"layer.{k}.{p}" for k in range(sub.layers)
                            for p in ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")} | {"classifier"}
@@ -241,7 +241,7 @@ def test_plugin_runs_all_five_stages(toy_dir: Path, tmp_path: Path) -> None:
 
     # export: the family's forward traced to ONNX, parity with torch on real inputs, latency of both graphs
     e = export_stage(ext.path, tmp_path / "sub1-onnx", runs=2)
-    em = e.manifest["metrics"]
+    em = e.metrics
     assert em["export"]["inputs"] == ["input_ids", "attention_mask"]
     assert em["export"]["dynamic_axes"] == {"batch": 0, "sequence": 1}
     assert em["export"]["optimization"]["applied"] is False  # the toy has no graph fusions
