@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from instatune_cli import data as D
 from instatune_cli.adapters import adapter_for, model_family, register_family
 from instatune_cli.adapters.base import LayerParts
@@ -25,6 +23,7 @@ from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 
 def input_names(model_or_config: Any) -> list[str]:

@@ -18,8 +18,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from instatune_cli.adapters import register_family
 from instatune_cli.adapters.base import LayerParts
 from instatune_cli.adapters.costs import encoder_macs, layer_params
@@ -33,6 +31,7 @@ from instatune_cli.space import ModelDims, SubNet
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 # Hugging Face image processors' `resample` (PIL codes) -> timm interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from instatune_cli.adapters import adapter_of
-from instatune_cli.adapters.elastic import ElasticLayerList
 from instatune_cli.quantize.policy import BITS, QuantPolicy
 from instatune_cli.quantize.targets import torch_targets
 
@@ -183,6 +182,8 @@ class QuantEmulator:
         import torch
 
         adapter = adapter_of(self.model)
+        from instatune_cli.adapters.elastic import ElasticLayerList  # lazy: imports torch; this module does not
+
         if isinstance(adapter.layer_list(self.model), ElasticLayerList):  # a super-network, not an extracted model
             adapter.activate(self.model, sub)
         targets = torch_targets(self.model, sub)

@@ -25,7 +25,6 @@ from instatune_cli.errors import InstatuneError
 from instatune_cli.export import export_onnx
 from instatune_cli.extract import full_subnet, save_extracted
 from instatune_cli.measure import macs as macs_mod
-from instatune_cli.measure.accuracy import Evaluator
 from instatune_cli.measure.latency import measure_ort_latency
 from instatune_cli.measure.metrics import check_metric, check_metric_kind, is_regression
 from instatune_cli.measure.size import weights_bytes
@@ -122,6 +121,8 @@ def build(run_dir: str | Path, objectives: Sequence[str], *, limit_val: int | No
     processes (`Evaluator(shard=)`), every process must call `evaluate` (rank 0) or `evaluate_shard` (the
     others) for the same sub-networks in the same order, and only rank 0 extracts and measures size/latency.
     """
+    from instatune_cli.measure.accuracy import Evaluator  # lazy: imports torch; the search stage loads without it
+
     model, tok, space, art = load_tuned(run_dir)
     if quant and not adapter_of(model).quant_search:
         raise InstatuneError(f"--quant (the joint precision search) is defined for the text families; {run_dir} "
