@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,19 +61,28 @@ def local_imports(path: Path, root: Path = ROOT) -> list[str]:
     return sorted(set(found))
 
 
+def library_files(skip: Any) -> list[Path]:
+    return [p for p in sorted((ROOT / "instatune_cli").rglob("*.py")) if not skip(p.relative_to(ROOT))]
+
+
 def test_own_modules_are_imported_at_module_level() -> None:
-    files = [p for p in sorted((ROOT / "instatune_cli").rglob("*.py")) if "standalone" not in p.parts
-             and not any(str(p.relative_to(ROOT)).startswith(k) for k in LOCAL_OK)]
+    files = library_files(lambda rel: "standalone" in rel.parts or any(str(rel).startswith(k) for k in LOCAL_OK))
     bad = [hit for p in files for hit in local_imports(p)]
     assert not bad, "import these at the top of the module (or mark the line `# lazy: why`):\n" + "\n".join(bad)
 
 
-def test_the_local_import_check_catches_one(tmp_path: Path) -> None:
+def found_in(check: Any, src: str, tmp_path: Path) -> list[str]:
+    """What `check` reports in a module holding `src`, without the `file:line: ` prefix."""
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from instatune_cli import deliver\n    import instatune_cli.export\n"
-                 "    from instatune_cli.adapters import elastic  # lazy: imports torch\n    import json\n")
-    assert [h.split(": ", 1)[1] for h in local_imports(f, tmp_path)] == ["from instatune_cli import deliver",
-                                                                        "import instatune_cli.export"]
+    f.write_text(src)
+    return [h.split(": ", 1)[1] for h in check(f, tmp_path)]
+
+
+def test_the_local_import_check_catches_one(tmp_path: Path) -> None:
+    src = ("def f():\n    from instatune_cli import deliver\n    import instatune_cli.export\n"
+           "    from instatune_cli.adapters import elastic  # lazy: imports torch\n    import json\n")
+    want = ["from instatune_cli import deliver", "import instatune_cli.export"]
+    assert found_in(local_imports, src, tmp_path) == want
 
 
 def family_tests(path: Path, root: Path = ROOT) -> list[str]:
@@ -94,14 +104,11 @@ def family_tests(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_stages_ask_families_not_modalities() -> None:
-    files = [p for p in sorted((ROOT / "instatune_cli").rglob("*.py")) if "adapters" not in p.parts]
-    bad = [hit for p in files for hit in family_tests(p)]
+    bad = [hit for p in library_files(lambda rel: "adapters" in rel.parts) for hit in family_tests(p)]
     assert not bad, "ask the family (a FamilyAdapter capability or method) instead:\n" + "\n".join(bad)
 
 
 def test_the_family_check_catches_one(tmp_path: Path) -> None:
-    f = tmp_path / "m.py"
-    f.write_text("def f(fam, cfg):\n    a = fam.modality != 'text'\n    b = cfg.model_type in {'roberta', 'x'}\n"
-                 "    c = fam.quant_search\n    return model_type == other\n")
-    assert [h.split(": ", 1)[1] for h in family_tests(f, tmp_path)] == ["fam.modality != 'text'",
-                                                                       "cfg.model_type in {'roberta', 'x'}"]
+    src = ("def f(fam, cfg):\n    a = fam.modality != 'text'\n    b = cfg.model_type in {'roberta', 'x'}\n"
+           "    c = fam.quant_search\n    return model_type == other\n")
+    assert found_in(family_tests, src, tmp_path) == ["fam.modality != 'text'", "cfg.model_type in {'roberta', 'x'}"]
