@@ -11,6 +11,9 @@ Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained four ways and judg
   model as the strong teacher (its compute includes the plain run).
 - (e) `instatune=b`: one elastic run given (b)'s total training compute (more epochs, same learning rate): what a
   user who can afford (b) would buy with InstaTune instead; every budget still comes from that one run.
+- (f) `prune=b`: its baseline at that compute: plain fine-tuning for (b)'s total compute (more epochs, same
+  learning rate), then sorted and cut like (a), no retraining; so more epochs alone are not mistaken for
+  InstaTune's gain.
 
 The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method,
 as the teacher and for the recovery runs. Selection only ever reads the validation split (carved from
@@ -64,7 +67,7 @@ TASKS: dict[str, dict[str, Any]] = {
 # (backward about twice forward). The product caches them per run; a user recovering three cuts could share one
 # pass, so (b) is charged one pass, not three (the doubt goes to the baseline).
 TEACHER_PASS = 1 / 3
-METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher", "instatune=b")
+METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher", "instatune=b", "prune=b")
 
 
 class Bench:
@@ -214,8 +217,15 @@ class Bench:
         cpu["instatune=b"] = self.tune(eq, seed, lr, epochs=round(eq_epochs, 3))
         per_method["instatune=b"] = self.members(self.search(eq)[0])
         compute["instatune=b"] = round(eq_epochs, 3) / self.args.epochs * (1.0 + expected_sub_ratio(eq))
+        # (f): the plain run for the same number of full-model epochs, then cut like (a)
+        peq = self.work / f"plain-eq-s{seed}"
+        peq_epochs = round(compute["prune+recover"] * self.args.epochs, 3)
+        cpu["prune=b"] = self.tune(peq, seed, lr, "--plain", epochs=peq_epochs)
+        per_method["prune=b"] = self.members(self.search(peq)[0])
+        compute["prune=b"] = peq_epochs / self.args.epochs
         runs = {"prune": [plain], "prune+recover": [plain, *sorted(self.work.glob(f"recover-s{seed}-b*[0-9]"))],
-                "instatune": [elastic], "instatune+teacher": [plain, teach], "instatune=b": [eq]}
+                "instatune": [elastic], "instatune+teacher": [plain, teach], "instatune=b": [eq],
+                "prune=b": [peq]}
         for method in METHODS:
             ms = per_method[method]
             row = {"task": self.name, "seed": seed, "method": method, "lr": lr, "metric": self.metric,
