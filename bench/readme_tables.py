@@ -76,36 +76,59 @@ def depth_family_table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-# ---- joint architecture + INT8 search (bench/joint_quant.py) --------------------------------------------------
+# ---- joint architecture + FP32/INT8/INT4 search (bench/joint_quant.py) ----------------------------------------
 def joint_quant_table(results: Path = RESULTS) -> str:
+    """ORT rows (FP32, all-INT8, all-INT4 super-networks, the picked member and its trimmed vocabulary), then the
+    inc engine's rows. Figures from runs known clean at a recorded commit only (the history's first record was
+    made before provenance, from another search space)."""
     d = load("joint_quant", results)
-    fp, i8, p, t = d["supernet_fp32"], d["supernet_all_int8"], d["picked"], d["picked_trimmed_vocab"]
+    fp, i8, i4, p, t = (d["supernet_fp32"], d["supernet_all_int8"], d["supernet_all_int4"], d["picked"],
+                        d["picked_trimmed_vocab"])
 
     def f(key: str, fallback: float) -> float:
-        return fig("joint_quant", key, fallback, results)
+        st = figure_stats("joint_quant", key, results, clean_only=True)
+        return st["median"] if st["n"] else fallback
 
     fp_acc, fp_mb = f("supernet_fp32.eval_acc", fp["eval_acc"]), f("supernet_fp32.mb", fp["bytes"] / 1e6)
+    i8_mb = f("supernet_all_int8.mb", i8["bytes"] / 1e6)
 
-    def row(acc: float, mb: float) -> tuple[str, str, str]:
-        return f"{pct(acc)} % ({100 * (acc - fp_acc):+.2f})", f"{mb:.1f} MB", f"{fp_mb / mb:.2f}x smaller"
+    def row(label: str, acc: float, mb: float, ms: float | None, bold: bool = False) -> str:
+        b = "**" if bold else ""
+        cells = [label, f"{b}{pct(acc)} % ({100 * (acc - fp_acc):+.2f}){b}", f"{b}{mb:.1f} MB{b}",
+                 f"{fp_mb / mb:.2f}x", f"{i8_mb / mb:.2f}x", "" if ms is None else f"{ms:.1f} ms"]
+        return "| " + " | ".join(cells) + " |"
 
-    i8_acc, i8_mb, i8_x = row(f("supernet_all_int8.eval_acc", i8["eval_acc"]),
-                              f("supernet_all_int8.mb", i8["bytes"] / 1e6))
-    p_acc, p_mb, p_x = row(f("picked.eval_acc_int8", p["eval_acc_int8"]), f("picked.mb_int8", p["bytes_int8"] / 1e6))
-    t_acc, t_mb, t_x = row(f("picked_trimmed_vocab.eval_acc_int8", t["eval_acc_int8"]),
-                           f("picked_trimmed_vocab.mb_int8", t["bytes_int8"] / 1e6))
-    heads = "/".join(map(str, p["heads"]))
-    ffn = "/".join(map(str, p["ffn"]))
-    lat = f("supernet_all_int8.latency_ms", i8["latency_ms"])
-    return "\n".join([
-        "| model | dev accuracy | size on disk | vs FP32 | latency b1 s128, 1 thread |",
-        "| --- | --- | --- | --- | --- |",
-        f"| FP32 super-network {fp['name']} | {pct(fp_acc)} % | {fp_mb:.1f} MB | 1x | {i8['latency_ms_fp32']:.1f} ms |",
-        f"| all-INT8 super-network | {i8_acc} | {i8_mb} | {i8_x} | {lat:.1f} ms |",
-        f"| picked: L{p['layers']}, heads {heads}, FFN {ffn}, {p['int8_layers']} of {p['layers_total']} layers INT8 "
-        f"| **{p_acc}** | **{p_mb}** | **{p_x}** | {f('picked.latency_ms_int8', p['latency_ms_int8']):.1f} ms |",
-        f"| the same, vocabulary trimmed to the {t['vocabulary']['kept']:,} training tokens (`--trim-vocab`) "
-        f"| {t_acc} | {t_mb} | {t_x} | |"])
+    heads, ffn = "/".join(map(str, p["heads"])), "/".join(map(str, p["ffn"]))
+    n8, n4, n = p["int8_layers"], p.get("int4_layers", 0), p["layers_total"]
+    lines = [
+        "| model (ONNX Runtime) | dev accuracy | size on disk | smaller than FP32 | than all-INT8 | latency b1 s128, "
+        "1 thread |", "| --- | --- | --- | --- | --- | --- |",
+        row(f"FP32 super-network {fp['name']} (fused graph)", fp_acc, fp_mb, i8["latency_ms_fp32"]),
+        row("all-INT8 super-network", f("supernet_all_int8.eval_acc", i8["eval_acc"]), i8_mb,
+            f("supernet_all_int8.latency_ms", i8["latency_ms"])),
+        row(f"all-INT4 super-network (group {d['options'].get('group_size', 32)})",
+            f("supernet_all_int4.eval_acc", i4["eval_acc"]), f("supernet_all_int4.mb", i4["bytes"] / 1e6),
+            f("supernet_all_int4.latency_ms", i4["latency_ms"])),
+        row(f"picked: L{p['layers']}, heads {heads}, FFN {ffn}; {n4} INT4, {n8} INT8, {n - n4 - n8} FP32 of {n} "
+            "layers", f("picked.eval_acc_int8", p["eval_acc_int8"]), f("picked.mb_int8", p["bytes_int8"] / 1e6),
+            f("picked.latency_ms_int8", p["latency_ms_int8"]), bold=True),
+        row(f"the same, vocabulary trimmed to the {t['vocabulary']['kept']:,} training tokens (`--trim-vocab`)",
+            f("picked_trimmed_vocab.eval_acc_int8", t["eval_acc_int8"]),
+            f("picked_trimmed_vocab.mb_int8", t["bytes_int8"] / 1e6),
+            f("picked_trimmed_vocab.latency_ms_int8", t["latency_ms_int8"])),
+        "", "| inc engine (Neural Compressor, PyTorch compiled) | dev accuracy | size on disk | latency (FP32 "
+        "compiled) | shipped |", "| --- | --- | --- | --- | --- |"]
+    names = {"supernet_all_int8": "super-network, static INT8 (PT2E)",
+             "supernet_all_int4": "super-network, weight-only RTN INT4", "picked_arch_all_int8":
+             "picked architecture, static INT8"}
+    for key, r in (d.get("inc") or {}).items():
+        if "refused" in r or "censored" in r:
+            why = r.get("refused") or f"censored: {r['censored']}"
+            lines.append(f"| {names.get(key, key)} | | | | no: {why.removeprefix('error: ')} |")
+        else:
+            lines.append(f"| {names.get(key, key)} | {pct(r['eval_acc_int8'])} % | {r['bytes_int8'] / 1e6:.1f} MB | "
+                         f"{r['latency_ms_int8']:.1f} ms ({r['latency_ms_fp32']:.1f} ms) | yes |")
+    return "\n".join(lines)
 
 
 # ---- ViT on CIFAR-10 (bench/vit_cifar.py) ---------------------------------------------------------------------
@@ -166,9 +189,21 @@ def search_efficiency_table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+# ---- InstaTune against prune-after-fine-tuning (bench/glue_value.py) -----------------------------------------
+def glue_value_table(task: str) -> Callable[[Path], str]:
+    """The bench's own summary of one task (mean (min..max) over seeds), without its heading line."""
+    def make(results: Path = RESULTS) -> str:
+        from bench.glue_value import summary
+
+        lines = summary(load(f"glue_value_{task}", results)["rows"]).strip().splitlines()
+        return "\n".join(x for x in lines if not x.startswith("###") and x.strip())
+    return make
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "depth_family": depth_family_table, "joint_quant": joint_quant_table, "vit_cifar": vit_cifar_table,
-    "search_efficiency": search_efficiency_table}
+    "search_efficiency": search_efficiency_table, "glue_value_sst2": glue_value_table("sst2"),
+    "glue_value_stsb": glue_value_table("stsb")}
 
 
 def check(readme: str, results: Path = RESULTS) -> list[str]:
