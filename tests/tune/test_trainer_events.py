@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Killed, assert_cli_error, kill_at, run_cli, tiny_tune_args, tiny_tune_config
+from conftest import Killed, assert_cli_error, kill_at, one_thread, run_cli, tiny_tune_args, tiny_tune_config
 from safetensors.torch import load_file
 
 from instatune_cli import artifacts
@@ -36,10 +36,13 @@ def log_of(run: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, tiny_data_dir: Path) -> Path:
-    """An uninterrupted run that reports to TensorBoard."""
+    """An uninterrupted run that reports to TensorBoard, on one thread like the tests that compare with it (a
+    module fixture is set up before the function-scoped `single_thread`; another thread count changes the float
+    sums, so the weights would differ wherever OMP_NUM_THREADS is not 1)."""
     pytest.importorskip("tensorboard")
     out = tmp_path_factory.mktemp("straight") / "run"
-    run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, report_to="tensorboard", **EVAL))
+    with one_thread():
+        run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, report_to="tensorboard", **EVAL))
     return out
 
 
