@@ -67,8 +67,10 @@ def _run_metric(run_dir: Path) -> str:
 def next_lines(summary: dict, path: Path) -> list[str]:
     """What to do next, never pointing at a collapsed member: the picked one (when not collapsed on the eval
     split either), else any member not flagged; nothing when every member is collapsed (the stage's note says
-    so, in one line)."""
+    so, in one line) or the front is empty (nothing to export)."""
     front = summary.get("front") or []
+    if not front:
+        return []
 
     def ok(r: dict) -> bool:
         return not (r.get("collapsed") or r.get("eval_collapsed"))

@@ -36,6 +36,7 @@ def test_next_line_never_points_at_a_collapsed_member() -> None:
     assert "--subnet 2" not in line and "collapsed on the eval split" in line
     dead = {"front": [row(1, 0.5, 1.0, collapsed=True), row(2, 0.5, 2.0, eval_collapsed=True)], "picked": None}
     assert next_lines(dead, path) == []  # the stage's one note says so (below)
+    assert next_lines({"front": [], "picked": None}, path) == []  # nothing to export, so no export line
 
 
 def test_a_front_of_collapsed_members_is_one_note() -> None:
