@@ -44,7 +44,6 @@ from instatune_cli.data import REGRESSION_LABELS
 from instatune_cli.errors import InstatuneError
 from instatune_cli.extract import per_layer_shape
 from instatune_cli.space import DEFAULT_DEPTH, SearchSpace
-from instatune_cli.tune import teacher as T  # a module: teacher.py imports this one too
 
 if TYPE_CHECKING:
     from instatune_cli.artifacts import Artifact
@@ -84,6 +83,22 @@ def check_unlisted_per_layer(path: Path) -> None:
     raise InstatuneError(f"{path} holds a per-layer instatune model but no manifest.json lists its files, so its "
                          "model file cannot be checked; give the extract directory `instatune extract` wrote (or "
                          "the tune run) instead of a copy")
+
+
+def resolve_model_dir(src: str) -> tuple[str, dict[str, Any] | None]:
+    """A tune-run directory stands for its model: (model dir, run manifest); an extract directory is its own
+    model once every file matches its manifest (below); anything else is returned as is."""
+    p = Path(src).expanduser()
+    man = p / "manifest.json"
+    if p.is_dir() and man.is_file():
+        art = artifacts.load(p, ("tune", "extract"), verify=False)
+        if art.stage == "extract":
+            return str(p), load_extract(p).manifest
+        sub = art.model.get("model_dir", "model")
+        return str(p / sub), art.manifest
+    if p.is_dir():
+        check_unlisted_per_layer(p)
+    return src, None
 
 
 def _per_layer_dir(path: Path) -> bool:
@@ -224,7 +239,7 @@ def _tokenizer_spec(d: str | Path) -> dict[str, Any] | None:
     """A tokenizer directory's `tokenizer.json` without the truncation and padding a save records (None without
     one): what two tokenizers are compared by."""
     try:
-        spec = json.loads((Path(T.resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_text())
+        spec = json.loads((Path(resolve_model_dir(str(d))[0]).expanduser() / "tokenizer.json").read_text())
     except (OSError, ValueError, InstatuneError):
         return None
     return {k: v for k, v in spec.items() if k not in ("truncation", "padding")} if isinstance(spec, dict) else None

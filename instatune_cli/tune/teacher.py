@@ -18,26 +18,10 @@ from instatune_cli.adapters import check_model_source, family_of
 from instatune_cli.artifacts import writing
 from instatune_cli.distributed import SINGLE
 from instatune_cli.errors import InstatuneError
-from instatune_cli.tune import recover  # a module: recover.py imports this one too (each uses the other at call time)
+from instatune_cli.tune.recover import resolve_model_dir  # a run or extract directory stands for its model
 
 CACHE_FILE = "teacher_logits.safetensors"
 _GENERIC_LABELS = ("LABEL_",)
-
-
-def resolve_model_dir(src: str) -> tuple[str, dict[str, Any] | None]:
-    """A tune-run directory stands for its model: (model dir, run manifest); an extract directory is its own
-    model once every file matches its manifest (tune/recover.py); anything else is returned as is."""
-    p = Path(src).expanduser()
-    man = p / "manifest.json"
-    if p.is_dir() and man.is_file():
-        art = artifacts.load(p, ("tune", "extract"), verify=False)
-        if art.stage == "extract":
-            return str(p), recover.load_extract(p).manifest
-        sub = art.model.get("model_dir", "model")
-        return str(p / sub), art.manifest
-    if p.is_dir():
-        recover.check_unlisted_per_layer(p)
-    return src, None
 
 
 def _is_generic(names: list[str]) -> bool:
