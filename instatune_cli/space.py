@@ -501,17 +501,38 @@ class SearchSpace:
             return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, k - 1) for k in self.quant_choices(n)))
         return sub
 
+    def sample_stratified(self, rng: random.Random) -> SubNet:
+        """L drawn once, then one width level u ~ U(0, 1) for the whole sub-network: every layer's head and FFN
+        choice sits near u of its range (jittered by a third of a choice). Uniform per-layer draws average out, so
+        their sizes crowd the middle of the MAC range and the narrow members that small budgets pick (every layer
+        at its smallest width) are almost never trained as a whole; here they are drawn regularly, at about the
+        same mean cost (docs/architecture.md, "Elastic training")."""
+        n = rng.choice(self.layers)
+        u = rng.random()
+
+        def near(choices: tuple[int, ...]) -> int:
+            j = round(u * (len(choices) - 1) + rng.gauss(0.0, 0.35))
+            return choices[min(len(choices) - 1, max(0, j))]
+
+        sub = SubNet.make(n, [near(self.heads[i]) for i in range(n)], [near(self.ffn[i]) for i in range(n)])
+        if self.quant:
+            return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, k - 1) for k in self.quant_choices(n)))
+        return sub
+
     def sample_many(self, rng: random.Random, m: int, mode: str = "uniform") -> list[SubNet]:
         """`m` sub-networks for one training step.
 
         uniform: m random draws. sandwich: the smallest first, then m-1 random (the largest is the
-        super-network itself, which the InstaTune loss always trains).
+        super-network itself, which the InstaTune loss always trains). stratified: m draws of
+        `sample_stratified` (sizes spread over the MAC range, not crowded in its middle).
         """
         if mode == "uniform":
             return [self.sample(rng) for _ in range(m)]
         if mode == "sandwich":
             return ([self.smallest()] + [self.sample(rng) for _ in range(m - 1)])[:m]
-        raise InstatuneError(f"unknown sampling {mode!r}; use uniform or sandwich")
+        if mode == "stratified":
+            return [self.sample_stratified(rng) for _ in range(m)]
+        raise InstatuneError(f"unknown sampling {mode!r}; use uniform, sandwich or stratified")
 
     # ---- integer-gene encoding for search -----------------------------------------------------
     def gene_bounds(self) -> list[int]:

@@ -159,6 +159,29 @@ def test_sandwich_sampling_and_extremes():
         s.sample_many(random.Random(0), 1, "greedy")
 
 
+def test_stratified_sampling_trains_narrow_members_at_the_same_mean_size():
+    """Uniform per-layer draws almost never give a member narrow in every layer; stratified ones do, regularly,
+    while the mean width (so the step's cost) stays that of uniform sampling; every draw is in the space and a
+    seed gives the same draws."""
+    s = SearchSpace.preset("bert-base-paper")
+
+    def narrow(sub: SubNet) -> bool:
+        return all(h == s.heads[i][0] for i, h in enumerate(sub.heads)) and \
+            all(f == s.ffn[i][0] for i, f in enumerate(sub.ffn))
+
+    def width(sub: SubNet) -> float:
+        return sum(sub.heads) / len(sub.heads) + sum(sub.ffn) / len(sub.ffn) / 256
+
+    uni = s.sample_many(random.Random(0), 3000, "uniform")
+    strat = s.sample_many(random.Random(0), 3000, "stratified")
+    assert all(s.contains(x) for x in strat)
+    assert sum(map(narrow, uni)) <= 3 and sum(map(narrow, strat)) >= 30
+    mean_u, mean_s = (sum(map(width, xs)) / len(xs) for xs in (uni, strat))
+    assert abs(mean_s - mean_u) / mean_u < 0.05
+    assert s.sample_many(random.Random(7), 5, "stratified") == s.sample_many(random.Random(7), 5, "stratified")
+    assert len(set(strat)) > 1000  # widths still vary layer by layer
+
+
 def test_gene_encoding_round_trips_and_covers_the_space():
     s = SearchSpace.from_dict({"layers": [1, 2], "heads": [1, 2], "ffn": [3, 4, 5]})
     bounds = s.gene_bounds()

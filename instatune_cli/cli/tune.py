@@ -73,7 +73,8 @@ def register(app: typer.Typer) -> None:
                                             show_default="derived from the model", rich_help_panel=METHOD),
         num_subnets: int = typer.Option(D.num_subnets, "--num-subnets", "-M", help="Sub-networks sampled per step.",
                                         rich_help_panel=METHOD),
-        sampling: str = typer.Option(D.sampling, "--sampling", help="uniform, or sandwich (smallest + random).",
+        sampling: str = typer.Option(D.sampling, "--sampling", help="uniform, sandwich (smallest + random) or "
+                                     "stratified (one width level per sub-network: sizes spread over the MAC range).",
                                      rich_help_panel=METHOD),
         alpha: float = typer.Option(D.alpha, "--alpha", help="Cross-entropy weight α of the InstaTune loss.",
                                     rich_help_panel=METHOD),

@@ -11,7 +11,7 @@ from instatune_cli.data import GLUE_TASKS, parse_val_split
 from instatune_cli.errors import InstatuneError
 from instatune_cli.measure.metrics import METRICS, check_metric_kind
 
-SAMPLING = ("uniform", "sandwich")
+SAMPLING = ("uniform", "sandwich", "stratified")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard")  # --report-to: tune/callbacks.REPORTERS
 DEFAULT_MAX_LENGTH = 128  # --max-length when not given (a recovery run takes its parent run's: tune/recover.py)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from instatune_cli import artifacts
 from instatune_cli.errors import InstatuneError
+from instatune_cli.space import SearchSpace
 from instatune_cli.tune.loop import latest_checkpoint, run_tune
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -264,6 +266,21 @@ def test_sandwich_accum_multi_subnets(tiny_bert_dir: Path, tiny_data_dir: Path, 
     assert len(subs) == 4 and all(len(s) == 2 and s[0] == "L2-h2-f12" for s in subs)
     art = artifacts.load(tmp_path / "r", "tune")
     assert art.model["reorder"] is None and art.manifest["training"]["global_batch"] == 8
+
+
+def test_stratified_sampling_trains_and_is_recorded(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """`--sampling stratified` reaches the trainer: its steps train the draws of `sample_stratified` (seeded by
+    the step), and the run records the mode."""
+    from instatune_cli.seeds import seed_int
+
+    res = run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "r", sampling="stratified", max_steps=3,
+                                    reorder=False, log_every=1, super_warmup=0.0))
+    subs = [r["subnets"] for r in res.log if r["event"] == "train"]
+    space = SearchSpace.from_file(tmp_path / "r" / "space.json")
+    want = [[x.name for x in space.sample_many(random.Random(seed_int("subnets", 7, k)), 1, "stratified")]
+            for k in range(3)]
+    assert subs == want
+    assert artifacts.load(tmp_path / "r", "tune").manifest["options"]["sampling"] == "stratified"
 
 
 def test_continue_from_a_tune_run(tiny_tune_run: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
