@@ -506,7 +506,7 @@ class SearchSpace:
         choice sits near u of its range (jittered by a third of a choice). Uniform per-layer draws average out, so
         their sizes crowd the middle of the MAC range and the narrow members that small budgets pick (every layer
         at its smallest width) are almost never trained as a whole; here they are drawn regularly, at about the
-        same mean cost (docs/architecture.md, "Elastic training")."""
+        same mean cost (docs/architecture.md, "Tuning")."""
         n = rng.choice(self.layers)
         u = rng.random()
 
