@@ -1,6 +1,6 @@
 """Is one elastic run better than fine-tune, then prune, then a short recovery fine-tune, at the same compute?
 
-Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained four ways and judged at three MAC budgets:
+Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained seven ways and judged at three MAC budgets:
 
 - (a) `prune`: plain fine-tuning (`tune --plain`: heads and neurons sorted by importance after training), then
   its sub-networks cut with no retraining; the best member within each budget chosen on the validation split.
@@ -14,6 +14,10 @@ Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained four ways and judg
 - (f) `prune=b`: its baseline at that compute: plain fine-tuning for (b)'s total compute (more epochs, same
   learning rate), then sorted and cut like (a), no retraining; so more epochs alone are not mistaken for
   InstaTune's gain.
+- (g) `instatune+recover`: (c)'s chosen member of each budget extracted and recovered like (b), distilled from
+  (c)'s own super-network (`tune EXTRACT --plain --teacher ELASTIC_RUN`), given what (b) spent beyond (c) less one
+  teacher pass, shared over the three budgets: the paper's advice for the one member a user ships, at (b)'s
+  total compute.
 
 The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method,
 as the teacher and for the recovery runs. Selection only ever reads the validation split (carved from
@@ -67,7 +71,7 @@ TASKS: dict[str, dict[str, Any]] = {
 # (backward about twice forward). The product caches them per run; a user recovering three cuts could share one
 # pass, so (b) is charged one pass, not three (the doubt goes to the baseline).
 TEACHER_PASS = 1 / 3
-METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher", "instatune=b", "prune=b")
+METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher", "instatune=b", "prune=b", "instatune+recover")
 
 
 class Bench:
@@ -147,7 +151,32 @@ class Bench:
         ok = [m for m in members if m["macs_frac"] <= budget + 1e-9 and not m.get("collapsed")]
         return max(ok, key=lambda m: (m["acc"], -m["macs"])) if ok else None
 
-    # ---- the four methods for one seed ----------------------------------------------------------------------
+    def recover(self, search: Path, members: list[dict[str, Any]], parent: Path, cut: str, name: str, seed: int,
+                lr: float, macs_each: float) -> tuple[list[dict[str, Any]], float]:
+        """The chosen member of each budget (on validation) extracted from `search` and fine-tuned again as a plain
+        model distilled from `parent` (`tune EXTRACT --plain --teacher PARENT`), for `macs_each` full-model epochs
+        of training MACs, i.e. macs_each / (its MAC ratio) epochs of the smaller model; (rows, CPU seconds)."""
+        recovered: list[dict[str, Any]] = []
+        cpu = 0.0
+        for budget in BUDGETS:
+            chosen = self.best_within(members, budget)
+            if chosen is None or chosen.get("subnet") is None:
+                continue
+            ext = self.work / f"{cut}-s{seed}-b{budget:g}"
+            self.cli("extract", str(search), "--subnet", str(chosen["subnet"]), out=ext)
+            epochs = round(self.args.epochs * macs_each / max(chosen["macs_frac"], 1e-6), 3)
+            rec = self.work / f"{name}-s{seed}-b{budget:g}"
+            cpu += self.tune(rec, seed, lr, "--plain", "--teacher", str(parent), model=str(ext), epochs=epochs)
+            m = self.manifest(rec)["metrics"]
+            recovered.append({"name": chosen["name"], "subnet": chosen["subnet"], "macs_frac": chosen["macs_frac"],
+                              "macs": chosen["macs"], "budget": budget, "recovery_epochs": epochs,
+                              "recovery_macs": round(epochs * chosen["macs_frac"], 4),
+                              "acc": float(m.get(f"super_val_{self.metric}", float("nan"))),
+                              "eval_acc": float(m.get(f"super_{self.metric}", m.get("super_accuracy"))),
+                              "collapsed": bool(m.get("super_collapsed", False))})
+        return recovered, cpu
+
+    # ---- the methods for one seed ----------------------------------------------------------------------
     def best_lr(self) -> float:
         """The plain learning rate with the best validation score on the first seed. A best at the edge of the
         grid is not a best: the grid grows by a factor 2 that way (at most twice), as a careful user would."""
@@ -186,26 +215,7 @@ class Bench:
                       "instatune+teacher": self.members(self.search(teach)[0])}
         compute = {"prune": 1.0, "instatune": 1.0 + extra, "instatune+teacher": 2.0 + extra + TEACHER_PASS}
         cpu = {"prune": cpu_plain, "instatune": cpu_el, "instatune+teacher": cpu_te + cpu_plain}
-        recovered: list[dict[str, Any]] = []
-        rec_cpu = 0.0
-        for budget in BUDGETS:
-            chosen = self.best_within(pmembers, budget)
-            if chosen is None or chosen.get("subnet") is None:
-                continue
-            ext = self.work / f"plain-s{seed}-b{budget:g}"
-            self.cli("extract", str(psearch), "--subnet", str(chosen["subnet"]), out=ext)
-            # the recovery run gets the training MACs elastic spent beyond plain: `extra` full-model epochs,
-            # i.e. extra / (its MAC ratio) epochs of the smaller model
-            epochs = self.args.epochs * extra / max(chosen["macs_frac"], 1e-6)
-            rec = self.work / f"recover-s{seed}-b{budget:g}"
-            rec_cpu += self.tune(rec, seed, lr, "--plain", "--teacher", str(plain), model=str(ext),
-                                 epochs=round(epochs, 3))
-            m = self.manifest(rec)["metrics"]
-            recovered.append({"name": chosen["name"], "subnet": chosen["subnet"], "macs_frac": chosen["macs_frac"],
-                              "macs": chosen["macs"], "budget": budget, "recovery_epochs": round(epochs, 3),
-                              "acc": float(m.get(f"super_val_{self.metric}", float("nan"))),
-                              "eval_acc": float(m.get(f"super_{self.metric}", m.get("super_accuracy"))),
-                              "collapsed": bool(m.get("super_collapsed", False))})
+        recovered, rec_cpu = self.recover(psearch, pmembers, plain, "plain", "recover", seed, lr, extra)
         full = next(m for m in pmembers if m["subnet"] is None)
         per_method["prune+recover"] = [*recovered, full]
         compute["prune+recover"] = 1.0 + extra * len(recovered) + (TEACHER_PASS if recovered else 0.0)
@@ -223,9 +233,21 @@ class Bench:
         cpu["prune=b"] = self.tune(peq, seed, lr, "--plain", epochs=peq_epochs)
         per_method["prune=b"] = self.members(self.search(peq)[0])
         compute["prune=b"] = peq_epochs / self.args.epochs
+        # (g): (c)'s chosen member of each budget recovered like (b), distilled from (c)'s own super-network, with
+        # what (b) spent beyond (c): (b)'s total minus (c)'s, less one teacher pass, shared over the budgets
+        esearch = elastic.with_name(elastic.name + "-search")
+        left = compute["prune+recover"] - compute["instatune"] - TEACHER_PASS
+        erec, erec_cpu = self.recover(esearch, per_method["instatune"], elastic, "ecut", "erecover", seed, lr,
+                                      left / len(BUDGETS))
+        efull = next(m for m in per_method["instatune"] if m["subnet"] is None)
+        per_method["instatune+recover"] = [*erec, efull]
+        compute["instatune+recover"] = compute["instatune"] + sum(r["recovery_macs"] for r in erec) + \
+            (TEACHER_PASS if erec else 0.0)
+        cpu["instatune+recover"] = cpu_el + erec_cpu
         runs = {"prune": [plain], "prune+recover": [plain, *sorted(self.work.glob(f"recover-s{seed}-b*[0-9]"))],
                 "instatune": [elastic], "instatune+teacher": [plain, teach], "instatune=b": [eq],
-                "prune=b": [peq]}
+                "prune=b": [peq],
+                "instatune+recover": [elastic, *sorted(self.work.glob(f"erecover-s{seed}-b*[0-9]"))]}
         for method in METHODS:
             ms = per_method[method]
             row = {"task": self.name, "seed": seed, "method": method, "lr": lr, "metric": self.metric,
@@ -233,7 +255,7 @@ class Bench:
                    "cpu_s": round(cpu[method], 1), "members": ms, "run_commits": self.commits(*runs[method]),
                    "hypervolume_dev": hypervolume_dev(ms, REF[self.metric])}
             for budget in BUDGETS:
-                pick = recovered_at(ms, budget) if method == "prune+recover" else self.best_within(ms, budget)
+                pick = recovered_at(ms, budget) if method.endswith("+recover") else self.best_within(ms, budget)
                 row[f"dev@{budget:g}"] = None if pick is None else pick["eval_acc"]
                 row[f"name@{budget:g}"] = None if pick is None else pick["name"]
             row["super_dev"] = next(m["eval_acc"] for m in ms if m["subnet"] is None)
