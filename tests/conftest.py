@@ -218,6 +218,54 @@ def tiny_plain_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
     return out
 
 
+#: the sub-network the quantize tests extract: 2 layers of 2 and 4 heads (head width 8), FFN 25 and 37
+QUANT_SUBNET = '{"layers": 2, "heads": [2, 4], "ffn": [25, 37]}'
+
+
+@pytest.fixture(scope="session")
+def tiny_quant_extract(tmp_path_factory: pytest.TempPathFactory, tiny_tune_run: Path) -> Path:
+    """`instatune extract` of `QUANT_SUBNET` from `tiny_tune_run` (the quantize tests' model; treat as
+    read-only)."""
+    out = tmp_path_factory.mktemp("quant-ext") / "ext"
+    r = run_cli("extract", tiny_tune_run, "--config", QUANT_SUBNET, "--output", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quant_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_quant_extract: Path) -> Path:
+    """Its plain FP32 ONNX export (`optimize=False`: the graph the ORT engine quantizes; treat as read-only,
+    copy it before writing beside it)."""
+    from instatune_cli.export import export_onnx
+
+    path = tmp_path_factory.mktemp("quant-onnx") / "m.onnx"
+    export_onnx(tiny_quant_extract, path, optimize=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`tiny_export(family, seed, sub)` -> (model directory, its model.onnx, export report, extract report):
+    `helpers.tiny_model(family, seed)` extracted as `sub` and exported with `export_onnx`'s defaults (dynamo,
+    fused), once per session for each argument triple: the export tests share these (treat as read-only)."""
+    from helpers import tiny_model
+
+    from instatune_cli.export import export_onnx
+    from instatune_cli.extract import save_extracted
+
+    done: dict[tuple[Any, ...], tuple[Path, Path, dict[str, Any], dict[str, Any]]] = {}
+
+    def get(family: str, seed: int, sub: Any) -> tuple[Path, Path, dict[str, Any], dict[str, Any]]:
+        key = (family, seed, sub)
+        if key not in done:
+            d = tmp_path_factory.mktemp(f"export-{family}")
+            extracted = save_extracted(tiny_model(family, seed=seed), sub, None, d)
+            done[key] = (d, d / "model.onnx", export_onnx(d, d / "model.onnx"), extracted)
+        return done[key]
+
+    return get
+
+
 # ---- CLI helpers --------------------------------------------------------------------------------------
 
 def run_cli(*args: str | Path) -> Any:
