@@ -315,3 +315,22 @@ def sst2_dir() -> Path:
     if not (d / "train.tsv").is_file() or not (d / "dev.tsv").is_file():
         pytest.skip(f"SST-2 data not found at {d}")
     return d
+
+
+#: the real all-MiniLM-L6-v2 on an SST-2 subset: a few dozen elastic steps that beat chance clearly
+MINILM_SST2 = dict(task="sst2", limit_train=960, limit_eval=200, max_length=64, batch_size=16, max_steps=40, lr=2e-4,
+                   save_every=0, reorder_batches=2, quiet=True, seed=42)
+
+
+@pytest.fixture(scope="session")
+def minilm_sst2_run(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, sst2_dir: Path) -> tuple[Path, Any]:
+    """(run directory, TuneResult) of `MINILM_SST2`, trained once per session (about 25 s on one thread) for the
+    tests that only read it: the integration test of tune and the parent of the recovery test (treat as
+    read-only)."""
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    out = tmp_path_factory.mktemp("minilm-sst2") / "run"
+    with one_thread():  # one busy core makes two OpenMP threads slower than one
+        res = run_tune(TuneConfig(model=str(minilm_dir), data=str(sst2_dir), output=str(out), **MINILM_SST2))
+    return out, res
