@@ -19,7 +19,39 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers (README: two, one per core) each run torch on one thread: two OpenMP threads per
+    # worker beside a busy second core make every barrier cost 10-100x (see `one_thread`)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
+
+#: test modules that share an expensive session fixture (the value) run on one pytest-xdist worker, so that it is
+#: built once, not once per worker
+SAME_WORKER = {
+    "tests/tune/test_tune_integration.py": "minilm_sst2_run", "tests/tune/test_recovery.py": "minilm_sst2_run",
+    "tests/export/test_export_onnx.py": "tiny_export", "tests/export/test_graph_optimize.py": "tiny_export",
+    "tests/quantize/test_quantize.py": "tiny_quant_onnx", "tests/quantize/test_lowbit.py": "tiny_quant_onnx",
+}
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a hook of pytest-xdist, before its own
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """For pyproject's `-n 2` (xdist's `--dist load`): xdist's `loadscope`, each test module one unit of work so that
+    its module fixtures are built once (per test they would be built on both workers), the modules of
+    `SAME_WORKER` one unit together. (`--dist loadgroup` cannot do this: it does not group under pytest 9.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return SAME_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)
+
+
 SHARED_DATA = REPO / ".." / "shared" / "data"
 
 POSITIVE = ("good", "great", "fine", "nice", "happy", "love", "best", "fun", "superb", "charming")
