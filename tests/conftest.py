@@ -20,8 +20,8 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest-xdist's workers (README: two, one per core) each run torch on one thread: two OpenMP threads per
-    # worker beside a busy second core make every barrier cost 10-100x (see `one_thread`)
+    # pytest-xdist's workers (`-n 2`, one per core) each run torch on one thread: two OpenMP threads per worker
+    # beside a busy second core make every barrier cost 10-100x (see `one_thread`)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ SAME_WORKER = {
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # a hook of pytest-xdist, before its own
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """For pyproject's `-n 2` (xdist's `--dist load`): xdist's `loadscope`, each test module one unit of work so that
+    """For `-n 2` (xdist's default `--dist load`): xdist's `loadscope`, each test module one unit of work so that
     its module fixtures are built once (per test they would be built on both workers), the modules of
     `SAME_WORKER` one unit together. (`--dist loadgroup` cannot do this: it does not group under pytest 9.)"""
     if config.getvalue("dist") != "load":
