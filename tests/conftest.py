@@ -19,7 +19,39 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers (`-n 2`, one per core) each run torch on one thread: two OpenMP threads per worker
+    # beside a busy second core make every barrier cost 10-100x (see `one_thread`)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
+
+#: test modules that share an expensive session fixture (the value) run on one pytest-xdist worker, so that it is
+#: built once, not once per worker
+SAME_WORKER = {
+    "tests/tune/test_tune_integration.py": "minilm_sst2_run", "tests/tune/test_recovery.py": "minilm_sst2_run",
+    "tests/export/test_export_onnx.py": "tiny_export", "tests/export/test_graph_optimize.py": "tiny_export",
+    "tests/quantize/test_quantize.py": "tiny_quant_onnx", "tests/quantize/test_lowbit.py": "tiny_quant_onnx",
+}
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a hook of pytest-xdist, before its own
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """For `-n 2` (xdist's default `--dist load`): xdist's `loadscope`, each test module one unit of work so that
+    its module fixtures are built once (per test they would be built on both workers), the modules of
+    `SAME_WORKER` one unit together. (`--dist loadgroup` cannot do this: it does not group under pytest 9.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return SAME_WORKER.get(module, module)
+
+    return ModuleScheduling(config, log)
+
+
 SHARED_DATA = REPO / ".." / "shared" / "data"
 
 POSITIVE = ("good", "great", "fine", "nice", "happy", "love", "best", "fun", "superb", "charming")
@@ -218,6 +250,54 @@ def tiny_plain_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
     return out
 
 
+#: the sub-network the quantize tests extract: 2 layers of 2 and 4 heads (head width 8), FFN 25 and 37
+QUANT_SUBNET = '{"layers": 2, "heads": [2, 4], "ffn": [25, 37]}'
+
+
+@pytest.fixture(scope="session")
+def tiny_quant_extract(tmp_path_factory: pytest.TempPathFactory, tiny_tune_run: Path) -> Path:
+    """`instatune extract` of `QUANT_SUBNET` from `tiny_tune_run` (the quantize tests' model; treat as
+    read-only)."""
+    out = tmp_path_factory.mktemp("quant-ext") / "ext"
+    r = run_cli("extract", tiny_tune_run, "--config", QUANT_SUBNET, "--output", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quant_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_quant_extract: Path) -> Path:
+    """Its plain FP32 ONNX export (`optimize=False`: the graph the ORT engine quantizes; treat as read-only,
+    copy it before writing beside it)."""
+    from instatune_cli.export import export_onnx
+
+    path = tmp_path_factory.mktemp("quant-onnx") / "m.onnx"
+    export_onnx(tiny_quant_extract, path, optimize=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`tiny_export(family, seed, sub)` -> (model directory, its model.onnx, export report, extract report):
+    `helpers.tiny_model(family, seed)` extracted as `sub` and exported with `export_onnx`'s defaults (dynamo,
+    fused), once per session for each argument triple: the export tests share these (treat as read-only)."""
+    from helpers import tiny_model
+
+    from instatune_cli.export import export_onnx
+    from instatune_cli.extract import save_extracted
+
+    done: dict[tuple[Any, ...], tuple[Path, Path, dict[str, Any], dict[str, Any]]] = {}
+
+    def get(family: str, seed: int, sub: Any) -> tuple[Path, Path, dict[str, Any], dict[str, Any]]:
+        key = (family, seed, sub)
+        if key not in done:
+            d = tmp_path_factory.mktemp(f"export-{family}")
+            extracted = save_extracted(tiny_model(family, seed=seed), sub, None, d)
+            done[key] = (d, d / "model.onnx", export_onnx(d, d / "model.onnx"), extracted)
+        return done[key]
+
+    return get
+
+
 # ---- CLI helpers --------------------------------------------------------------------------------------
 
 def run_cli(*args: str | Path) -> Any:
@@ -267,3 +347,22 @@ def sst2_dir() -> Path:
     if not (d / "train.tsv").is_file() or not (d / "dev.tsv").is_file():
         pytest.skip(f"SST-2 data not found at {d}")
     return d
+
+
+#: the real all-MiniLM-L6-v2 on an SST-2 subset: a few dozen elastic steps that beat chance clearly
+MINILM_SST2 = dict(task="sst2", limit_train=960, limit_eval=200, max_length=64, batch_size=16, max_steps=40, lr=2e-4,
+                   save_every=0, reorder_batches=2, quiet=True, seed=42)
+
+
+@pytest.fixture(scope="session")
+def minilm_sst2_run(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, sst2_dir: Path) -> tuple[Path, Any]:
+    """(run directory, TuneResult) of `MINILM_SST2`, trained once per session (about 25 s on one thread) for the
+    tests that only read it: the integration test of tune and the parent of the recovery test (treat as
+    read-only)."""
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    out = tmp_path_factory.mktemp("minilm-sst2") / "run"
+    with one_thread():  # one busy core makes two OpenMP threads slower than one
+        res = run_tune(TuneConfig(model=str(minilm_dir), data=str(sst2_dir), output=str(out), **MINILM_SST2))
+    return out, res

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_batches, tiny_model
+from helpers import tiny_batches
 
 from instatune_cli.errors import InstatuneError
 from instatune_cli.export import (
@@ -23,15 +23,14 @@ SHAPES = ((1, 7), (4, 23))
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """{kind: (model_dir, onnx_path, export report)} for a stock and a per-layer extraction."""
-    model = tiny_model("bert", seed=0)
+def exported(tiny_export):
+    """{kind: (model_dir, onnx_path, export report)} for a stock and a per-layer extraction (conftest.tiny_export:
+    the same exports as test_graph_optimize.py's)."""
     out = {}
     for kind, sub in SUBS.items():
-        d = tmp_path_factory.mktemp(kind)
-        assert save_extracted(model, sub, None, d)["kind"] == kind
-        report = export_onnx(d, d / "model.onnx")
-        out[kind] = (d, d / "model.onnx", report)
+        d, path, report, extracted = tiny_export("bert", 0, sub)
+        assert extracted["kind"] == kind
+        out[kind] = (d, path, report)
     return out
 
 
@@ -111,13 +110,11 @@ def test_unknown_exporter_and_bad_graph_are_user_errors(exported, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_other_families_export(family, tmp_path):
-    model = tiny_model(family, seed=2)
-    save_extracted(model, SubNet((2, 4), (9, 37)), None, tmp_path)
-    report = export_onnx(tmp_path, tmp_path / "model.onnx")
+def test_other_families_export(family, tiny_export):
+    d, path, report, _ = tiny_export(family, 2, SubNet((2, 4), (9, 37)))  # shared with test_graph_optimize.py
     assert report["inputs"] == ["input_ids", "attention_mask"]  # one token type / none: not a graph input
-    small = load_extracted(tmp_path)
-    report = check_parity(tmp_path / "model.onnx", small, tiny_batches(small.config, SHAPES))
+    small = load_extracted(d)
+    report = check_parity(path, small, tiny_batches(small.config, SHAPES))
     assert report["max_abs_diff"] < 1e-4
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from helpers import tiny_batches, tiny_model
+from helpers import tiny_batches
 
 from instatune_cli import export
 from instatune_cli.adapters.hf import fusion
@@ -20,7 +20,7 @@ from instatune_cli.export import (
     quantize_dynamic_int8,
     read_metadata,
 )
-from instatune_cli.extract import load_extracted, save_extracted
+from instatune_cli.extract import load_extracted
 from instatune_cli.space import SubNet
 
 SUBS = {"stock": SubNet((4, 4, 4), (20, 20, 20)), "instatune": SubNet((3, 1, 4), (37, 5, 12))}
@@ -45,16 +45,16 @@ def _left_padded(config) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """{kind: (model_dir, fused onnx, plain onnx, export report)} for a stock and a per-layer extraction."""
-    model = tiny_model("bert", seed=0)
+def exported(tiny_export, tmp_path_factory):
+    """{kind: (model_dir, fused onnx, plain onnx, export report)} for a stock and a per-layer extraction (the fused
+    exports: conftest.tiny_export, shared with test_export_onnx.py)."""
     out = {}
     for kind, sub in SUBS.items():
-        d = tmp_path_factory.mktemp(kind)
-        assert save_extracted(model, sub, None, d)["kind"] == kind
-        report = export_onnx(d, d / "model.onnx")
-        export_onnx(d, d / "plain.onnx", optimize=False)
-        out[kind] = (d, d / "model.onnx", d / "plain.onnx", report)
+        d, path, report, extracted = tiny_export("bert", 0, sub)
+        assert extracted["kind"] == kind
+        plain = tmp_path_factory.mktemp(kind) / "plain.onnx"
+        export_onnx(d, plain, optimize=False)
+        out[kind] = (d, path, plain, report)
     return out
 
 
@@ -169,11 +169,9 @@ def test_unknown_fusion_is_a_user_error(exported, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_other_families_fuse_attention(family, tmp_path):
-    model = tiny_model(family, seed=2)
-    save_extracted(model, SubNet((2, 4), (9, 37)), None, tmp_path)
-    report = export_onnx(tmp_path, tmp_path / "model.onnx")
+def test_other_families_fuse_attention(family, tiny_export):
+    d, path, report, _ = tiny_export(family, 2, SubNet((2, 4), (9, 37)))  # shared with test_export_onnx.py
     assert report["optimization"]["fused"].get("Attention") == 2
-    small = load_extracted(tmp_path)
+    small = load_extracted(d)
     batches = tiny_batches(small.config, SHAPES[:3]) + [_left_padded(small.config)]
-    assert check_parity(tmp_path / "model.onnx", small, batches)["max_abs_diff"] < 1e-4
+    assert check_parity(path, small, batches)["max_abs_diff"] < 1e-4

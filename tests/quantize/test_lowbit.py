@@ -21,21 +21,15 @@ GROUP = 16  # divides the tiny model's hidden size (32) and head widths (2 or 4 
 
 
 @pytest.fixture(scope="module")
-def extracted(tiny_tune_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q4") / "ext"
-    r = run_cli("extract", tiny_tune_run, "--config", '{"layers": 2, "heads": [2, 4], "ffn": [25, 37]}',
-                "--output", out)
-    assert r.exit_code == 0, r.output
-    return out
+def extracted(tiny_quant_extract):
+    """conftest.QUANT_SUBNET extracted from the tiny tuned run (shared with test_quantize.py)."""
+    return tiny_quant_extract
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(extracted, tmp_path_factory):
-    from instatune_cli.export import export_onnx
-
-    path = tmp_path_factory.mktemp("q4onnx") / "m.onnx"
-    export_onnx(extracted, path, optimize=False)
-    return path
+def fp32_onnx(tiny_quant_onnx):
+    """Its plain FP32 export (`export_onnx(extracted, optimize=False)`, once per session)."""
+    return tiny_quant_onnx
 
 
 def _model(path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,12 +20,16 @@ from instatune_cli.quantize.targets import architecture_of, onnx_targets, torch_
 
 
 @pytest.fixture(scope="module")
-def extracted(tiny_tune_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "ext"
-    cfg = '{"layers": 2, "heads": [2, 4], "ffn": [25, 37]}'
-    r = run_cli("extract", tiny_tune_run, "--config", cfg, "--output", out)
-    assert r.exit_code == 0, r.output
-    return out
+def extracted(tiny_quant_extract):
+    """conftest.QUANT_SUBNET extracted from the tiny tuned run (shared with test_lowbit.py)."""
+    return tiny_quant_extract
+
+
+@pytest.fixture
+def m_onnx(tiny_quant_onnx, tmp_path):
+    """A copy of its plain FP32 export in the test's own directory (the graph `export_onnx(extracted,
+    optimize=False)` writes, exported once per session)."""
+    return Path(shutil.copy(tiny_quant_onnx, tmp_path / "m.onnx"))
 
 
 def _model(path):
@@ -58,24 +64,20 @@ def test_policy_refuses_unknown_layers_foreign_architecture_and_bad_files(extrac
         QuantPolicy.load(tmp_path / "x.json")
 
 
-def test_onnx_nodes_map_to_every_logical_layer(extracted, tmp_path):
-    from instatune_cli.export import export_onnx
-
+def test_onnx_nodes_map_to_every_logical_layer(extracted, m_onnx, tmp_path):
     m = _model(extracted)
-    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
     nodes = onnx_targets(onnx.load(str(tmp_path / "m.onnx")).graph, torch_targets(m))
     assert set(nodes) == set(architecture_of(m).names())
     assert len(set(nodes.values())) == len(nodes)
 
 
-def test_mixed_policy_keeps_exactly_the_fp32_layers_fp32_ort(extracted, tmp_path, tiny_tune_run):
-    from instatune_cli.export import export_onnx, ort_session
+def test_mixed_policy_keeps_exactly_the_fp32_layers_fp32_ort(extracted, m_onnx, tmp_path, tiny_tune_run):
+    from instatune_cli.export import ort_session
     from instatune_cli.quantize.ort_engine import quantize_onnx, quantized_nodes
     from instatune_cli.tune import load_eval_batches
 
     m = _model(extracted)
     t = torch_targets(m)
-    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
     pol = QuantPolicy.uniform(architecture_of(m))
     keep = ["layer.0.query", "layer.1.ffn_in", "classifier", "embeddings"]
     for n in keep:
@@ -96,16 +98,14 @@ def test_mixed_policy_keeps_exactly_the_fp32_layers_fp32_ort(extracted, tmp_path
     assert 0 < np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
 
 
-def test_closed_form_size_matches_the_ort_file(extracted, tmp_path, tiny_tune_run):
+def test_closed_form_size_matches_the_ort_file(extracted, m_onnx, tmp_path, tiny_tune_run):
     """The joint search's size objective is the weight bytes ONNX Runtime's engine actually writes (within 3 %;
     the rest of the file is the graph, a fixed few kB)."""
-    from instatune_cli.export import export_onnx
     from instatune_cli.measure.size import onnx_bytes
     from instatune_cli.quantize.joint import size_bytes
     from instatune_cli.quantize.ort_engine import quantize_onnx
 
     m = _model(extracted)
-    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
     arch = architecture_of(m)
     calib = [{k: v for k, v in b.items()} for b in [_calib(m)]]
     for pol in (QuantPolicy.uniform(arch), QuantPolicy.uniform(arch, "fp32")):
@@ -123,11 +123,11 @@ def _calib(m):
     return {k: v for k, v in b.items()}
 
 
-def test_emulation_matches_the_ort_engine_and_restores_weights(extracted, tmp_path):
+def test_emulation_matches_the_ort_engine_and_restores_weights(extracted, m_onnx, tmp_path):
     """The search's PyTorch QDQ arithmetic gives the ORT engine's logits (to accumulation error), and the
     model is unchanged afterwards. (ORT runs the classifier's QDQ Gemm closer to FP32 than its QDQ arithmetic
     says, so it is left FP32 here; every MatMul/Gather layer matches.)"""
-    from instatune_cli.export import export_onnx, ort_session
+    from instatune_cli.export import ort_session
     from instatune_cli.quantize.ort_engine import quantize_onnx
 
     m = _model(extracted)
@@ -136,7 +136,6 @@ def test_emulation_matches_the_ort_engine_and_restores_weights(extracted, tmp_pa
     pol.layers["layer.1.value"] = "fp32"
     pol.layers["classifier"] = "fp32"
     calib = [_calib(m)]
-    export_onnx(extracted, tmp_path / "m.onnx", optimize=False)
     quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", pol, torch_targets(m), calib, strict=True)
     sess = ort_session(tmp_path / "q.onnx")
     names = [i.name for i in sess.get_inputs()]
@@ -170,18 +169,25 @@ def test_size_counts_an_int8_weight_as_one_byte_plus_a_scale_per_row():
     assert fp == 4 * n and fp - q == 3 * n - 5 * rows - 10 * len(shapes(arch, 50))
 
 
-def test_quantize_stage_ort_end_to_end(extracted, tmp_path):
-    out = tmp_path / "int8"
+@pytest.fixture(scope="module")
+def quantized(extracted, tmp_path_factory):
+    """(output directory, printed output) of the default quantize stage (all INT8, ORT engine) of `extracted`."""
+    out = tmp_path_factory.mktemp("int8") / "int8"
     r = run_cli("quantize", extracted, "--output", out, "--calibration-samples", "16", "--runs", "2")
     assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_quantize_stage_ort_end_to_end(quantized):
+    out, output = quantized
     art = artifacts.load(out, "quantize")
     m = art.metrics
     assert (out / "model.int8.onnx").is_file() and (out / "policy.json").is_file()
     assert m["size_bytes"]["int8"] < m["size_bytes"]["fp32"] and m["calibration_examples"] == 16
     assert set(m["accuracy"]) == {"fp32", "int8"} and m["accuracy"]["int8"]["split"] == "eval"
     assert QuantPolicy.load(out / "policy.json").fp32() == []
-    assert "all-int8" in r.output or "every layer" in r.output
-    assert not list(tmp_path.glob("nc_workspace*"))
+    assert "all-int8" in output or "every layer" in output
+    assert not list(out.parent.glob("nc_workspace*"))
 
 
 def test_quantize_stage_inc_engine_refuses_what_does_not_ship(extracted, tmp_path, monkeypatch):
@@ -292,13 +298,12 @@ def test_export_int8_uses_the_searched_policy_and_says_so(joint, tmp_path):
     assert len(blockwise_nodes(tmp_path / "e" / "model.int8.onnx")) == sum(b == 2 for b in row["quant"])
 
 
-def test_trim_vocab_keeps_training_tokens_and_the_same_predictions_on_them(extracted, tmp_path):
+def test_trim_vocab_keeps_training_tokens_and_the_same_predictions_on_them(extracted, quantized, tmp_path):
     from instatune_cli.export import ort_session
 
-    full, trim = tmp_path / "full", tmp_path / "trim"
-    for out, extra in ((full, []), (trim, ["--trim-vocab"])):
-        r = run_cli("quantize", extracted, "--output", out, "--calibration-samples", "16", "--runs", "2", *extra)
-        assert r.exit_code == 0, r.output
+    full, trim = quantized[0], tmp_path / "trim"  # the same command without --trim-vocab
+    r = run_cli("quantize", extracted, "--output", trim, "--calibration-samples", "16", "--runs", "2", "--trim-vocab")
+    assert r.exit_code == 0, r.output
     v = artifacts.load(trim, "quantize").metrics["quantization"]["vocabulary"]
     assert 0 < v["kept"] < v["of"]
     table = next(i for i in onnx.load(str(trim / "model.int8.onnx")).graph.initializer if i.name == v["table"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -278,9 +279,10 @@ def test_data_with_other_labels_and_teacher_parent_without_extract_are_refused(e
 
 
 @pytest.mark.integration
-def test_minilm_per_layer_extract_recovers(minilm_dir: Path, sst2_dir: Path, tmp_path: Path) -> None:
-    """The real all-MiniLM-L6-v2: an elastic run on an SST-2 subset, a per-layer extract of it, recovery with the
-    parent as teacher; the recovered model reloads with the same outputs and beats the extract it started from."""
+def test_minilm_per_layer_extract_recovers(minilm_sst2_run: tuple[Path, Any], tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2: an elastic run on an SST-2 subset (conftest.MINILM_SST2, shared with the
+    integration test of tune), a per-layer extract of it, recovery with the parent as teacher; the recovered model
+    reloads with the same outputs and beats the extract it started from."""
     from instatune_cli.adapters import adapter_of
     from instatune_cli.deliver import extract_stage
     from instatune_cli.extract import load_extracted
@@ -289,14 +291,13 @@ def test_minilm_per_layer_extract_recovers(minilm_dir: Path, sst2_dir: Path, tmp
     from instatune_cli.tune.config import TuneConfig
     from instatune_cli.tune.loop import run_tune
 
-    base = dict(limit_train=960, limit_eval=200, max_length=64, batch_size=16, lr=2e-4, save_every=0,
-                reorder_batches=2, quiet=True, seed=42)
+    parent = minilm_sst2_run[0]
+    base = dict(limit_eval=200, max_length=64, batch_size=16, lr=2e-4, save_every=0, reorder_batches=2, quiet=True,
+                seed=42)
     with one_thread():
-        run_tune(TuneConfig(model=str(minilm_dir), task="sst2", data=str(sst2_dir), max_steps=40,
-                            output=str(tmp_path / "run"), **base))
-        extract_stage(tmp_path / "run", tmp_path / "ext", config="L4-h12.6.8.6-f1536.512.1024.512")
+        extract_stage(parent, tmp_path / "ext", config="L4-h12.6.8.6-f1536.512.1024.512")
         run_tune(TuneConfig(model=str(tmp_path / "ext"), plain=True, teacher="parent", max_steps=40,
-                            output=str(tmp_path / "rec"), **{k: v for k, v in base.items() if k != "limit_train"}))
+                            output=str(tmp_path / "rec"), **base))
         art = artifacts.load(tmp_path / "rec", "tune")
         assert art.options["task"] == "sst2" and art.options["limit_train"] == 960  # the parent's data
         model, tok, _, _ = load_tuned(tmp_path / "rec")
