@@ -31,7 +31,7 @@ forward and backward alike, from the space in closed form (`expected_sub_ratio`)
 each teacher's pass over the training data (TEACHER_PASS; (b) is charged one); measured CPU seconds are reported
 beside it.
 
-    python bench/glue_value.py [--tasks sst2,stsb] [--seeds 42,43,44] [--epochs 1] [--limit-train N]
+    python bench/glue_value.py [--tasks sst2,stsb] [--seeds 42,43,44] [--epochs 1] [--limit-train N] [--jobs 2]
 
 Resumable: every run directory under bench/results/glue_value/ is reused when complete. Writes
 bench/results/glue_value.json (every row), .md (tables), .png (dev score at each budget), .rows.jsonl (raw
@@ -96,10 +96,13 @@ class Bench:
         cmd = [sys.executable, "-m", "instatune_cli", *argv, "-o", str(out)]
         if argv[0] in ("tune", "search") and out.with_name(out.name + ".partial").exists():  # both resume
             cmd.append("--resume")
-        t0 = os.times()
-        subprocess.run(cmd, check=True, cwd=REPO)
-        t1 = os.times()
-        cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
+        # the child's own CPU seconds (wait4's rusage), right when runs go on in parallel threads (--jobs)
+        proc = subprocess.Popen(cmd, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        cpu = usage.ru_utime + usage.ru_stime
         out.with_name(out.name + ".cpu").write_text(f"{cpu:.1f}")
         out.with_name(out.name + ".commit").write_text(self.args.commit)
         return cpu
@@ -188,11 +191,10 @@ class Bench:
         scores: dict[float, float] = {}
         grid = list(LRS)
         for _ in range(3):
-            for lr in grid:
-                if lr not in scores:
-                    run = self.work / f"plain-lr{lr:g}-s{seed}"
-                    self.tune(run, seed, lr, "--plain")
-                    scores[lr] = self.val_score(run)
+            todo = [lr for lr in grid if lr not in scores]
+            runs = {lr: self.work / f"plain-lr{lr:g}-s{seed}" for lr in todo}
+            parallel(lambda lr, runs=runs: self.tune(runs[lr], seed, lr, "--plain"), todo, self.args.jobs)
+            scores.update({lr: self.val_score(runs[lr]) for lr in todo})
             best = max(sorted(scores), key=lambda k: scores[k])  # ties: the smaller rate
             if best == max(grid):
                 grid.append(best * 2)
@@ -272,6 +274,16 @@ class Bench:
             row["super_dev"] = next(m["eval_acc"] for m in ms if m["subnet"] is None)
             rows.append(row)
         return rows
+
+
+def parallel(fn: Any, items: list[Any], jobs: int) -> list[Any]:
+    """`fn` over `items`, `jobs` at a time (threads: each item's work is in child processes), results in order."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(fn, items))
 
 
 def recovered_at(members: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
@@ -382,6 +394,29 @@ def _spread(vals: list[float | None]) -> str:
     return f"{statistics.mean(got):.4f} ({min(got):.4f}..{max(got):.4f}){miss}"
 
 
+def run_seeds(b: Bench, lr: float, args: argparse.Namespace, sweeps: dict[str, Any],
+              prior: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every seed's rows (seed order), `args.jobs` seeds at a time; after each seed, what is done so far is written
+    (.partial.json, .md, .png), readable while the rest runs (a censored run still shows its finished seeds)."""
+    import threading
+
+    done: dict[int, list[dict[str, Any]]] = {}
+    lock = threading.Lock()  # pyplot and the partial files: one seed's writer at a time
+
+    def one(seed: int) -> None:
+        rows = b.seed_rows(seed, lr)
+        with lock:
+            done[seed] = rows
+            so_far = prior + [r for s in args.seed_list if s in done for r in done[s]]
+            args.out.with_suffix(".partial.json").write_text(json.dumps({"sweeps": sweeps, "rows": so_far},
+                                                                        indent=1))
+            args.out.with_suffix(".md").write_text(summary(so_far))
+            plot(so_far, args.out.with_suffix(".png"))
+
+    parallel(one, args.seed_list, args.jobs)
+    return [r for s in args.seed_list for r in done[s]]
+
+
 def main() -> None:
     if sys.argv[1:2] == ["plot"]:
         res = Path(sys.argv[2])
@@ -396,6 +431,8 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None, help="first N training rows (default: all)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--evals", type=int, default=40, help="real evaluations per search")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time: the learning-rate sweep's runs, then the "
+                    "seeds (each seed's runs stay in order); 2 on two free cores halves the wall time")
     ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "glue_value.json",
                     help="result file; runs go in a folder beside it, history and rows too (a smoke run elsewhere "
@@ -417,12 +454,7 @@ def main() -> None:
         b = Bench(task, args, work)
         lr = b.best_lr()
         sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr}
-        for seed in args.seed_list:
-            rows += b.seed_rows(seed, lr)
-            # what is done so far, readable while the rest runs (a censored run still shows its finished seeds)
-            args.out.with_suffix(".partial.json").write_text(json.dumps({"sweeps": sweeps, "rows": rows}, indent=1))
-            args.out.with_suffix(".md").write_text(summary(rows))
-            plot(rows, args.out.with_suffix(".png"))
+        rows += run_seeds(b, lr, args, sweeps, rows)
     out = args.out
     prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
     summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows
