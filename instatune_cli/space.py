@@ -495,11 +495,14 @@ class SearchSpace:
     def sample(self, rng: random.Random) -> SubNet:
         """Uniform sampling as in the paper: L drawn once, then H and D_ffn drawn per layer."""
         n = rng.choice(self.layers)
-        sub = SubNet.make(n, [rng.choice(self.heads[i]) for i in range(n)],
-                          [rng.choice(self.ffn[i]) for i in range(n)])
-        if self.quant:
-            return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, k - 1) for k in self.quant_choices(n)))
-        return sub
+        return self._with_precision(SubNet.make(n, [rng.choice(self.heads[i]) for i in range(n)],
+                                                [rng.choice(self.ffn[i]) for i in range(n)]), rng)
+
+    def _with_precision(self, sub: SubNet, rng: random.Random) -> SubNet:
+        """`sub` with a uniformly drawn precision per gene in a joint (`quant`) space; as is otherwise."""
+        if not self.quant:
+            return sub
+        return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, k - 1) for k in self.quant_choices(sub.layers)))
 
     def sample_stratified(self, rng: random.Random) -> SubNet:
         """L drawn once, then one width level u ~ U(0, 1) for the whole sub-network: every layer's head and FFN
@@ -514,10 +517,8 @@ class SearchSpace:
             j = round(u * (len(choices) - 1) + rng.gauss(0.0, 0.35))
             return choices[min(len(choices) - 1, max(0, j))]
 
-        sub = SubNet.make(n, [near(self.heads[i]) for i in range(n)], [near(self.ffn[i]) for i in range(n)])
-        if self.quant:
-            return SubNet(sub.heads, sub.ffn, tuple(rng.randint(0, k - 1) for k in self.quant_choices(n)))
-        return sub
+        return self._with_precision(
+            SubNet.make(n, [near(self.heads[i]) for i in range(n)], [near(self.ffn[i]) for i in range(n)]), rng)
 
     def sample_many(self, rng: random.Random, m: int, mode: str = "uniform") -> list[SubNet]:
         """`m` sub-networks for one training step.
