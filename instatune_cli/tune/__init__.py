@@ -12,7 +12,8 @@ A tune run directory (stage "tune", the artifact contract of docs/architecture.m
                                adapter: the registered family later stages load it with; base checkpoint,
                                task, labels, dims, max_length, model_dir, reorder), metrics (super_accuracy,
                                smallest_accuracy, super_<metric> when not accuracy, a regressor's super_mse
-                               instead of accuracy, super_collapsed, eval_loss, steps, wall_time_s, ...), space,
+                               instead of accuracy, super_collapsed, eval_loss, steps, wall_time_s, cpu_s: every
+                               session's, ...), space,
                                data, training info
     space.json                 the search space (SearchSpace.to_dict), checked against the model
     model/                     the super-network in its family's stock layout (transformers `save_pretrained`,

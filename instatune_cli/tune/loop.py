@@ -89,7 +89,7 @@ from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
     precheck_output,
     tune_inputs,
 )
-from instatune_cli.tune.state import TrainerControl, TrainerState, TrainPlan
+from instatune_cli.tune.state import SessionClock, TrainerControl, TrainerState, TrainPlan
 from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config, teacher_logits
 
 
@@ -143,7 +143,7 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
     """Run (or resume) `instatune tune` and return the committed artifact. `on_step(step)` is called after
     every optimizer step (and after a checkpoint of that step), e.g. to stop a run in tests; `callbacks` listen
     to the loop's events (tune/callbacks.py)."""
-    t_session = time.perf_counter()
+    session = SessionClock.start()
     with rank0_reports(env_rank()):  # under a launcher: rank 0 prints the one line, the others exit quietly
         source = recover.from_extract(cfg)  # MODEL an extract: checked; data / --teacher parent from its run
         if cfg.max_length is None:  # not given (a recovery run took its parent's above): the default, recorded
@@ -179,7 +179,7 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
                                  f"{accelerator.num_processes} into one group ({accelerator.distributed_type}); "
                                  "pass --cpu to train on the CPUs, or check the launcher's environment")
         try:
-            return _train(cfg, accelerator, inputs, console, listeners, t_session)
+            return _train(cfg, accelerator, inputs, console, listeners, session)
         finally:
             if accelerator.num_processes == 1:
                 from accelerate.state import AcceleratorState, GradientState
@@ -189,7 +189,7 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
 
 
 def _train(cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, console: Any, callbacks: list[TrainerCallback],
-           t_session: float) -> TuneResult:
+           session: SessionClock) -> TuneResult:
     """Plan the run, open its directory (the output's lock is released whatever happens), train and commit."""
     plan = TrainPlan.of(cfg, len(inputs.train_enc), accelerator.num_processes)
     run_dir = RunDirectory(cfg, from_accelerator(accelerator), accelerator.is_main_process,
@@ -197,7 +197,7 @@ def _train(cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, console: Any, 
     try:
         with run_dir.writer.faults("the tune run"):  # a refused write: one line, the partial kept for --resume
             run_dir.open(RunIdentity.of(cfg, inputs))
-            return Trainer(cfg, accelerator, inputs, plan, run_dir, console, callbacks, t_session).run()
+            return Trainer(cfg, accelerator, inputs, plan, run_dir, console, callbacks, session).run()
     finally:
         for cb in callbacks:
             cb.close()
@@ -322,7 +322,7 @@ class Trainer:
     the checkpoint format are described in the module docstring."""
 
     def __init__(self, cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, plan: TrainPlan, run_dir: RunDirectory,
-                 console: Any = None, callbacks: Sequence[TrainerCallback] = (), t_session: float | None = None
+                 console: Any = None, callbacks: Sequence[TrainerCallback] = (), session: SessionClock | None = None
                  ) -> None:
         self.cfg, self.acc, self.inp, self.plan, self.run_dir = cfg, accelerator, inputs, plan, run_dir
         self.adapter, self.space = inputs.adapter, inputs.space
@@ -331,8 +331,10 @@ class Trainer:
         self.nproc, self.rank = accelerator.num_processes, accelerator.process_index
         # G: the global micro-batch (--batch-size), B: this process's slice of it; A: micro-batches per step
         self.G, self.A, self.B = plan.global_batch, plan.accum, plan.per_process
-        self.t_session = time.perf_counter() if t_session is None else t_session
+        self.session = SessionClock.start() if session is None else session
         self.prior_wall = 0.0  # wall seconds of the run's earlier sessions (from the checkpoint resumed)
+        self.prior_cpu = 0.0   # CPU seconds of those sessions
+        self.cpu_is_lower_bound = False  # resumed from a checkpoint that counted only its training steps' CPU
         self.say = _Say(console, self.main and not cfg.quiet)
         self.console = console
         self.mode = "plain" if cfg.plain else f"elastic M={cfg.num_subnets} {cfg.sampling}"
@@ -461,6 +463,8 @@ class Trainer:
                 self._replay_evaluations(state)
             state.total_steps, state.processes = self.plan.total_steps, self.nproc
             self.state, self.prior_wall = state, state.wall_s
+            self.cpu_is_lower_bound = state.cpu_s is None
+            self.prior_cpu = state.cpu_time_s if state.cpu_s is None else state.cpu_s
             self.saved_step = self.resumed_from = state.step
             self.say(f"resumed from {ckpt.name} (step {state.step} of {self.plan.total_steps})")
         # every rank starts from rank 0's weights (what DDP does at construction): the reordering's importance
@@ -476,7 +480,11 @@ class Trainer:
 
     def wall(self) -> float:
         """Wall seconds of the run so far, every session."""
-        return self.prior_wall + time.perf_counter() - self.t_session
+        return self.prior_wall + self.session.wall()
+
+    def cpu(self) -> float:
+        """This process's CPU seconds of the run so far, every session."""
+        return self.prior_cpu + self.session.cpu()
 
     # ---- one optimizer step ---------------------------------------------------------------------------
     def step(self, step: int) -> StepResult:
@@ -662,7 +670,7 @@ class Trainer:
         net, state = self.net, self.state
 
         def save() -> str:
-            state.wall_s = self.wall()
+            state.wall_s, state.cpu_s = self.wall(), self.cpu()
             return str(save_checkpoint(self.run_dir.partial, net.model, net.optimizer, net.scheduler, state,
                                        self.acc.scaler))
 
@@ -683,13 +691,14 @@ class Trainer:
     def _commit_main(self) -> dict[str, Any]:
         cfg, inp, plan, state = self.cfg, self.inp, self.plan, self.state
         final = self._evaluate_main(final=True)  # inside `commit`'s Group.agree already
-        state.wall_s = self.wall()
+        state.wall_s, state.cpu_s = self.wall(), self.cpu()
         n_val = len(inp.val_enc) if inp.val_enc is not None else 0
         train_time = state.train_time_s
         metrics = {**final, "smallest_subnet": self.smallest.name, "steps": plan.total_steps,
                    "epochs": round(plan.total_steps / plan.steps_per_epoch, 4), "train_examples": plan.n_train,
                    "val_examples": n_val, "eval_examples": len(inp.eval_enc), "wall_time_s": round(state.wall_s, 2),
-                   "train_time_s": round(train_time, 2),
+                   "train_time_s": round(train_time, 2), "cpu_s": round(state.cpu_s, 2),
+                   **({"cpu_s_lower_bound": True} if self.cpu_is_lower_bound else {}),
                    "samples_per_s": round(state.samples / train_time, 2) if train_time > 0 else None}
         self.callbacks.on_train_end(self, state, self.control, metrics)
         self.run_dir.write_outputs(self.adapter, self.net.model, inp, self.space, cfg.seed)

@@ -11,6 +11,7 @@ counters as flat keys) are still read; their evaluation history is rebuilt from 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -52,6 +53,26 @@ class TrainPlan:
         return self.micro_per_epoch / self.accum
 
 
+@dataclass(frozen=True)
+class SessionClock:
+    """When this session of a run started, on the wall clock and on this process's CPU clock: a run's time and
+    compute are its earlier sessions' (from the checkpoint resumed) plus this one's, so a resumed run reports
+    all the compute it took, not its last session's."""
+
+    wall0: float
+    cpu0: float
+
+    @classmethod
+    def start(cls) -> SessionClock:
+        return cls(time.perf_counter(), time.process_time())
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu0
+
+
 @dataclass
 class TrainerState:
     """Everything a tune run counts, saved with each checkpoint. `step` optimizer steps are done; the next
@@ -66,6 +87,9 @@ class TrainerState:
     train_time_s: float = 0.0   # wall seconds inside optimizer steps, every session of the run
     cpu_time_s: float = 0.0     # this process's CPU seconds inside them (format 1 did not count it)
     wall_s: float = 0.0         # wall seconds of the run, every session, when the state was last saved
+    # this process's CPU seconds, every session (load, evaluation, checkpoints too), when the state was last
+    # saved; None in checkpoints written before it was counted
+    cpu_s: float | None = None
     fingerprint: str = ""
     global_batch: int = 0
     processes: int = 1

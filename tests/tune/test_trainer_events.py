@@ -87,6 +87,7 @@ def test_checkpoint_carries_the_state_and_a_format_1_checkpoint_resumes_identica
     assert (st["step"], st["micro"], st["samples"], st["total_steps"]) == (6, 6, 48, 12)
     assert st["last_eval"]["step"] == 5 and st["best"]["super"]["key"] == "super_val_accuracy"
     assert st["train_time_s"] > 0 and st["cpu_time_s"] > 0 and st["wall_s"] >= st["train_time_s"]
+    assert st["cpu_s"] > st["cpu_time_s"]  # the whole session's CPU (load, evaluations), not only its steps'
     # rewrite it as the code before TrainerState wrote it: flat counters, no evaluations
     legacy = {k: v for k, v in raw.items() if k not in ("format", "trainer_state")} | \
         {k: st[k] for k in LEGACY_KEYS}
@@ -100,7 +101,24 @@ def test_checkpoint_carries_the_state_and_a_format_1_checkpoint_resumes_identica
     res = run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, save_every=6, resume=True, **EVAL),
                    callbacks=[Peek()])
     assert res.resumed_from == 6 and same_weights(straight, out)
+    # format 1 counted no session CPU: its steps' CPU is carried and the total is said to be a lower bound
+    assert res.metrics["cpu_s_lower_bound"] is True and res.metrics["cpu_s"] > st["cpu_time_s"]
     assert seen[0].step == 6 and seen[0].last_eval == st["last_eval"] and seen[0].best == st["best"]  # from the log
+
+
+def test_a_resumed_run_reports_the_cpu_of_every_session(tiny_bert_dir: Path, tiny_data_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """A bench's compute column reads the manifest's `cpu_s`: a run killed and resumed must count the killed
+    session's CPU as well as the last one's."""
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, save_every=6, **EVAL), on_step=kill_at(7))
+    first = json.loads((latest_checkpoint(out.with_name("run.partial")) / "state.json").read_text())
+    first_cpu = first["trainer_state"]["cpu_s"]
+    res = run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, out, save_every=6, resume=True, **EVAL))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert res.resumed_from == 6 and "cpu_s_lower_bound" not in res.metrics
+    assert manifest["metrics"]["cpu_s"] == res.metrics["cpu_s"] > first_cpu > 0
 
 
 def test_a_damaged_state_is_one_line(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
