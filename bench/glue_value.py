@@ -21,8 +21,9 @@ Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained seven ways and jud
   teacher pass, shared over the three budgets: the paper's advice for the one member a user ships, at (b)'s
   total compute.
 
-The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method,
-as the teacher and for the recovery runs. Selection only ever reads the validation split (carved from
+The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method and
+as the teacher; each recover method's recovery learning rate is then swept the same way (that rate times
+RECOVERY_LR_FACTORS, first seed). Selection only ever reads the validation split (carved from
 training data by `tune`); every reported score is on the task's dev split, which no step selected on. The
 hypervolume of each method's members on dev uses a reference point fixed here, before any run (REF).
 
@@ -49,6 +50,7 @@ import random
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,24 @@ TASKS: dict[str, dict[str, Any]] = {
 TEACHER_PASS = 1 / 3
 METHODS = ("prune", "prune+recover", "instatune", "instatune+teacher", "instatune=b", "prune=b", "instatune+recover")
 START = {"prune+recover": "prune", "instatune+recover": "instatune"}  # the cuts each recovery starts from
+# The recovery runs' learning rate: the plain rate times one of these, chosen per recover method on the first
+# seed's validation scores (mean over the budgets' recovered models), as the plain rate is; a recovery starts from
+# a trained model, and at the plain rate it lowered the 75 % member's validation score in every SST-2 seed.
+RECOVERY_LR_FACTORS = (1.0, 0.5, 0.25)
+
+
+@dataclass
+class Recovery:
+    """What a recover method recovers for one seed: the cuts of `search` chosen from `members` per budget (its
+    extracts named `cut`-s<seed>-b<budget>), each fine-tuned as `name`... distilled from `parent` for `macs_each`
+    full-model epochs of training MACs."""
+
+    search: Path
+    members: list[dict[str, Any]]
+    parent: Path
+    cut: str
+    name: str
+    macs_each: float
 
 
 class Bench:
@@ -86,6 +106,7 @@ class Bench:
         self.spec = TASKS[task]
         self.metric = self.spec["metric"]
         self.work.mkdir(parents=True, exist_ok=True)
+        self.rec_lrs: dict[str, float] = {}  # each recover method's learning rate (best_recovery_lrs)
 
     # ---- running the product ------------------------------------------------------------------------------
     def cli(self, *argv: str, out: Path) -> float:
@@ -169,30 +190,75 @@ class Bench:
         ok = [m for m in members if m["macs_frac"] <= budget + 1e-9 and not m.get("collapsed")]
         return max(ok, key=lambda m: (m["acc"], -m["macs"])) if ok else None
 
-    def recover(self, search: Path, members: list[dict[str, Any]], parent: Path, cut: str, name: str, seed: int,
-                lr: float, macs_each: float) -> tuple[list[dict[str, Any]], float]:
-        """The chosen member of each budget (on validation) extracted from `search` and fine-tuned again as a plain
-        model distilled from `parent` (`tune EXTRACT --plain --teacher PARENT`), for `macs_each` full-model epochs
-        of training MACs, i.e. macs_each / (its MAC ratio) epochs of the smaller model; (rows, CPU seconds)."""
-        recovered: list[dict[str, Any]] = []
-        cpu = 0.0
+    def cuts(self, plan: Recovery, seed: int) -> list[tuple[float, dict[str, Any], Path]]:
+        """The chosen member of each budget (on validation) extracted from the plan's search: (budget, member,
+        extract); a budget whose best member is the full model or none has no cut."""
+        out = []
         for budget in BUDGETS:
-            chosen = self.best_within(members, budget)
+            chosen = self.best_within(plan.members, budget)
             if chosen is None or chosen.get("subnet") is None:
                 continue
-            ext = self.work / f"{cut}-s{seed}-b{budget:g}"
-            self.cli("extract", str(search), "--subnet", str(chosen["subnet"]), out=ext)
-            epochs = round(self.args.epochs * macs_each / max(chosen["macs_frac"], 1e-6), 3)
-            rec = self.work / f"{name}-s{seed}-b{budget:g}"
-            cpu += self.tune(rec, seed, lr, "--plain", "--teacher", str(parent), model=str(ext), epochs=epochs)
+            ext = self.work / f"{plan.cut}-s{seed}-b{budget:g}"
+            self.cli("extract", str(plan.search), "--subnet", str(chosen["subnet"]), out=ext)
+            out.append((budget, chosen, ext))
+        return out
+
+    def recover(self, plan: Recovery, seed: int, lr: float, rec_lr: float) -> tuple[list[dict[str, Any]], float]:
+        """Each cut fine-tuned again as a plain model distilled from the plan's parent (`tune EXTRACT --plain
+        --teacher PARENT`) at `rec_lr`, for `macs_each` full-model epochs of training MACs, i.e. macs_each / (its
+        MAC ratio) epochs of the smaller model; (rows, CPU seconds). Runs at the plain rate `lr` keep their
+        original names (`name`-s<seed>-b<budget>), so earlier invocations' runs are reused."""
+        recovered: list[dict[str, Any]] = []
+        cpu = 0.0
+        tag = "" if rec_lr == lr else f"-lr{rec_lr:g}"
+        for budget, chosen, ext in self.cuts(plan, seed):
+            epochs = round(self.args.epochs * plan.macs_each / max(chosen["macs_frac"], 1e-6), 3)
+            rec = self.work / f"{plan.name}{tag}-s{seed}-b{budget:g}"
+            cpu += self.tune(rec, seed, rec_lr, "--plain", "--teacher", str(plan.parent), model=str(ext),
+                             epochs=epochs)
             m = self.manifest(rec)["metrics"]
             recovered.append({"name": chosen["name"], "subnet": chosen["subnet"], "macs_frac": chosen["macs_frac"],
                               "macs": chosen["macs"], "budget": budget, "recovery_epochs": epochs,
-                              "recovery_macs": round(epochs * chosen["macs_frac"], 4),
+                              "recovery_macs": round(epochs * chosen["macs_frac"], 4), "run": rec.name,
                               "acc": float(m.get(f"super_val_{self.metric}", float("nan"))),
                               "eval_acc": float(m.get(f"super_{self.metric}", m.get("super_accuracy"))),
                               "collapsed": bool(m.get("super_collapsed", False))})
         return recovered, cpu
+
+    def recoveries(self, seed: int, lr: float) -> dict[str, Recovery]:
+        """Each recover method's plan for `seed`: (b) recovers the plain run's cuts with the MACs the elastic run
+        spent beyond plain, each; (g) the elastic run's cuts with what (b) spent beyond (c) less one teacher pass,
+        shared over the budgets. Runs the plain and elastic runs and their searches if not done (reused after)."""
+        plain, elastic = self.work / f"plain-lr{lr:g}-s{seed}", self.work / f"elastic-s{seed}"
+        self.tune(plain, seed, lr, "--plain")
+        psearch, _ = self.search(plain)
+        self.tune(elastic, seed, lr)
+        esearch, _ = self.search(elastic)
+        extra = expected_sub_ratio(elastic)  # MAC-equivalent epochs elastic spent beyond plain, per epoch of data
+        b = Recovery(psearch, self.members(psearch), plain, "plain", "recover", extra)
+        n_cuts = sum(1 for budget in BUDGETS if (c := self.best_within(b.members, budget)) is not None
+                     and c.get("subnet") is not None)
+        left = extra * n_cuts + (TEACHER_PASS if n_cuts else 0.0) - extra - TEACHER_PASS  # (b)'s total - (c)'s
+        g = Recovery(esearch, self.members(esearch), elastic, "ecut", "erecover", left / len(BUDGETS))
+        return {"prune+recover": b, "instatune+recover": g}
+
+    def best_recovery_lrs(self, lr: float) -> dict[str, float]:
+        """Each recover method's recovery learning rate (lr x RECOVERY_LR_FACTORS): the best mean validation
+        score of its recovered models on the first seed (ties: the larger rate). The grid's runs go `--jobs` at a
+        time, after the cuts are extracted once."""
+        seed = self.args.seed_list[0]
+        best: dict[str, float] = {}
+        self.rec_lr_scores: dict[str, dict[str, float | None]] = {}
+        for method, plan in self.recoveries(seed, lr).items():
+            self.cuts(plan, seed)
+            grid = [lr * f for f in RECOVERY_LR_FACTORS]
+            got = parallel(lambda r, plan=plan: self.recover(plan, seed, lr, r)[0], grid, self.args.jobs)
+            scores = {r: statistics.mean(m["acc"] for m in rows) if rows else None
+                      for r, rows in zip(grid, got, strict=True)}
+            self.rec_lr_scores[method] = {f"{r:g}": v for r, v in scores.items()}
+            known = [r for r in grid if scores[r] is not None]
+            best[method] = max(known, key=lambda r: (scores[r], r)) if known else lr
+        return best
 
     # ---- the methods for one seed ----------------------------------------------------------------------
     def best_lr(self) -> float:
@@ -218,21 +284,19 @@ class Bench:
 
     def seed_rows(self, seed: int, lr: float) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        plain = self.work / f"plain-lr{lr:g}-s{seed}"
-        cpu_plain = self.tune(plain, seed, lr, "--plain")
-        psearch, _ = self.search(plain)
-        pmembers = self.members(psearch)
-        elastic = self.work / f"elastic-s{seed}"
-        cpu_el = self.tune(elastic, seed, lr)
+        plans = self.recoveries(seed, lr)  # the plain and elastic runs and their searches (done once)
+        plain, elastic = plans["prune+recover"].parent, plans["instatune+recover"].parent
+        cpu_plain, cpu_el = self.tune(plain, seed, lr, "--plain"), self.tune(elastic, seed, lr)
         teach = self.work / f"elastic-teacher-s{seed}"
         cpu_te = self.tune(teach, seed, lr, "--teacher", str(plain))
-        ratio = expected_sub_ratio(elastic)
-        extra = ratio  # MAC-equivalent epochs the elastic run spent beyond plain, per epoch of data
-        per_method = {"prune": pmembers, "instatune": self.members(self.search(elastic)[0]),
+        extra = plans["prune+recover"].macs_each  # MAC-equivalent epochs elastic spent beyond plain, per epoch
+        pmembers = plans["prune+recover"].members
+        per_method = {"prune": pmembers, "instatune": plans["instatune+recover"].members,
                       "instatune+teacher": self.members(self.search(teach)[0])}
         compute = {"prune": 1.0, "instatune": 1.0 + extra, "instatune+teacher": 2.0 + extra + TEACHER_PASS}
         cpu = {"prune": cpu_plain, "instatune": cpu_el, "instatune+teacher": cpu_te + cpu_plain}
-        recovered, rec_cpu = self.recover(psearch, pmembers, plain, "plain", "recover", seed, lr, extra)
+        rec_lr = {m: self.rec_lrs.get(m, lr) for m in START}
+        recovered, rec_cpu = self.recover(plans["prune+recover"], seed, lr, rec_lr["prune+recover"])
         full = next(m for m in pmembers if m["subnet"] is None)
         per_method["prune+recover"] = [*recovered, full]
         compute["prune+recover"] = 1.0 + extra * len(recovered) + (TEACHER_PASS if recovered else 0.0)
@@ -252,22 +316,19 @@ class Bench:
         compute["prune=b"] = peq_epochs / self.args.epochs
         # (g): (c)'s chosen member of each budget recovered like (b), distilled from (c)'s own super-network, with
         # what (b) spent beyond (c): (b)'s total minus (c)'s, less one teacher pass, shared over the budgets
-        esearch = elastic.with_name(elastic.name + "-search")
-        left = compute["prune+recover"] - compute["instatune"] - TEACHER_PASS
-        erec, erec_cpu = self.recover(esearch, per_method["instatune"], elastic, "ecut", "erecover", seed, lr,
-                                      left / len(BUDGETS))
+        erec, erec_cpu = self.recover(plans["instatune+recover"], seed, lr, rec_lr["instatune+recover"])
         efull = next(m for m in per_method["instatune"] if m["subnet"] is None)
         per_method["instatune+recover"] = [*erec, efull]
         compute["instatune+recover"] = compute["instatune"] + sum(r["recovery_macs"] for r in erec) + \
             (TEACHER_PASS if erec else 0.0)
         cpu["instatune+recover"] = cpu_el + erec_cpu
-        runs = {"prune": [plain], "prune+recover": [plain, *sorted(self.work.glob(f"recover-s{seed}-b*[0-9]"))],
+        runs = {"prune": [plain], "prune+recover": [plain, *(self.work / r["run"] for r in recovered)],
                 "instatune": [elastic], "instatune+teacher": [plain, teach], "instatune=b": [eq],
-                "prune=b": [peq],
-                "instatune+recover": [elastic, *sorted(self.work.glob(f"erecover-s{seed}-b*[0-9]"))]}
+                "prune=b": [peq], "instatune+recover": [elastic, *(self.work / r["run"] for r in erec)]}
         for method in METHODS:
             ms = per_method[method]
             row = {"task": self.name, "seed": seed, "method": method, "lr": lr, "metric": self.metric,
+                   **({"recovery_lr": rec_lr[method]} if method in rec_lr else {}),
                    "compute_epochs_full_macs": round(compute[method] * self.args.epochs, 3),
                    "cpu_s": round(cpu[method], 1), "cpu_lower_bound": self.cpu_lower_bounds(*runs[method]),
                    "members": ms, "run_commits": self.commits(*runs[method]),
@@ -343,7 +404,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for task in dict.fromkeys(r["task"] for r in rows):
         tr = [r for r in rows if r["task"] == task]
         metric = tr[0]["metric"]
-        out.append(f"\n### {task} (dev {metric}; seeds {sorted({r['seed'] for r in tr})}; lr {tr[0]['lr']:g})\n")
+        rec = {r["method"]: f"{r['recovery_lr']:g}" for r in tr if "recovery_lr" in r}
+        rec_note = "".join(f"; {m} at lr {v}" for m, v in rec.items())
+        out.append(f"\n### {task} (dev {metric}; seeds {sorted({r['seed'] for r in tr})}; lr {tr[0]['lr']:g}"
+                   f"{rec_note})\n")
         head = ["method", "full model", *(f"<= {b:.0%} MACs" for b in BUDGETS), "HV (dev)",
                 "compute (full-model epochs)", "CPU s"]
         out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -467,7 +531,9 @@ def main() -> None:
     for task in args.tasks.split(","):
         b = Bench(task, args, work)
         lr = b.best_lr()
-        sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr}
+        b.rec_lrs = b.best_recovery_lrs(lr)
+        sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr, "recovery_lr_val_scores": b.rec_lr_scores,
+                        "recovery_lr": b.rec_lrs}
         rows += run_seeds(b, lr, args, sweeps, rows)
     out = args.out
     prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
