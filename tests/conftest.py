@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the shared teacher-logits cache (tune/teacher.py) off: one test's teacher pass must not be another's cache hit;
+# tests/tune/test_recovery.py turns it on in a temporary folder
+os.environ.setdefault("INSTATUNE_CACHE", "off")
 
 import contextlib  # noqa: E402
 import random  # noqa: E402

@@ -90,7 +90,14 @@ from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
     tune_inputs,
 )
 from instatune_cli.tune.state import SessionClock, TrainerControl, TrainerState, TrainPlan
-from instatune_cli.tune.teacher import check_teacher_labels, resolve_model_dir, teacher_config, teacher_logits
+from instatune_cli.tune.teacher import (
+    CACHE_FILE,
+    check_teacher_labels,
+    resolve_model_dir,
+    shared_cache_file,
+    teacher_config,
+    teacher_logits,
+)
 
 
 @dataclass
@@ -379,12 +386,14 @@ class Trainer:
         if not self.inp.teacher_dir:
             return None, None
         partial = self.run_dir.partial
-        cached = self.main and (partial / "teacher_logits.safetensors").exists()
+        assert self.run_dir.identity is not None
+        key = self.run_dir.identity.teacher_key
+        shared = shared_cache_file(key, self.acc.device)
+        cached = self.main and ((partial / CACHE_FILE).exists() or (shared is not None and shared.exists()))
         self.say(f"teacher: {'checking the cached logits' if cached else 'one pass over the training set'}"
                  f"{f' on {self.nproc} processes' if self.nproc > 1 and not cached else ''}")
-        assert self.run_dir.identity is not None
-        logits, built = teacher_logits(partial, self.inp.teacher_dir, self.inp.train_enc,
-                                       self.run_dir.identity.teacher_key, self.cfg.eval_batch_size, self.acc.device,
+        logits, built = teacher_logits(partial, self.inp.teacher_dir, self.inp.train_enc, key,
+                                       self.cfg.eval_batch_size, self.acc.device,
                                        self._teacher_progress(), group=self.group)
         cache = "built" if built else "reused"
         self.say(f"teacher logits {cache} ({tuple(logits.shape)})")

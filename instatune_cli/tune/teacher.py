@@ -4,6 +4,11 @@ The teacher is frozen, so its logits for a training example never change. They a
 eval-mode pass (no dropout) over the pre-tokenized training set and stored as `teacher_logits.safetensors`
 in the run's partial directory, keyed by the teacher's weights (sha256, not path or mtime) and the tokens; a
 resumed run reuses them, and they end up in the finished run. Training then costs no teacher forward at all.
+
+A copy also goes to a shared cache (`$INSTATUNE_CACHE`, default `~/.cache/instatune`, or `$XDG_CACHE_HOME/
+instatune`; `INSTATUNE_CACHE=off` turns it off), by the same key and the device type: recovering several cuts
+of one run with it as the teacher (`tune EXTRACT --teacher RUN`, one run per cut) pays the teacher pass once,
+not once per cut. A shared cache that cannot be written is skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from instatune_cli.errors import InstatuneError
 from instatune_cli.tune.recover import resolve_model_dir  # a run or extract directory stands for its model
 
 CACHE_FILE = "teacher_logits.safetensors"
+CACHE_ENV = "INSTATUNE_CACHE"
 _GENERIC_LABELS = ("LABEL_",)
 
 
@@ -133,9 +139,21 @@ def _manifest_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def shared_cache_file(key: str, device: Any) -> Path | None:
+    """Where the shared cache keeps these logits (module docstring); None when it is turned off."""
+    root = os.environ.get(CACHE_ENV)
+    if root is not None and root.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instatune")
+    kind = getattr(device, "type", None) or "cpu"  # another device type's logits differ in the last bits
+    return Path(root).expanduser() / "teacher-logits" / f"{key}-{kind}.safetensors"
+
+
 def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batch_size: int = 64,
                    device: Any = None, progress: Any = None, group: Any = None) -> tuple[Any, bool]:
-    """(logits [N, C] float32 on CPU, built?) — read from the cache in `partial` when its key matches.
+    """(logits [N, C] float32 on CPU, built?) — read from the cache in `partial` when its key matches, else
+from the shared cache (then copied into `partial`, for --resume), else built and written to both.
 
     Launched on several processes (`group`, a `distributed.Group`): rank 0 alone reads or writes the cache file
     and broadcasts what it read; when building, the length-sorted batches are dealt round-robin to the ranks,
@@ -145,13 +163,20 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
 
     group = group or SINGLE
     path = Path(partial) / CACHE_FILE
+    shared = shared_cache_file(key, device or torch.device("cpu"))
+    src = path
     shape = group.agree(lambda: _cached_shape(path, key, len(encoded)))
+    if shape is None and shared is not None:
+        src = shared
+        shape = group.agree(lambda: _cached_shape(shared, key, len(encoded)))
     if shape is not None:
-        out = _read_cache(path) if group.main else torch.zeros(shape, dtype=torch.float32)
+        out = _read_cache(src) if group.main else torch.zeros(shape, dtype=torch.float32)
         if group.active:
             moved = out.to(group.device)
             group.broadcast_([moved])
             out = moved.cpu()
+        if src is shared:
+            group.agree(lambda: _write_cache(path, out, key, len(encoded), teacher_dir))
         return out, False
 
     fam = family_of(teacher_dir)
@@ -185,7 +210,18 @@ def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batc
     out = torch.empty((len(encoded), classes), dtype=torch.float32)
     out[where] = local
     group.agree(lambda: _write_cache(path, out, key, len(encoded), teacher_dir))
+    if shared is not None:
+        group.agree(lambda: _share(shared, out, key, len(encoded), teacher_dir))
     return out, True
+
+
+def _share(shared: Path, out: Any, key: str, n: int, teacher_dir: str) -> None:
+    """Write the shared copy; a cache that cannot be written (read-only home, full disk) is skipped."""
+    try:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        _write_cache(shared, out, key, n, teacher_dir)
+    except (OSError, InstatuneError):
+        pass
 
 
 def _cached_shape(path: Path, key: str, n: int) -> tuple[int, int] | None:
@@ -212,10 +248,11 @@ def _read_cache(path: Path) -> Any:
 
 
 def _write_cache(path: Path, out: Any, key: str, n: int, teacher_dir: str) -> None:
-    """Write `.tmp`, then rename: a kill leaves the old cache or none, never a torn one."""
+    """Write a `.tmp` of this process, then rename: a kill leaves the old cache or none, never a torn one, and
+    two runs filling the shared cache at once each rename a whole file."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with writing("the teacher logits cache", tmp):
             save_file({"logits": out.contiguous()}, str(tmp), metadata={"key": key, "n": str(n),

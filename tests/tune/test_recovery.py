@@ -342,6 +342,36 @@ def test_recovery_resumes_and_works_without_its_parent(extracts, tiny_tune_run, 
     assert_cli_error(r, "no data", "--task or --data")
 
 
+def test_recovering_several_cuts_pays_the_teacher_pass_once(extracts, tmp_path, monkeypatch):
+    """The shared teacher-logits cache: a second cut of the same parent, recovered with the parent as teacher,
+    reuses the first one's logits (same key: the parent's weights and the same training rows); turned off, or
+    unwritable, each run builds its own and nothing fails."""
+    from safetensors.torch import load_file
+
+    from instatune_cli.tune.config import TuneConfig
+    from instatune_cli.tune.loop import run_tune
+
+    def recover(name: str, out: str) -> Any:
+        return run_tune(TuneConfig(model=str(extracts[name]), plain=True, teacher="parent", output=str(tmp_path / out),
+                                   batch_size=8, max_steps=2, save_every=0, quiet=True))
+
+    monkeypatch.setenv("INSTATUNE_CACHE", str(tmp_path / "cache"))
+    with one_thread():
+        first, second = recover("stock", "a"), recover("per_layer", "b")
+    assert (first.teacher_cache, second.teacher_cache) == ("built", "reused")
+    shared = list((tmp_path / "cache" / "teacher-logits").glob("*-cpu.safetensors"))
+    assert len(shared) == 1 and not list(shared[0].parent.glob("*.tmp"))
+    a, b = (load_file(str(tmp_path / d / "teacher_logits.safetensors"))["logits"] for d in ("a", "b"))
+    assert torch.equal(a, b)  # the second run keeps its own copy too (a resume never needs the shared one)
+    monkeypatch.setenv("INSTATUNE_CACHE", "off")
+    with one_thread():
+        assert recover("per_layer", "c").teacher_cache == "built"
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("INSTATUNE_CACHE", str(tmp_path / "blocked"))
+    with one_thread():
+        assert recover("per_layer", "d").teacher_cache == "built"
+
+
 def test_max_length_comes_from_the_parent_run_unless_given(tiny_bert_dir, tiny_data_dir, tmp_path, capsys):
     """The extract learned on inputs truncated at its parent's --max-length: a recovery run takes it, with or
     without --data; a value given is used, and noted in one line where it truncates otherwise."""
