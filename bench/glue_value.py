@@ -253,7 +253,8 @@ class Bench:
             self.cuts(plan, seed)
             grid = [lr * f for f in RECOVERY_LR_FACTORS]
             got = parallel(lambda r, plan=plan: self.recover(plan, seed, lr, r)[0], grid, self.args.jobs)
-            scores = {r: statistics.mean(m["acc"] for m in rows) if rows else None
+            # rounded: validation scores are multiples of 1/n, so equal means must compare equal (ties: larger)
+            scores = {r: round(statistics.mean(m["acc"] for m in rows), 9) if rows else None
                       for r, rows in zip(grid, got, strict=True)}
             self.rec_lr_scores[method] = {f"{r:g}": v for r, v in scores.items()}
             known = [r for r in grid if scores[r] is not None]
