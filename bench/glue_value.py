@@ -21,11 +21,12 @@ Issue 18. For each task and seed, all-MiniLM-L6-v2 is trained seven ways and jud
   teacher pass, shared over the three budgets: the paper's advice for the one member a user ships, at (b)'s
   total compute.
 
-The plain learning rate is swept on validation (LRS, first seed) and the best one is used by every method and
-as the teacher; each recover method's recovery learning rate is then swept the same way (that rate times
-RECOVERY_LR_FACTORS, first seed). Selection only ever reads the validation split (carved from
-training data by `tune`); every reported score is on the task's dev split, which no step selected on. The
-hypervolume of each method's members on dev uses a reference point fixed here, before any run (REF).
+The plain learning rate is swept on validation (LRS, first seed) and the best one is used by the plain runs and
+as the teacher; the elastic runs' rate is swept the same way (its super-network's validation score), so InstaTune
+is at its best too; each recover method's recovery learning rate is then swept (the plain rate times
+RECOVERY_LR_FACTORS, first seed). No sweep is charged to a method. Selection only ever reads the validation split
+(carved from training data by `tune`); every reported score is on the task's dev split, which no step selected
+on. The hypervolume of each method's members on dev uses a reference point fixed here, before any run (REF).
 
 Compute: training MACs of a run = examples x epochs x (1 + sum over sampled sub-networks of their MAC ratio),
 forward and backward alike, from the space in closed form (`expected_sub_ratio`), plus a third of an epoch for
@@ -107,6 +108,8 @@ class Bench:
         self.metric = self.spec["metric"]
         self.work.mkdir(parents=True, exist_ok=True)
         self.rec_lrs: dict[str, float] = {}  # each recover method's learning rate (best_recovery_lrs)
+        self.lr = 0.0   # the plain learning rate (best_lr)
+        self.elr = 0.0  # the elastic runs' learning rate (best_lr(elastic=True)); the plain one until swept
 
     # ---- running the product ------------------------------------------------------------------------------
     def cli(self, *argv: str, out: Path) -> float:
@@ -225,21 +228,31 @@ class Bench:
                               "collapsed": bool(m.get("super_collapsed", False))})
         return recovered, cpu
 
+    @property
+    def etag(self) -> str:
+        """In the names of elastic runs and what derives from them: "" at the plain rate (the names runs had
+        before the elastic rate was swept, so they are reused), else the elastic rate."""
+        return "" if self.elr in (0.0, self.lr) else f"-elr{self.elr:g}"
+
+    def erun(self, prefix: str, seed: int) -> Path:
+        return self.work / f"{prefix}{self.etag}-s{seed}"
+
     def recoveries(self, seed: int, lr: float) -> dict[str, Recovery]:
         """Each recover method's plan for `seed`: (b) recovers the plain run's cuts with the MACs the elastic run
         spent beyond plain, each; (g) the elastic run's cuts with what (b) spent beyond (c) less one teacher pass,
         shared over the budgets. Runs the plain and elastic runs and their searches if not done (reused after)."""
-        plain, elastic = self.work / f"plain-lr{lr:g}-s{seed}", self.work / f"elastic-s{seed}"
+        plain, elastic = self.work / f"plain-lr{lr:g}-s{seed}", self.erun("elastic", seed)
         self.tune(plain, seed, lr, "--plain")
         psearch, _ = self.search(plain)
-        self.tune(elastic, seed, lr)
+        self.tune(elastic, seed, self.elr or lr)
         esearch, _ = self.search(elastic)
         extra = expected_sub_ratio(elastic)  # MAC-equivalent epochs elastic spent beyond plain, per epoch of data
         b = Recovery(psearch, self.members(psearch), plain, "plain", "recover", extra)
         n_cuts = sum(1 for budget in BUDGETS if (c := self.best_within(b.members, budget)) is not None
                      and c.get("subnet") is not None)
         left = extra * n_cuts + (TEACHER_PASS if n_cuts else 0.0) - extra - TEACHER_PASS  # (b)'s total - (c)'s
-        g = Recovery(esearch, self.members(esearch), elastic, "ecut", "erecover", left / len(BUDGETS))
+        g = Recovery(esearch, self.members(esearch), elastic, f"ecut{self.etag}", f"erecover{self.etag}",
+                     left / len(BUDGETS))
         return {"prune+recover": b, "instatune+recover": g}
 
     def best_recovery_lrs(self, lr: float) -> dict[str, float]:
@@ -262,16 +275,25 @@ class Bench:
         return best
 
     # ---- the methods for one seed ----------------------------------------------------------------------
-    def best_lr(self) -> float:
-        """The plain learning rate with the best validation score on the first seed. A best at the edge of the
-        grid is not a best: the grid grows by a factor 2 that way (at most twice), as a careful user would."""
+    def best_lr(self, elastic: bool = False) -> float:
+        """The plain (or, after it, the elastic) learning rate with the best validation score of the full
+        (super-)network on the first seed. A best at the edge of the grid is not a best: the grid grows by a
+        factor 2 that way (at most twice), as a careful user would. The elastic runs get their own sweep, like
+        the baseline: InstaTune at its best too, neither sweep charged to any method."""
         seed = self.args.seed_list[0]
         scores: dict[float, float] = {}
         grid = list(LRS)
+        flags = () if elastic else ("--plain",)
+
+        def run(lr: float) -> Path:
+            if not elastic:
+                return self.work / f"plain-lr{lr:g}-s{seed}"
+            return self.work / (f"elastic-s{seed}" if lr == self.lr else f"elastic-elr{lr:g}-s{seed}")
+
         for _ in range(3):
             todo = [lr for lr in grid if lr not in scores]
-            runs = {lr: self.work / f"plain-lr{lr:g}-s{seed}" for lr in todo}
-            parallel(lambda lr, runs=runs: self.tune(runs[lr], seed, lr, "--plain"), todo, self.args.jobs)
+            runs = {lr: run(lr) for lr in todo}
+            parallel(lambda lr, runs=runs: self.tune(runs[lr], seed, lr, *flags), todo, self.args.jobs)
             scores.update({lr: self.val_score(runs[lr]) for lr in todo})
             best = max(sorted(scores), key=lambda k: scores[k])  # ties: the smaller rate
             if best == max(grid):
@@ -280,16 +302,20 @@ class Bench:
                 grid.insert(0, best / 2)
             else:
                 break
-        self.lr_scores = {f"{k:g}": v for k, v in sorted(scores.items())}
+        if elastic:
+            self.elr_scores = {f"{k:g}": v for k, v in sorted(scores.items())}
+        else:
+            self.lr_scores = {f"{k:g}": v for k, v in sorted(scores.items())}
         return best
 
     def seed_rows(self, seed: int, lr: float) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         plans = self.recoveries(seed, lr)  # the plain and elastic runs and their searches (done once)
         plain, elastic = plans["prune+recover"].parent, plans["instatune+recover"].parent
-        cpu_plain, cpu_el = self.tune(plain, seed, lr, "--plain"), self.tune(elastic, seed, lr)
-        teach = self.work / f"elastic-teacher-s{seed}"
-        cpu_te = self.tune(teach, seed, lr, "--teacher", str(plain))
+        elr = self.elr or lr
+        cpu_plain, cpu_el = self.tune(plain, seed, lr, "--plain"), self.tune(elastic, seed, elr)
+        teach = self.erun("elastic-teacher", seed)
+        cpu_te = self.tune(teach, seed, elr, "--teacher", str(plain))
         extra = plans["prune+recover"].macs_each  # MAC-equivalent epochs elastic spent beyond plain, per epoch
         pmembers = plans["prune+recover"].members
         per_method = {"prune": pmembers, "instatune": plans["instatune+recover"].members,
@@ -305,8 +331,8 @@ class Bench:
         # (e): the elastic run again, for as many epochs as (b)'s total compute buys (its warm-up share of steps
         # is the same, so its MACs per epoch are (1 + extra) full-model epochs)
         eq_epochs = self.args.epochs * compute["prune+recover"] / (1.0 + extra)
-        eq = self.work / f"elastic-eq-s{seed}"
-        cpu["instatune=b"] = self.tune(eq, seed, lr, epochs=round(eq_epochs, 3))
+        eq = self.erun("elastic-eq", seed)
+        cpu["instatune=b"] = self.tune(eq, seed, elr, epochs=round(eq_epochs, 3))
         per_method["instatune=b"] = self.members(self.search(eq)[0])
         compute["instatune=b"] = round(eq_epochs, 3) / self.args.epochs * (1.0 + expected_sub_ratio(eq))
         # (f): the plain run for the same number of full-model epochs, then cut like (a)
@@ -328,7 +354,8 @@ class Bench:
                 "prune=b": [peq], "instatune+recover": [elastic, *(self.work / r["run"] for r in erec)]}
         for method in METHODS:
             ms = per_method[method]
-            row = {"task": self.name, "seed": seed, "method": method, "lr": lr, "metric": self.metric,
+            row = {"task": self.name, "seed": seed, "method": method, "metric": self.metric,
+                   "lr": elr if method.startswith("instatune") else lr,
                    **({"recovery_lr": rec_lr[method]} if method in rec_lr else {}),
                    "compute_epochs_full_macs": round(compute[method] * self.args.epochs, 3),
                    "cpu_s": round(cpu[method], 1), "cpu_lower_bound": self.cpu_lower_bounds(*runs[method]),
@@ -407,6 +434,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
         metric = tr[0]["metric"]
         rec = {r["method"]: f"{r['recovery_lr']:g}" for r in tr if "recovery_lr" in r}
         rec_note = "".join(f"; {m} at lr {v}" for m, v in rec.items())
+        elr = next((r["lr"] for r in tr if r["method"] == "instatune"), tr[0]["lr"])
+        rec_note = (f"; elastic runs at lr {elr:g}" if elr != tr[0]["lr"] else "") + rec_note
         out.append(f"\n### {task} (dev {metric}; seeds {sorted({r['seed'] for r in tr})}; lr {tr[0]['lr']:g}"
                    f"{rec_note})\n")
         head = ["method", "full model", *(f"<= {b:.0%} MACs" for b in BUDGETS), "HV (dev)",
@@ -531,10 +560,11 @@ def main() -> None:
     sweeps = {}
     for task in args.tasks.split(","):
         b = Bench(task, args, work)
-        lr = b.best_lr()
+        lr = b.lr = b.best_lr()
+        b.elr = b.best_lr(elastic=True)
         b.rec_lrs = b.best_recovery_lrs(lr)
-        sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr, "recovery_lr_val_scores": b.rec_lr_scores,
-                        "recovery_lr": b.rec_lrs}
+        sweeps[task] = {"lr_val_scores": b.lr_scores, "best_lr": lr, "elastic_lr_val_scores": b.elr_scores,
+                        "elastic_lr": b.elr, "recovery_lr_val_scores": b.rec_lr_scores, "recovery_lr": b.rec_lrs}
         rows += run_seeds(b, lr, args, sweeps, rows)
     out = args.out
     prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
