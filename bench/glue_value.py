@@ -132,9 +132,8 @@ class Bench:
         out.with_name(out.name + ".commit").write_text(self.args.commit)
         return cpu
 
-    @staticmethod
-    def manifest_metrics(run: Path) -> dict[str, Any]:
-        return json.loads((run / "manifest.json").read_text()).get("metrics", {})
+    def manifest_metrics(self, run: Path) -> dict[str, Any]:
+        return self.manifest(run).get("metrics", {})
 
     def cpu_lower_bounds(self, *runs: Path) -> list[str]:
         """The runs whose CPU seconds are a lower bound: resumed from a checkpoint that counted only its
@@ -228,14 +227,14 @@ class Bench:
                               "collapsed": bool(m.get("super_collapsed", False))})
         return recovered, cpu
 
-    @property
-    def etag(self) -> str:
-        """In the names of elastic runs and what derives from them: "" at the plain rate (the names runs had
-        before the elastic rate was swept, so they are reused), else the elastic rate."""
-        return "" if self.elr in (0.0, self.lr) else f"-elr{self.elr:g}"
+    def etag(self, elr: float | None = None) -> str:
+        """In the names of elastic runs (at `elr`, default the swept one) and what derives from them: "" at the
+        plain rate (the names runs had before the elastic rate was swept, so they are reused), else the rate."""
+        elr = self.elr if elr is None else elr
+        return "" if elr in (0.0, self.lr) else f"-elr{elr:g}"
 
-    def erun(self, prefix: str, seed: int) -> Path:
-        return self.work / f"{prefix}{self.etag}-s{seed}"
+    def erun(self, prefix: str, seed: int, elr: float | None = None) -> Path:
+        return self.work / f"{prefix}{self.etag(elr)}-s{seed}"
 
     def recoveries(self, seed: int, lr: float) -> dict[str, Recovery]:
         """Each recover method's plan for `seed`: (b) recovers the plain run's cuts with the MACs the elastic run
@@ -251,7 +250,7 @@ class Bench:
         n_cuts = sum(1 for budget in BUDGETS if (c := self.best_within(b.members, budget)) is not None
                      and c.get("subnet") is not None)
         left = extra * n_cuts + (TEACHER_PASS if n_cuts else 0.0) - extra - TEACHER_PASS  # (b)'s total - (c)'s
-        g = Recovery(esearch, self.members(esearch), elastic, f"ecut{self.etag}", f"erecover{self.etag}",
+        g = Recovery(esearch, self.members(esearch), elastic, f"ecut{self.etag()}", f"erecover{self.etag()}",
                      left / len(BUDGETS))
         return {"prune+recover": b, "instatune+recover": g}
 
@@ -286,9 +285,7 @@ class Bench:
         flags = () if elastic else ("--plain",)
 
         def run(lr: float) -> Path:
-            if not elastic:
-                return self.work / f"plain-lr{lr:g}-s{seed}"
-            return self.work / (f"elastic-s{seed}" if lr == self.lr else f"elastic-elr{lr:g}-s{seed}")
+            return self.erun("elastic", seed, lr) if elastic else self.work / f"plain-lr{lr:g}-s{seed}"
 
         for _ in range(3):
             todo = [lr for lr in grid if lr not in scores]
