@@ -13,13 +13,19 @@ sub-network of each depth, and the smallest) on the run's validation split and o
   paper's α leaves the super-network 0.3·CE against the sub-networks' 0.3·CE + 0.7·KL towards a super-network
   that has not learned yet;
 - `warmup`: the super-network alone for the first 30 % of steps (`--super-warmup 0.3`, OFA's first phase);
-- `both`: the two together.
+- `both`: the two together (the defaults since);
+- `ramp`: `both`, then the sub-networks' terms grow linearly to full weight over the next 30 % of steps
+  (`--sub-ramp 0.3`): sampling no longer starts with a burst of large sub-network gradients;
+- `warmup-long`: `both` with the super-network alone for the first half (`--super-warmup 0.5`).
 
-    python bench/convergence.py [--seeds 42,43] [--train 8500] [--epochs 1] [--variants plain,paper,...]
+Every variant names all of these options, so a variant trains the same whatever the defaults are.
+
+    python bench/convergence.py [--seeds 42,43] [--train 8500] [--epochs 1] [--lr 1e-4] [--variants plain,paper,...]
 
 Resumable: a finished tune run and its scores are kept under bench/results/convergence/ and not redone.
 Writes bench/results/convergence.json (rows + summary) and convergence.md for the SST-2 slice,
-convergence_stsb.json / .md for STS-B; raw rows as convergence[.stsb].rows.jsonl.
+convergence_stsb.json / .md for STS-B; raw rows as convergence[.stsb].rows.jsonl. A learning rate other than
+1e-4 adds `_lr<rate>` to the names (`convergence_stsb_lr0.0002.json`, `convergence.stsb_lr0.0002.rows.jsonl`).
 """
 
 from __future__ import annotations
@@ -38,12 +44,22 @@ sys.path[:0] = [str(REPO)]  # this checkout's instatune_cli and bench/, not anot
 
 from bench.provenance import add_arguments, start  # noqa: E402
 
+_PAPER = {"--super-ce": "0.3", "--super-warmup": "0", "--sub-ramp": "0"}  # Eq. 1 as the paper writes it
+
+
+def _variant(**changes: str) -> list[str]:
+    opts = {**_PAPER, **{"--" + k.replace("_", "-"): v for k, v in changes.items()}}
+    return [x for kv in opts.items() for x in kv]
+
+
 VARIANTS: dict[str, list[str]] = {
     "plain": ["--plain"],
-    "paper": [],
-    "super-ce": ["--super-ce", "1"],
-    "warmup": ["--super-warmup", "0.3"],
-    "both": ["--super-ce", "1", "--super-warmup", "0.3"],
+    "paper": _variant(),
+    "super-ce": _variant(super_ce="1"),
+    "warmup": _variant(super_warmup="0.3"),
+    "both": _variant(super_ce="1", super_warmup="0.3"),
+    "ramp": _variant(super_ce="1", super_warmup="0.3", sub_ramp="0.3"),
+    "warmup-long": _variant(super_ce="1", super_warmup="0.5"),
 }
 
 
@@ -186,9 +202,11 @@ def main() -> None:
             done[(v, seed)] = row
             print(json.dumps({"variant": v, "seed": seed, "super": row["scores"]["super"]}), flush=True)
     rows = list(done.values())
-    tag = "_stsb" if args.task == "stsb" else ""
+    lr_tag = "" if args.lr == 1e-4 else f"_lr{args.lr:g}"
+    tag = ("_stsb" if args.task == "stsb" else "") + lr_tag
     out = REPO / "bench" / "results" / f"convergence{tag}.json"
-    prov.write_rows(rows, suffix="stsb.rows" if tag else "rows")
+    name = tag.lstrip("_")  # "", "stsb", "stsb_lr0.0002", "lr0.0002"
+    prov.write_rows(rows, suffix=f"{name}.rows" if name else "rows")
     summ = {f"{r['variant']}.s{r['seed']}.{p}": s[f"eval_{args.metric}"] for r in rows for p, s in r["scores"].items()}
     result = {"bench": "convergence", "options": {k: str(v) for k, v in vars(args).items()}, "data": counts,
               "rows": rows, "provenance": prov.finish(summ, result_file=out)}

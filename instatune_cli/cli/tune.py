@@ -85,6 +85,9 @@ def register(app: typer.Typer) -> None:
         super_warmup: float = typer.Option(D.super_warmup, "--super-warmup", help="Fraction of steps that train the "
                                            "super-network alone before sub-networks are sampled (the paper: 0).",
                                            rich_help_panel=METHOD),
+        sub_ramp: float = typer.Option(D.sub_ramp, "--sub-ramp", help="Fraction of steps over which the "
+                                       "sub-networks' loss terms grow from 0 to full weight once sampling starts "
+                                       "(0 = at once, the paper).", rich_help_panel=METHOD),
         temperature: float = typer.Option(D.temperature, "--temperature", help="Distillation temperature ρ.",
                                           rich_help_panel=METHOD),
         hidden_distill: float = typer.Option(D.hidden_distill, "--hidden-distill", help="β of DynaBERT's hidden-state "
@@ -169,7 +172,7 @@ def register(app: typer.Typer) -> None:
             limit_eval=limit_eval, val_split=val_split, val_data=val_data, metric=metric, max_length=max_length,
             tokenizer=tokenizer, output=output, force=force,
             resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
-            super_ce=super_ce, super_warmup=super_warmup,
+            super_ce=super_ce, super_warmup=super_warmup, sub_ramp=sub_ramp,
             temperature=temperature, hidden_distill=hidden_distill, teacher=teacher, teacher_epochs=teacher_epochs,
             reorder=reorder,
             reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,

@@ -19,6 +19,9 @@ DEFAULT_MAX_LENGTH = 128  # --max-length when not given (a recovery run takes it
 # Options that do not change the trained weights: they may differ between a run and its --resume.
 NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_every", "log_every",
                                "eval_batch_size", "quiet", "progress_every", "report_to"})
+# Options added after runs existed, left out of the fingerprint at these values (which train as before the option
+# existed), so an older run still resumes and a bench still reuses it.
+FINGERPRINTED_UNLESS = {"sub_ramp": 0.0}
 
 
 @dataclass
@@ -55,6 +58,9 @@ class TuneConfig:
     # `--super-ce 0.3 --super-warmup 0` is Eq. 1 exactly.
     super_ce: float | None = None
     super_warmup: float = 0.3
+    # Fraction of steps over which the sub-networks' terms grow linearly from 0 to full weight once sampling
+    # starts (0: full weight at once). Measured by bench/convergence.py; docs/architecture.md "Tuning".
+    sub_ramp: float = 0.0
     temperature: float = 1.0
     hidden_distill: float = 0.0  # β of DynaBERT's hidden-state distillation super -> sub (tune/loss.py); 0 = off
     teacher: str | None = None
@@ -113,7 +119,8 @@ class TuneConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in NOT_FINGERPRINTED and not (k in FINGERPRINTED_UNLESS and v == FINGERPRINTED_UNLESS[k])}
         d["reorder"] = self.use_reorder
         return d
 
@@ -150,6 +157,7 @@ class TuneConfig:
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.super_ce is None or self.super_ce > 0, f"--super-ce must be positive, got {self.super_ce}")
         need(0.0 <= self.super_warmup < 1.0, f"--super-warmup must be in [0, 1), got {self.super_warmup}")
+        need(0.0 <= self.sub_ramp <= 1.0, f"--sub-ramp must be in [0, 1], got {self.sub_ramp}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         need(self.hidden_distill >= 0, f"--hidden-distill must be >= 0, got {self.hidden_distill}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")

@@ -306,21 +306,27 @@ class StepResult:
 
 
 class _Window:
-    """The losses and throughput since the last `train` log record."""
+    """The losses and throughput since the last `train` log record; the super-network's own term apart, so a
+    log shows whether it is the super-network or its sub-networks that stall."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.supers: list[float] = []
         self.samples, self.seconds = 0, 0.0
 
-    def add(self, loss: float, samples: int, seconds: float) -> float:
+    def add(self, loss: float, samples: int, seconds: float, super_loss: float | None = None) -> float:
         """Count a step; returns the samples/s since the last record."""
         self.losses.append(loss)
+        self.supers.append(loss if super_loss is None else super_loss)
         self.samples += samples
         self.seconds += seconds
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
     def mean(self) -> float:
         return sum(self.losses) / len(self.losses)
+
+    def super_mean(self) -> float:
+        return sum(self.supers) / len(self.supers)
 
 
 class Trainer:
@@ -520,7 +526,7 @@ class Trainer:
                 totals.append(0.0)
                 supers.append(0.0)
                 continue
-            total, sup = self._micro_step(idx, glob, w, gamma, subs)
+            total, sup = self._micro_step(idx, glob, w, gamma, subs, self.plan.sub_weight(step))
             totals.append(total)
             supers.append(sup)
         values = self.sync([*totals, *supers])  # one buffer: averaging is element-wise, the totals as before
@@ -560,10 +566,11 @@ class Trainer:
                 p.grad = None
         return [float(x) for x in terms.tolist()]
 
-    def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any]) -> tuple[Any, Any]:
-        """Back-propagate the super-network's term, then each sub-network's (tune/loss.py), one graph at a time,
-        on this rank's slice `idx` of the global micro-batch `glob`. Returns the weighted loss and the super-network's
-        term of it (detached).
+    def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any],
+                    sub_weight: float = 1.0) -> tuple[Any, Any]:
+        """Back-propagate the super-network's term, then each sub-network's (tune/loss.py) times `sub_weight`
+        (`--sub-ramp`), one graph at a time, on this rank's slice `idx` of the global micro-batch `glob`. Returns
+        the weighted loss and the super-network's term of it (detached).
 
         Every term is a mean over examples, so it is weighted by len(idx) / len(glob) x processes: averaged over
         the processes that gives the mean over the global batch, the single-process loss. The hidden-state term
@@ -605,6 +612,7 @@ class Trainer:
             if beta:
                 kept = self.adapter.kept_layers(raw, sub)
                 s_term = s_term + weighted(beta * L.hidden_distill(s_hidden, sup_hidden, kept, mask), tok_share)
+            s_term = weighted(s_term, sub_weight)
             del s_hidden
             acc.backward(s_term)
             total = total + s_term.detach().float()
@@ -636,7 +644,7 @@ class Trainer:
                 res = self.step(state.step)
                 dt = time.perf_counter() - t0
                 state.advance(plan, res.samples, dt, time.process_time() - c0)
-                sps = window.add(res.loss, res.samples, dt)
+                sps = window.add(res.loss, res.samples, dt, res.super_loss)
                 control.decide(cfg, state)
                 events.on_step_end(self, state, control, StepOutput(
                     loss=res.loss, super_loss=res.super_loss, sub_loss=res.sub_loss, lr=lr, gamma=res.gamma,
@@ -644,7 +652,7 @@ class Trainer:
                 if control.should_log:
                     events.on_log(self, state, control, {
                         "event": "train", "step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
-                        "loss": window.mean(), "lr": lr, "gamma": res.gamma, "samples_per_s": round(sps, 2),
+                        "loss": window.mean(), "super_loss": window.super_mean(), "lr": lr, "gamma": res.gamma, "samples_per_s": round(sps, 2),
                         "subnets": [s.name for s in res.subs]})
                     window = _Window()
                 if control.should_evaluate:
@@ -741,6 +749,7 @@ class Trainer:
                          "sampling": cfg.sampling, "alpha": cfg.alpha, "temperature": cfg.temperature,
                          "super_ce": cfg.super_ce_for(0.0), "super_ce_with_teacher": cfg.super_ce_for(1.0),
                          "super_warmup_steps": self.plan.super_warmup_steps,
+                         "sub_ramp_steps": self.plan.sub_ramp_steps,
                          "hidden_distill": cfg.hidden_distill,
                          "teacher": cfg.teacher, "teacher_epochs": cfg.teacher_epochs,
                          "teacher_cache": "teacher_logits.safetensors" if inp.teacher_dir else None,

@@ -35,6 +35,7 @@ class TrainPlan:
     total_steps: int
     warmup: int             # learning-rate warm-up steps
     super_warmup_steps: int  # no sub-network before this step (OFA's first phase; 0 for --plain)
+    sub_ramp_steps: int = 0  # steps over which the sub-network terms reach full weight after it (--sub-ramp)
 
     @classmethod
     def of(cls, cfg: Any, n_train: int, processes: int) -> TrainPlan:
@@ -46,7 +47,18 @@ class TrainPlan:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / A))
         return cls(global_batch=G, per_process=cfg.per_process_batch(processes), accum=A, n_train=n_train,
                    micro_per_epoch=micro_per_epoch, total_steps=total, warmup=math.ceil(cfg.warmup_ratio * total),
-                   super_warmup_steps=math.ceil(cfg.super_warmup * total) if cfg.elastic else 0)
+                   super_warmup_steps=math.ceil(cfg.super_warmup * total) if cfg.elastic else 0,
+                   sub_ramp_steps=math.ceil(cfg.sub_ramp * total) if cfg.elastic else 0)
+
+    def sub_weight(self, step: int) -> float:
+        """The weight of the sub-network terms at `step` (0-based, sampling from `super_warmup_steps`): rises
+        linearly to 1 over `sub_ramp_steps`, so sampling does not start with a burst of large sub-network
+        gradients against a barely tuned super-network (docs/architecture.md "Tuning")."""
+        if step < self.super_warmup_steps:
+            return 0.0
+        if not self.sub_ramp_steps:
+            return 1.0
+        return min(1.0, (step - self.super_warmup_steps + 1) / self.sub_ramp_steps)
 
     @property
     def steps_per_epoch(self) -> float:

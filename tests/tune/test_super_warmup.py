@@ -45,3 +45,34 @@ def test_no_subnetwork_before_the_warmup_ends(warmup: float, tiny_bert_dir: Path
     assert [bool(r["subnets"]) for r in train] == [r["step"] > first for r in train]
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert man["training"]["super_warmup_steps"] == first and man["training"]["super_ce"] == 1.0
+
+
+def test_sub_ramp_weights() -> None:
+    from instatune_cli.tune.state import TrainPlan
+
+    plan = TrainPlan.of(TuneConfig(model="m", task="sst2", max_steps=8, super_warmup=0.25, sub_ramp=0.5), 64, 1)
+    assert [plan.sub_weight(s) for s in range(8)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert TrainPlan.of(TuneConfig(model="m", task="sst2", max_steps=8), 64, 1).sub_weight(3) == 1.0
+    # at its default the option is left out of the fingerprint: runs from before it existed still resume
+    assert "sub_ramp" not in TuneConfig(model="m", task="sst2").fingerprint_dict()
+    assert TuneConfig(model="m", task="sst2", sub_ramp=0.3).fingerprint() != TuneConfig(model="m", task="sst2").fingerprint()
+
+
+def test_sub_ramp_scales_the_subnetwork_terms(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """On the first sampled step (same weights, same sub-network, same batch) the ramped run's sub-network terms
+    are a quarter of the unramped run's: the ramp spans 4 steps. The super-network's term is the same."""
+    from instatune_cli.tune.loop import run_tune
+
+    first = {}
+    for ramp in (0.0, 1.0):
+        with one_thread():
+            run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / f"r{ramp}", max_steps=4, log_every=1,
+                                      super_warmup=0.0, sub_ramp=ramp))
+        log = [json.loads(x) for x in (tmp_path / f"r{ramp}" / "log.jsonl").read_text().splitlines()]
+        first[ramp] = next(r for r in log if r["event"] == "train" and r["step"] == 1)
+        man = json.loads((tmp_path / f"r{ramp}" / "manifest.json").read_text())
+        assert man["training"]["sub_ramp_steps"] == round(ramp * 4)
+    assert first[1.0]["subnets"] == first[0.0]["subnets"] != []
+    assert first[1.0]["super_loss"] == pytest.approx(first[0.0]["super_loss"], rel=1e-5)
+    sub = {r: first[r]["loss"] - first[r]["super_loss"] for r in first}
+    assert sub[0.0] > 0 and sub[1.0] == pytest.approx(0.25 * sub[0.0], rel=1e-4)
