@@ -652,7 +652,8 @@ class Trainer:
                 if control.should_log:
                     events.on_log(self, state, control, {
                         "event": "train", "step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
-                        "loss": window.mean(), "super_loss": window.super_mean(), "lr": lr, "gamma": res.gamma, "samples_per_s": round(sps, 2),
+                        "loss": window.mean(), "super_loss": window.super_mean(), "lr": lr, "gamma": res.gamma,
+                        "samples_per_s": round(sps, 2),
                         "subnets": [s.name for s in res.subs]})
                     window = _Window()
                 if control.should_evaluate:

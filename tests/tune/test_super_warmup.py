@@ -55,7 +55,8 @@ def test_sub_ramp_weights() -> None:
     assert TrainPlan.of(TuneConfig(model="m", task="sst2", max_steps=8), 64, 1).sub_weight(3) == 1.0
     # at its default the option is left out of the fingerprint: runs from before it existed still resume
     assert "sub_ramp" not in TuneConfig(model="m", task="sst2").fingerprint_dict()
-    assert TuneConfig(model="m", task="sst2", sub_ramp=0.3).fingerprint() != TuneConfig(model="m", task="sst2").fingerprint()
+    base = TuneConfig(model="m", task="sst2")
+    assert TuneConfig(model="m", task="sst2", sub_ramp=0.3).fingerprint() != base.fingerprint()
 
 
 def test_sub_ramp_scales_the_subnetwork_terms(tiny_bert_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
