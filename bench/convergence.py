@@ -16,7 +16,10 @@ sub-network of each depth, and the smallest) on the run's validation split and o
 - `both`: the two together (the defaults since);
 - `ramp`: `both`, then the sub-networks' terms grow linearly to full weight over the next 30 % of steps
   (`--sub-ramp 0.3`): sampling no longer starts with a burst of large sub-network gradients;
-- `warmup-long`: `both` with the super-network alone for the first half (`--super-warmup 0.5`).
+- `warmup-long`: `both` with the super-network alone for the first half (`--super-warmup 0.5`);
+- `alone`: the control, the super-network alone for 99 % of steps (`--super-warmup 0.99`): plain fine-tuning
+  of the importance-reordered model (the same function, other rounding and dropout positions). Where it fails
+  too, the sub-networks are not what stalls the super-network.
 
 Every variant names all of these options, so a variant trains the same whatever the defaults are.
 
@@ -60,6 +63,7 @@ VARIANTS: dict[str, list[str]] = {
     "both": _variant(super_ce="1", super_warmup="0.3"),
     "ramp": _variant(super_ce="1", super_warmup="0.3", sub_ramp="0.3"),
     "warmup-long": _variant(super_ce="1", super_warmup="0.5"),
+    "alone": _variant(super_ce="1", super_warmup="0.99"),
 }
 
 
