@@ -314,10 +314,10 @@ class _Window:
         self.supers: list[float] = []
         self.samples, self.seconds = 0, 0.0
 
-    def add(self, loss: float, samples: int, seconds: float, super_loss: float | None = None) -> float:
+    def add(self, loss: float, super_loss: float, samples: int, seconds: float) -> float:
         """Count a step; returns the samples/s since the last record."""
         self.losses.append(loss)
-        self.supers.append(loss if super_loss is None else super_loss)
+        self.supers.append(super_loss)
         self.samples += samples
         self.seconds += seconds
         return self.samples / self.seconds if self.seconds > 0 else 0.0
@@ -567,7 +567,7 @@ class Trainer:
         return [float(x) for x in terms.tolist()]
 
     def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any],
-                    sub_weight: float = 1.0) -> tuple[Any, Any]:
+                    sub_weight: float) -> tuple[Any, Any]:
         """Back-propagate the super-network's term, then each sub-network's (tune/loss.py) times `sub_weight`
         (`--sub-ramp`), one graph at a time, on this rank's slice `idx` of the global micro-batch `glob`. Returns
         the weighted loss and the super-network's term of it (detached).
@@ -644,7 +644,7 @@ class Trainer:
                 res = self.step(state.step)
                 dt = time.perf_counter() - t0
                 state.advance(plan, res.samples, dt, time.process_time() - c0)
-                sps = window.add(res.loss, res.samples, dt, res.super_loss)
+                sps = window.add(res.loss, res.super_loss, res.samples, dt)
                 control.decide(cfg, state)
                 events.on_step_end(self, state, control, StepOutput(
                     loss=res.loss, super_loss=res.super_loss, sub_loss=res.sub_loss, lr=lr, gamma=res.gamma,
