@@ -45,6 +45,7 @@ class StepOutput:
     samples: int
     seconds: float
     samples_per_s: float
+    grad_norm: float | None = None  # the gradient's norm before clipping (None: --max-grad-norm 0)
 
 
 class TrainerCallback:
@@ -288,6 +289,8 @@ class TensorBoardCallback(TrainerCallback):
         scalars = {"train/loss": out.loss, "train/loss_super": out.super_loss, "train/learning_rate": out.lr}
         if out.sub_loss is not None:
             scalars["train/loss_sub"] = out.sub_loss
+        if out.grad_norm is not None:
+            scalars["train/grad_norm"] = out.grad_norm
         for tag, v in scalars.items():
             self.writer.add_scalar(tag, v, state.step)
 

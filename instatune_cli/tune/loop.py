@@ -303,6 +303,7 @@ class StepResult:
     samples: int
     gamma: float
     subs: list[Any]
+    grad_norm: float | None = None  # the summed gradient's norm before clipping (None: --max-grad-norm 0)
 
 
 class _Window:
@@ -312,12 +313,15 @@ class _Window:
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.supers: list[float] = []
+        self.norms: list[float] = []
         self.samples, self.seconds = 0, 0.0
 
-    def add(self, loss: float, super_loss: float, samples: int, seconds: float) -> float:
+    def add(self, loss: float, super_loss: float, grad_norm: float | None, samples: int, seconds: float) -> float:
         """Count a step; returns the samples/s since the last record."""
         self.losses.append(loss)
         self.supers.append(super_loss)
+        if grad_norm is not None and math.isfinite(grad_norm):  # fp16's skipped steps have an infinite norm
+            self.norms.append(grad_norm)
         self.samples += samples
         self.seconds += seconds
         return self.samples / self.seconds if self.seconds > 0 else 0.0
@@ -327,6 +331,13 @@ class _Window:
 
     def super_mean(self) -> float:
         return sum(self.supers) / len(self.supers)
+
+    def norm_fields(self) -> dict[str, float]:
+        """The gradient norms before clipping: their mean and the largest (a spike shows where a run went
+        unstable, as the loss jumps of docs/architecture.md "Tuning" did); nothing when clipping is off."""
+        if not self.norms:
+            return {}
+        return {"grad_norm": round(sum(self.norms) / len(self.norms), 4), "grad_norm_max": round(max(self.norms), 4)}
 
 
 class Trainer:
@@ -533,13 +544,14 @@ class Trainer:
         val = sum(values[:self.A]) / self.A
         if not math.isfinite(val):
             self.run_dir.nan_stop(val, step, self.saved_step)
+        norm = None
         if cfg.max_grad_norm > 0:
-            self.acc.clip_grad_norm_(net.params, cfg.max_grad_norm)
+            norm = float(self.acc.clip_grad_norm_(net.params, cfg.max_grad_norm))
         net.optimizer.step()
         net.scheduler.step()
         net.optimizer.zero_grad(set_to_none=True)
         super_loss = sum(values[self.A:]) / self.A
-        return StepResult(val, super_loss, val - super_loss if subs else None, step_samples, gamma, subs)
+        return StepResult(val, super_loss, val - super_loss if subs else None, step_samples, gamma, subs, norm)
 
     def sync(self, losses: list[Any]) -> list[float]:
         """Average this step's gradients and loss terms across processes with ONE all-reduce (module docstring).
@@ -644,15 +656,16 @@ class Trainer:
                 res = self.step(state.step)
                 dt = time.perf_counter() - t0
                 state.advance(plan, res.samples, dt, time.process_time() - c0)
-                sps = window.add(res.loss, res.super_loss, res.samples, dt)
+                sps = window.add(res.loss, res.super_loss, res.grad_norm, res.samples, dt)
                 control.decide(cfg, state)
                 events.on_step_end(self, state, control, StepOutput(
                     loss=res.loss, super_loss=res.super_loss, sub_loss=res.sub_loss, lr=lr, gamma=res.gamma,
-                    subs=res.subs, samples=res.samples, seconds=dt, samples_per_s=sps))
+                    subs=res.subs, samples=res.samples, seconds=dt, samples_per_s=sps, grad_norm=res.grad_norm))
                 if control.should_log:
                     events.on_log(self, state, control, {
                         "event": "train", "step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
-                        "loss": window.mean(), "super_loss": window.super_mean(), "lr": lr, "gamma": res.gamma,
+                        "loss": window.mean(), "super_loss": window.super_mean(), **window.norm_fields(),
+                        "lr": lr, "gamma": res.gamma,
                         "samples_per_s": round(sps, 2),
                         "subnets": [s.name for s in res.subs]})
                     window = _Window()

@@ -77,3 +77,22 @@ def test_sub_ramp_scales_the_subnetwork_terms(tiny_bert_dir: Path, tiny_data_dir
     assert first[1.0]["super_loss"] == pytest.approx(first[0.0]["super_loss"], rel=1e-5)
     sub = {r: first[r]["loss"] - first[r]["super_loss"] for r in first}
     assert sub[0.0] > 0 and sub[1.0] == pytest.approx(0.25 * sub[0.0], rel=1e-4)
+
+
+def test_train_records_carry_the_gradient_norm_before_clipping(tiny_bert_dir: Path, tiny_data_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """Each `train` record has the mean and largest gradient norm of its steps, measured before clipping (so a
+    clip far below it does not shrink it); with clipping off there is none."""
+    from instatune_cli.tune.loop import run_tune
+
+    recs = {}
+    for clip in (1e-6, 0.0):
+        with one_thread():
+            run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / f"c{clip}", max_steps=4, log_every=2,
+                                      max_grad_norm=clip))
+        log = [json.loads(x) for x in (tmp_path / f"c{clip}" / "log.jsonl").read_text().splitlines()]
+        recs[clip] = [r for r in log if r["event"] == "train"]
+    assert len(recs[1e-6]) == 2
+    for r in recs[1e-6]:
+        assert 1e-3 < r["grad_norm"] <= r["grad_norm_max"] < 1e4
+    assert all("grad_norm" not in r for r in recs[0.0])
