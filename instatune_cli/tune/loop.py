@@ -411,7 +411,9 @@ class Trainer:
                  f"{f' on {self.nproc} processes' if self.nproc > 1 and not cached else ''}")
         logits, built = teacher_logits(partial, self.inp.teacher_dir, self.inp.train_enc, key,
                                        self.cfg.eval_batch_size, self.acc.device,
-                                       self._teacher_progress(), group=self.group)
+                                       self._teacher_progress(), group=self.group,
+                                       on_wait=lambda: self.say("teacher: another run is computing the same logits "
+                                                                "into the shared cache; waiting for it"))
         cache = "built" if built else "reused"
         self.say(f"teacher logits {cache} ({tuple(logits.shape)})")
         return logits, cache

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +153,14 @@ def shared_cache_file(key: str, device: Any) -> Path | None:
 
 
 def teacher_logits(partial: Path, teacher_dir: str, encoded: Any, key: str, batch_size: int = 64,
-                   device: Any = None, progress: Any = None, group: Any = None) -> tuple[Any, bool]:
+                   device: Any = None, progress: Any = None, group: Any = None,
+                   on_wait: Callable[[], None] | None = None) -> tuple[Any, bool]:
     """(logits [N, C] float32 on CPU, built?) — read from the cache in `partial` when its key matches, else
 from the shared cache (then copied into `partial`, for --resume), else built and written to both.
+
+    Building holds a lock beside the shared copy (`_one_builder`): a second run that needs the same logits at the
+    same time (a bench's recovery runs of several cuts, launched together) waits for the first, after
+    `on_wait` says so, and reads its copy instead of paying the pass again.
 
     Launched on several processes (`group`, a `distributed.Group`): rank 0 alone reads or writes the cache file
     and broadcasts what it read; when building, the length-sorted batches are dealt round-robin to the ranks,
@@ -164,27 +171,82 @@ from the shared cache (then copied into `partial`, for --resume), else built and
     group = group or SINGLE
     path = Path(partial) / CACHE_FILE
     shared = shared_cache_file(key, device or torch.device("cpu"))
+    found = _cached(group, path, shared, key, len(encoded), teacher_dir)
+    if found is not None:
+        return found, False
+    with _one_builder(shared if group.main else None, on_wait):
+        found = _cached(group, path, shared, key, len(encoded), teacher_dir)  # built while this run waited
+        if found is not None:
+            return found, False
+        out = _build(teacher_dir, encoded, batch_size, device or torch.device("cpu"), progress, group)
+        group.agree(lambda: _write_cache(path, out, key, len(encoded), teacher_dir))
+        if shared is not None:
+            group.agree(lambda: _share(shared, out, key, len(encoded), teacher_dir))
+    return out, True
+
+
+def _cached(group: Any, path: Path, shared: Path | None, key: str, n: int, teacher_dir: str) -> Any:
+    """The logits from the run's own cache, else from the shared one (copied into the run's), else None."""
+    import torch
+
     src = path
-    shape = group.agree(lambda: _cached_shape(path, key, len(encoded)))
+    shape = group.agree(lambda: _cached_shape(path, key, n))
     if shape is None and shared is not None:
         src = shared
-        shape = group.agree(lambda: _cached_shape(shared, key, len(encoded)))
-    if shape is not None:
-        out = _read_cache(src) if group.main else torch.zeros(shape, dtype=torch.float32)
-        if group.active:
-            moved = out.to(group.device)
-            group.broadcast_([moved])
-            out = moved.cpu()
-        if src is shared:
-            group.agree(lambda: _write_cache(path, out, key, len(encoded), teacher_dir))
-        return out, False
+        shape = group.agree(lambda: _cached_shape(shared, key, n))
+    if shape is None:
+        return None
+    out = _read_cache(src) if group.main else torch.zeros(shape, dtype=torch.float32)
+    if group.active:
+        moved = out.to(group.device)
+        group.broadcast_([moved])
+        out = moved.cpu()
+    if src is shared:
+        group.agree(lambda: _write_cache(path, out, key, n, teacher_dir))
+    return out
+
+
+@contextmanager
+def _one_builder(shared: Path | None, on_wait: Callable[[], None] | None) -> Iterator[None]:
+    """Hold an exclusive `fcntl.flock` on `<shared copy>.lock` (in instatune's own cache folder) for the block.
+    The OS releases it when its holder dies, so a killed build never blocks the next run; the file is left in
+    place (removing it would race a waiter). Skipped with no shared cache, one that cannot be written, on
+    other ranks (rank 0 speaks for its run) and where there is no `fcntl`."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    fd = None
+    if shared is not None and fcntl is not None:
+        try:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(shared.with_name(shared.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError:
+            fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _build(teacher_dir: str, encoded: Any, batch_size: int, device: Any, progress: Any, group: Any) -> Any:
+    """One eval-mode pass of the teacher over the training set, its batches shared out over the ranks."""
+    import torch
 
     fam = family_of(teacher_dir)
     try:
         model = fam.load(teacher_dir)
     except (OSError, ValueError, RuntimeError) as e:
         raise InstatuneError(f"cannot load teacher {teacher_dir}: {str(e).strip().splitlines()[0]}") from None
-    device = device or torch.device("cpu")
     model.to(device).eval()
     # images: the teacher scores each training image once, without the training augmentation
     encoded = encoded.as_eval() if hasattr(encoded, "as_eval") else encoded
@@ -209,10 +271,7 @@ from the shared cache (then copied into `partial`, for --resume), else built and
         local, where = torch.cat(logit_parts), torch.cat(index_parts).view(-1)
     out = torch.empty((len(encoded), classes), dtype=torch.float32)
     out[where] = local
-    group.agree(lambda: _write_cache(path, out, key, len(encoded), teacher_dir))
-    if shared is not None:
-        group.agree(lambda: _share(shared, out, key, len(encoded), teacher_dir))
-    return out, True
+    return out
 
 
 def _share(shared: Path, out: Any, key: str, n: int, teacher_dir: str) -> None:

@@ -411,3 +411,41 @@ def test_max_length_comes_from_the_parent_run_unless_given(tiny_bert_dir, tiny_d
     # a run of a model that is not an extract keeps the default
     run_tune(tiny_tune_config(tiny_bert_dir, tiny_data_dir, tmp_path / "plain", plain=True, max_steps=1))
     assert artifacts.load(tmp_path / "plain", "tune").options["max_length"] == 128
+
+
+def test_a_run_waits_for_another_building_the_same_teacher_logits(tmp_path, monkeypatch):
+    """Two runs needing the same teacher logits at once (a bench's recovery runs of several cuts): while one
+    holds the build lock beside the shared copy, the other says it waits, then reads that copy instead of paying
+    the teacher pass again (`built` False, the holder's logits exactly)."""
+    import fcntl
+    import os
+    import threading
+
+    from instatune_cli.tune import teacher as T
+
+    monkeypatch.setenv("INSTATUNE_CACHE", str(tmp_path / "cache"))
+    key, n = "k" * 16, 5
+    shared = T.shared_cache_file(key, torch.device("cpu"))
+    shared.parent.mkdir(parents=True)
+    fd = os.open(shared.with_name(shared.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run is building
+    waiting, got = threading.Event(), {}
+    (tmp_path / "run").mkdir()
+
+    def second() -> None:  # a teacher that does not exist: only a build would touch it
+        got["out"] = T.teacher_logits(tmp_path / "run", str(tmp_path / "no-teacher"), list(range(n)), key,
+                                      on_wait=waiting.set)
+
+    th = threading.Thread(target=second)
+    th.start()
+    try:
+        assert waiting.wait(60), "the second run did not wait for the lock"
+        assert th.is_alive()
+        built = torch.arange(n * 2, dtype=torch.float32).view(n, 2)
+        T._write_cache(shared, built, key, n, "the first run's teacher")
+    finally:
+        os.close(fd)  # the first run is done
+        th.join(60)
+    out, was_built = got["out"]
+    assert not was_built and torch.equal(out, built)
+    assert (tmp_path / "run" / T.CACHE_FILE).is_file()  # its own copy, for --resume
