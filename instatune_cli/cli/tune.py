@@ -88,6 +88,10 @@ def register(app: typer.Typer) -> None:
         sub_ramp: float = typer.Option(D.sub_ramp, "--sub-ramp", help="Fraction of steps over which the "
                                        "sub-networks' loss terms grow from 0 to full weight once sampling starts "
                                        "(0 = at once, the paper).", rich_help_panel=METHOD),
+        grad_projection: str = typer.Option(D.grad_projection, "--grad-projection", help="Where the super-network's "
+                                            "and the sub-networks' gradients conflict, project out the part that "
+                                            "opposes `super` (the full model) or `subnets` (NASViT); `none`: the "
+                                            "paper's sum.", rich_help_panel=METHOD),
         temperature: float = typer.Option(D.temperature, "--temperature", help="Distillation temperature ρ.",
                                           rich_help_panel=METHOD),
         hidden_distill: float = typer.Option(D.hidden_distill, "--hidden-distill", help="β of DynaBERT's hidden-state "
@@ -172,7 +176,7 @@ def register(app: typer.Typer) -> None:
             limit_eval=limit_eval, val_split=val_split, val_data=val_data, metric=metric, max_length=max_length,
             tokenizer=tokenizer, output=output, force=force,
             resume=resume, plain=plain, space=space, num_subnets=num_subnets, sampling=sampling, alpha=alpha,
-            super_ce=super_ce, super_warmup=super_warmup, sub_ramp=sub_ramp,
+            super_ce=super_ce, super_warmup=super_warmup, sub_ramp=sub_ramp, grad_projection=grad_projection,
             temperature=temperature, hidden_distill=hidden_distill, teacher=teacher, teacher_epochs=teacher_epochs,
             reorder=reorder,
             reorder_batches=reorder_batches, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,

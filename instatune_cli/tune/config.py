@@ -10,6 +10,7 @@ from typing import Any
 from instatune_cli.data import GLUE_TASKS, parse_val_split
 from instatune_cli.errors import InstatuneError
 from instatune_cli.measure.metrics import METRICS, check_metric_kind
+from instatune_cli.tune.projection import PROJECTION
 
 SAMPLING = ("uniform", "sandwich", "stratified")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -21,7 +22,7 @@ NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_
                                "eval_batch_size", "quiet", "progress_every", "report_to"})
 # Options added after runs existed, left out of the fingerprint at these values (which train as before the option
 # existed), so an older run still resumes and a bench still reuses it.
-FINGERPRINTED_UNLESS = {"sub_ramp": 0.0}
+FINGERPRINTED_UNLESS = {"sub_ramp": 0.0, "grad_projection": "none"}
 
 
 @dataclass
@@ -61,6 +62,9 @@ class TuneConfig:
     # Fraction of steps over which the sub-networks' terms grow linearly from 0 to full weight once sampling
     # starts (0: full weight at once). Measured by bench/convergence.py; docs/architecture.md "Tuning".
     sub_ramp: float = 0.0
+    # Where the super-network's and the sub-networks' gradients conflict, project out the part of one that opposes
+    # the other: "super" protects the full model, "subnets" the sub-networks (NASViT); tune/projection.py.
+    grad_projection: str = "none"
     temperature: float = 1.0
     hidden_distill: float = 0.0  # β of DynaBERT's hidden-state distillation super -> sub (tune/loss.py); 0 = off
     teacher: str | None = None
@@ -158,6 +162,8 @@ class TuneConfig:
         need(self.super_ce is None or self.super_ce > 0, f"--super-ce must be positive, got {self.super_ce}")
         need(0.0 <= self.super_warmup < 1.0, f"--super-warmup must be in [0, 1), got {self.super_warmup}")
         need(0.0 <= self.sub_ramp <= 1.0, f"--sub-ramp must be in [0, 1], got {self.sub_ramp}")
+        need(self.grad_projection in PROJECTION,
+             f"unknown --grad-projection {self.grad_projection!r}; use {', '.join(PROJECTION)}")
         need(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         need(self.hidden_distill >= 0, f"--hidden-distill must be >= 0, got {self.hidden_distill}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")

@@ -78,6 +78,7 @@ from instatune_cli.tune.checkpoint import (  # noqa: F401 - re-exported: the nam
 from instatune_cli.tune.config import DEFAULT_MAX_LENGTH, MIXED_PRECISION, TuneConfig
 from instatune_cli.tune.evaluation import Evaluation
 from instatune_cli.tune.order import BatchOrder
+from instatune_cli.tune.projection import GradientProjection
 from instatune_cli.tune.rundir import (  # noqa: F401 - re-exported
     CALIB_EXAMPLES,
     LOG_FILE,
@@ -304,6 +305,7 @@ class StepResult:
     gamma: float
     subs: list[Any]
     grad_norm: float | None = None  # the summed gradient's norm before clipping (None: --max-grad-norm 0)
+    grad_cos: float | None = None   # cosine of the super-network's and sub-networks' gradients (--grad-projection)
 
 
 class _Window:
@@ -314,15 +316,18 @@ class _Window:
         self.losses: list[float] = []
         self.supers: list[float] = []
         self.norms: list[float] = []
+        self.cosines: list[float] = []
         self.samples, self.seconds = 0, 0.0
 
-    def add(self, loss: float, super_loss: float, grad_norm: float | None, samples: int, seconds: float) -> float:
+    def add(self, loss: float, super_loss: float, res: StepResult, seconds: float) -> float:
         """Count a step; returns the samples/s since the last record."""
         self.losses.append(loss)
         self.supers.append(super_loss)
-        if grad_norm is not None and math.isfinite(grad_norm):  # fp16's skipped steps have an infinite norm
-            self.norms.append(grad_norm)
-        self.samples += samples
+        if res.grad_norm is not None and math.isfinite(res.grad_norm):  # fp16's skipped steps: an infinite norm
+            self.norms.append(res.grad_norm)
+        if res.grad_cos is not None and math.isfinite(res.grad_cos):
+            self.cosines.append(res.grad_cos)
+        self.samples += res.samples
         self.seconds += seconds
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
@@ -335,9 +340,13 @@ class _Window:
     def norm_fields(self) -> dict[str, float]:
         """The gradient norms before clipping: their mean and the largest (a spike shows where a run went
         unstable, as the loss jumps of docs/architecture.md "Tuning" did); nothing when clipping is off."""
-        if not self.norms:
-            return {}
-        return {"grad_norm": round(sum(self.norms) / len(self.norms), 4), "grad_norm_max": round(max(self.norms), 4)}
+        out = {}
+        if self.norms:
+            out = {"grad_norm": round(sum(self.norms) / len(self.norms), 4), "grad_norm_max": round(max(self.norms), 4)}
+        if self.cosines:  # --grad-projection: how much the sub-networks pull against the super-network
+            out["grad_cos"] = round(sum(self.cosines) / len(self.cosines), 4)
+            out["grad_conflict"] = round(sum(c < 0 for c in self.cosines) / len(self.cosines), 4)
+        return out
 
 
 class Trainer:
@@ -530,6 +539,7 @@ class Trainer:
                                       cfg.sampling) if sampling else []
         totals: list[Any] = []
         supers: list[Any] = []
+        proj = GradientProjection(net.params, cfg.grad_projection) if subs and cfg.grad_projection != "none" else None
         step_samples = 0
         for a in range(self.A):
             glob = self.order.global_micro(step * self.A + a)
@@ -539,10 +549,12 @@ class Trainer:
                 totals.append(0.0)
                 supers.append(0.0)
                 continue
-            total, sup = self._micro_step(idx, glob, w, gamma, subs, self.plan.sub_weight(step))
+            total, sup = self._micro_step(idx, glob, w, gamma, subs, self.plan.sub_weight(step), proj)
             totals.append(total)
             supers.append(sup)
-        values = self.sync([*totals, *supers])  # one buffer: averaging is element-wise, the totals as before
+        # one buffer: averaging is element-wise, the totals as before
+        values = self.sync([*totals, *supers], proj.super_grads() if proj else [])
+        cos = proj.combine() if proj else None
         val = sum(values[:self.A]) / self.A
         if not math.isfinite(val):
             self.run_dir.nan_stop(val, step, self.saved_step)
@@ -553,13 +565,14 @@ class Trainer:
         net.scheduler.step()
         net.optimizer.zero_grad(set_to_none=True)
         super_loss = sum(values[self.A:]) / self.A
-        return StepResult(val, super_loss, val - super_loss if subs else None, step_samples, gamma, subs, norm)
+        return StepResult(val, super_loss, val - super_loss if subs else None, step_samples, gamma, subs, norm, cos)
 
-    def sync(self, losses: list[Any]) -> list[float]:
+    def sync(self, losses: list[Any], extra: list[Any]) -> list[float]:
         """Average this step's gradients and loss terms across processes with ONE all-reduce (module docstring).
 
         The buffer holds every parameter's gradient (zeros where this rank produced none), one has-gradient flag
-        per parameter and the step's loss terms. A parameter no rank produced a gradient for keeps `grad = None`, as on
+        per parameter, `extra` tensors (the super-network's own gradients under --grad-projection) and the step's loss
+        terms. A parameter no rank produced a gradient for keeps `grad = None`, as on
         one process, so AdamW skips it there too. Returns the (averaged) loss terms as floats."""
         import torch
 
@@ -571,7 +584,7 @@ class Trainer:
         for p in self.net.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.net.params]
+        grads = [p.grad for p in self.net.params] + list(extra)
         if any(g.dtype != ref.dtype for g in grads):  # mixed parameter dtypes: not what tune builds
             raise InstatuneError("the model's parameters have several dtypes; multi-process tune needs one")
         self.group.average_([*grads, flags, terms])
@@ -581,10 +594,11 @@ class Trainer:
         return [float(x) for x in terms.tolist()]
 
     def _micro_step(self, idx: list[int], glob: list[int], w: Any, gamma: float, subs: list[Any],
-                    sub_weight: float) -> tuple[Any, Any]:
+                    sub_weight: float, proj: GradientProjection | None) -> tuple[Any, Any]:
         """Back-propagate the super-network's term, then each sub-network's (tune/loss.py) times `sub_weight`
         (`--sub-ramp`), one graph at a time, on this rank's slice `idx` of the global micro-batch `glob`. Returns
-        the weighted loss and the super-network's term of it (detached).
+        the weighted loss and the super-network's term of it (detached). With `proj` the super-network's gradient
+        goes to its own accumulator (tune/projection.py).
 
         Every term is a mean over examples, so it is weighted by len(idx) / len(glob) x processes: averaged over
         the processes that gives the mean over the global batch, the single-process loss. The hidden-state term
@@ -612,7 +626,11 @@ class Trainer:
             logits, hidden = self.adapter.forward(model, batch, hidden_states=bool(beta))
         term = L.plain_loss(logits, labels, w, tl) if self.cfg.plain else L.super_term(logits, labels, w, tl)
         term = weighted(term, share)
+        if proj is not None:
+            proj.to_super()
         acc.backward(term)  # accelerate divides by --grad-accum (its GradientAccumulationPlugin)
+        if proj is not None:
+            proj.to_subs()
         total = sup_term = term.detach().float()
         sup = logits.detach()
         sup_hidden = tuple(h.detach() for h in hidden) if beta and hidden is not None else None
@@ -658,7 +676,7 @@ class Trainer:
                 res = self.step(state.step)
                 dt = time.perf_counter() - t0
                 state.advance(plan, res.samples, dt, time.process_time() - c0)
-                sps = window.add(res.loss, res.super_loss, res.grad_norm, res.samples, dt)
+                sps = window.add(res.loss, res.super_loss, res, dt)
                 control.decide(cfg, state)
                 events.on_step_end(self, state, control, StepOutput(
                     loss=res.loss, super_loss=res.super_loss, sub_loss=res.sub_loss, lr=lr, gamma=res.gamma,

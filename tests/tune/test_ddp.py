@@ -247,3 +247,18 @@ def test_only_rank_0_reports(tiny: dict[str, Path], reference: Path, tmp_path: P
     loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     for rec in (x for x in log if x["event"] == "train" and x["step"] % 2 == 0):  # one process's log, --log-every 2
         assert rec["loss"] == pytest.approx((loss[rec["step"] - 1] + loss[rec["step"]]) / 2, abs=1e-4)
+
+
+def test_two_processes_project_gradients_as_one(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`--grad-projection super`: the super-network's gradients are averaged over the processes beside the
+    sub-networks' (still one all-reduce per step), so the projection sees the single-process gradients."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    with one_thread():
+        run_tune(tiny_tune_config(tiny["model"], tiny["data"], one, teacher=str(tiny["teacher"]),
+                                  grad_projection="super", **OPTS))
+    r = torchrun(["-m", "instatune_cli"], cli_args(tiny, two, grad_projection="super", log_every=1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = worst_difference(one, two)
+    assert worst <= 1e-5, f"2-process weights differ from the 1-process run by {worst}"
+    cos = [json.loads(x).get("grad_cos") for x in (two / "log.jsonl").read_text().splitlines()]
+    assert any(c is not None for c in cos)
