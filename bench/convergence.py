@@ -20,6 +20,9 @@ sub-network of each depth, and the smallest) on the run's validation split and o
 - `alone`: the control, the super-network alone for 99 % of steps (`--super-warmup 0.99`): plain fine-tuning
   of the importance-reordered model (the same function, other rounding and dropout positions). Where it fails
   too, the sub-networks are not what stalls the super-network.
+- `project`: `both` with NASViT's gradient projection protecting the super-network (`--grad-projection super`):
+  where a sub-network's gradient points against the super-network's, its component along it is removed;
+- `project-subnets`: the same protecting the sub-networks instead (`--grad-projection subnets`, NASViT's side).
 
 Every variant names all of these options, so a variant trains the same whatever the defaults are.
 
@@ -47,7 +50,8 @@ sys.path[:0] = [str(REPO)]  # this checkout's instatune_cli and bench/, not anot
 
 from bench.provenance import add_arguments, start  # noqa: E402
 
-_PAPER = {"--super-ce": "0.3", "--super-warmup": "0", "--sub-ramp": "0"}  # Eq. 1 as the paper writes it
+# Eq. 1 as the paper writes it
+_PAPER = {"--super-ce": "0.3", "--super-warmup": "0", "--sub-ramp": "0", "--grad-projection": "none"}
 
 
 def _variant(**changes: str) -> list[str]:
@@ -64,6 +68,8 @@ VARIANTS: dict[str, list[str]] = {
     "ramp": _variant(super_ce="1", super_warmup="0.3", sub_ramp="0.3"),
     "warmup-long": _variant(super_ce="1", super_warmup="0.5"),
     "alone": _variant(super_ce="1", super_warmup="0.99"),
+    "project": _variant(super_ce="1", super_warmup="0.3", grad_projection="super"),
+    "project-subnets": _variant(super_ce="1", super_warmup="0.3", grad_projection="subnets"),
 }
 
 
