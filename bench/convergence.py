@@ -30,7 +30,8 @@ Every variant names all of these options, so a variant trains the same whatever 
 
 Resumable: a finished tune run and its scores are kept under bench/results/convergence/ and not redone.
 Writes bench/results/convergence.json (rows + summary) and convergence.md for the SST-2 slice,
-convergence_stsb.json / .md for STS-B; raw rows as convergence[.stsb].rows.jsonl. A learning rate other than
+convergence_stsb.json / .md for STS-B, convergence_sst2_n<train>.json for SST-2 as distributed (`--task sst2`,
+its first --train rows); raw rows as convergence[.stsb].rows.jsonl. A learning rate other than
 1e-4 adds `_lr<rate>` to the names (`convergence_stsb_lr0.0002.json`, `convergence.stsb_lr0.0002.rows.jsonl`).
 """
 
@@ -144,7 +145,7 @@ def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespa
     out = work / f"{variant}-s{seed}"
     if (out / "manifest.json").exists():
         return out, json.loads(out.with_name(out.name + ".time.json").read_text())["cpu_s"]
-    task = ["--task", "stsb"] if args.task == "stsb" else []
+    task = {"stsb": ["--task", "stsb"], "sst2": ["--task", "sst2", "--limit-train", str(args.train)]}.get(args.task, [])
     max_len = "128" if args.task == "stsb" else "64"  # sentence pairs are longer
     cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, *task, "--data", str(data),
            "--metric", args.metric, "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32",
@@ -171,8 +172,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--metric", default="mcc")
     ap.add_argument("--model", default=None, help="model directory (default: the installed all-MiniLM-L6-v2)")
-    ap.add_argument("--task", choices=("sst2-imbalanced", "stsb"), default="sst2-imbalanced",
-                    help="stsb: GLUE's STS-B as distributed (regression, Pearson), all of train, dev as eval")
+    ap.add_argument("--task", choices=("sst2-imbalanced", "stsb", "sst2"), default="sst2-imbalanced",
+                    help="stsb: GLUE's STS-B as distributed (regression, Pearson), all of train, dev as eval; "
+                         "sst2: SST-2 as distributed, its first --train rows (bench/glue_value.py's --limit-train), "
+                         "accuracy, dev as eval")
     ap.add_argument("--data", type=Path, default=None, help="default: ../shared/data/sst2 or glue/STS-B")
     add_arguments(ap)
     args = ap.parse_args()
@@ -185,13 +188,15 @@ def main() -> None:
     # one folder per data/budget setting, so runs of different settings never mix
     setting = f"n{args.train}-m{args.majority:g}-e{args.epochs:g}-lr{args.lr:g}"
     setting = f"stsb-e{args.epochs:g}-lr{args.lr:g}" if args.task == "stsb" else setting
+    setting = f"sst2-n{args.train}-e{args.epochs:g}-lr{args.lr:g}" if args.task == "sst2" else setting
     work = REPO / "bench" / "results" / "convergence" / setting
     data = work / "data"
-    if args.task == "stsb":
-        args.metric = "pearson" if args.metric == "mcc" else args.metric
-        data = args.data or REPO / ".." / "shared" / "data" / "glue" / "STS-B"
+    if args.task in ("stsb", "sst2"):  # the task's files as distributed
+        args.metric = {"stsb": "pearson", "sst2": "accuracy"}[args.task] if args.metric == "mcc" else args.metric
+        data = args.data or REPO / ".." / "shared" / "data" / {"stsb": "glue/STS-B", "sst2": "sst2"}[args.task]
         counts = {name: len((data / f"{name}.tsv").read_text(encoding="utf-8").splitlines()) - 1
                   for name in ("train", "dev")}
+        counts["train"] = min(counts["train"], args.train) if args.task == "sst2" else counts["train"]
     else:
         src = args.data or REPO / ".." / "shared" / "data" / "sst2"
         counts = make_data(src, data, args.train, args.majority, seed=0)
@@ -213,7 +218,7 @@ def main() -> None:
             print(json.dumps({"variant": v, "seed": seed, "super": row["scores"]["super"]}), flush=True)
     rows = list(done.values())
     lr_tag = "" if args.lr == 1e-4 else f"_lr{args.lr:g}"
-    tag = ("_stsb" if args.task == "stsb" else "") + lr_tag
+    tag = {"stsb": "_stsb", "sst2": f"_sst2_n{args.train}"}.get(args.task, "") + lr_tag
     out = REPO / "bench" / "results" / f"convergence{tag}.json"
     name = tag.lstrip("_")  # "", "stsb", "stsb_lr0.0002", "lr0.0002"
     prov.write_rows(rows, suffix=f"{name}.rows" if name else "rows")
