@@ -235,7 +235,9 @@ def table(rows: list[dict], metric: str) -> str:
     import statistics
 
     by: dict[str, list[dict]] = {}
-    for r in rows:
+    order = list(VARIANTS)
+    for r in sorted(rows, key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order),
+                                         r["seed"])):
         by.setdefault(r["variant"], []).append(r)
     names = sorted({p for r in rows for p in r["scores"]}, key=lambda p: (p != "super", p))
     head = "| variant | seeds | CPU s | " + " | ".join(f"{p} eval {metric}" for p in names) + " | collapsed |"

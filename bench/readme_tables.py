@@ -200,6 +200,17 @@ def glue_value_table(task: str) -> Callable[[Path], str]:
     return make
 
 
+# ---- does the family learn as fast as plain tuning? (bench/convergence.py) --------------------------------------
+def convergence_table(tag: str) -> Callable[[Path], str]:
+    """The bench's own table of one result (each probe's dev score, mean (min..max) over seeds)."""
+    def make(results: Path = RESULTS) -> str:
+        from bench.convergence import table
+
+        d = load(f"convergence{tag}", results)
+        return table(d["rows"], d["options"]["metric"]).strip()
+    return make
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "depth_family": depth_family_table, "joint_quant": joint_quant_table, "vit_cifar": vit_cifar_table,
     "search_efficiency": search_efficiency_table, "glue_value_sst2": glue_value_table("sst2"),
