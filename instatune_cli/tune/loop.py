@@ -319,10 +319,10 @@ class _Window:
         self.cosines: list[float] = []
         self.samples, self.seconds = 0, 0.0
 
-    def add(self, loss: float, super_loss: float, res: StepResult, seconds: float) -> float:
+    def add(self, res: StepResult, seconds: float) -> float:
         """Count a step; returns the samples/s since the last record."""
-        self.losses.append(loss)
-        self.supers.append(super_loss)
+        self.losses.append(res.loss)
+        self.supers.append(res.super_loss)
         if res.grad_norm is not None and math.isfinite(res.grad_norm):  # fp16's skipped steps: an infinite norm
             self.norms.append(res.grad_norm)
         if res.grad_cos is not None and math.isfinite(res.grad_cos):
@@ -339,7 +339,8 @@ class _Window:
 
     def norm_fields(self) -> dict[str, float]:
         """The gradient norms before clipping: their mean and the largest (a spike shows where a run went
-        unstable, as the loss jumps of docs/architecture.md "Tuning" did); nothing when clipping is off."""
+        unstable, as the loss jumps of docs/architecture.md "Tuning" did; none when clipping is off), and under
+        --grad-projection the two gradients' mean cosine and the share of conflicting steps."""
         out = {}
         if self.norms:
             out = {"grad_norm": round(sum(self.norms) / len(self.norms), 4), "grad_norm_max": round(max(self.norms), 4)}
@@ -676,7 +677,7 @@ class Trainer:
                 res = self.step(state.step)
                 dt = time.perf_counter() - t0
                 state.advance(plan, res.samples, dt, time.process_time() - c0)
-                sps = window.add(res.loss, res.super_loss, res, dt)
+                sps = window.add(res, dt)
                 control.decide(cfg, state)
                 events.on_step_end(self, state, control, StepOutput(
                     loss=res.loss, super_loss=res.super_loss, sub_loss=res.sub_loss, lr=lr, gamma=res.gamma,
