@@ -174,7 +174,7 @@ from the shared cache (then copied into `partial`, for --resume), else built and
     found = _cached(group, path, shared, key, len(encoded), teacher_dir)
     if found is not None:
         return found, False
-    with _one_builder(shared if group.main else None, on_wait):
+    with _one_builder(shared, group, on_wait):
         found = _cached(group, path, shared, key, len(encoded), teacher_dir)  # built while this run waited
         if found is not None:
             return found, False
@@ -206,36 +206,62 @@ def _cached(group: Any, path: Path, shared: Path | None, key: str, n: int, teach
     return out
 
 
+_LOCK_POLL_S = 2.0  # how often a waiting run asks again (each ask is one short collective under a launcher)
+
+
 @contextmanager
-def _one_builder(shared: Path | None, on_wait: Callable[[], None] | None) -> Iterator[None]:
+def _one_builder(shared: Path | None, group: Any, on_wait: Callable[[], None] | None) -> Iterator[None]:
     """Hold an exclusive `fcntl.flock` on `<shared copy>.lock` (in instatune's own cache folder) for the block.
-    The OS releases it when its holder dies, so a killed build never blocks the next run; the file is left in
-    place (removing it would race a waiter). Skipped with no shared cache, one that cannot be written, on
-    other ranks (rank 0 speaks for its run) and where there is no `fcntl`."""
+
+    Rank 0 speaks for its run: it alone opens the lock and tries it without blocking, every `_LOCK_POLL_S`
+    seconds, and each answer reaches the other ranks through `group.agree`; so while another run builds, no rank
+    sits in one collective for longer than a poll (a blocking wait would hold the other ranks in the next
+    collective until the launcher's timeout). The OS releases the lock when its holder dies, so a killed build
+    never blocks the next run; the file is left in place (removing it would race a waiter). Skipped with no
+    shared cache, one that cannot be written, and where there is no `fcntl`."""
+    import time
+
+    fd = _open_lock(shared) if group.main else None
     try:
-        import fcntl
-    except ImportError:
-        fcntl = None  # type: ignore[assignment]
-    fd = None
-    if shared is not None and fcntl is not None:
-        try:
-            shared.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(shared.with_name(shared.name + ".lock"),
-                         os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError:
-            fd = None
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        waited = False
+        while not group.agree(lambda: _try_lock(fd)):
+            if not waited and on_wait is not None and group.main:
+                on_wait()
+            waited = True
+            time.sleep(_LOCK_POLL_S)
         yield
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _open_lock(shared: Path | None) -> int | None:
+    """A descriptor on the lock file beside the shared copy, or None (no cache, not writable, no `fcntl`)."""
+    try:
+        import fcntl  # noqa: F401 - only to know the platform has it
+    except ImportError:
+        return None
+    if shared is None:
+        return None
+    try:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(shared.with_name(shared.name + ".lock"),
+                       os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError:
+        return None
+
+
+def _try_lock(fd: int | None) -> bool:
+    """Take the lock if it is free (True), or say it is held (False); no lock to take counts as taken."""
+    if fd is None:
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _build(teacher_dir: str, encoded: Any, batch_size: int, device: Any, progress: Any, group: Any) -> Any:

@@ -449,3 +449,57 @@ def test_a_run_waits_for_another_building_the_same_teacher_logits(tmp_path, monk
     out, was_built = got["out"]
     assert not was_built and torch.equal(out, built)
     assert (tmp_path / "run" / T.CACHE_FILE).is_file()  # its own copy, for --resume
+
+
+def _wait_for_lock_on_two_ranks(rank: int, port: int, shared: str, out: str) -> None:
+    """One rank of a launched run that needs logits another run is building (spawned by the test below)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from instatune_cli.distributed import Group
+    from instatune_cli.tune import teacher as T
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=5))
+    try:
+        waits = []
+        Group(rank=rank, world=2).agree(lambda: Path(out, "ready").write_text("both ranks are up"))
+        with T._one_builder(Path(shared), Group(rank=rank, world=2), lambda: waits.append(1)):
+            Path(out, f"rank{rank}").write_text(str(len(waits)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_launched_run_waits_for_the_lock_without_stalling_its_other_ranks(tmp_path):
+    """Under a launcher, rank 0 alone takes the build lock; while another run holds it, the other ranks must not
+    sit in one collective the whole time (gloo's timeout, 5 s here, would fail them after a long teacher pass):
+    rank 0 asks every couple of seconds and each answer is a short collective. The lock is held 9 s after both
+    ranks are up, nearly twice the timeout; both ranks then enter the block, and only rank 0 said that it waits."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    shared = tmp_path / "cache" / "logits.safetensors"
+    shared.parent.mkdir()
+    fd = os.open(shared.with_name(shared.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run is building
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_wait_for_lock_on_two_ranks, args=(port, str(shared), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:  # spawning takes a while
+            time.sleep(0.1)
+        time.sleep(9)
+        assert not (tmp_path / "rank0").exists() and not (tmp_path / "rank1").exists()
+    finally:
+        os.close(fd)  # the other run is done
+    while not ctx.join(60):
+        pass
+    assert (tmp_path / "rank0").read_text() == "1" and (tmp_path / "rank1").read_text() == "0"
