@@ -22,7 +22,10 @@ sub-network of each depth, and the smallest) on the run's validation split and o
   too, the sub-networks are not what stalls the super-network.
 - `project`: `both` with NASViT's gradient projection protecting the super-network (`--grad-projection super`):
   where a sub-network's gradient points against the super-network's, its component along it is removed;
-- `project-subnets`: the same protecting the sub-networks instead (`--grad-projection subnets`, NASViT's side).
+- `project-subnets`: the same protecting the sub-networks instead (`--grad-projection subnets`, NASViT's side);
+- `super-2x`: `both` with the super-network's own term at twice the weight (`--super-ce 2`): the sampled
+  sub-network's share of each step halves (AdamW and the clipping rescale the sum, so this is not a larger
+  step), without changing anything while the super-network trains alone.
 
 Every variant names all of these options, so a variant trains the same whatever the defaults are.
 
@@ -71,6 +74,7 @@ VARIANTS: dict[str, list[str]] = {
     "alone": _variant(super_ce="1", super_warmup="0.99"),
     "project": _variant(super_ce="1", super_warmup="0.3", grad_projection="super"),
     "project-subnets": _variant(super_ce="1", super_warmup="0.3", grad_projection="subnets"),
+    "super-2x": _variant(super_ce="2", super_warmup="0.3"),
 }
 
 
