@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from instatune_cli.cli.common import console, defaults, quiet_libraries, user_errors
-from instatune_cli.tune.config import TuneConfig
+from instatune_cli.tune.config import SUPER_CE, TuneConfig
 
 # ruff: noqa: UP045 - typer needs Optional[...] on Python 3.10
 
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                     rich_help_panel=METHOD),
         super_ce: Optional[float] = typer.Option(D.super_ce, "--super-ce", help="Cross-entropy weight of the "
                                                  "super-network's own term (the paper's Eq. 1: α).",
-                                                 show_default="1 without a teacher, α with one",
+                                                 show_default=f"{SUPER_CE:g} without a teacher, α with one",
                                                  rich_help_panel=METHOD),
         super_warmup: float = typer.Option(D.super_warmup, "--super-warmup", help="Fraction of steps that train the "
                                            "super-network alone before sub-networks are sampled (the paper: 0).",
