@@ -52,7 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]  # this checkout's instatune_cli and bench/, not another install
 
-from bench.provenance import add_arguments, start  # noqa: E402
+from bench.provenance import add_arguments, refuse_stale, start  # noqa: E402
 
 # Eq. 1 as the paper writes it
 _PAPER = {"--super-ce": "0.3", "--super-warmup": "0", "--sub-ramp": "0", "--grad-projection": "none"}
@@ -145,20 +145,24 @@ def score_run(run: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def tune_argv(variant: str, seed: int, data: Path, args: argparse.Namespace) -> list[str]:
+    """`instatune tune ...` for one variant and seed (the output folder aside)."""
+    task = {"stsb": ["--task", "stsb"], "sst2": ["--task", "sst2", "--limit-train", str(args.train)]}.get(args.task, [])
+    max_len = "128" if args.task == "stsb" else "64"  # sentence pairs are longer
+    return ["tune", args.model, *task, "--data", str(data), "--metric", args.metric, "--epochs", str(args.epochs),
+            "--lr", str(args.lr), "--batch-size", "32", "--max-length", max_len, "--seed", str(seed),
+            "--save-every", "50", "--progress-every", "120", *VARIANTS[variant]]
+
+
 def tune(variant: str, seed: int, data: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float, str]:
     """Train one variant (or reuse it): the run, its CPU seconds and the commit it was made at (a run reused from
     an invocation before the commit was stamped says "unrecorded")."""
     out = work / f"{variant}-s{seed}"
     if (out / "manifest.json").exists():
         t = json.loads(out.with_name(out.name + ".time.json").read_text())
+        refuse_stale(out, tune_argv(variant, seed, data, args), t.get("commit", "an unrecorded commit"))
         return out, t["cpu_s"], t.get("commit", "unrecorded")
-    task = {"stsb": ["--task", "stsb"], "sst2": ["--task", "sst2", "--limit-train", str(args.train)]}.get(args.task, [])
-    max_len = "128" if args.task == "stsb" else "64"  # sentence pairs are longer
-    cmd = [sys.executable, "-m", "instatune_cli", "tune", args.model, *task, "--data", str(data),
-           "--metric", args.metric, "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "32",
-           "--max-length", max_len,
-           "--seed", str(seed), "-o", str(out), "--save-every", "50", "--progress-every", "120",
-           *VARIANTS[variant]]
+    cmd = [sys.executable, "-m", "instatune_cli", *tune_argv(variant, seed, data, args), "-o", str(out)]
     if (work / f"{out.name}.partial").exists():
         cmd.append("--resume")
     r0 = os.times()
@@ -216,7 +220,9 @@ def main() -> None:
             done[(r["variant"], r["seed"])] = r
     for seed in [int(s) for s in args.seeds.split(",")]:
         for v in args.variants.split(","):
-            if (v, seed) in done:
+            if (v, seed) in done:  # its run, where this checkout has it, must match today's defaults
+                refuse_stale(work / f"{v}-s{seed}", tune_argv(v, seed, data, args),
+                             done[(v, seed)].get("commit", "an unrecorded commit"))
                 continue
             run, cpu, commit = tune(v, seed, data, work, args)
             row = {"variant": v, "seed": seed, "cpu_s": round(cpu, 1), "commit": commit, "scores": score_run(run)}

@@ -59,7 +59,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]  # this checkout's instatune_cli and bench/, not another install
 
-from bench.provenance import add_arguments, start  # noqa: E402
+from bench.provenance import add_arguments, refuse_stale, start  # noqa: E402
 
 SHARED = REPO / ".." / "shared" / "data"
 
@@ -116,6 +116,9 @@ class Bench:
     def cli(self, *argv: str, out: Path) -> float:
         """Run `instatune ARGV` unless `out` is complete; the CPU seconds it took (0 when reused)."""
         if (out / "manifest.json").exists():
+            if argv[0] == "tune":
+                made = out.with_name(out.name + ".commit")
+                refuse_stale(out, argv, made.read_text().strip() if made.exists() else "an unrecorded commit")
             cached = out.with_name(out.name + ".cpu")
             return float(cached.read_text()) if cached.exists() else 0.0
         cmd = [sys.executable, "-m", "instatune_cli", *argv, "-o", str(out)]

@@ -191,3 +191,28 @@ def test_a_result_written_elsewhere_keeps_its_history_beside_it(repo, tmp_path):
     assert rows.parent == out.parent and rec["result"] == str(out)
     assert prov.read_history("demo", out.parent)[0]["summary"] == {"figure": 1.0}
     assert not (repo / "bench" / "results" / "demo.history.jsonl").exists()
+
+
+def test_a_reused_run_made_under_another_default_is_refused(tmp_path: Path) -> None:
+    """A bench reuses finished runs by folder name; one whose run.json records another value for an option the
+    bench leaves at its default (the super-network's weight changed 1 -> 2) must stop the bench with one line,
+    while options the bench passes, and runs that match today's defaults, go through."""
+    from instatune_cli.tune.config import TuneConfig
+
+    argv = ["tune", "m", "--task", "stsb", "--lr", "1e-4", "--seed", "42"]
+    run = tmp_path / "elastic-s42"
+    run.mkdir()
+    now = TuneConfig(model="m", task="stsb", lr=1e-4, seed=42).fingerprint_dict()
+    (run / "run.json").write_text(json.dumps({"options": now}))
+    assert prov.stale_defaults(run, argv) == {}
+    (run / "run.json").write_text(json.dumps({"options": {**now, "super_ce": None, "lr": 5e-5}}))
+    assert prov.stale_defaults(run, argv) == {"super_ce": (None, now["super_ce"])}  # --lr is the bench's own
+    assert prov.stale_defaults(run, [*argv, "--super-ce", "1"]) == {}
+    with pytest.raises(SystemExit, match=r"error: .*elastic-s42 was made \(at abc\) under other tune defaults "
+                                         r"\(--super-ce None -> "):
+        prov.refuse_stale(run, argv, "abc")
+    plain = tmp_path / "plain-s42"
+    plain.mkdir()
+    (plain / "run.json").write_text(json.dumps({"options": {**TuneConfig(model="m", plain=True).fingerprint_dict()}}))
+    assert prov.stale_defaults(plain, [*argv, "--plain"]) == {}
+    assert prov.stale_defaults(tmp_path / "no-such-run", argv) == {}
