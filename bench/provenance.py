@@ -17,6 +17,8 @@ the history, never the last one (bench/readme_tables.py generates the tables so)
 `python bench/provenance.py median NAME FIGURE`. A run
 allowed on a dirty tree stores the tree's diff beside the result (bench/results/NAME.STAMP.diff) and its
 record names it. Files under bench/results/ are the benches' own outputs, so they do not make a tree dirty.
+A bench that reuses finished tune runs by folder name calls `refuse_stale(run, argv, commit)` first: a run made
+under another default of an option the bench does not pass stops it, so one table never holds two methods.
 """
 
 from __future__ import annotations
