@@ -511,9 +511,10 @@ def _spread(vals: list[float | None]) -> str:
 
 
 def run_seeds(b: Bench, lr: float, args: argparse.Namespace, sweeps: dict[str, Any],
-              prior: list[dict[str, Any]]) -> list[dict[str, Any]]:
+              prior: list[dict[str, Any]], stage: dict[str, Any]) -> list[dict[str, Any]]:
     """Every seed's rows (seed order), `args.jobs` seeds at a time; after each seed, what is done so far is written
-    (.partial.json, .md, .png), readable while the rest runs (a censored run still shows its finished seeds)."""
+    (.partial.json, .md, .png), readable while the rest runs (a censored run still shows its finished seeds); the
+    partial file names the commit and tree state it ran from (`stage`, `Provenance.stage`)."""
     import threading
 
     done: dict[int, list[dict[str, Any]]] = {}
@@ -524,8 +525,8 @@ def run_seeds(b: Bench, lr: float, args: argparse.Namespace, sweeps: dict[str, A
         with lock:
             done[seed] = rows
             so_far = prior + [r for s in args.seed_list if s in done for r in done[s]]
-            args.out.with_suffix(".partial.json").write_text(json.dumps({"sweeps": sweeps, "rows": so_far},
-                                                                        indent=1))
+            partial = {"provenance": stage, "sweeps": sweeps, "rows": so_far}
+            args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=1))
             args.out.with_suffix(".md").write_text(summary(so_far))
             plot(so_far, args.out.with_suffix(".png"))
 
@@ -577,7 +578,7 @@ def main() -> None:
                         "lr_val_scores_by_seed": b.lr_seed_scores, "best_lr": lr,
                         "elastic_lr_val_scores": b.elr_scores, "elastic_lr_val_scores_by_seed": b.elr_seed_scores,
                         "elastic_lr": b.elr, "recovery_lr_val_scores": b.rec_lr_scores, "recovery_lr": b.rec_lrs}
-        rows += run_seeds(b, lr, args, sweeps, rows)
+        rows += run_seeds(b, lr, args, sweeps, rows, prov.stage())
     out = args.out
     prov.write_rows(rows, suffix="rows" if out.stem == "glue_value" else f"{out.stem.removeprefix('glue_value_')}.rows")
     summ = {f"{r['task']}.{r['method']}.s{r['seed']}.{k}": r[k] for r in rows

@@ -390,6 +390,33 @@ def median_figure(bench: str, key: str, results: Path | None = None, clean_only:
     """The median of every run of one figure in the history (None when no run has it)."""
     return figure_stats(bench, key, results, clean_only)["median"]
 
+def stale_defaults(run: Path, argv: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The tune options `argv` leaves at their defaults whose recorded value in the finished `run` (its run.json)
+    is not what this checkout's defaults give: {option: (recorded, now)}. A bench that reuses finished runs by
+    folder name must not mix runs made under another default with new ones (a changed default is a changed
+    method); empty when the run has no run.json (not a tune run)."""
+    from instatune_cli.tune.config import TuneConfig
+
+    info = Path(run) / "run.json"
+    if not info.is_file():
+        return {}
+    recorded = json.loads(info.read_text()).get("options", {})
+    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+    now = TuneConfig(model="-", plain="--plain" in argv).fingerprint_dict()
+    return {k: (recorded[k], v) for k, v in now.items()
+            if k not in given and k != "model" and k in recorded and recorded[k] != v}
+
+
+def refuse_stale(run: Path, argv: Sequence[str], commit: str) -> None:
+    """`stale_defaults` as one `error:` line naming the way out (raises `refuse`)."""
+    stale = stale_defaults(run, argv)
+    if stale:
+        what = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in stale.items())
+        raise refuse(f"{run} was made (at {commit}) under other tune defaults ({what}); reusing it would mix two "
+                     "methods in one table: give the bench another --out (or move that folder aside) to rerun it "
+                     "here, or run the bench at the commit that made it")
+
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Bench histories: the figures the README quotes.")
@@ -418,29 +445,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def stale_defaults(run: Path, argv: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """The tune options `argv` leaves at their defaults whose recorded value in the finished `run` (its run.json)
-    is not what this checkout's defaults give: {option: (recorded, now)}. A bench that reuses finished runs by
-    folder name must not mix runs made under another default with new ones (a changed default is a changed
-    method); empty when the run has no run.json (not a tune run)."""
-    from instatune_cli.tune.config import TuneConfig
-
-    info = Path(run) / "run.json"
-    if not info.is_file():
-        return {}
-    recorded = json.loads(info.read_text()).get("options", {})
-    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
-    now = TuneConfig(model="-", plain="--plain" in argv).fingerprint_dict()
-    return {k: (recorded[k], v) for k, v in now.items()
-            if k not in given and k != "model" and k in recorded and recorded[k] != v}
-
-
-def refuse_stale(run: Path, argv: Sequence[str], commit: str) -> None:
-    """`stale_defaults` as one `error:` line naming the way out (raises `refuse`)."""
-    stale = stale_defaults(run, argv)
-    if stale:
-        what = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in stale.items())
-        raise refuse(f"{run} was made (at {commit}) under other tune defaults ({what}); reusing it would mix two "
-                     "methods in one table: give the bench another --out (or move that folder aside) to rerun it "
-                     "here, or run the bench at the commit that made it")
