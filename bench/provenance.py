@@ -14,8 +14,8 @@ root) does:
 Every run appends one record (commit, clean, date, command line, summary figures) to
 bench/results/NAME.history.jsonl; the README quotes `median_figure(NAME, FIGURE)` — the median of every run in
 the history, never the last one (bench/readme_tables.py generates the tables so) — also printed by
-`python bench/provenance.py median NAME FIGURE`. A run
-allowed on a dirty tree stores the tree's diff beside the result (bench/results/NAME.STAMP.diff) and its
+`python bench/provenance.py median NAME FIGURE [--result FILE]` (a bench whose settings choose its result file
+keeps one history under its name: the median is taken within one result file). A run allowed on a dirty tree stores the tree's diff beside the result (bench/results/NAME.STAMP.diff) and its
 record names it. Files under bench/results/ are the benches' own outputs, so they do not make a tree dirty.
 A bench that reuses finished tune runs by folder name calls `refuse_stale(run, argv, commit)` first: a run made
 under another default of an option the bench does not pass stops it, so one table never holds two methods.
@@ -370,25 +370,35 @@ def lookup(summary: Mapping[str, Any], key: str) -> Any:
 
 
 def figure_stats(bench: str, key: str, results: Path | None = None, clean_only: bool = False,
-                 history: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                 history: Sequence[Mapping[str, Any]] | None = None, result: str | None = None) -> dict[str, Any]:
     """Every run's value of one summary figure, and their median (what the README quotes), min and max.
-    Runs without the figure are skipped; `clean_only` also skips runs not known to be clean."""
+    Runs without the figure are skipped; `clean_only` also skips runs not known to be clean; `result` keeps only
+    runs that wrote that result file (a bench whose settings pick the result file, as convergence.py's task and
+    learning rate do, reuses summary keys across settings: a median over all of them would mix tasks).
+    `results_files` names the result files the values came from, so a caller can see such a mix."""
     runs = read_history(bench, results) if history is None else list(history)
     vals: list[float] = []
+    files: list[str] = []
     for rec in runs:
         if clean_only and rec.get("clean") is not True:
+            continue
+        if result is not None and Path(str(rec.get("result") or "")).name != Path(result).name:
             continue
         v = lookup(rec.get("summary") or {}, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             vals.append(float(v))
-    return {"bench": bench, "figure": key, "n": len(vals), "values": vals,
+            f = Path(str(rec.get("result") or "?")).name
+            if f not in files:
+                files.append(f)
+    return {"bench": bench, "figure": key, "n": len(vals), "values": vals, "result_files": files,
             "median": statistics.median(vals) if vals else None,
             "min": min(vals) if vals else None, "max": max(vals) if vals else None}
 
 
-def median_figure(bench: str, key: str, results: Path | None = None, clean_only: bool = False) -> float | None:
+def median_figure(bench: str, key: str, results: Path | None = None, clean_only: bool = False,
+                  result: str | None = None) -> float | None:
     """The median of every run of one figure in the history (None when no run has it)."""
-    return figure_stats(bench, key, results, clean_only)["median"]
+    return figure_stats(bench, key, results, clean_only, result=result)["median"]
 
 def stale_defaults(run: Path, argv: Sequence[str]) -> dict[str, tuple[Any, Any]]:
     """The tune options `argv` leaves at their defaults whose recorded value in the finished `run` (its run.json)
@@ -425,13 +435,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("bench")
     m.add_argument("figure", help="summary key (dotted for nested)")
     m.add_argument("--clean-only", action="store_true")
+    m.add_argument("--result", help="only runs that wrote this result file (needed when several did)")
     s = sub.add_parser("show", help="one line per run of a bench")
     s.add_argument("bench")
     args = ap.parse_args(argv)
     if args.cmd == "median":
-        st = figure_stats(args.bench, args.figure, clean_only=args.clean_only)
+        st = figure_stats(args.bench, args.figure, clean_only=args.clean_only, result=args.result)
         if not st["n"]:
-            raise refuse(f"no run of {args.bench} in {history_path(args.bench)} has the figure {args.figure!r}")
+            raise refuse(f"no run of {args.bench} in {history_path(args.bench)} has the figure {args.figure!r}"
+                         + (f" and wrote {args.result}" if args.result else ""))
+        if len(st["result_files"]) > 1:
+            raise refuse(f"{args.figure!r} comes from runs that wrote {len(st['result_files'])} result files "
+                         f"({', '.join(st['result_files'])}), made under different settings; name one with "
+                         "--result FILE")
         print(f"{args.bench} {args.figure}: median {st['median']:.6g} over {st['n']} run(s) "
               f"[{st['min']:.6g}, {st['max']:.6g}]")
         return 0

@@ -181,6 +181,24 @@ def test_imported_records_count_in_the_median_and_say_so():
     assert prov.figure_stats("demo", "figure", history=hist, clean_only=True)["median"] == 1.5
 
 
+def test_a_figure_shared_by_two_result_files_is_not_mixed(repo):
+    """convergence.py writes one result file per task and learning rate under one bench name, with the same summary
+    keys: the median must be taken within one result file, and the CLI refuses to mix them."""
+    hist_file = repo / "bench" / "results" / "demo.history.jsonl"
+    for result, v in (("demo_sst2.json", 0.85), ("demo_stsb.json", 0.75), ("demo_stsb.json", 0.77)):
+        prov.append_history(hist_file, {"summary": {"s42.super": v}, "clean": True,
+                                        "result": f"bench/results/{result}"})
+    st = prov.figure_stats("demo", "s42.super", repo / "bench" / "results")
+    assert st["n"] == 3 and st["result_files"] == ["demo_sst2.json", "demo_stsb.json"]
+    assert prov.median_figure("demo", "s42.super", repo / "bench" / "results", result="demo_stsb.json") == 0.76
+    mixed = subprocess.run([sys.executable, "bench/provenance.py", "median", "demo", "s42.super"], cwd=repo,
+                           capture_output=True, text=True)
+    assert mixed.returncode != 0 and "--result" in mixed.stderr and "Traceback" not in mixed.stderr
+    one = subprocess.run([sys.executable, "bench/provenance.py", "median", "demo", "s42.super", "--result",
+                          "bench/results/demo_sst2.json"], cwd=repo, capture_output=True, text=True)
+    assert one.returncode == 0 and "median 0.85 over 1 run(s)" in one.stdout, one.stderr
+
+
 def test_a_result_written_elsewhere_keeps_its_history_beside_it(repo, tmp_path):
     """A smoke run (`--out /tmp/x.json`) leaves the committed history alone."""
     out = tmp_path / "smoke" / "demo.json"
