@@ -15,8 +15,9 @@ Every run appends one record (commit, clean, date, command line, summary figures
 bench/results/NAME.history.jsonl; the README quotes `median_figure(NAME, FIGURE)` — the median of every run in
 the history, never the last one (bench/readme_tables.py generates the tables so) — also printed by
 `python bench/provenance.py median NAME FIGURE [--result FILE]` (a bench whose settings choose its result file
-keeps one history under its name: the median is taken within one result file). A run allowed on a dirty tree stores the tree's diff beside the result (bench/results/NAME.STAMP.diff) and its
-record names it. Files under bench/results/ are the benches' own outputs, so they do not make a tree dirty.
+keeps one history under its name: the median is taken within one result file). A run allowed on a dirty tree
+stores the tree's diff beside the result (bench/results/NAME.STAMP.diff) and its record names it. Files under
+bench/results/ are the benches' own outputs, so they do not make a tree dirty.
 A bench that reuses finished tune runs by folder name calls `refuse_stale(run, argv, commit)` first: a run made
 under another default of an option the bench does not pass stops it, so one table never holds two methods.
 """
