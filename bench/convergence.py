@@ -26,6 +26,8 @@ sub-network of each depth, and the smallest) on the run's validation split and o
 - `super-2x`: `both` with the super-network's own term at twice the weight (`--super-ce 2`): the sampled
   sub-network's share of each step halves (AdamW and the clipping rescale the sum, so this is not a larger
   step), without changing anything while the super-network trains alone. The defaults since it was measured.
+- `super-1.5x`: between `both` and `super-2x` (`--super-ce 1.5`): on STS-B `super-2x` raised the super-network
+  and lowered the widest L4 and the smallest member by about as much; does a middle weight keep both?
 
 Every variant names all of these options, so a variant trains the same whatever the defaults are.
 
@@ -75,6 +77,7 @@ VARIANTS: dict[str, list[str]] = {
     "project": _variant(super_ce="1", super_warmup="0.3", grad_projection="super"),
     "project-subnets": _variant(super_ce="1", super_warmup="0.3", grad_projection="subnets"),
     "super-2x": _variant(super_ce="2", super_warmup="0.3"),
+    "super-1.5x": _variant(super_ce="1.5", super_warmup="0.3"),
 }
 
 
