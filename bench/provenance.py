@@ -376,21 +376,19 @@ def figure_stats(bench: str, key: str, results: Path | None = None, clean_only: 
     Runs without the figure are skipped; `clean_only` also skips runs not known to be clean; `result` keeps only
     runs that wrote that result file (a bench whose settings pick the result file, as convergence.py's task and
     learning rate do, reuses summary keys across settings: a median over all of them would mix tasks).
-    `results_files` names the result files the values came from, so a caller can see such a mix."""
+    `result_files` names the result files the values came from, so a caller can see such a mix."""
     runs = read_history(bench, results) if history is None else list(history)
     vals: list[float] = []
     files: list[str] = []
     for rec in runs:
-        if clean_only and rec.get("clean") is not True:
-            continue
-        if result is not None and Path(str(rec.get("result") or "")).name != Path(result).name:
+        name = Path(str(rec.get("result") or "?")).name
+        if (clean_only and rec.get("clean") is not True) or (result is not None and name != Path(result).name):
             continue
         v = lookup(rec.get("summary") or {}, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             vals.append(float(v))
-            f = Path(str(rec.get("result") or "?")).name
-            if f not in files:
-                files.append(f)
+            if name not in files:
+                files.append(name)
     return {"bench": bench, "figure": key, "n": len(vals), "values": vals, "result_files": files,
             "median": statistics.median(vals) if vals else None,
             "min": min(vals) if vals else None, "max": max(vals) if vals else None}
@@ -400,6 +398,7 @@ def median_figure(bench: str, key: str, results: Path | None = None, clean_only:
                   result: str | None = None) -> float | None:
     """The median of every run of one figure in the history (None when no run has it)."""
     return figure_stats(bench, key, results, clean_only, result=result)["median"]
+
 
 def stale_defaults(run: Path, argv: Sequence[str]) -> dict[str, tuple[Any, Any]]:
     """The tune options `argv` leaves at their defaults whose recorded value in the finished `run` (its run.json)
@@ -426,7 +425,6 @@ def refuse_stale(run: Path, argv: Sequence[str], commit: str) -> None:
         raise refuse(f"{run} was made (at {commit}) under other tune defaults ({what}); reusing it would mix two "
                      "methods in one table: give the bench another --out (or move that folder aside) to rerun it "
                      "here, or run the bench at the commit that made it")
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,4 +459,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
