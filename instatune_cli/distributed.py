@@ -246,6 +246,33 @@ def from_accelerator(acc: Any) -> Group:
     return Group(rank=acc.process_index, world=acc.num_processes, device=acc.device)
 
 
+def group_up() -> bool:
+    """Whether a default process group exists (one an API user's launched script set up before calling us)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def end_accelerator(acc: Any) -> None:
+    """After a launched tune run that succeeded on every rank: wait for all of them, then destroy the process
+    group accelerate set up for it and forget accelerate's state, so a later run in the same process starts
+    afresh. A rank that leaves with its group up tears the group's threads down during interpreter exit, which
+    once aborted a rank at exit ("terminate called without an active exception") after a run that had
+    finished. Not on failure (a barrier would wait for a dead rank), nor for a group the caller set up."""
+    acc.wait_for_everyone()
+    acc.end_training()
+    forget_accelerate()
+
+
+def forget_accelerate() -> None:
+    """Reset accelerate's process-wide singletons, so the next `Accelerator` in this process reads its settings
+    (processes, precision, accumulation) afresh instead of inheriting the last run's."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def cpu_group() -> Group:
     """The search's group: a gloo group over the launcher's processes (the search evaluates on the CPU and
     its messages are small); set up here when nothing did so before. `Group()` when not launched."""

@@ -48,7 +48,15 @@ from pathlib import Path
 from typing import Any
 
 from instatune_cli.adapters import check_model_source, family_of, load_model, model_family
-from instatune_cli.distributed import env_rank, env_world_size, from_accelerator, rank0_reports
+from instatune_cli.distributed import (
+    end_accelerator,
+    env_rank,
+    env_world_size,
+    forget_accelerate,
+    from_accelerator,
+    group_up,
+    rank0_reports,
+)
 from instatune_cli.errors import InstatuneError
 from instatune_cli.measure.metrics import check_metric_kind, default_metric
 from instatune_cli.seeds import seed_int
@@ -177,6 +185,7 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
         # ranks wait while rank 0 alone evaluates and writes (--eval-every, checkpoints, the final commit): an
         # hour, not NCCL's 10 minutes, so a large eval split cannot time them out (a dead rank is caught by
         # the launcher at once, not by this timeout).
+        owned = not group_up()  # accelerate sets the group up below; torn down after the run (end_accelerator)
         accelerator = Accelerator(
             cpu=cfg.cpu or _launched_without_gpu(), mixed_precision=cfg.mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum),
@@ -186,14 +195,15 @@ def run_tune(cfg: TuneConfig, console: Any = None, on_step: Callable[[int], None
             raise InstatuneError(f"the launcher started {env_world_size()} processes but accelerate joined "
                                  f"{accelerator.num_processes} into one group ({accelerator.distributed_type}); "
                                  "pass --cpu to train on the CPUs, or check the launcher's environment")
+        single = accelerator.num_processes == 1
         try:
-            return _train(cfg, accelerator, inputs, console, listeners, session)
+            result = _train(cfg, accelerator, inputs, console, listeners, session)
         finally:
-            if accelerator.num_processes == 1:
-                from accelerate.state import AcceleratorState, GradientState
-
-                AcceleratorState._reset_state(True)
-                GradientState._reset_state()
+            if single:
+                forget_accelerate()
+        if not single and owned:
+            end_accelerator(accelerator)
+        return result
 
 
 def _train(cfg: TuneConfig, accelerator: Any, inputs: TuneInputs, console: Any, callbacks: list[TrainerCallback],

@@ -81,6 +81,24 @@ sys.argv[0] = "instatune"
 main()
 '''
 
+# Run instatune and, at interpreter exit, write whether this rank's process group is still up.
+EXIT_PROBE = r'''
+import atexit, json, os, sys
+import torch.distributed as dist
+
+
+def probe():
+    with open(os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump({"group_up": dist.is_initialized()}, f)
+
+
+atexit.register(probe)
+from instatune_cli.cli.app import main  # noqa: E402
+
+sys.argv[0] = "instatune"
+main()
+'''
+
 
 def cli_args(tiny: dict[str, Path], output: Path, **opts: Any) -> list[str]:
     out = ["tune", str(tiny["model"]), "--data", str(tiny["data"]), "--output", str(output),
@@ -136,16 +154,21 @@ def reference(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_two_processes_train_the_single_process_run(tiny: dict[str, Path], reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "two"
-    r = torchrun(["-m", "instatune_cli"], cli_args(tiny, out, eval_every=4))
+    out, probes = tmp_path / "two", tmp_path / "probes"
+    probes.mkdir()
+    wrapper = tmp_path / "probing_instatune.py"
+    wrapper.write_text(EXIT_PROBE)
+    r = torchrun([str(wrapper)], cli_args(tiny, out, eval_every=4), env={"PROBE_DIR": str(probes)})
     assert r.returncode == 0, r.stderr[-3000:]
+    # every rank tore its process group down before exiting (an exit with it up once aborted a finished rank)
+    assert [json.loads((probes / f"rank{k}.json").read_text()) for k in (0, 1)] == [{"group_up": False}] * 2
     worst = worst_difference(reference, out)
     assert worst <= 1e-5, f"2-process weights differ from the 1-process run by {worst}"
     # the teacher's logits were computed sharded (3 batches each) and gathered: those of one process, bit for bit
     t1, t2 = (load_file(str(p / "teacher_logits.safetensors"))["logits"] for p in (reference, out))
     assert torch.equal(t1, t2)
     # one artifact, written once, by rank 0 only
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probes", "probing_instatune.py", "two"]
     art = artifacts.load(out, "tune")  # every file's sha256
     training = art.manifest["training"]
     assert (training["processes"], training["global_batch"], training["per_process_batch"]) == (2, 16, 4)
