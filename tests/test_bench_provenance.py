@@ -233,4 +233,11 @@ def test_a_reused_run_made_under_another_default_is_refused(tmp_path: Path) -> N
     plain.mkdir()
     (plain / "run.json").write_text(json.dumps({"options": {**TuneConfig(model="m", plain=True).fingerprint_dict()}}))
     assert prov.stale_defaults(plain, [*argv, "--plain"]) == {}
+    # a plain run made before an elastic-only default changed (--super-warmup 0 -> 0.3) trained the same weights
+    old = {**TuneConfig(model="m", plain=True).fingerprint_dict(), "num_subnets": 1, "sampling": "uniform",
+           "super_ce": None, "super_warmup": 0.0, "hidden_distill": 0.0}  # as such a run's run.json records them
+    (plain / "run.json").write_text(json.dumps({"options": old}))
+    assert prov.stale_defaults(plain, [*argv, "--plain"]) == {}
+    (plain / "run.json").write_text(json.dumps({"options": {**old, "warmup_ratio": 0.0}}))
+    assert prov.stale_defaults(plain, [*argv, "--plain"]) == {"warmup_ratio": (0.0, 0.1)}
     assert prov.stale_defaults(tmp_path / "no-such-run", argv) == {}

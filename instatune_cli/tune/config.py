@@ -23,6 +23,11 @@ NOT_FINGERPRINTED = frozenset({"output", "force", "resume", "eval_every", "save_
 # Options added after runs existed, left out of the fingerprint at these values (which train as before the option
 # existed), so an older run still resumes and a bench still reuses it.
 FINGERPRINTED_UNLESS = {"sub_ramp": 0.0, "grad_projection": "none"}
+# Options of the elastic method alone: a --plain run trains no sub-network, so they cannot change its weights and
+# are left out of its fingerprint (a new default for one of them must not stop a plain run from resuming, nor a
+# bench from reusing it).
+ELASTIC_ONLY = frozenset({"num_subnets", "sampling", "super_ce", "super_warmup", "sub_ramp", "grad_projection",
+                          "hidden_distill"})
 # The super-network's own CE weight when no strong teacher shares its term and `--super-ce` is unset: twice a
 # sampled sub-network's, so the sub-networks take a third of each step, not half. bench/convergence.py, variant
 # super-2x against both: STS-B super-network Pearson 0.751 against 0.737 over twelve seeds (the super-network
@@ -131,7 +136,8 @@ class TuneConfig:
 
     def fingerprint_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.to_dict().items()
-             if k not in NOT_FINGERPRINTED and not (k in FINGERPRINTED_UNLESS and v == FINGERPRINTED_UNLESS[k])}
+             if k not in NOT_FINGERPRINTED and not (k in FINGERPRINTED_UNLESS and v == FINGERPRINTED_UNLESS[k])
+             and not (self.plain and k in ELASTIC_ONLY)}
         d["reorder"] = self.use_reorder
         if self.super_ce is None and self.elastic:  # the default's value: a run made under another is not resumed
             d["super_ce"] = f"default: {SUPER_CE:g} without a teacher, alpha with one"

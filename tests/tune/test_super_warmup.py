@@ -28,7 +28,7 @@ def test_the_default_super_ce_is_fingerprinted_by_its_value() -> None:
     d = TuneConfig(model="m", task="sst2").fingerprint_dict()
     assert d["super_ce"] is not None and "2" in str(d["super_ce"])
     assert TuneConfig(model="m", task="sst2", super_ce=1.0).fingerprint_dict()["super_ce"] == 1.0
-    assert TuneConfig(model="m", task="sst2", plain=True).fingerprint_dict()["super_ce"] is None  # unused there
+    assert "super_ce" not in TuneConfig(model="m", task="sst2", plain=True).fingerprint_dict()  # unused there
 
 
 def test_super_term_weight() -> None:
@@ -54,6 +54,22 @@ def test_no_subnetwork_before_the_warmup_ends(warmup: float, tiny_bert_dir: Path
     assert [bool(r["subnets"]) for r in train] == [r["step"] > first for r in train]
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert man["training"]["super_warmup_steps"] == first and man["training"]["super_ce"] == 2.0
+
+
+def test_a_plain_run_is_fingerprinted_without_the_elastic_options() -> None:
+    """A --plain run trains no sub-network: the elastic method's options (and their defaults) cannot change its
+    weights, so they do not enter its fingerprint; its own options still do, and an elastic run keeps them all."""
+    from instatune_cli.tune.config import ELASTIC_ONLY
+
+    base = TuneConfig(model="m", task="sst2", plain=True)
+    assert not ELASTIC_ONLY & base.fingerprint_dict().keys()
+    for k, v in dict(num_subnets=3, sampling="sandwich", super_ce=1.0, super_warmup=0.0, sub_ramp=0.5,
+                     grad_projection="super", hidden_distill=0.5).items():
+        assert TuneConfig(model="m", task="sst2", plain=True, **{k: v}).fingerprint() == base.fingerprint(), k
+        assert TuneConfig(model="m", task="sst2", **{k: v}).fingerprint() != TuneConfig(model="m", task="sst2") \
+            .fingerprint(), k
+    assert TuneConfig(model="m", task="sst2", plain=True, lr=1e-4).fingerprint() != base.fingerprint()
+    assert TuneConfig(model="m", task="sst2", plain=True, alpha=0.5).fingerprint() != base.fingerprint()
 
 
 def test_sub_ramp_weights() -> None:
