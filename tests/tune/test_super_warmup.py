@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import one_thread, tiny_tune_config
+from conftest import assert_cli_error, one_thread, run_cli, tiny_tune_args, tiny_tune_config
 
 from instatune_cli.tune.config import TuneConfig
 from instatune_cli.tune.loss import LossWeights, super_term
@@ -70,6 +70,18 @@ def test_a_plain_run_is_fingerprinted_without_the_elastic_options() -> None:
             .fingerprint(), k
     assert TuneConfig(model="m", task="sst2", plain=True, lr=1e-4).fingerprint() != base.fingerprint()
     assert TuneConfig(model="m", task="sst2", plain=True, alpha=0.5).fingerprint() != base.fingerprint()
+
+
+def test_an_elastic_option_on_a_plain_run_is_refused(tiny_bert_dir: Path, tiny_data_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """`--plain -M 3` would train as `--plain` alone: one line naming the moot options, nothing written."""
+    out = tmp_path / "run"
+    r = run_cli(*tiny_tune_args(tiny_bert_dir, tiny_data_dir, out, "--plain", "-M", "3", "--super-warmup", "0"))
+    assert_cli_error(r, "--num-subnets, --super-warmup are for elastic runs", "drop them, or drop --plain")
+    assert not list(tmp_path.iterdir())
+    r = run_cli(*tiny_tune_args(tiny_bert_dir, tiny_data_dir, out, "--plain", "--hidden-distill", "0.5"))
+    assert_cli_error(r, "--hidden-distill is for elastic runs")
+    TuneConfig(model="m", task="sst2", plain=True).validate()  # the defaults are no option given
 
 
 def test_sub_ramp_weights() -> None:
