@@ -215,8 +215,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "depth_family": depth_family_table, "joint_quant": joint_quant_table, "vit_cifar": vit_cifar_table,
     "search_efficiency": search_efficiency_table, "glue_value_sst2": glue_value_table("sst2"),
     "glue_value_stsb": glue_value_table("stsb"), "glue_value_wnli": glue_value_table("wnli"),
-    # full-scale SST-2 while seeds are still running: the bench's .partial.json (finished seeds only)
-    "glue_value_sst2_full.partial": glue_value_table("sst2_full.partial"),
+    "glue_value_sst2_full": glue_value_table("sst2_full"),
     "convergence_stsb": convergence_table("_stsb"),
     "convergence_sst2_n8000_lr0.0002": convergence_table("_sst2_n8000_lr0.0002")}  # named after their result files
 
