@@ -33,7 +33,8 @@ ELASTIC_ONLY = frozenset({"num_subnets", "sampling", "super_ce", "super_warmup",
 # super-2x against both: STS-B super-network Pearson 0.751 against 0.737 over twelve seeds (the super-network
 # trained alone: 0.749), but its widest L4 and smallest member 0.022 lower; SST-2 85.0 against 84.7 % over six, the
 # members level. A trade on STS-B, not a clean win (README, "Does the family learn as fast as plain tuning?"); 1.5
-# gives half the super-network's gain and keeps the whole L4 cost, so 2 stays. It was 1 before; a run
+# gives half the super-network's gain and keeps the whole L4 cost. The SST-2 value bench shows the members' cost
+# too (README, "Is one elastic run worth it?"): whether to return to 1 is open. It was 1 before; a run
 # fingerprinted under that default does not resume under this one.
 SUPER_CE = 2.0
 
