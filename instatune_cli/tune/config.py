@@ -215,9 +215,9 @@ class TuneConfig:
         if self.plain:  # an elastic option on a plain run would be silently ignored (and is not fingerprinted)
             defaults = {f.name: f.default for f in fields(self)}
             moot = [f"--{k.replace('_', '-')}" for k in sorted(ELASTIC_ONLY) if getattr(self, k) != defaults[k]]
-            need(not moot, f"{', '.join(moot)} {'is' if len(moot) == 1 else 'are'} for elastic runs and "
-                           f"{'does' if len(moot) == 1 else 'do'} nothing with --plain: drop "
-                           f"{'it' if len(moot) == 1 else 'them'}, or drop --plain")
+            is_, does, it = ("is", "does", "it") if len(moot) == 1 else ("are", "do", "them")
+            need(not moot, f"{', '.join(moot)} {is_} for elastic runs and {does} nothing with --plain: drop {it}, "
+                           "or drop --plain")
         need(self.teacher_epochs is None or self.teacher is not None, "--teacher-epochs needs --teacher")
         need(self.teacher_epochs is None or self.teacher_epochs >= 0,
              f"--teacher-epochs must be >= 0, got {self.teacher_epochs}")
