@@ -13,7 +13,7 @@ sub-network of each depth, and the smallest) on the run's validation split and o
   paper's α leaves the super-network 0.3·CE against the sub-networks' 0.3·CE + 0.7·KL towards a super-network
   that has not learned yet;
 - `warmup`: the super-network alone for the first 30 % of steps (`--super-warmup 0.3`, OFA's first phase);
-- `both`: the two together (the defaults until `super-2x`, below, replaced them);
+- `both`: the two together, the defaults (`super-2x`, below, replaced them for a while);
 - `ramp`: `both`, then the sub-networks' terms grow linearly to full weight over the next 30 % of steps
   (`--sub-ramp 0.3`): sampling no longer starts with a burst of large sub-network gradients;
 - `warmup-long`: `both` with the super-network alone for the first half (`--super-warmup 0.5`);
@@ -25,7 +25,8 @@ sub-network of each depth, and the smallest) on the run's validation split and o
 - `project-subnets`: the same protecting the sub-networks instead (`--grad-projection subnets`, NASViT's side);
 - `super-2x`: `both` with the super-network's own term at twice the weight (`--super-ce 2`): the sampled
   sub-network's share of each step halves (AdamW and the clipping rescale the sum, so this is not a larger
-  step), without changing anything while the super-network trains alone. The defaults since it was measured.
+  step), without changing anything while the super-network trains alone. The defaults for a while, until
+  bench/glue_value.py, which picks each budget's member on validation, found the members' cost on SST-2 too.
 - `super-1.5x`: between `both` and `super-2x` (`--super-ce 1.5`): on STS-B `super-2x` raised the super-network
   and lowered the widest L4 and the smallest member by about as much; does a middle weight keep both?
 
