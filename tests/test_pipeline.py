@@ -48,8 +48,8 @@ def test_three_user_commands_in_one_directory(tmp_path, wheel_cli):
     # small-scale flags: the tiny model must learn enough for sub-networks to differ in accuracy, and the
     # validation split must be large enough for them to differ there (the default 5 % is 20 rows). 40 steps:
     # this tiny model at lr 3e-3 is on the edge of learning, so whether 30-50 steps learn depends on the seed and
-    # the loss weights. With tune's defaults (super-network warm-up, --super-ce 1) seed 42 leaves a 12-member front
-    # at 40 steps; at 30 nothing learns yet (every member 0.5) and at 50 every member reaches the noise ceiling
+    # the loss weights. With tune's defaults (super-network warm-up, --super-ce 1) seed 42 leaves a 5-member front
+    # at 40 steps (under --super-ce 2: nothing learned at 30, every member at the noise ceiling at 50)
     wheel_cli("tune", str(model), "--task", "sst2", "--data", str(data), "--max-steps", "40",
               "--batch-size", "16", "--lr", "3e-3", "--val-split", "100", "--quiet", cwd=work)
     assert (work / "run" / "manifest.json").is_file()
