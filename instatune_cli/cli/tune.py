@@ -79,7 +79,8 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(D.alpha, "--alpha", help="Cross-entropy weight α of the InstaTune loss.",
                                     rich_help_panel=METHOD),
         super_ce: Optional[float] = typer.Option(D.super_ce, "--super-ce", help="Cross-entropy weight of the "
-                                                 "super-network's own term (the paper's Eq. 1: α).",
+                                                 "super-network's own term (the paper's Eq. 1: α); above 1 "
+                                                 "favours the super-network over its sub-networks.",
                                                  show_default=f"{SUPER_CE:g} without a teacher, α with one",
                                                  rich_help_panel=METHOD),
         super_warmup: float = typer.Option(D.super_warmup, "--super-warmup", help="Fraction of steps that train the "
